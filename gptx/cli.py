@@ -1,0 +1,91 @@
+"""Command lines of the entry points in launch/ and tools/: parse, build the config, run.
+
+User errors (GptxError) become one line on stderr and exit code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gptx.errors import GptxError
+
+# Training flags that override the config's `train` section (None: keep the file's value).
+TRAIN_FLAGS = {
+    "train_iters": int, "seed": int, "pipe_parallel_size": int, "save_interval": int, "exit_interval": int,
+    "eval_interval": int, "eval_iters": int, "log_interval": int, "lr": float, "min_lr": float,
+    "warmup_iters": int, "partition_method": str, "activation_checkpoint_interval": int, "wandb_project": str,
+}
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(
+        prog="launch/pretrain.py",
+        description="Pipeline-parallel GPT pretraining. Run under the launcher: deepspeed --num_gpus N launch/pretrain.py")
+    p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
+    p.add_argument("--data", default=None,
+                   help="directory with train.bin/val.bin (default: the embedded Python documentation corpus)")
+    p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: runs/NAME-TIME)")
+    p.add_argument("--load", default=None, help="resume from the latest checkpoint in this run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model or training key, e.g. --set n_layer=6 (repeatable)")
+    for name, type_ in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type_, default=None)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def parse_pretrain_args(argv: list[str] | None = None):
+    """argv -> (Config, RunPaths), validated."""
+    from gptx.config import load_config, parse_override
+    from gptx.train import RunPaths
+
+    args = pretrain_parser().parse_args(argv)
+    overrides = dict(parse_override(text) for text in args.set)
+    overrides.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    cfg = load_config(args.model, overrides)
+    return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config)
+
+
+def run_pretrain(argv: list[str] | None = None) -> int:
+    def main():
+        from gptx.train import pretrain
+        cfg, paths = parse_pretrain_args(argv)
+        pretrain(cfg, paths)
+    return guarded(main)
+
+
+def prepare_data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/prepare_data.py",
+                                description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json")
+    p.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl files (a 'text' field "
+                                             "per line), or directories of them")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of tokens held out for val.bin")
+    p.add_argument("--bpe-file", default=None, help="a local copy of r50k_base.tiktoken / whisper's gpt2.tiktoken")
+    return p
+
+
+def run_prepare_data(argv: list[str] | None = None) -> int:
+    def main():
+        from gptx.data import gpt2_encoding, iter_documents, write_token_files
+        args = prepare_data_parser().parse_args(argv)
+        meta = write_token_files(iter_documents(args.inputs), args.out, gpt2_encoding(args.bpe_file),
+                                 args.val_fraction)
+        print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+              f"from {meta['documents']:,} documents ({meta['dtype']})")
+    return guarded(main)
+
+
+def guarded(main) -> int:
+    """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
+    try:
+        main()
+    except GptxError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,287 @@
+"""Model and training configuration: presets, YAML files, CLI overrides, validated once.
+
+Precedence is CLI > YAML file > preset named in the file's `base:` > dataclass defaults.
+A YAML file holds model keys at the top level and training keys under `train:`.
+DeepSpeed's own settings (batch sizes, precision, optimizer, ZeRO, clipping) are not
+here: they stay in DeepSpeed's JSON, which `gptx.ds_config` reads and checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from gptx.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the GPT. Defaults are GPT-2 small's architecture."""
+
+    vocab_size: int = 50257
+    """Token vocabulary (GPT-2 BPE has 50257)."""
+    seq_len: int = 1024
+    """Context length in tokens; also the size of the learned position table."""
+    n_layer: int = 12
+    """Number of decoder blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 for pretraining)."""
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms, as in GPT-2."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head (a TiedLayerSpec across the end stages)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Paths and run-time state (iteration, data position) are not here."""
+
+    train_iters: int = 200
+    """Total iterations (optimizer batches) of the run; a resumed run continues up to it."""
+    lr: float = 6e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float | None = None
+    """Floor of the cosine decay; default lr / 10."""
+    warmup_iters: int = 20
+    """Linear warmup length in optimizer steps."""
+    lr_decay_iters: int | None = None
+    """Step at which the cosine reaches min_lr; default train_iters."""
+    eval_interval: int = 50
+    """Evaluate on the val split every this many iterations (and at the end); 0 disables."""
+    eval_iters: int = 4
+    """Batches per evaluation."""
+    log_interval: int = 10
+    """Print a console line every this many iterations."""
+    save_interval: int = 0
+    """Save a checkpoint every this many iterations (0: only at the end)."""
+    exit_interval: int = 0
+    """Save and exit when the iteration is a multiple of this (0: never)."""
+    seed: int = 1234
+    """Seeds layer initialization (per layer index), data order and dropout."""
+    pipe_parallel_size: int = 2
+    """Pipeline stages; the data-parallel size is world size / this."""
+    partition_method: str = "parameters"
+    """How layers are split over stages: parameters, uniform or type:REGEX (DeepSpeed's methods)."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations every this many layers in backward (0: off)."""
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (offline when no credentials are set)."""
+
+
+# Presets hold model keys plus an optional "train" mapping.
+GPT3_CONTEXT = 2048
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train in a few minutes on 2 CPU cores.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=64,
+                 train=dict(lr=2e-3, warmup_iters=10, train_iters=150, eval_interval=50, log_interval=10)),
+    # GPT-2 (Radford et al. 2019), the published shapes.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # GPT-3 (Brown et al. 2020), table 2.1, with its learning rates. Two rows of the table
+    # do not divide: 1.3B lists 24 heads of 128 for d_model 2048 (we keep head size 128,
+    # so 16 heads), and 13B lists d_model 5140 with 40 heads of 128 (we use 5120 = 40 x 128).
+    "gpt3-125m": dict(n_layer=12, n_head=12, n_embd=768, seq_len=GPT3_CONTEXT, train=dict(lr=6e-4)),
+    "gpt3-350m": dict(n_layer=24, n_head=16, n_embd=1024, seq_len=GPT3_CONTEXT, train=dict(lr=3e-4)),
+    "gpt3-760m": dict(n_layer=24, n_head=16, n_embd=1536, seq_len=GPT3_CONTEXT, train=dict(lr=2.5e-4)),
+    "gpt3-1.3b": dict(n_layer=24, n_head=16, n_embd=2048, seq_len=GPT3_CONTEXT, train=dict(lr=2e-4)),
+    "gpt3-2.7b": dict(n_layer=32, n_head=32, n_embd=2560, seq_len=GPT3_CONTEXT, train=dict(lr=1.6e-4)),
+    "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, seq_len=GPT3_CONTEXT, train=dict(lr=1.2e-4)),
+    "gpt3-13b": dict(n_layer=40, n_head=40, n_embd=5120, seq_len=GPT3_CONTEXT, train=dict(lr=1e-4)),
+    "gpt3-175b": dict(n_layer=96, n_head=96, n_embd=12288, seq_len=GPT3_CONTEXT, train=dict(lr=6e-5)),
+}
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = DEFAULT_PRESET
+    """The preset or file the config came from, for logs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "model": dataclasses.asdict(self.model),
+                "train": dataclasses.asdict(self.train)}
+
+
+MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+def _preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'; expected a YAML file path or one of: "
+                          + ", ".join(PRESETS))
+    return dict(PRESETS[name])
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"model config file '{path}': cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"model config file '{path}': not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config file '{path}': expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flatten (source, mapping) layers, later ones winning, into model and train dicts."""
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    for source, mapping in layers:
+        for key, value in mapping.items():
+            if key == "train":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: 'train' must be a mapping of training keys")
+                for tkey, tvalue in value.items():
+                    if tkey not in TRAIN_KEYS:
+                        raise ConfigError(f"{source}: unknown training key 'train.{tkey}'; expected one of: "
+                                          + ", ".join(sorted(TRAIN_KEYS)))
+                    train[tkey] = tvalue
+            elif key in MODEL_KEYS:
+                model[key] = value
+            elif key in TRAIN_KEYS:
+                train[key] = value
+            else:
+                raise ConfigError(f"{source}: unknown key '{key}'; model keys are: "
+                                  + ", ".join(sorted(MODEL_KEYS)) + "; training keys go under 'train:'")
+    return model, train
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'n_layer=4' -> ('n_layer', 4), values parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected KEY=VALUE, e.g. --set n_layer=4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(model: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve a preset name or YAML path plus CLI overrides into a validated Config."""
+    model = model or DEFAULT_PRESET
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if model.endswith((".yaml", ".yml")) or os.path.sep in model or os.path.exists(model):
+        data = _read_yaml(model)
+        base = data.pop("base", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ConfigError(f"model config file '{model}': 'base' must be a preset name")
+            layers.append((f"preset '{base}'", _preset(base)))
+        layers.append((f"model config file '{model}'", data))
+    else:
+        layers.append((f"preset '{model}'", _preset(model)))
+    if overrides:
+        layers.append(("command line", dict(overrides)))
+    model_kw, train_kw = _merge(layers)
+    cfg = Config(model=_build(ModelConfig, model_kw, "model"), train=_build(TrainConfig, train_kw, "train"),
+                 name=model)
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, values: dict[str, Any], section: str):
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        kwargs[f.name] = _coerce(f"{section}.{f.name}", values[f.name], f.type)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, type_: str) -> Any:
+    """Check a YAML/CLI value against the field's annotation; ints are fine for floats."""
+    optional = "None" in type_
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must be set (got null)")
+    base = type_.replace(" | None", "")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise AssertionError(f"unhandled field type {type_}")
+
+
+def validate(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    for key in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}: must be a positive integer, got {getattr(m, key)}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+                          f"adjust one of them")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if t.train_iters < 1:
+        raise ConfigError(f"train.train_iters: must be at least 1, got {t.train_iters}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if t.min_lr is not None and not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr: must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
+    for key in ("warmup_iters", "eval_interval", "save_interval", "exit_interval", "seed",
+                "activation_checkpoint_interval"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    for key in ("eval_iters", "log_interval", "pipe_parallel_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
+        raise ConfigError(f"train.lr_decay_iters: must be >= 1, got {t.lr_decay_iters}")
+    method = t.partition_method.lower()
+    if not (method in ("parameters", "uniform") or (method.startswith("type:") and len(method) > 5)):
+        raise ConfigError(f"train.partition_method: expected parameters, uniform or type:REGEX, "
+                          f"got '{t.partition_method}'")
+    n_specs = n_pipeline_layers(m)
+    if t.pipe_parallel_size > n_specs:
+        raise ConfigError(f"train.pipe_parallel_size ({t.pipe_parallel_size}) exceeds the {n_specs} pipeline "
+                          f"layers of this model; use at most {n_specs} stages or more layers")
+
+
+def n_pipeline_layers(m: ModelConfig) -> int:
+    """Length of the flat LayerSpec list (see gptx.model.layer_specs)."""
+    return 2 + m.n_layer + 2  # token emb, position emb, blocks, final norm, head
+
+
+def with_overrides(cfg: Config, **train_overrides: Any) -> Config:
+    """A copy with some training keys replaced (validated again)."""
+    new = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+    validate(new)
+    return new

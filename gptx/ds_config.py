@@ -1,0 +1,122 @@
+"""DeepSpeed's JSON config: pick a default, read it, and check what gptx depends on.
+
+DeepSpeed owns these keys (batch sizes, precision, optimizer, ZeRO, clipping); gptx only
+reads them. The learning rate is the exception: its schedule lives in the training config,
+so `optimizer.params.lr` must not be set here (two sources of truth would disagree).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptx.errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def default_ds_config_path(accelerator_name: str) -> Path:
+    """fp16 with dynamic loss scaling on GPUs, fp32 on CPUs (DeepSpeed's CPU accelerator refuses fp16)."""
+    return DS_CONFIG_DIR / ("gpu_fp16.json" if accelerator_name == "cuda" else "cpu_fp32.json")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    micro_batch: int
+    grad_accum: int
+    dp_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_size
+
+
+def read_ds_config(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--deepspeed_config '{path}': cannot read it ({e.strerror})") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config '{path}': not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config '{path}': expected a JSON object")
+    return cfg
+
+
+def _positive_int(cfg: dict, key: str, path) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: str, path="ds_config") -> BatchLayout:
+    """Validate the JSON for a run with this data-parallel size; return the batch layout."""
+    mb = _positive_int(cfg, "train_micro_batch_size_per_gpu", path)
+    gas = _positive_int(cfg, "gradient_accumulation_steps", path)
+    tb = _positive_int(cfg, "train_batch_size", path)
+    if mb is None and gas is None and tb is None:
+        raise ConfigError(f"{path}: set 'train_micro_batch_size_per_gpu' and 'gradient_accumulation_steps' "
+                          f"(the micro-batches per step)")
+    if tb is not None:
+        if mb is not None and gas is None:
+            gas, rem = divmod(tb, mb * dp_size)
+            if rem or gas == 0:
+                raise ConfigError(f"{path}: train_batch_size {tb} is not a multiple of train_micro_batch_size_per_gpu "
+                                  f"{mb} x data-parallel size {dp_size}")
+        elif gas is not None and mb is None:
+            mb, rem = divmod(tb, gas * dp_size)
+            if rem or mb == 0:
+                raise ConfigError(f"{path}: train_batch_size {tb} is not a multiple of gradient_accumulation_steps "
+                                  f"{gas} x data-parallel size {dp_size}")
+        elif mb is None and gas is None:
+            gas = 1
+            mb, rem = divmod(tb, dp_size)
+            if rem or mb == 0:
+                raise ConfigError(f"{path}: train_batch_size {tb} is not a multiple of the data-parallel size {dp_size}")
+        elif tb != mb * gas * dp_size:
+            raise ConfigError(f"{path}: train_batch_size {tb} must equal train_micro_batch_size_per_gpu {mb} x "
+                              f"gradient_accumulation_steps {gas} x data-parallel size {dp_size} = {mb * gas * dp_size}; "
+                              f"drop train_batch_size to let DeepSpeed derive it")
+    mb = mb or 1
+    gas = gas or 1
+
+    zero = cfg.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if pipe_size > 1 and stage not in (0, 1):
+        raise ConfigError(f"{path}: zero_optimization.stage {stage} cannot be combined with pipeline parallelism "
+                          f"(--pipe-parallel-size {pipe_size}); use stage 0 or 1")
+    fp16 = (cfg.get("fp16") or {}).get("enabled", False)
+    bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
+    if fp16 and bf16:
+        raise ConfigError(f"{path}: fp16.enabled and bf16.enabled are both true; choose one precision")
+    if fp16 and accelerator_name == "cpu":
+        raise ConfigError(f"{path}: fp16 is not supported by DeepSpeed's CPU accelerator; use "
+                          f"ds_configs/cpu_fp32.json or a bf16 config on CPU")
+    if fp16 and (cfg["fp16"].get("loss_scale", 0) or 0) == 0 and cfg["fp16"].get("initial_scale_power", 16) > 24:
+        raise ConfigError(f"{path}: fp16.initial_scale_power {cfg['fp16']['initial_scale_power']} starts the loss "
+                          f"scale so high that the first steps are all skipped; use 16 or less")
+    params = ((cfg.get("optimizer") or {}).get("params") or {})
+    if "lr" in params:
+        raise ConfigError(f"{path}: remove optimizer.params.lr; the learning rate and its schedule are set by the "
+                          f"gptx training config (train.lr, train.min_lr, train.warmup_iters)")
+    if "scheduler" in cfg:
+        raise ConfigError(f"{path}: remove the 'scheduler' section; gptx runs the warmup + cosine schedule "
+                          f"from its training config")
+    for key in ("pipeline",):
+        if key in cfg and any(k in cfg[key] for k in ("stages", "partition")):
+            raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
+                              f"--pipe-parallel-size and --partition-method instead")
+    return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
+
+
+def precision(cfg: dict) -> str:
+    if (cfg.get("fp16") or {}).get("enabled", False):
+        return "fp16"
+    if (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False):
+        return "bf16"
+    return "fp32"

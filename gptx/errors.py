@@ -1,0 +1,17 @@
+"""User-facing errors. Entry points print their message as one line and exit non-zero."""
+
+
+class GptxError(Exception):
+    """Bad input the user can fix; the message names the field or file and what is expected."""
+
+
+class ConfigError(GptxError, ValueError):
+    """A model/training config or DeepSpeed JSON problem."""
+
+
+class DataError(GptxError):
+    """Missing, malformed or unsuitable token data, or no tokenizer."""
+
+
+class CheckpointError(GptxError):
+    """A checkpoint that is missing, incomplete or does not match the model."""

@@ -1,0 +1,51 @@
+"""Model FLOPs per token and the hardware peak they are measured against (for MFU)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gptx.config import ModelConfig
+
+# Dense peaks in FLOP/s (vendor datasheets): 16-bit tensor cores, and plain fp32 (PyTorch
+# leaves TF32 off for matmuls by default).
+GPU_PEAKS = {
+    "H200": {"16bit": 989e12, "fp32": 67e12},
+    "H100": {"16bit": 989e12, "fp32": 67e12},  # SXM; PCIe cards are lower, so MFU reads low there
+    "A100": {"16bit": 312e12, "fp32": 19.5e12},
+    "V100": {"16bit": 125e12, "fp32": 15.7e12},
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: the blocks' weights and the head."""
+    C = cfg.n_embd
+    per_block = 12 * C * C  # qkv 3C^2, attention out C^2, MLP 8C^2
+    return cfg.n_layer * per_block + cfg.vocab_size * C
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token, PaLM-style: 6 N for the matmuls plus 12 L C T for attention."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
+
+
+def peak_flops(device: str, precision: str) -> float | None:
+    """Peak FLOP/s of one device: a datasheet table for GPUs, a short measurement for CPUs."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAKS.items():
+            if key in name:
+                return peaks["fp32" if precision == "fp32" else "16bit"]
+        return None
+    return measured_cpu_matmul_flops()
+
+
+def measured_cpu_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """Sustained fp32 matmul FLOP/s with this process's thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)

@@ -1,0 +1,296 @@
+"""The training loop: validate everything, build the engine, train_batch, evaluate, checkpoint.
+
+`pretrain()` is what `launch/pretrain.py` runs on every rank. All checks of user input
+happen before torch.distributed starts or any layer is built.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gptx import checkpoint
+from gptx.config import Config
+from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
+from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
+from gptx.errors import ConfigError
+from gptx.flops import flops_per_token, peak_flops
+from gptx.schedule import WarmupCosine
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where things are: CLI-only settings that are not part of the model or schedule."""
+
+    data: str | None = None
+    save: str | None = None
+    load: str | None = None
+    deepspeed_config: str | None = None
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def log(msg: str) -> None:
+    """Console output, from global rank 0 only."""
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def _accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+@dataclass
+class Plan:
+    """Everything validated before the heavy work starts."""
+
+    cfg: Config
+    ds_config: dict
+    ds_config_path: str
+    layout: BatchLayout
+    data_dir: Path
+    resume_tag: str | None
+    accelerator: str
+
+
+def plan_run(cfg: Config, paths: RunPaths) -> Plan:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pp = cfg.train.pipe_parallel_size
+    if world % pp:
+        raise ConfigError(f"--pipe-parallel-size {pp} does not divide the world size {world} "
+                          f"(processes launched); launch a multiple of {pp} processes or change it")
+    accelerator = _accelerator_name()
+    ds_path = paths.deepspeed_config or str(default_ds_config_path(accelerator))
+    ds_config = read_ds_config(ds_path)
+    layout = check_ds_config(ds_config, dp_size=world // pp, pipe_size=pp, accelerator_name=accelerator,
+                             path=ds_path)
+    data_dir = Path(paths.data) if paths.data else default_data_dir()
+    check_data(data_dir, cfg.model.vocab_size, cfg.model.seq_len)
+    tag = None
+    if paths.load:
+        tag, meta = checkpoint.find_latest(paths.load)
+        checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
+    return Plan(cfg, ds_config, ds_path, layout, data_dir, tag, accelerator)
+
+
+def _set_threads(accelerator: str) -> int:
+    # Ranks on one CPU share its cores; without this each would start a thread per core.
+    if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return torch.get_num_threads()
+
+
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """Weight decay on matrices and embeddings only, not on biases and norm gains."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    # In fp32 DeepSpeed clips gradients but throws the norm away; keep it for the log.
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def loss_scale(engine) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None)
+    if scale is None and hasattr(opt, "loss_scaler"):
+        scale = opt.loss_scaler.cur_scale
+    return float(scale) if scale is not None else None
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    name = Path(cfg.name).stem if cfg.name.endswith((".yaml", ".yml")) else cfg.name
+    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(stamp, src=0)
+    return Path("runs") / f"{name}-{stamp[0]}"
+
+
+def evaluate(engine, val_tokens, plan: Plan, dp_rank: int) -> float:
+    """Token-weighted mean loss over the first eval_iters batches of the val split."""
+    layout, cfg = plan.layout, plan.cfg
+    windows = TokenWindows(val_tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size,
+                           shuffle=False)
+    # Every micro-batch holds the same number of tokens, so the mean of means is token-weighted.
+    losses = [float(engine.eval_batch(windows)) for _ in range(cfg.train.eval_iters)]
+    return sum(losses) / len(losses)
+
+
+class Metrics:
+    """metrics.jsonl in the run directory, one JSON object per line, written by rank 0."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.file = None
+        self.wandb = None
+        if dist.get_rank() != 0:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.train.wandb_project:
+            import wandb
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc_text()
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), config=cfg.to_dict(),
+                                    mode="online" if has_key else "offline", name=run_dir.name)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _netrc_text() -> str:
+    try:
+        return (Path.home() / ".netrc").read_text()
+    except OSError:
+        return ""
+
+
+def pretrain(cfg: Config, paths: RunPaths) -> Path:
+    """Train on every rank; returns the run directory."""
+    import deepspeed
+
+    plan = plan_run(cfg, paths)
+    t = cfg.train
+    threads = _set_threads(plan.accelerator)
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds
+
+    from gptx.pipeline import build_pipeline, stage_param_counts, tied_weight_max_diff
+    model = build_pipeline(cfg)
+    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+    schedule = partial(WarmupCosine, lr=t.lr, min_lr=min_lr, warmup_iters=t.warmup_iters,
+                       decay_iters=t.lr_decay_iters or t.train_iters)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                           config=plan.ds_config, lr_scheduler=schedule)
+    if not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        _record_fp32_grad_norm(engine)
+    layout = plan.layout
+    grid = engine.grid
+    dp_rank = grid.get_data_parallel_rank()
+
+    run_dir = Path(paths.save) if paths.save else (Path(paths.load) if paths.load else _new_run_dir(cfg))
+    meta = {"config": cfg.to_dict(), "ds_config": plan.ds_config, "ds_config_path": plan.ds_config_path,
+            "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size,
+            "data": str(plan.data_dir), "code_version": checkpoint.code_version()}
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    iteration, consumed = 0, 0
+    if plan.resume_tag:
+        state = checkpoint.load(engine, paths.load, plan.resume_tag)
+        iteration, consumed = state["iteration"], state["consumed_samples"]
+        log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, "
+            f"{consumed * cfg.model.seq_len:,} tokens seen")
+
+    stage_params = stage_param_counts(model)
+    parts = model.parts
+    log(f"pipeline: {t.pipe_parallel_size} stage(s) x {layout.dp_size} data-parallel, partition "
+        f"'{t.partition_method}', {plan.accelerator}, {precision(plan.ds_config)}, {threads} thread(s)/rank")
+    for s, n in enumerate(stage_params):
+        log(f"  stage {s}: layers {parts[s]}-{parts[s + 1] - 1}, {n:,} parameters")
+    log(f"batch: {layout.micro_batch} x {layout.grad_accum} micro-batches x {layout.dp_size} = "
+        f"{layout.global_batch} sequences of {cfg.model.seq_len} tokens; data {plan.data_dir}")
+
+    train_tokens = open_tokens(plan.data_dir, "train")
+    val_tokens = open_tokens(plan.data_dir, "val")
+    windows = TokenWindows(train_tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size,
+                           seed=t.seed, start_sample=consumed)
+    tokens_per_iter = layout.global_batch * cfg.model.seq_len
+    peak = peak_flops(plan.accelerator, precision(plan.ds_config))
+    peak_total = peak * dist.get_world_size() if peak else None
+    model_flops = flops_per_token(cfg.model)
+    metrics = Metrics(run_dir, cfg)
+    start_time = time.time()
+    saved_at = None
+    val_loss = None
+    first_loss = None
+
+    while iteration < t.train_iters:
+        lr = engine.get_lr()[0]
+        t0 = time.perf_counter()
+        loss = float(engine.train_batch(windows))
+        dt = time.perf_counter() - t0
+        iteration += 1
+        consumed += layout.global_batch
+        first_loss = loss if first_loss is None else first_loss
+        grad_norm = engine.get_global_grad_norm()
+        tps = tokens_per_iter / dt
+        record = {"iter": iteration, "loss": loss, "lr": lr,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "loss_scale": loss_scale(engine), "skipped_steps": engine.skipped_steps,
+                  "tokens": consumed * cfg.model.seq_len, "tokens_per_sec": tps,
+                  "mfu": tps * model_flops / peak_total if peak_total else None,
+                  "elapsed": time.time() - start_time}
+        metrics.write(record)
+        if iteration % t.log_interval == 0 or iteration == 1:
+            log(_console_line(record))
+
+        last = iteration == t.train_iters
+        exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
+        if t.eval_interval and (iteration % t.eval_interval == 0 or last):
+            val_loss = evaluate(engine, val_tokens, plan, dp_rank)
+            metrics.write({"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
+            log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}")
+        if last or exiting or (t.save_interval and iteration % t.save_interval == 0):
+            progress = {"iteration": iteration, "consumed_samples": consumed,
+                        "tokens": consumed * cfg.model.seq_len}
+            folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
+            saved_at = iteration
+            drift = tied_weight_max_diff(model)
+            metrics.write({"iter": iteration, "checkpoint": folder.name, "tied_weight_max_diff": drift})
+            log(f"iter {iteration:6d} | saved checkpoint {folder} (tied weights max diff {drift:.3g})")
+        if exiting and not last:
+            log(f"exit interval {t.exit_interval} reached at iteration {iteration}")
+            break
+
+    metrics.close()
+    summary = f"done: {iteration} iterations in {time.time() - start_time:.1f} s"
+    if first_loss is not None:
+        summary += f"; train loss {first_loss:.3f} -> {loss:.3f}"
+    if val_loss is not None:
+        summary += f"; val loss {val_loss:.3f}"
+    log(summary)
+    log(f"run directory: {run_dir.resolve()}" + (f" (latest checkpoint: iteration {saved_at})" if saved_at else ""))
+    return run_dir
+
+
+def _console_line(r: dict) -> str:
+    parts = [f"iter {r['iter']:6d}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}"]
+    if r["grad_norm"] is not None:
+        parts.append(f"grad norm {r['grad_norm']:.3f}")
+    if r["loss_scale"] is not None:
+        parts.append(f"loss scale {r['loss_scale']:.0f} (skipped {r['skipped_steps']})")
+    parts.append(f"{r['tokens_per_sec']:,.0f} tok/s")
+    if r["mfu"] is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"{r['elapsed']:.0f} s")
+    return " | ".join(parts)
