@@ -42,7 +42,8 @@ def peak_flops(device: str, precision: str) -> float | None:
 
 def measured_cpu_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
     """Sustained fp32 matmul FLOP/s with this process's thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    with torch.random.fork_rng(devices=[]):  # leave the training RNG (dropout) untouched
+        a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

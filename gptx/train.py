@@ -100,14 +100,32 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _record_fp32_grad_norm(engine) -> None:
-    # In fp32 DeepSpeed clips gradients but throws the norm away; keep it for the log.
-    from deepspeed.runtime.utils import clip_grad_norm_
+def _fix_fp32_clipping(engine) -> None:
+    """Replace DeepSpeed's fp32 gradient clipping, which is wrong under pipeline parallelism.
 
-    def clip_and_record():
-        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
-                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
-    engine.clip_fp32_gradients = clip_and_record
+    DeepSpeed 0.19's fp32 path (runtime.utils.clip_grad_norm_) counts a gradient only on
+    model-parallel rank 0 and the pipeline grid reports the stage as that rank, so every
+    stage but the first is left out of the norm: 2 stages clip differently from 1. (Its
+    fp16 and bf16 optimizers get this right.) Here: the squares of every stage's gradients,
+    the tied copy counted once, summed over the stages of this pipeline. It also keeps the
+    norm for the log, which DeepSpeed discards in fp32.
+    """
+    group = engine.grid.get_model_parallel_group()
+
+    def clip():
+        grads = [p.grad for p in engine.module.parameters()
+                 if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        sq = torch.zeros(1, device=engine.device)
+        for g in grads:
+            sq += g.detach().float().pow(2).sum()
+        dist.all_reduce(sq, group=group)
+        norm = sq.sqrt()
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        engine._global_grad_norm = norm.item()
+    engine.clip_fp32_gradients = clip
 
 
 def loss_scale(engine) -> float | None:
@@ -191,7 +209,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                            config=plan.ds_config, lr_scheduler=schedule)
     if not (engine.fp16_enabled() or engine.bfloat16_enabled()):
-        _record_fp32_grad_norm(engine)
+        _fix_fp32_clipping(engine)
     layout = plan.layout
     grid = engine.grid
     dp_rank = grid.get_data_parallel_rank()
@@ -280,6 +298,9 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         summary += f"; val loss {val_loss:.3f}"
     log(summary)
     log(f"run directory: {run_dir.resolve()}" + (f" (latest checkpoint: iteration {saved_at})" if saved_at else ""))
+    # Tear down together: a rank exiting while gloo threads still run can abort ("terminate called").
+    dist.barrier()
+    dist.destroy_process_group()
     return run_dir
 
 

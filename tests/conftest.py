@@ -1,0 +1,85 @@
+"""Shared helpers: tiny configs, synthetic token data, in-process torch.distributed, the real launcher."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A model small enough that a launcher test trains several steps in seconds.
+MICRO_MODEL = dict(vocab_size=256, seq_len=32, n_layer=4, n_head=2, n_embd=32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_token_dir(path: Path, vocab_size: int = 256, n_train: int = 20000, n_val: int = 4000,
+                   seed: int = 0, dtype: str = "uint16") -> Path:
+    """Learnable synthetic tokens: a noisy repeating ramp, so the loss has somewhere to go."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ramp = (np.arange(n) * 7) % vocab_size
+        noise = rng.integers(0, vocab_size, n)
+        tokens = np.where(rng.random(n) < 0.2, noise, ramp).astype(dtype)
+        tokens.tofile(path / f"{split}.bin")
+    (path / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "dtype": dtype}))
+    return path
+
+
+def write_model_yaml(path: Path, **overrides) -> Path:
+    body = dict(MICRO_MODEL)
+    body.update(overrides)
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def write_ds_config(path: Path, micro: int, accum: int, **extra) -> Path:
+    cfg = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, **extra)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """launch/pretrain.py under the real deepspeed launcher, on CPU with gloo."""
+    beside_python = Path(sys.executable).parent / "deepspeed"
+    launcher = str(beside_python) if beside_python.exists() else "deepspeed"
+    cmd = [launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+           str(REPO / "launch" / "pretrain.py"), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def dist_world1():
+    """torch.distributed with one gloo rank in this process, as PipelineModule needs."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield

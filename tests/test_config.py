@@ -1,0 +1,73 @@
+import pytest
+
+from gptx.config import PRESETS, load_config, parse_override
+from gptx.errors import ConfigError
+from gptx.model import layer_specs
+from gptx.pipeline import count_layer_params
+
+
+def unique_params(cfg):
+    counts = count_layer_params(layer_specs(cfg.model, seed=0))
+    tied_copy = cfg.model.vocab_size * cfg.model.n_embd if cfg.model.tie_embeddings else 0
+    return sum(counts) - tied_copy
+
+
+@pytest.mark.parametrize("name,expected", [
+    # Parameter counts of the released GPT-2 checkpoints (tied embeddings, biases).
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+])
+def test_gpt2_presets_have_the_published_parameter_counts(name, expected):
+    assert unique_params(load_config(name)) == expected
+
+
+def test_parameter_count_follows_the_closed_form():
+    cfg = load_config("gpt3-2.7b")
+    m = cfg.model
+    C, L, V, T = m.n_embd, m.n_layer, m.vocab_size, m.seq_len
+    per_block = 12 * C * C + 13 * C  # qkv + proj + fc + proj weights and biases, two LayerNorms
+    assert unique_params(cfg) == V * C + T * C + L * per_block + 2 * C
+
+
+def test_every_preset_is_valid_and_gpt3_uses_2048_context():
+    for name in PRESETS:
+        cfg = load_config(name)
+        assert cfg.model.n_embd % cfg.model.n_head == 0
+    assert load_config("gpt3-175b").model.seq_len == 2048
+    assert load_config("gpt3-175b").model.n_embd == 12288
+    assert load_config("gpt3-175b").train.lr == pytest.approx(6e-5)
+
+
+def test_yaml_base_overrides_and_cli_precedence(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text("base: gpt2\nn_layer: 3\ntie_embeddings: false\ntrain:\n  lr: 1.0e-4\n  train_iters: 7\n")
+    cfg = load_config(str(f), {"n_layer": 5, "train_iters": 9})
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.tie_embeddings) == (5, 768, False)
+    assert (cfg.train.lr, cfg.train.train_iters) == (1e-4, 9)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("n_layers: 3\n", "unknown key 'n_layers'"),
+    ("base: gpt9\n", "unknown model preset 'gpt9'"),
+    ("n_embd: 100\nn_head: 3\n", "must be divisible by model.n_head"),
+    ("n_layer: two\n", "model.n_layer: expected an integer"),
+    ("train:\n  lrr: 1\n", "unknown training key 'train.lrr'"),
+    ("n_layer: [1\n", "not valid YAML"),
+    ("dropout: 1.5\n", "model.dropout"),
+])
+def test_bad_yaml_is_rejected_naming_the_field(tmp_path, body, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(body)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        load_config(str(f))
+
+
+def test_override_parsing():
+    assert parse_override("n_layer=4") == ("n_layer", 4)
+    assert parse_override("dropout=0.1") == ("dropout", 0.1)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("n_layer")
+
+
+def test_more_stages_than_layers_is_rejected():
+    with pytest.raises(ConfigError, match="pipe_parallel_size"):
+        load_config("tiny", {"pipe_parallel_size": 9})

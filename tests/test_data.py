@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pytest
+
+from gptx.data import (GPT2_EOT, TokenWindows, check_data, default_data_dir, gpt2_encoding, gpt2_ranks,
+                       open_tokens, write_token_files)
+from gptx.errors import DataError
+from tests.conftest import make_token_dir
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return gpt2_encoding()
+
+
+def test_gpt2_bpe_works_offline_and_matches_known_ids(enc):
+    # "Hello world" is [15496, 995] in GPT-2's published BPE.
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == GPT2_EOT
+
+
+def test_a_wrong_bpe_file_is_refused(tmp_path):
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_bytes(b"SGVsbG8= 0\n")
+    with pytest.raises(DataError, match="is not that of tiktoken's r50k_base"):
+        gpt2_ranks(str(bad))
+
+
+def test_prepare_round_trip(tmp_path, enc):
+    docs = ["The quick brown fox.", "Jumps over the lazy dog.\nTwice!", "A third document, with ünïcode."]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(docs[0])
+    (tmp_path / "in" / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[1:]) + "\n")
+    from gptx.data import iter_documents
+    meta = write_token_files(iter_documents([str(tmp_path / "in")]), tmp_path / "out", enc, val_fraction=0.2)
+    train, val = open_tokens(tmp_path / "out", "train"), open_tokens(tmp_path / "out", "val")
+    assert train.dtype == np.uint16 and meta["documents"] == 3
+    stream = np.concatenate([train, val]).tolist()
+    assert len(val) == meta["val_tokens"] == round(len(stream) * 0.2)
+    assert enc.decode(stream) == "<|endoftext|>".join(docs) + "<|endoftext|>"
+
+
+def test_large_vocabularies_use_uint32(tmp_path):
+    class BigVocab:
+        name, n_vocab, eot_token = "big", 100_000, 99_999
+
+        def encode_ordinary_batch(self, texts):
+            return [[70_000 + len(t), 5] for t in texts]
+    meta = write_token_files(["ab", "abc", "abcd"], tmp_path, BigVocab(), val_fraction=0.3)
+    assert meta["dtype"] == "uint32"
+    tokens = np.concatenate([open_tokens(tmp_path, "train"), open_tokens(tmp_path, "val")]).tolist()
+    assert tokens == [70_002, 5, 99_999, 70_003, 5, 99_999, 70_004, 5, 99_999]
+
+
+def test_default_corpus_is_gpt2_tokens_of_the_python_docs(enc):
+    d = default_data_dir()
+    train = open_tokens(d, "train")
+    check_data(d, vocab_size=50257, seq_len=1024)
+    assert len(train) > 50_000
+    assert "the" in enc.decode(train[:2000].tolist())
+
+
+def _global_samples(windows_per_rank, iters, accum):
+    seen = []
+    for _ in range(iters):
+        for _ in range(accum):
+            for w in windows_per_rank:
+                x, y = next(w)
+                seen.extend(map(tuple, x.tolist()))
+    return seen
+
+
+def test_windows_are_the_same_global_batches_whatever_the_dp_size(tmp_path):
+    tokens = np.arange(1000) % 97
+    one = [TokenWindows(tokens, 9, 2, 0, 1, seed=4)]
+    two = [TokenWindows(tokens, 9, 2, r, 2, seed=4) for r in range(2)]
+    a = _global_samples(one, iters=3, accum=4)
+    b = _global_samples(two, iters=3, accum=2)
+    for i in range(3):  # per iteration (8 samples) the sets agree
+        assert sorted(a[8 * i:8 * i + 8]) == sorted(b[8 * i:8 * i + 8])
+
+
+def test_epochs_visit_every_window_once_and_labels_shift_by_one():
+    tokens = np.arange(101)
+    w = TokenWindows(tokens, seq_len=10, micro_batch=1, seed=1)
+    starts = []
+    for _ in range(30):
+        x, y = next(w)
+        assert y[0, :-1].tolist() == x[0, 1:].tolist() and y[0, -1] == x[0, -1] + 1
+        starts.append(int(x[0, 0]))
+    assert sorted(starts[:10]) == sorted(starts[10:20]) == list(range(0, 100, 10))
+    assert starts[:10] != starts[10:20]  # each epoch has its own order
+
+
+def test_resuming_windows_continues_the_same_sequence():
+    tokens = np.arange(500)
+    full = TokenWindows(tokens, 7, 2, 1, 2, seed=9)
+    batches = [next(full)[0] for _ in range(10)]
+    resumed = TokenWindows(tokens, 7, 2, 1, 2, seed=9, start_sample=6 * 2 * 2)
+    for expected in batches[6:]:
+        assert next(resumed)[0].equal(expected)
+
+
+@pytest.mark.parametrize("problem,needle", [
+    ("missing", "missing val.bin"), ("short", "fewer than one window"), ("range", "token id 300 is outside"),
+    ("nodir", "not a directory"),
+])
+def test_bad_data_is_reported(tmp_path, problem, needle):
+    d = make_token_dir(tmp_path / "d", vocab_size=256)
+    if problem == "missing":
+        (d / "val.bin").unlink()
+    elif problem == "short":
+        np.arange(10, dtype=np.uint16).tofile(d / "val.bin")
+    elif problem == "range":
+        np.full(100, 300, dtype=np.uint16).tofile(d / "train.bin")
+    elif problem == "nodir":
+        d = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=needle):
+        check_data(d, vocab_size=256, seq_len=32)

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from gptx.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+from gptx.errors import ConfigError
+
+
+def test_shipped_configs_are_valid():
+    cpu = check_ds_config(read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json"), 1, 2, "cpu")
+    assert cpu.global_batch == cpu.micro_batch * cpu.grad_accum
+    fp16 = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+    check_ds_config(fp16, 4, 2, "cuda")
+    scale = fp16["fp16"]
+    assert scale["loss_scale"] == 0 and scale["initial_scale_power"] <= 24 and scale["min_loss_scale"] >= 1
+    check_ds_config(read_ds_config(DS_CONFIG_DIR / "gpu_bf16.json"), 1, 1, "cuda")
+
+
+def test_batch_arithmetic_is_derived_and_checked():
+    assert check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, 2, 1, "cpu").grad_accum == 4
+    with pytest.raises(ConfigError, match="must equal train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2"):
+        check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+                         "gradient_accumulation_steps": 2}, 2, 1, "cpu")
+    with pytest.raises(ConfigError, match="not a multiple"):
+        check_ds_config({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, 2, 1, "cpu")
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    ({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}, "cannot be combined with pipeline"),
+    ({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}}, "fp16 is not supported"),
+    ({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1}}}, "optimizer.params.lr"),
+    ({"train_micro_batch_size_per_gpu": 1, "scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
+    ({}, "train_micro_batch_size_per_gpu"),
+])
+def test_bad_ds_configs(cfg, needle):
+    with pytest.raises(ConfigError, match=needle):
+        check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+    with pytest.raises(ConfigError, match="ds.json.*not valid JSON"):
+        read_ds_config(f)

@@ -1,0 +1,37 @@
+import torch
+
+from gptx.config import load_config
+from gptx.model import GPT, layer_specs
+from gptx.pipeline import build_pipeline, count_layer_params
+from tests.conftest import MICRO_MODEL
+
+
+def test_pipeline_module_and_plain_model_give_identical_logits(dist_world1):
+    cfg = load_config("tiny", {**MICRO_MODEL, "pipe_parallel_size": 1, "seed": 3})
+    pipe = build_pipeline(cfg).eval()
+    plain = GPT(cfg.model, seed=3).eval()
+    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    with torch.no_grad():
+        assert torch.equal(pipe(idx), plain(idx))
+
+
+def test_untied_pipeline_matches_too(dist_world1):
+    cfg = load_config("tiny", {**MICRO_MODEL, "pipe_parallel_size": 1, "tie_embeddings": False})
+    pipe = build_pipeline(cfg).eval()
+    plain = GPT(cfg.model, seed=cfg.train.seed).eval()
+    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    with torch.no_grad():
+        assert torch.equal(pipe(idx), plain(idx))
+
+
+def test_meta_device_counts_equal_real_counts():
+    cfg = load_config("tiny", MICRO_MODEL)
+    specs = layer_specs(cfg.model, seed=0)
+    real = [sum(p.numel() for p in spec.build().parameters()) for spec in specs]
+    assert count_layer_params(specs) == real
+
+
+def test_counting_the_largest_preset_allocates_nothing():
+    cfg = load_config("gpt3-175b")
+    counts = count_layer_params(layer_specs(cfg.model, seed=0))
+    assert sum(counts) > 174e9

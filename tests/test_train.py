@@ -1,0 +1,86 @@
+"""Multi-process training under the real deepspeed launcher (CPU, gloo)."""
+import pytest
+
+from tests.conftest import launch, make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
+
+pytestmark = pytest.mark.launcher
+ITERS = 6
+PARITY_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = make_token_dir(tmp / "data")
+    model = write_model_yaml(tmp / "model.yaml")
+    return tmp, data, model
+
+
+def run(work, name, nprocs, pipe, micro, accum, *extra, expect_ok=True):
+    tmp, data, model = work
+    ds = write_ds_config(tmp / f"{name}.json", micro=micro, accum=accum)
+    args = ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(tmp / name),
+            "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS), "--eval-interval", "3",
+            "--eval-iters", "2", "--log-interval", "1", "--lr", "3e-3", "--warmup-iters", "2", *extra]
+    result = launch(nprocs, args, cwd=tmp)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / name, result
+
+
+@pytest.fixture(scope="module")
+def one_stage(work):
+    return run(work, "one_stage", 1, 1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def two_stages(work):
+    return run(work, "two_stages", 2, 2, 2, 4)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() == set(range(1, ITERS + 1))
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+def test_two_stages_match_one_stage_and_loss_falls(one_stage, two_stages):
+    a, b = train_losses(one_stage[0]), train_losses(two_stages[0])
+    assert max_diff(a, b) < PARITY_TOL
+    assert b[ITERS] < b[1] - 0.1
+    val_a = [r["val_loss"] for r in read_metrics(one_stage[0]) if "val_loss" in r]
+    val_b = [r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r]
+    assert len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
+
+
+def test_two_data_parallel_ranks_match_one_stage(work, one_stage):
+    dp, _ = run(work, "two_dp", 2, 1, 2, 2)  # same global batch: 2 x 2 x 2 ranks = 2 x 4
+    assert max_diff(train_losses(one_stage[0]), train_losses(dp)) < PARITY_TOL
+
+
+def test_each_stage_builds_only_its_layers_and_tied_weights_stay_equal(two_stages):
+    run_dir, result = two_stages
+    out = result.stdout
+    assert "stage=0 layers=" in out and "stage=1 layers=" in out
+    stage_lines = [line for line in out.splitlines() if line.strip().startswith("stage ") and "parameters" in line]
+    assert len(stage_lines) == 2
+    saves = [r for r in read_metrics(run_dir) if "checkpoint" in r]
+    assert saves and all(r["tied_weight_max_diff"] == 0.0 for r in saves)
+
+
+def test_resume_is_exact_with_dropout(work):
+    full, _ = run(work, "full", 2, 2, 2, 2, "--set", "dropout=0.1")
+    part, first = run(work, "part", 2, 2, 2, 2, "--set", "dropout=0.1", "--exit-interval", "3")
+    assert max(train_losses(part)) == 3
+    _, second = run(work, "part_resumed", 2, 2, 2, 2, "--set", "dropout=0.1", "--load", str(part),
+                    "--save", str(part))
+    assert "resumed from" in second.stdout
+    resumed = train_losses(part)
+    assert resumed == train_losses(full), (resumed, train_losses(full))
+
+
+def test_launcher_reports_bad_input_in_one_line(work):
+    _, result = run(work, "bad", 2, 2, 2, 2, "--set", "n_head=3", expect_ok=False)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: model.n_embd (32) must be divisible by model.n_head (3); adjust one of them"]
+    assert "Traceback" not in result.stdout + result.stderr
