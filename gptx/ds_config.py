@@ -100,6 +100,11 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
     if fp16 and (cfg["fp16"].get("loss_scale", 0) or 0) == 0 and cfg["fp16"].get("initial_scale_power", 16) > 24:
         raise ConfigError(f"{path}: fp16.initial_scale_power {cfg['fp16']['initial_scale_power']} starts the loss "
                           f"scale so high that the first steps are all skipped; use 16 or less")
+    if bf16 and (stage != 1 or (cfg.get("data_types") or {}).get("grad_accum_dtype") != "fp32"):
+        # Under the pipeline engine DeepSpeed 0.19 picks its BF16 optimizer either way, but only
+        # this combination writes optimizer checkpoints it can read back.
+        raise ConfigError(f"{path}: bf16 needs \"zero_optimization\": {{\"stage\": 1}} and "
+                          f"\"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (see ds_configs/gpu_bf16.json)")
     params = ((cfg.get("optimizer") or {}).get("params") or {})
     if "lr" in params:
         raise ConfigError(f"{path}: remove optimizer.params.lr; the learning rate and its schedule are set by the "
@@ -107,10 +112,9 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
     if "scheduler" in cfg:
         raise ConfigError(f"{path}: remove the 'scheduler' section; gptx runs the warmup + cosine schedule "
                           f"from its training config")
-    for key in ("pipeline",):
-        if key in cfg and any(k in cfg[key] for k in ("stages", "partition")):
-            raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
-                              f"--pipe-parallel-size and --partition-method instead")
+    if any(k in (cfg.get("pipeline") or {}) for k in ("stages", "partition")):
+        raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
+                          f"--pipe-parallel-size and --partition-method instead")
     return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
 
 

@@ -27,32 +27,31 @@ from gptx.layers import Block, FinalNorm, LMHead, PositionEmbedding, TokenEmbedd
 EMBEDDING_KEY = "embed"
 
 
-class SeededLayerSpec(LayerSpec):
-    """A LayerSpec whose build() draws its init from a fixed seed, leaving the global RNG alone.
+class _SeededBuild:
+    """build() draws the layer's init from its own seed, leaving the global RNG alone.
 
     Stands in for PipelineModule(seed_layers=True), which crashes on DeepSpeed 0.19.8 with
     Python 3.11 (it hands random.seed a numpy integer).
     """
 
+    seed: int
+
+    def build(self, log=False):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return super().build(log=log)
+
+
+class SeededLayerSpec(_SeededBuild, LayerSpec):
     def __init__(self, seed: int, typename, *args, **kwargs):
         super().__init__(typename, *args, **kwargs)
         self.seed = seed
 
-    def build(self, log=False):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return super().build(log=log)
 
-
-class SeededTiedLayerSpec(TiedLayerSpec):
+class SeededTiedLayerSpec(_SeededBuild, TiedLayerSpec):
     def __init__(self, seed: int, key, typename, *args, **kwargs):
         super().__init__(key, typename, *args, **kwargs)
         self.seed = seed
-
-    def build(self, log=False):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return super().build(log=log)
 
 
 def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:

@@ -32,6 +32,8 @@ def test_batch_arithmetic_is_derived_and_checked():
     ({"train_micro_batch_size_per_gpu": 1, "scheduler": {"type": "WarmupLR"}}, "scheduler"),
     ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
     ({}, "train_micro_batch_size_per_gpu"),
+    ({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}, "bf16 needs"),
+    ({"train_micro_batch_size_per_gpu": 1, "pipeline": {"stages": 2}}, "ignored by DeepSpeed"),
 ])
 def test_bad_ds_configs(cfg, needle):
     with pytest.raises(ConfigError, match=needle):
