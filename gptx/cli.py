@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from gptx.errors import GptxError
+from gptx.errors import ConfigError, GptxError
 
 # Training flags that override the config's `train` section (None: keep the file's value).
 TRAIN_FLAGS = {
@@ -33,6 +33,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="override a model or training key, e.g. --set n_layer=6 (repeatable)")
     for name, type_ in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=type_, default=None)
+    p.add_argument("--ds-log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="level of DeepSpeed's own logger (info shows its per-stage STAGE_PARAMS lines)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     deepspeed.add_config_arguments(p)
     return p
@@ -47,7 +49,8 @@ def parse_pretrain_args(argv: list[str] | None = None):
     overrides = dict(parse_override(text) for text in args.set)
     overrides.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
     cfg = load_config(args.model, overrides)
-    return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config)
+    return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
+                         ds_log_level=args.ds_log_level)
 
 
 def run_pretrain(argv: list[str] | None = None) -> int:
@@ -77,6 +80,48 @@ def run_prepare_data(argv: list[str] | None = None) -> int:
                                  args.val_fraction)
         print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
               f"from {meta['documents']:,} documents ({meta['dtype']})")
+    return guarded(main)
+
+
+def partition_report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/partition_report.py",
+                                description="Stage layout, parameters, memory, bubble and balance of a pipeline, "
+                                            "before launch (no GPU, no processes, no allocation)")
+    p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
+    p.add_argument("--pipe-parallel-size", type=int, default=None, help="stages (default: the config's)")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="data-parallel replicas (for batch and ZeRO-1)")
+    p.add_argument("--partition-method", default=None, help="parameters, uniform, compute or type:REGEX")
+    p.add_argument("--activation-checkpoint-interval", type=int, default=None)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON for precision, batch and ZeRO (default: ds_configs/gpu_fp16.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def run_partition_report(argv: list[str] | None = None) -> int:
+    # The report touches no device; naming one keeps DeepSpeed's accelerator probe quiet on stdout.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def main():
+        import json
+
+        from gptx.config import load_config, parse_override
+        from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
+        from gptx.partition_report import partition_report, render_text
+        args = partition_report_parser().parse_args(argv)
+        overrides = dict(parse_override(text) for text in args.set)
+        for key in ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        cfg = load_config(args.model, overrides)
+        if args.data_parallel_size < 1:
+            raise ConfigError(f"--data-parallel-size: must be >= 1, got {args.data_parallel_size}")
+        ds_path = args.deepspeed_config or str(default_ds_config_path("cuda"))
+        ds = read_ds_config(ds_path)
+        layout = check_ds_config(ds, args.data_parallel_size, cfg.train.pipe_parallel_size, "cuda", ds_path)
+        report = partition_report(cfg, cfg.train.pipe_parallel_size, cfg.train.partition_method, ds, layout)
+        print(json.dumps(report, indent=2) if args.json else render_text(report))
     return guarded(main)
 
 

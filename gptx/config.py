@@ -72,7 +72,8 @@ class TrainConfig:
     pipe_parallel_size: int = 2
     """Pipeline stages; the data-parallel size is world size / this."""
     partition_method: str = "parameters"
-    """How layers are split over stages: parameters, uniform or type:REGEX (DeepSpeed's methods)."""
+    """How layers are split over stages: DeepSpeed's parameters, uniform or type:REGEX, or
+    compute (balances estimated FLOPs per layer: the head weighs more, embeddings nothing)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every this many layers in backward (0: off)."""
     wandb_project: str | None = None
@@ -266,8 +267,8 @@ def validate(cfg: Config) -> None:
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
         raise ConfigError(f"train.lr_decay_iters: must be >= 1, got {t.lr_decay_iters}")
     method = t.partition_method.lower()
-    if not (method in ("parameters", "uniform") or (method.startswith("type:") and len(method) > 5)):
-        raise ConfigError(f"train.partition_method: expected parameters, uniform or type:REGEX, "
+    if not (method in ("parameters", "uniform", "compute") or (method.startswith("type:") and len(method) > 5)):
+        raise ConfigError(f"train.partition_method: expected parameters, uniform, compute or type:REGEX, "
                           f"got '{t.partition_method}'")
     n_specs = n_pipeline_layers(m)
     if t.pipe_parallel_size > n_specs:

@@ -17,6 +17,21 @@ GPU_PEAKS = {
 }
 
 
+def layer_flops_per_token(spec, cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward) of one entry of the LayerSpec list.
+
+    Blocks: 6 x their 12 C^2 matmul weights plus 12 C T for attention scores and values;
+    the head: 6 V C for the logits. Embedding lookups and norms are memory-bound, ~0 FLOPs.
+    """
+    C, T, V = cfg.n_embd, cfg.seq_len, cfg.vocab_size
+    name = spec.typename.__name__
+    if name == "Block":
+        return 6 * 12 * C * C + 12 * C * T
+    if name == "LMHead" or getattr(spec, "forward_fn", None) is not None:  # untied or tied head
+        return 6 * V * C
+    return 0.0
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: the blocks' weights and the head."""
     C = cfg.n_embd

@@ -6,12 +6,17 @@ the first stage after a load.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime import utils as ds_utils
 
 from gptx.config import Config
+from gptx.errors import ConfigError
+from gptx.flops import layer_flops_per_token
 from gptx.model import layer_specs, lm_loss
 
 # Only blocks are recomputed under activation checkpointing: the embedding's input
@@ -26,17 +31,65 @@ def _checkpoint(function, *args):
 
 
 class GPTPipe(PipelineModule):
-    """PipelineModule with parameter counting that allocates nothing.
+    """PipelineModule with allocation-free parameter counting and a 'compute' partition.
 
     DeepSpeed's 'parameters' partitioning builds every layer of the whole model, one at a
     time, on every rank just to count parameters. Building on the meta device gives the
-    same counts with no memory, so a 175B model partitions instantly. The class name must
-    not be 'GPT2ModelPipe': DeepSpeed's engine takes that name to mean "inputs carry an
-    attention mask".
+    same counts with no memory, so a 175B model partitions instantly. DeepSpeed has no hook
+    for other splits, so 'compute' replaces the partitioning step; the other methods stay
+    DeepSpeed's own. The class name must not be 'GPT2ModelPipe': DeepSpeed's engine takes
+    that name to mean "inputs carry an attention mask".
     """
+
+    def __init__(self, *args, compute_weights: list[float] | None = None, **kwargs):
+        self._compute_weights = compute_weights
+        super().__init__(*args, **kwargs)
 
     def _count_layer_params(self):
         return count_layer_params(self._layer_specs)
+
+    def _partition_layers(self, method="uniform"):
+        if method.lower() != "compute":
+            return super()._partition_layers(method=method)
+        self.parts = ds_utils.partition_balanced(weights=self._compute_weights, num_parts=self.num_stages)
+        if self.global_rank == 0:
+            print_layout(self._layer_specs, self.parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def layer_name(spec: LayerSpec) -> str:
+    return spec.typename.__name__
+
+
+def print_layout(specs: list[LayerSpec], parts: list[int]) -> None:
+    """The layout in the shape of DeepSpeed's own start-up print."""
+    for stage in range(len(parts) - 1):
+        print(f"stage={stage} layers={parts[stage + 1] - parts[stage]}")
+        for idx in range(parts[stage], parts[stage + 1]):
+            print(f"    {idx:2d}: {layer_name(specs[idx])}")
+
+
+def partition(specs: list[LayerSpec], method: str, num_stages: int, compute_weights: list[float]) -> list[int]:
+    """Stage boundaries, by the same algorithm and inputs as PipelineModule (plus 'compute')."""
+    return [int(x) for x in _partition(specs, method.lower(), num_stages, compute_weights)]
+
+
+def _partition(specs, method, num_stages, compute_weights):
+    if method == "uniform":
+        return ds_utils.partition_uniform(num_items=len(specs), num_parts=num_stages)
+    if method == "parameters":
+        return ds_utils.partition_balanced(weights=count_layer_params(specs), num_parts=num_stages)
+    if method == "compute":
+        return ds_utils.partition_balanced(weights=compute_weights, num_parts=num_stages)
+    if method.startswith("type:"):
+        pattern = re.compile(method.split(":")[1], re.IGNORECASE)
+        binary = [1 if pattern.search(layer_name(spec)) else 0 for spec in specs]
+        if not any(binary):
+            raise ConfigError(f"--partition-method '{method}': no layer class matches; classes are "
+                              + ", ".join(sorted({layer_name(s) for s in specs})))
+        return ds_utils.partition_balanced(weights=binary, num_parts=num_stages)
+    raise ConfigError(f"--partition-method '{method}': expected parameters, uniform, compute or type:REGEX")
 
 
 def count_layer_params(specs: list[LayerSpec]) -> list[int]:
@@ -51,8 +104,10 @@ def count_layer_params(specs: list[LayerSpec]) -> list[int]:
 def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     """The PipelineModule for this rank (torch.distributed must be initialized)."""
     t = cfg.train
+    specs = layer_specs(cfg.model, t.seed if seed is None else seed)
     return GPTPipe(
-        layers=layer_specs(cfg.model, t.seed if seed is None else seed),
+        layers=specs,
+        compute_weights=[layer_flops_per_token(spec, cfg.model) for spec in specs],
         num_stages=t.pipe_parallel_size,
         loss_fn=lm_loss,
         partition_method=t.partition_method,

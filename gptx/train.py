@@ -35,6 +35,8 @@ class RunPaths:
     save: str | None = None
     load: str | None = None
     deepspeed_config: str | None = None
+    ds_log_level: str = "warning"
+    """DeepSpeed's own logger; 'info' shows its STAGE=... LAYERS=... STAGE_PARAMS=... start-up lines."""
 
 
 def _rank() -> int:
@@ -197,6 +199,8 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     plan = plan_run(cfg, paths)
     t = cfg.train
     threads = _set_threads(plan.accelerator)
+    from deepspeed.utils.logging import set_log_level_from_string
+    set_log_level_from_string(paths.ds_log_level)
     deepspeed.init_distributed()
     rank = dist.get_rank()
     torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds

@@ -1,0 +1,175 @@
+"""Plan a pipeline before launching it: layout, parameters, memory, bubble and balance per stage.
+
+Nothing is allocated: parameters are counted on the meta device and the rest is arithmetic,
+so every preset, 175B included, reports in seconds on a laptop. The layout comes from the
+same function and inputs as the engine's partitioning (`gptx.pipeline.partition`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptx.config import Config, ModelConfig
+from gptx.ds_config import BatchLayout, precision as ds_precision
+from gptx.flops import layer_flops_per_token
+from gptx.model import layer_specs
+from gptx.pipeline import count_layer_params, layer_name, partition
+
+GiB = 1024 ** 3
+# Bytes per parameter: (weights, gradients, optimizer states before ZeRO-1 sharding).
+# fp32: Adam's two moments. fp16: fp32 master copy + two moments. bf16 (ZeRO-1 with fp32
+# gradient accumulation, as gptx requires): the same plus an fp32 gradient buffer.
+PARAM_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2 + 4, 12)}
+# Activations a pre-LN block keeps for backward, in units of micro_batch x seq_len x n_embd
+# values: LN1 input, qkv input, q, k, v, attention output, projection input, LN2 input,
+# MLP input, GELU input (4 C) and GELU output (4 C). Fused attention keeps no T x T scores.
+BLOCK_ACTIVATIONS = 17
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    precision: str
+    layout: BatchLayout
+    zero_stage: int
+    checkpoint_interval: int
+
+    @property
+    def act_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+
+def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params: int, mem: MemoryModel) -> dict:
+    """Estimated bytes one rank of `stage` holds at its peak under the 1F1B schedule."""
+    p = len(parts) - 1
+    w, g, opt = PARAM_BYTES[mem.precision]
+    if mem.zero_stage >= 1:
+        opt = opt / mem.layout.dp_size
+    b, T, C, V = mem.layout.micro_batch, model.seq_len, model.n_embd, model.vocab_size
+    names = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])]
+    n_blocks = names.count("Block")
+    in_flight = min(p - stage, mem.layout.grad_accum)  # stage s of p holds up to p - s micro-batches
+    btc = b * T * C * mem.act_bytes
+    stage_input = b * T * 8 if stage == 0 else btc  # token ids, or the hidden states received
+    other = btc * (len(names) - n_blocks)  # inputs kept by norms, position add and head
+    full = stage_input + other + n_blocks * BLOCK_ACTIVATIONS * btc
+    interval = mem.checkpoint_interval or 1
+    # Checkpointed: blocks keep only each group's input; one group is recomputed at a time.
+    groups = -(-n_blocks // interval)
+    ckpt = stage_input + other + groups * btc
+    recompute = min(interval, n_blocks) * BLOCK_ACTIVATIONS * btc
+    is_last = stage == p - 1
+    # Logits in the model's dtype, their fp32 copy for the loss, and log-softmax saved for backward;
+    # 1F1B runs the last stage's backward right after its forward, so one micro-batch at a time.
+    logits = b * T * V * (mem.act_bytes + (4 if mem.act_bytes != 4 else 0) + 4) if is_last else 0
+    weights, grads, states = params * w, params * g, int(params * opt)
+    out = {"weights": weights, "gradients": grads, "optimizer_states": states,
+           "activations": in_flight * full, "activations_checkpointed": in_flight * ckpt + recompute,
+           "logits": logits, "micro_batches_in_flight": in_flight}
+    out["total"] = weights + grads + states + out["activations"] + logits
+    out["total_checkpointed"] = weights + grads + states + out["activations_checkpointed"] + logits
+    return out
+
+
+def _max_over_mean(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
+def _stage_params(specs, params: list[int], parts: list[int], stage: int) -> int:
+    """What one stage holds: a tied module appearing twice in the stage is held once."""
+    seen, total = set(), 0
+    for i in range(parts[stage], parts[stage + 1]):
+        key = getattr(specs[i], "key", None)
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        total += params[i]
+    return total
+
+
+def _stage_sums(weights: list[float], parts: list[int]) -> list[float]:
+    return [sum(weights[parts[s]:parts[s + 1]]) for s in range(len(parts) - 1)]
+
+
+def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout) -> dict:
+    m = cfg.model
+    specs = layer_specs(m, seed=0)
+    params = count_layer_params(specs)
+    flops = [layer_flops_per_token(spec, m) for spec in specs]
+    parts = partition(specs, method, pipe_size, flops)
+    zero = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval)
+    stage_params = [_stage_params(specs, params, parts, s) for s in range(pipe_size)]
+    stages = []
+    for s in range(pipe_size):
+        layers = [{"index": i, "name": layer_name(specs[i]), "params": params[i], "flops_per_token": flops[i]}
+                  for i in range(parts[s], parts[s + 1])]
+        stages.append({"stage": s, "params": int(stage_params[s]), "layers": layers,
+                       "flops_per_token": sum(flops[parts[s]:parts[s + 1]]),
+                       "memory_bytes": stage_memory(m, specs, parts, s, int(stage_params[s]), mem)})
+    micro = layout.grad_accum
+    methods = {}
+    for name in ("parameters", "compute"):
+        alt = partition(specs, name, pipe_size, flops)
+        alt_params = [_stage_params(specs, params, alt, s) for s in range(pipe_size)]
+        methods[name] = {"parts": alt, "params_max_over_mean": _max_over_mean(alt_params),
+                         "compute_max_over_mean": _max_over_mean(_stage_sums(flops, alt))}
+    total = sum(stage_params)
+    unique = sum(params) - (m.vocab_size * m.n_embd if m.tie_embeddings else 0)
+    return {
+        "model": cfg.name, "pipe_parallel_size": pipe_size, "data_parallel_size": layout.dp_size,
+        "partition_method": method, "precision": mem.precision, "zero_stage": zero,
+        "micro_batch_size": layout.micro_batch, "micro_batches": micro, "seq_len": m.seq_len,
+        "activation_checkpoint_interval": cfg.train.activation_checkpoint_interval,
+        "parts": parts, "total_params": total, "unique_params": unique,
+        "stages": stages,
+        "bubble_fraction": (pipe_size - 1) / (micro + pipe_size - 1),
+        "balance": {"params_max_over_mean": _max_over_mean(stage_params),
+                    "compute_max_over_mean": _max_over_mean([st["flops_per_token"] for st in stages])},
+        "methods": methods,
+    }
+
+
+def _bar(value: float, biggest: float, width: int = 30) -> str:
+    return "#" * max(1, round(width * value / biggest)) if biggest else ""
+
+
+def render_text(r: dict) -> str:
+    lines = [f"model {r['model']}: {r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, "
+             f"partition '{r['partition_method']}', {r['precision']}, ZeRO {r['zero_stage']}, "
+             f"micro-batch {r['micro_batch_size']} x {r['micro_batches']} micro-batches of {r['seq_len']} tokens", ""]
+    for st in r["stages"]:
+        lines.append(f"stage={st['stage']} layers={len(st['layers'])}")
+        for layer in st["layers"]:
+            lines.append(f"    {layer['index']:2d}: {layer['name']:<16} {layer['params']:>16,} params  "
+                         f"{layer['flops_per_token'] / 1e6:>12,.1f} MFLOP/token")
+    lines.append("")
+    biggest_p = max(st["params"] for st in r["stages"])
+    biggest_f = max(st["flops_per_token"] for st in r["stages"]) or 1
+    lines.append("per stage                params  (bar)                                   compute  (bar)")
+    for st in r["stages"]:
+        lines.append(f"  stage {st['stage']:<3} {st['params']:>16,}  {_bar(st['params'], biggest_p):<30}  "
+                     f"{st['flops_per_token'] / 1e9:>8.2f} GFLOP/token  {_bar(st['flops_per_token'], biggest_f)}")
+    lines.append(f"parameters: total {r['total_params']:,} (a tied embedding counts on both end stages), "
+                 f"unique {r['unique_params']:,}")
+    b = r["balance"]
+    lines.append(f"balance (max/mean over stages): parameters {b['params_max_over_mean']:.3f}, "
+                 f"compute {b['compute_max_over_mean']:.3f}")
+    p, m = r["pipe_parallel_size"], r["micro_batches"]
+    lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = {100 * r['bubble_fraction']:.1f}%")
+    lines.append("")
+    ckpt = r["activation_checkpoint_interval"] or 1
+    lines.append(f"memory per rank, GiB    weights     grads  optimizer  activations  (ckpt every {ckpt})"
+                 f"    logits     total  (ckpt)")
+    for st in r["stages"]:
+        mb = st["memory_bytes"]
+        lines.append(f"  stage {st['stage']:<3} ({mb['micro_batches_in_flight']} in flight)"
+                     f"{mb['weights'] / GiB:>9.2f} {mb['gradients'] / GiB:>9.2f} {mb['optimizer_states'] / GiB:>10.2f}"
+                     f" {mb['activations'] / GiB:>12.2f} {mb['activations_checkpointed'] / GiB:>18.2f}"
+                     f" {mb['logits'] / GiB:>9.2f} {mb['total'] / GiB:>9.2f} {mb['total_checkpointed'] / GiB:>7.2f}")
+    lines.append("")
+    lines.append("partition methods compared (max/mean over stages):")
+    for name, alt in r["methods"].items():
+        lines.append(f"  {name:<11} stages start at {alt['parts'][:-1]}: parameters {alt['params_max_over_mean']:.3f}, "
+                     f"compute {alt['compute_max_over_mean']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from gptx.cli import run_partition_report
+from gptx.config import load_config
+from gptx.ds_config import BatchLayout
+from gptx.model import lm_loss
+from gptx.partition_report import partition_report
+from tests.conftest import MICRO_MODEL, launch, make_token_dir, write_ds_config, write_model_yaml
+
+FP32 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}
+
+
+def report(model="gpt2", pipe=2, method="parameters", ds=None, dp=1, **overrides):
+    cfg = load_config(model, {"pipe_parallel_size": pipe, "partition_method": method, **overrides})
+    ds = ds or {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 8, "fp16": {"enabled": True}}
+    layout = BatchLayout(ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], dp)
+    return partition_report(cfg, pipe, method, ds, layout)
+
+
+def test_tied_embedding_counts_on_both_end_stages_and_once_in_unique():
+    one, two = report(pipe=1), report(pipe=2)
+    V, C = 50257, 768
+    assert one["unique_params"] == two["unique_params"] == 124_439_808  # GPT-2 small as released
+    assert one["total_params"] == one["unique_params"]
+    assert two["total_params"] == two["unique_params"] + V * C
+    assert sum(s["params"] for s in two["stages"]) == two["total_params"]
+
+
+@pytest.mark.parametrize("p,m", [(2, 8), (4, 4), (8, 1)])
+def test_bubble_fraction(p, m):
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": m}
+    assert report("gpt2-xl", pipe=p, ds=ds)["bubble_fraction"] == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_compute_partition_balances_compute_better_than_parameters():
+    r = report("gpt2-xl", pipe=4)
+    by_params, by_compute = r["methods"]["parameters"], r["methods"]["compute"]
+    assert by_compute["compute_max_over_mean"] < by_params["compute_max_over_mean"]
+    assert report("gpt2-xl", pipe=4, method="compute")["parts"] == by_compute["parts"]
+
+
+def test_stage_compute_adds_up_to_the_model_flops():
+    from gptx.flops import flops_per_token
+    r = report("gpt2-medium", pipe=3)
+    assert sum(s["flops_per_token"] for s in r["stages"]) == pytest.approx(flops_per_token(load_config("gpt2-medium").model))
+
+
+def test_zero1_divides_optimizer_states_and_checkpointing_saves_activations():
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 1}}
+    one, four = report("gpt2-large", ds=ds, dp=1), report("gpt2-large", ds=ds, dp=4)
+    m1, m4 = one["stages"][0]["memory_bytes"], four["stages"][0]["memory_bytes"]
+    assert m1["optimizer_states"] == pytest.approx(4 * m4["optimizer_states"], rel=1e-6)
+    assert m1["optimizer_states"] == 12 * one["stages"][0]["params"]
+    assert m1["activations_checkpointed"] < m1["activations"] / 4
+    # 1F1B: stage s of p keeps up to p - s micro-batches
+    r = report("gpt2-large", pipe=4, ds=ds)
+    assert [s["memory_bytes"]["micro_batches_in_flight"] for s in r["stages"]] == [4, 3, 2, 1]
+
+
+def test_every_preset_reports_quickly_including_175b(capsys):
+    start = time.perf_counter()
+    assert run_partition_report(["--model", "gpt3-175b", "--pipe-parallel-size", "8", "--json"]) == 0
+    assert time.perf_counter() - start < 15
+    r = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON object
+    assert {"unique_params", "total_params", "stages", "bubble_fraction"} <= r.keys()
+    stage = r["stages"][0]
+    assert {"stage", "params", "layers", "memory_bytes"} <= stage.keys()
+    assert {"index", "name", "params"} <= stage["layers"][0].keys()
+    assert r["unique_params"] > 174e9
+
+
+def test_text_report_shows_the_layout_in_deepspeeds_shape(capsys):
+    assert run_partition_report(["--model", "gpt2", "--pipe-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage=0 layers=" in out and re.search(r"^\s+0: TokenEmbedding", out, re.M)
+    assert "pipeline bubble" in out and "compute" in out and "#" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--partition-method", "bogus"], "train.partition_method"),
+    (["--partition-method", "type:Nothing"], "no layer class matches"),
+    (["--model", "gpt-9"], "unknown model preset"),
+])
+def test_report_bad_input(capsys, argv, needle):
+    assert run_partition_report(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1
+
+
+def test_memory_estimate_matches_the_tensors_the_engine_holds(dist_world1, tmp_path):
+    import deepspeed
+
+    from gptx.pipeline import build_pipeline
+    from gptx.train import param_groups
+    cfg = load_config("tiny", {**MICRO_MODEL, "pipe_parallel_size": 1})
+    ds = {**FP32, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}, "steps_per_print": 10 ** 9}
+    est = report("tiny", pipe=1, ds=ds, **MICRO_MODEL)["stages"][0]["memory_bytes"]
+    model = build_pipeline(cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
+    x = torch.randint(0, 256, (2, 32))
+    engine.train_batch(iter([(x, x)] * 4))
+    weights = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+    states = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values() for t in s.values()
+                 if torch.is_tensor(t) and t.dim() > 0)
+    lm_loss(engine.module(x), x).backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters())
+    for name, real in (("weights", weights), ("gradients", grads), ("optimizer_states", states)):
+        assert est[name] == pytest.approx(real, rel=0.03), name
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("method", ["parameters", "compute"])
+def test_report_layout_is_what_the_engine_does(tmp_path, method):
+    data = make_token_dir(tmp_path / "data")
+    # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
+    model = write_model_yaml(tmp_path / "model.yaml", vocab_size=1024)
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=2)
+    result = launch(2, ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds),
+                        "--save", str(tmp_path / "run"), "--train-iters", "1", "--eval-interval", "0",
+                        "--partition-method", method, "--ds-log-level", "info"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    engine = {}
+    for stage, start, stop, params in re.findall(r"STAGE=(\d+) LAYERS=\d+ \[(\d+), (\d+)\) STAGE_PARAMS=(\d+)",
+                                                 result.stdout):
+        engine[int(stage)] = (int(start), int(stop), int(params))
+    r = report(str(model), pipe=2, method=method, ds=json.loads(ds.read_text()))
+    planned = {s["stage"]: (s["layers"][0]["index"], s["layers"][-1]["index"] + 1, s["params"]) for s in r["stages"]}
+    assert engine == planned
+    assert r["methods"]["parameters"]["parts"] != r["methods"]["compute"]["parts"]
