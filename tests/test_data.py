@@ -118,3 +118,12 @@ def test_bad_data_is_reported(tmp_path, problem, needle):
         d = tmp_path / "nowhere"
     with pytest.raises(DataError, match=needle):
         check_data(d, vocab_size=256, seq_len=32)
+
+
+def test_prepare_data_tool_reports_bad_input_in_one_line(tmp_path, capsys):
+    from gptx.cli import run_prepare_data
+    (tmp_path / "x.jsonl").write_text('{"txt": "no text field"}\n')
+    assert run_prepare_data([str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: '{tmp_path / 'x.jsonl'}' line 1: expected an object with a string 'text' field"
+    assert not (tmp_path / "out" / "train.bin").exists()

@@ -133,3 +133,12 @@ def test_report_layout_is_what_the_engine_does(tmp_path, method):
     planned = {s["stage"]: (s["layers"][0]["index"], s["layers"][-1]["index"] + 1, s["params"]) for s in r["stages"]}
     assert engine == planned
     assert r["methods"]["parameters"]["parts"] != r["methods"]["compute"]["parts"]
+
+
+def test_every_preset_reports_in_seconds():
+    from gptx.config import PRESETS
+    for name in PRESETS:
+        start = time.perf_counter()
+        r = report(name, pipe=4)
+        assert time.perf_counter() - start < 5, name
+        assert r["total_params"] >= r["unique_params"] > 0
