@@ -37,6 +37,18 @@ class ModelConfig:
     """Biases in Linear layers and LayerNorms, as in GPT-2."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head (a TiedLayerSpec across the end stages)."""
+    position_embedding: str = "learned"
+    """learned (GPT-2's table), alibi (linear biases on attention), rotary, or none."""
+    residual: str = "sequential"
+    """sequential (GPT-2) or parallel (GPT-J: x + attn(ln(x)) + mlp(ln(x)))."""
+    norm: str = "layernorm"
+    """layernorm (pre-LN blocks) or rezero (no norm in blocks; learned branch gates starting at 0)."""
+    macaron: bool = False
+    """Half-step feed-forward before and after attention in each block."""
+    residual_attention: bool = False
+    """RealFormer: each layer adds the previous layer's pre-softmax attention scores to its own."""
+    attention_topk: int | None = None
+    """Explicit sparse attention: each query keeps only its K largest (causal) scores."""
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +114,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, seq_len=GPT3_CONTEXT, train=dict(lr=1.2e-4)),
     "gpt3-13b": dict(n_layer=40, n_head=40, n_embd=5120, seq_len=GPT3_CONTEXT, train=dict(lr=1e-4)),
     "gpt3-175b": dict(n_layer=96, n_head=96, n_embd=12288, seq_len=GPT3_CONTEXT, train=dict(lr=6e-5)),
+    # GPT-X 1B: ReZero blocks (no norms inside, two learned gates each) with explicit sparse
+    # top-k attention (k = 8, the value Zhao et al. found best), learned positions, an
+    # untied bias-free head, a final LayerNorm.
+    "gptx-1b": dict(n_layer=20, n_head=16, n_embd=2048, vocab_size=22000, seq_len=1024, norm="rezero",
+                    attention_topk=8, position_embedding="learned", tie_embeddings=False, train=dict(lr=2e-4)),
+    # GPT* models: ALiBi and parallel residual, trained at 512 context. 127M parameters with
+    # GPT-2's vocabulary and tied embeddings: 6 x 12.6M in blocks + 51.5M in the embedding.
+    # The 303M model keeps the width and heads and grows depth to 20 layers, which lands on
+    # 303M (20 x 12.6M + 51.5M); width is what the 127M model's scaling keeps fixed.
+    "gpt-star-127": dict(n_layer=6, n_head=8, n_embd=1024, seq_len=512, position_embedding="alibi",
+                         residual="parallel"),
+    "gpt-star-303": dict(n_layer=20, n_head=8, n_embd=1024, seq_len=512, position_embedding="alibi",
+                         residual="parallel"),
 }
 DEFAULT_PRESET = "tiny"
 
@@ -249,6 +274,18 @@ def validate(cfg: Config) -> None:
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                           f"adjust one of them")
+    choices = {"position_embedding": ("learned", "alibi", "rotary", "none"),
+               "residual": ("sequential", "parallel"), "norm": ("layernorm", "rezero")}
+    for key, allowed in choices.items():
+        if getattr(m, key) not in allowed:
+            raise ConfigError(f"model.{key}: expected one of {', '.join(allowed)}, got '{getattr(m, key)}'")
+    if m.macaron and m.residual == "parallel":
+        raise ConfigError("model.macaron needs model.residual: sequential (its half-step feed-forwards sit "
+                          "before and after attention, which a parallel block does not order)")
+    if m.position_embedding == "rotary" and m.head_dim % 2:
+        raise ConfigError(f"model.position_embedding rotary needs an even head size; n_embd / n_head = {m.head_dim}")
+    if m.attention_topk is not None and m.attention_topk < 1:
+        raise ConfigError(f"model.attention_topk: must be a positive integer or null, got {m.attention_topk}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if t.train_iters < 1:

@@ -20,13 +20,14 @@ GPU_PEAKS = {
 def layer_flops_per_token(spec, cfg: ModelConfig) -> float:
     """Training FLOPs per token (forward + backward) of one entry of the LayerSpec list.
 
-    Blocks: 6 x their 12 C^2 matmul weights plus 12 C T for attention scores and values;
+    Blocks: 6 x their matmul weights (12 C^2, or 20 C^2 with Macaron's second MLP) plus
+    12 C T for attention scores and values;
     the head: 6 V C for the logits. Embedding lookups and norms are memory-bound, ~0 FLOPs.
     """
     C, T, V = cfg.n_embd, cfg.seq_len, cfg.vocab_size
     name = spec.typename.__name__
     if name == "Block":
-        return 6 * 12 * C * C + 12 * C * T
+        return 6 * block_matmul_params(cfg) + 12 * C * T
     if name == "LMHead" or getattr(spec, "forward_fn", None) is not None:  # untied or tied head
         return 6 * V * C
     return 0.0
@@ -34,9 +35,13 @@ def layer_flops_per_token(spec, cfg: ModelConfig) -> float:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: the blocks' weights and the head."""
+    return cfg.n_layer * block_matmul_params(cfg) + cfg.vocab_size * cfg.n_embd
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
     C = cfg.n_embd
-    per_block = 12 * C * C  # qkv 3C^2, attention out C^2, MLP 8C^2
-    return cfg.n_layer * per_block + cfg.vocab_size * C
+    mlps = 2 if cfg.macaron else 1
+    return 4 * C * C + mlps * 8 * C * C  # qkv 3C^2, attention out C^2, each MLP 8C^2
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

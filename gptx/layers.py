@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptx.config import ModelConfig
+
 INIT_STD = 0.02  # GPT-2's initializer range
 
 
@@ -56,38 +58,121 @@ class PositionEmbedding(nn.Module):
         return self.drop(x + self.wpe(pos))  # (B, T, C) + (T, C)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, n_layer: int, dropout: float, bias: bool):
+class EmbeddingDropout(nn.Module):
+    """Stands at position 1 when positions come from attention (ALiBi, rotary) or nowhere."""
+
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
-        self.n_head = n_head
-        self.dropout = dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.resid_drop = nn.Dropout(dropout)
-        _init_linear(self.c_attn)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), two per block.
-        _init_linear(self.c_proj, INIT_STD / math.sqrt(2 * n_layer))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): a geometric sequence starting at 2^(-8/n).
+
+    For a head count that is not a power of two, the paper takes the slopes of the nearest
+    smaller power of two and fills the rest with every other slope of the next power up.
+    """
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    below = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(below)
+    if below < n_head:
+        slopes += geometric(2 * below)[0::2][: n_head - below]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(slopes: torch.Tensor, T: int) -> torch.Tensor:
+    """(nh, T, T) additive bias: -slope * distance to each earlier key (0 on the diagonal)."""
+    pos = torch.arange(T, device=slopes.device)
+    distance = (pos[None, :] - pos[:, None]).clamp(max=0)  # (T, T), key - query, <= 0
+    return slopes[:, None, None] * distance  # (nh, 1, 1) * (T, T)
+
+
+def rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021) on (B, nh, T, hd), rotating the two halves of hd."""
+    T, hd = x.size(-2), x.size(-1)
+    inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)  # (hd/2,)
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, hd/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with the position and score variants.
+
+    Fused scaled_dot_product_attention serves plain, ALiBi (as an additive mask) and rotary
+    attention; explicit scores are computed only when a variant needs them: top-k sparse
+    attention (Zhao et al. 2019) and RealFormer's residual attention (He et al. 2021), which
+    adds the previous layer's pre-softmax scores and hands its own to the next layer.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.position = cfg.position_embedding
+        self.topk = cfg.attention_topk
+        self.residual_attention = cfg.residual_attention
+        self.c_attn = nn.Linear(C, 3 * C, bias=cfg.bias)
+        self.c_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        if self.position == "alibi":
+            self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
+        _init_linear(self.c_attn)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), two per block.
+        _init_linear(self.c_proj, INIT_STD / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x: torch.Tensor, prev_scores: torch.Tensor | None = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.position == "rotary":
+            q, k = rotate(q), rotate(k)
+        bias = alibi_bias(self.slopes, T).to(q.dtype) if self.position == "alibi" else None
+        scores = None
+        if self.topk is None and not self.residual_attention:
+            p = self.dropout if self.training else 0.0
+            if bias is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                mask = bias.masked_fill(~causal, float("-inf"))  # (nh, T, T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            if prev_scores is not None:
+                scores = scores + prev_scores
+            logits = scores if bias is None else scores + bias
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            logits = logits.masked_fill(~causal, float("-inf"))
+            if self.topk is not None and self.topk < T:
+                # Keep each query's k largest allowed scores; rows with fewer allowed keys keep all.
+                kth = logits.topk(self.topk, dim=-1).values[..., -1:]  # (B, nh, T, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            att = self.attn_drop(F.softmax(logits.float(), dim=-1).to(v.dtype))
+            y = att @ v  # (B, nh, T, T) x (B, nh, T, hd) -> (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
-        return self.resid_drop(self.c_proj(y))
+        return self.resid_drop(self.c_proj(y)), (scores if self.residual_attention else None)
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, n_layer: int, dropout: float, bias: bool):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        C = cfg.n_embd
+        self.c_fc = nn.Linear(C, 4 * C, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * C, C, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
         _init_linear(self.c_fc)
-        _init_linear(self.c_proj, INIT_STD / math.sqrt(2 * n_layer))
+        _init_linear(self.c_proj, INIT_STD / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU.
@@ -95,19 +180,52 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm decoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """A decoder block. The default is GPT-2's: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    def __init__(self, n_embd: int, n_head: int, n_layer: int, dropout: float = 0.0, bias: bool = True):
+    Variants: parallel residual (GPT-J: x + attn(ln_1(x)) + mlp(ln_1(x)), one shared norm),
+    ReZero (no norms; each branch is multiplied by a learned scalar gate that starts at 0),
+    Macaron (a half-step feed-forward, mlp_0, before attention and a half-step mlp after).
+    With residual attention the block takes and returns (x, scores), so the scores cross
+    stage boundaries together with x.
+    """
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, n_layer, dropout, bias)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, n_layer, dropout, bias)
+        self.parallel = cfg.residual == "parallel"
+        self.macaron = cfg.macaron
+        self.residual_attention = cfg.residual_attention
+        rezero = cfg.norm == "rezero"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        def norm() -> nn.Module:
+            return nn.Identity() if rezero else nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+        def gate() -> nn.Parameter | None:
+            return nn.Parameter(torch.zeros(1)) if rezero else None
+
+        if self.macaron:
+            self.ln_0, self.mlp_0, self.gate_mlp_0 = norm(), MLP(cfg), gate()
+        self.ln_1, self.attn, self.gate_attn = norm(), CausalSelfAttention(cfg), gate()
+        if not self.parallel:
+            self.ln_2 = norm()
+        self.mlp, self.gate_mlp = MLP(cfg), gate()
+
+    @staticmethod
+    def _gated(gate: nn.Parameter | None, y: torch.Tensor) -> torch.Tensor:
+        return y if gate is None else gate * y
+
+    def forward(self, inputs):
+        x, prev_scores = inputs if isinstance(inputs, tuple) else (inputs, None)
+        half = 0.5 if self.macaron else 1.0
+        if self.macaron:
+            x = x + half * self._gated(self.gate_mlp_0, self.mlp_0(self.ln_0(x)))
+        h = self.ln_1(x)
+        a, scores = self.attn(h, prev_scores)
+        if self.parallel:
+            x = x + self._gated(self.gate_attn, a) + self._gated(self.gate_mlp, self.mlp(h))
+        else:
+            x = x + self._gated(self.gate_attn, a)
+            x = x + half * self._gated(self.gate_mlp, self.mlp(self.ln_2(x)))
+        return (x, scores) if self.residual_attention else x
 
 
 class FinalNorm(nn.Module):
@@ -115,7 +233,9 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, tuple):  # (x, scores) from residual-attention blocks: scores end here
+            x = x[0]
         return self.ln_f(x)
 
 

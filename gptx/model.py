@@ -4,7 +4,7 @@ The list is a file format: a pipeline checkpoint holds one file per position in 
 (`layer_XX-model_states.pt`), so keep the order stable. Today it is
 
     0            TokenEmbedding     (tied with the head when tie_embeddings)
-    1            PositionEmbedding
+    1            PositionEmbedding  (EmbeddingDropout when positions are ALiBi, rotary or none)
     2 .. L+1     Block x n_layer
     L+2          FinalNorm
     L+3          head: the tied TokenEmbedding's logits, or LMHead
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from gptx.config import ModelConfig, n_pipeline_layers
-from gptx.layers import Block, FinalNorm, LMHead, PositionEmbedding, TokenEmbedding, tied_logits
+from gptx.layers import (Block, EmbeddingDropout, FinalNorm, LMHead, PositionEmbedding, TokenEmbedding,
+                         tied_logits)
 
 EMBEDDING_KEY = "embed"
 
@@ -60,9 +61,13 @@ def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:
         embed = SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, tied_weight_attr="wte.weight")
     else:
         embed = SeededLayerSpec(seed, TokenEmbedding, V, C)
-    specs: list[LayerSpec] = [embed, SeededLayerSpec(seed + 1, PositionEmbedding, cfg.seq_len, C, cfg.dropout)]
+    if cfg.position_embedding == "learned":
+        positions = SeededLayerSpec(seed + 1, PositionEmbedding, cfg.seq_len, C, cfg.dropout)
+    else:  # positions come from attention (or nowhere); keep the slot so indices stay put
+        positions = SeededLayerSpec(seed + 1, EmbeddingDropout, cfg.dropout)
+    specs: list[LayerSpec] = [embed, positions]
     for i in range(cfg.n_layer):
-        specs.append(SeededLayerSpec(seed + 2 + i, Block, C, cfg.n_head, cfg.n_layer, cfg.dropout, cfg.bias))
+        specs.append(SeededLayerSpec(seed + 2 + i, Block, cfg))
     specs.append(SeededLayerSpec(seed + 2 + cfg.n_layer, FinalNorm, C, cfg.bias))
     if cfg.tie_embeddings:
         # Same seed as position 0: both copies start equal even before DeepSpeed broadcasts.

@@ -201,6 +201,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     threads = _set_threads(plan.accelerator)
     from deepspeed.utils.logging import set_log_level_from_string
     set_log_level_from_string(paths.ds_log_level)
+    owns_process_group = not dist.is_initialized()
     deepspeed.init_distributed()
     rank = dist.get_rank()
     torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds
@@ -302,9 +303,10 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         summary += f"; val loss {val_loss:.3f}"
     log(summary)
     log(f"run directory: {run_dir.resolve()}" + (f" (latest checkpoint: iteration {saved_at})" if saved_at else ""))
-    # Tear down together: a rank exiting while gloo threads still run can abort ("terminate called").
-    dist.barrier()
-    dist.destroy_process_group()
+    if owns_process_group:
+        # Tear down together: a rank exiting while gloo threads still run can abort ("terminate called").
+        dist.barrier()
+        dist.destroy_process_group()
     return run_dir
 
 

@@ -1,0 +1,147 @@
+"""Architecture variants: causality, ALiBi slopes, long contexts, top-k, ReZero, and stage parity."""
+import math
+
+import pytest
+import torch
+
+from gptx.config import ModelConfig, load_config
+from gptx.errors import ConfigError
+from gptx.layers import Block, CausalSelfAttention, alibi_slopes
+from gptx.model import GPT
+from tests.conftest import MICRO_MODEL, launch, make_token_dir, train_losses, write_ds_config, write_model_yaml
+
+VARIANTS = {
+    "alibi": dict(position_embedding="alibi"),
+    "rotary": dict(position_embedding="rotary"),
+    "nopos": dict(position_embedding="none"),
+    "parallel": dict(residual="parallel"),
+    "rezero": dict(norm="rezero"),
+    "macaron": dict(macaron=True),
+    "realformer": dict(residual_attention=True),
+    "topk": dict(attention_topk=3),
+    "gptx1b_like": dict(norm="rezero", attention_topk=4, tie_embeddings=False),
+    "star_like": dict(position_embedding="alibi", residual="parallel", residual_attention=True),
+}
+SMALL = dict(vocab_size=97, seq_len=16, n_layer=3, n_head=4, n_embd=32)
+
+
+def small(**kw) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_future_tokens_never_change_earlier_logits(name):
+    torch.manual_seed(0)
+    model = GPT(small(**VARIANTS[name]), seed=1).eval()
+    for gate in (p for n, p in model.named_parameters() if "gate" in n):
+        torch.nn.init.constant_(gate, 0.5)  # ReZero starts as the identity; open the gates to test attention
+    idx = torch.randint(0, 97, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_alibi_slopes_follow_the_papers_geometric_sequence():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert torch.allclose(alibi_slopes(4), torch.tensor([2.0 ** (-2 * (i + 1)) for i in range(4)]))
+    # 12 heads: the 8-head slopes, then every other slope of the 16-head sequence (2^-0.5, 2^-1.5, ...)
+    expected = [2.0 ** -(i + 1) for i in range(8)] + [2.0 ** -(0.5 + i) for i in range(4)]
+    assert torch.allclose(alibi_slopes(12), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("position", ["alibi", "rotary"])
+def test_alibi_and_rotary_evaluate_beyond_the_training_context(position):
+    model = GPT(small(position_embedding=position), seed=0).eval()
+    idx = torch.randint(0, 97, (1, 48))  # three times seq_len
+    logits = model(idx)
+    assert logits.shape == (1, 48, 97) and torch.isfinite(logits).all()
+    assert torch.allclose(model(idx[:, :20])[0], logits[0, :20], atol=1e-5)  # still causal, prefix unchanged
+
+
+def test_learned_positions_refuse_a_longer_context():
+    with pytest.raises(IndexError):
+        GPT(small(), seed=0)(torch.randint(0, 97, (1, 17)))
+
+
+def test_topk_attends_to_at_most_k_earlier_keys():
+    attn = CausalSelfAttention(small(attention_topk=3)).eval()
+    seen = {}
+    attn.attn_drop.register_forward_hook(lambda mod, inp, out: seen.setdefault("p", inp[0]))
+    attn(torch.randn(2, 16, 32))
+    probs = seen["p"]  # (B, nh, T, T)
+    nonzero = (probs > 0).sum(-1)
+    assert (nonzero <= 3).all() and (nonzero[..., 3:] == 3).all()
+    assert (probs.triu(diagonal=1) == 0).all()  # never a future key
+    assert torch.allclose(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+
+
+def test_rezero_blocks_start_as_the_identity_with_two_gates():
+    block = Block(small(norm="rezero"))
+    gates = [n for n, _ in block.named_parameters() if "gate" in n]
+    assert gates == ["gate_attn", "gate_mlp"]
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in block.modules())
+    x = torch.randn(2, 16, 32)
+    assert torch.equal(block(x), x)
+
+
+def test_realformer_blocks_pass_scores_on():
+    block = Block(small(residual_attention=True))
+    x, scores = block(torch.randn(2, 16, 32))
+    assert scores.shape == (2, 4, 16, 16) and torch.isfinite(scores).all()
+    x2, scores2 = block((x, scores))
+    assert not torch.allclose(scores2, block((x, torch.zeros_like(scores)))[1])
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(position_embedding="sinusoid"), "model.position_embedding"),
+    (dict(residual="parallel", macaron=True), "model.macaron"),
+    (dict(norm="batchnorm"), "model.norm"),
+    (dict(attention_topk=0), "model.attention_topk"),
+    (dict(position_embedding="rotary", n_embd=36, n_head=4), "even head size"),
+])
+def test_combinations_that_make_no_sense_are_rejected(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("tiny", kw)
+
+
+def test_presets():
+    big = load_config("gptx-1b").model
+    assert (big.n_layer, big.n_embd, big.n_head, big.vocab_size, big.seq_len) == (20, 2048, 16, 22000, 1024)
+    assert big.norm == "rezero" and big.attention_topk and not big.tie_embeddings
+    assert load_config("gptx-1b").train.lr == 2e-4
+    from tests.test_config import unique_params
+    assert abs(unique_params(load_config("gpt-star-127")) / 1e6 - 127) < 1
+    assert abs(unique_params(load_config("gpt-star-303")) / 1e6 - 303) < 1
+
+
+ITERS = 4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("variants")
+    return tmp, make_token_dir(tmp / "data")
+
+
+def _args(tmp, data, name, model, pipe):
+    ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
+    return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(tmp / name),
+            "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS), "--eval-interval", "0",
+            "--lr", "3e-3", "--warmup-iters", "1", "--partition-method", "uniform"]
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("name", VARIANTS)
+def test_two_stages_match_one_stage_and_loss_falls(dist_world1, work, name):
+    from gptx.cli import run_pretrain
+    tmp, data = work
+    model = write_model_yaml(tmp / f"{name}.yaml", **VARIANTS[name])
+    assert run_pretrain(_args(tmp, data, f"{name}_1", model, 1)) == 0  # in this process, one stage
+    result = launch(2, _args(tmp, data, f"{name}_2", model, 2), cwd=tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = train_losses(tmp / f"{name}_1"), train_losses(tmp / f"{name}_2")
+    assert one.keys() == two.keys() == set(range(1, ITERS + 1))
+    assert max(abs(one[k] - two[k]) for k in one) < 1e-5
+    assert two[ITERS] < two[1]
