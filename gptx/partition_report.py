@@ -50,12 +50,18 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     btc = b * T * C * mem.act_bytes
     stage_input = b * T * 8 if stage == 0 else btc  # token ids, or the hidden states received
     other = btc * (len(names) - n_blocks)  # inputs kept by norms, position add and head
-    full = stage_input + other + n_blocks * BLOCK_ACTIVATIONS * btc
+    per_block = BLOCK_ACTIVATIONS * btc
+    if model.attention_topk is not None or model.residual_attention:
+        # The explicit score path keeps T x T per head: fp32 probabilities, their cast, the scores.
+        per_block += b * model.n_head * T * T * (4 + 2 * mem.act_bytes)
+    if model.residual_attention and stage > 0:
+        stage_input += b * model.n_head * T * T * mem.act_bytes  # scores arrive with the hidden states
+    full = stage_input + other + n_blocks * per_block
     interval = mem.checkpoint_interval or 1
     # Checkpointed: blocks keep only each group's input; one group is recomputed at a time.
     groups = -(-n_blocks // interval)
     ckpt = stage_input + other + groups * btc
-    recompute = min(interval, n_blocks) * BLOCK_ACTIVATIONS * btc
+    recompute = min(interval, n_blocks) * per_block
     is_last = stage == p - 1
     # Logits in the model's dtype, their fp32 copy for the loss, and log-softmax saved for backward;
     # 1F1B runs the last stage's backward right after its forward, so one micro-batch at a time.

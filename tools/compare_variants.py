@@ -1,0 +1,19 @@
+"""Train architecture variants on the same budget and print a table:
+python tools/compare_variants.py [--model tiny] [--iters 60] [--variants gpt2 alibi ...]"""
+import argparse
+import sys
+from pathlib import Path
+
+from gptx.variants import VARIANTS, compare, markdown_table
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--num-gpus", type=int, default=2, help="processes per run (pipeline stages)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", default="runs/compare")
+    args, extra = p.parse_known_args()
+    rows = compare(args.variants, args.model, args.iters, args.num_gpus, Path(args.out), extra)
+    print(markdown_table(rows))
+    sys.exit(0)
