@@ -117,16 +117,36 @@ def find_latest(load_dir: str | Path) -> tuple[str, dict]:
 
 
 def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> None:
-    """Refuse, before any heavy work, a checkpoint of another model shape or stage count."""
+    """Refuse, before any heavy work, a checkpoint of another model shape."""
     saved = meta.get("config", {}).get("model", {})
     current = cfg.to_dict()["model"]
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
              for k in current if k != "dropout" and saved.get(k) != current[k]]
     if diffs:
         raise CheckpointError(f"checkpoint '{where}' is of another model: " + "; ".join(diffs))
-    if meta.get("pipe_parallel_size") != pipe_size:
-        raise CheckpointError(f"checkpoint '{where}' was saved with {meta.get('pipe_parallel_size')} pipeline stages; "
-                              f"resume with --pipe-parallel-size {meta.get('pipe_parallel_size')}")
+
+
+def load_weights_only(engine, load_dir: str | Path, tag: str) -> None:
+    """Collective: this stage's layers from the layer files, for a checkpoint of another layout.
+
+    Layer files are per position in the LayerSpec list, so any stage count reads them. The
+    optimizer's own state is per stage and does not carry over: Adam's moments restart.
+    """
+    folder = Path(load_dir) / tag
+    module = engine.module
+    for local, layer in enumerate(module.forward_funcs):
+        if not hasattr(layer, "load_state_dict"):
+            continue  # the tied head: it is the embedding, synchronised below
+        file = layer_file(folder, local + module._local_start)
+        if not file.exists():
+            raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
+        layer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    module._synchronize_tied_weights()
+    # Mixed-precision optimizers keep fp32 master weights; refresh them from the loaded ones.
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+    elif hasattr(engine.optimizer, "_restore_from_bit16_weights"):
+        engine.optimizer._restore_from_bit16_weights()
 
 
 def load(engine, load_dir: str | Path, tag: str) -> dict:
@@ -139,3 +159,41 @@ def load(engine, load_dir: str | Path, tag: str) -> dict:
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest complete checkpoint) or a checkpoint folder -> the folder."""
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    tag, _ = find_latest(path)
+    return path / tag
+
+
+def config_from_meta(meta: dict) -> Config:
+    from gptx.config import ModelConfig, TrainConfig
+    saved = meta["config"]
+    return Config(model=ModelConfig(**saved["model"]), train=TrainConfig(**saved["train"]), name=saved["name"])
+
+
+def layer_file(folder: Path, idx: int) -> Path:
+    return folder / f"layer_{idx:02d}-model_states.pt"
+
+
+def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A training checkpoint (any stage count or precision) as the single-device GPT, plus its Config.
+
+    Each pipeline position has one layer file whatever the layout; the tied head has none
+    (it is the embedding), which the plain model shares by construction.
+    """
+    from gptx.model import GPT
+    folder = resolve_checkpoint(path)
+    cfg = config_from_meta(json.loads((folder / META).read_text()))
+    model = GPT(cfg.model, seed=cfg.train.seed)
+    for name, module in model.layers.items():
+        file = layer_file(folder, int(name))
+        if not file.exists():
+            raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model.to(dtype), cfg

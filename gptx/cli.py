@@ -125,6 +125,100 @@ def run_partition_report(argv: list[str] | None = None) -> int:
     return guarded(main)
 
 
+def _device(name: str | None) -> str:
+    import torch
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/sample.py", description="Generate text from a training checkpoint")
+    p.add_argument("--load", required=True, help="run directory (latest checkpoint) or a checkpoint folder")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="text, encoded with GPT-2 BPE")
+    prompt.add_argument("--prompt-ids", default=None, help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute every position each step (slower)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids and text")
+    return p
+
+
+def run_sample(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def main():
+        import json
+
+        from gptx.checkpoint import load_plain_model
+        from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding
+        from gptx.generate import generate
+        args = sample_parser().parse_args(argv)
+        model, cfg = load_plain_model(args.load)
+        model.to(_device(args.device))
+        gpt2 = cfg.model.vocab_size == GPT2_VOCAB_SIZE
+        enc = gpt2_encoding() if gpt2 else None
+        if args.prompt_ids is not None:
+            try:
+                prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+            except ValueError:
+                raise ConfigError(f"--prompt-ids '{args.prompt_ids}': expected comma-separated integers") from None
+        elif enc is not None:
+            prompt = enc.encode_ordinary(args.prompt or "") or [GPT2_EOT]
+        else:
+            raise ConfigError(f"--prompt needs GPT-2 BPE but this model has {cfg.model.vocab_size} tokens; "
+                              f"use --prompt-ids")
+        bad = [t for t in prompt if not 0 <= t < cfg.model.vocab_size]
+        if bad:
+            raise ConfigError(f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{cfg.model.vocab_size - 1})")
+        ids = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       stop_token=GPT2_EOT if gpt2 else None, use_cache=not args.no_cache)
+        text = enc.decode(ids) if enc is not None else None
+        print(json.dumps({"ids": ids, "text": text}) if args.json else (text if text is not None else ids))
+    return guarded(main)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/evaluate.py", description="Loss, perplexity and bits per byte")
+    p.add_argument("--load", required=True, help="run directory (latest checkpoint) or a checkpoint folder")
+    p.add_argument("--data", required=True, help="a .txt file, a .bin split, or a data directory (its val.bin)")
+    p.add_argument("--seq-len", type=int, default=None, help="context per window (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run_evaluate(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def main():
+        import json
+        import math
+
+        from gptx.checkpoint import load_plain_model
+        from gptx.evaluate import evaluate_tokens, load_eval_tokens
+        args = evaluate_parser().parse_args(argv)
+        model, cfg = load_plain_model(args.load)
+        model.to(_device(args.device))
+        tokens, n_bytes = load_eval_tokens(args.data, cfg.model.vocab_size)
+        result = evaluate_tokens(model, tokens, args.seq_len or cfg.model.seq_len, args.batch_size)
+        result["bits_per_byte"] = result["loss_sum_nats"] / math.log(2) / n_bytes if n_bytes else None
+        result["seq_len"] = args.seq_len or cfg.model.seq_len
+        if args.json:
+            print(json.dumps(result))
+        else:
+            bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
+            print(f"{result['tokens']:,} tokens at context {result['seq_len']}: loss {result['loss']:.4f}, "
+                  f"perplexity {result['perplexity']:.2f}{bpb}")
+    return guarded(main)
+
+
 def guarded(main) -> int:
     """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
     try:

@@ -52,9 +52,9 @@ class PositionEmbedding(nn.Module):
         nn.init.normal_(self.wpe.weight, mean=0.0, std=INIT_STD)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         T = x.size(1)
-        pos = torch.arange(T, device=x.device)
+        pos = torch.arange(start, start + T, device=x.device)
         return self.drop(x + self.wpe(pos))  # (B, T, C) + (T, C)
 
 
@@ -65,7 +65,7 @@ class EmbeddingDropout(nn.Module):
         super().__init__()
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.drop(x)
 
 
@@ -85,21 +85,39 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes)
 
 
-def alibi_bias(slopes: torch.Tensor, T: int) -> torch.Tensor:
-    """(nh, T, T) additive bias: -slope * distance to each earlier key (0 on the diagonal)."""
-    pos = torch.arange(T, device=slopes.device)
-    distance = (pos[None, :] - pos[:, None]).clamp(max=0)  # (T, T), key - query, <= 0
-    return slopes[:, None, None] * distance  # (nh, 1, 1) * (T, T)
+def alibi_bias(slopes: torch.Tensor, T: int, S: int | None = None) -> torch.Tensor:
+    """(nh, T, S) additive bias for the last T of S positions: -slope * distance to each earlier key."""
+    S = T if S is None else S
+    keys = torch.arange(S, device=slopes.device)
+    queries = torch.arange(S - T, S, device=slopes.device)
+    distance = (keys[None, :] - queries[:, None]).clamp(max=0)  # (T, S), key - query, <= 0
+    return slopes[:, None, None] * distance  # (nh, 1, 1) * (T, S)
 
 
-def rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (Su et al. 2021) on (B, nh, T, hd), rotating the two halves of hd."""
+def rotate(x: torch.Tensor, start: int = 0, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021) on (B, nh, T, hd) at positions start.., rotating halves of hd."""
     T, hd = x.size(-2), x.size(-1)
     inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)  # (hd/2,)
-    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, hd/2)
+    angles = torch.arange(start, start + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, hd/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for generation one token at a time."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)  # (B, nh, S, hd)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class CausalSelfAttention(nn.Module):
@@ -129,37 +147,43 @@ class CausalSelfAttention(nn.Module):
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), two per block.
         _init_linear(self.c_proj, INIT_STD / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x: torch.Tensor, prev_scores: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, prev_scores: torch.Tensor | None = None, cache: KVCache | None = None):
         B, T, C = x.size()
+        start = cache.length if cache is not None else 0  # tokens already seen (generation)
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
         if self.position == "rotary":
-            q, k = rotate(q), rotate(k)
-        bias = alibi_bias(self.slopes, T).to(q.dtype) if self.position == "alibi" else None
+            q, k = rotate(q, start), rotate(k, start)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, nh, start + T, hd)
+        S = k.size(2)
+        # Query i sits at position start + i and may see keys 0 .. start + i.
+        allowed = torch.arange(S, device=x.device)[None, :] <= torch.arange(start, S, device=x.device)[:, None]
+        bias = alibi_bias(self.slopes, T, S).to(q.dtype) if self.position == "alibi" else None  # (nh, T, S)
         scores = None
         if self.topk is None and not self.residual_attention:
             p = self.dropout if self.training else 0.0
-            if bias is None:
+            if bias is None and start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            elif bias is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
             else:
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                mask = bias.masked_fill(~causal, float("-inf"))  # (nh, T, T)
+                mask = bias.masked_fill(~allowed, float("-inf"))  # (nh, T, S)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if prev_scores is not None:
                 scores = scores + prev_scores
             logits = scores if bias is None else scores + bias
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            logits = logits.masked_fill(~causal, float("-inf"))
-            if self.topk is not None and self.topk < T:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            if self.topk is not None and self.topk < S:
                 # Keep each query's k largest allowed scores; rows with fewer allowed keys keep all.
                 kth = logits.topk(self.topk, dim=-1).values[..., -1:]  # (B, nh, T, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             att = self.attn_drop(F.softmax(logits.float(), dim=-1).to(v.dtype))
-            y = att @ v  # (B, nh, T, T) x (B, nh, T, hd) -> (B, nh, T, hd)
+            y = att @ v  # (B, nh, T, S) x (B, nh, S, hd) -> (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
         return self.resid_drop(self.c_proj(y)), (scores if self.residual_attention else None)
 
@@ -213,13 +237,13 @@ class Block(nn.Module):
     def _gated(gate: nn.Parameter | None, y: torch.Tensor) -> torch.Tensor:
         return y if gate is None else gate * y
 
-    def forward(self, inputs):
+    def forward(self, inputs, cache: KVCache | None = None):
         x, prev_scores = inputs if isinstance(inputs, tuple) else (inputs, None)
         half = 0.5 if self.macaron else 1.0
         if self.macaron:
             x = x + half * self._gated(self.gate_mlp_0, self.mlp_0(self.ln_0(x)))
         h = self.ln_1(x)
-        a, scores = self.attn(h, prev_scores)
+        a, scores = self.attn(h, prev_scores, cache)
         if self.parallel:
             x = x + self._gated(self.gate_attn, a) + self._gated(self.gate_mlp, self.mlp(h))
         else:

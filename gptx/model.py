@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from gptx.config import ModelConfig, n_pipeline_layers
-from gptx.layers import (Block, EmbeddingDropout, FinalNorm, LMHead, PositionEmbedding, TokenEmbedding,
+from gptx.layers import (Block, EmbeddingDropout, FinalNorm, KVCache, LMHead, PositionEmbedding, TokenEmbedding,
                          tied_logits)
 
 EMBEDDING_KEY = "embed"
@@ -108,8 +108,23 @@ class GPT(nn.Module):
                 self.layers[str(idx)] = spec.build()
                 self._forward_fns.append(self.layers[str(idx)])
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = idx  # (B, T) token ids -> ... -> (B, T, V) logits
-        for fn in self._forward_fns:
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) logits. With `caches` (one per block, from new_caches()),
+        idx holds only the tokens after those already cached."""
+        if caches is None:
+            x = idx
+            for fn in self._forward_fns:
+                x = fn(x)
+            return x
+        start = caches[0].length
+        x = self._forward_fns[0](idx)
+        x = self._forward_fns[1](x, start=start)
+        blocks = self._forward_fns[2:2 + self.cfg.n_layer]
+        for block, cache in zip(blocks, caches):
+            x = block(x, cache=cache)
+        for fn in self._forward_fns[2 + self.cfg.n_layer:]:
             x = fn(x)
         return x
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in range(self.cfg.n_layer)]

@@ -65,6 +65,7 @@ class Plan:
     data_dir: Path
     resume_tag: str | None
     accelerator: str
+    resume_meta: dict | None = None
 
 
 def plan_run(cfg: Config, paths: RunPaths) -> Plan:
@@ -80,11 +81,11 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
                              path=ds_path)
     data_dir = Path(paths.data) if paths.data else default_data_dir()
     check_data(data_dir, cfg.model.vocab_size, cfg.model.seq_len)
-    tag = None
+    tag, meta = None, None
     if paths.load:
         tag, meta = checkpoint.find_latest(paths.load)
         checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
-    return Plan(cfg, ds_config, ds_path, layout, data_dir, tag, accelerator)
+    return Plan(cfg, ds_config, ds_path, layout, data_dir, tag, accelerator, meta)
 
 
 def _set_threads(accelerator: str) -> int:
@@ -229,7 +230,16 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
 
     iteration, consumed = 0, 0
     if plan.resume_tag:
-        state = checkpoint.load(engine, paths.load, plan.resume_tag)
+        saved_pp = plan.resume_meta.get("pipe_parallel_size")
+        if saved_pp == t.pipe_parallel_size:
+            state = checkpoint.load(engine, paths.load, plan.resume_tag)
+        else:
+            checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
+            state = plan.resume_meta
+            engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
+            log(f"warning: the checkpoint has {saved_pp} pipeline stages and this run {t.pipe_parallel_size}: "
+                f"weights, iteration, data position and LR schedule carry over exactly; the optimizer's "
+                f"moments (per-stage state) restart from zero")
         iteration, consumed = state["iteration"], state["consumed_samples"]
         log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, "
             f"{consumed * cfg.model.seq_len:,} tokens seen")
@@ -285,7 +295,8 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}")
         if last or exiting or (t.save_interval and iteration % t.save_interval == 0):
             progress = {"iteration": iteration, "consumed_samples": consumed,
-                        "tokens": consumed * cfg.model.seq_len}
+                        "tokens": consumed * cfg.model.seq_len, "lr_steps": engine.lr_scheduler.steps,
+                        "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size}
             folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
             saved_at = iteration
             drift = tied_weight_max_diff(model)

@@ -1,0 +1,69 @@
+"""Loss, perplexity and bits per byte of a model on a text file or a token file."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptx.data import gpt2_encoding, open_tokens, read_meta
+from gptx.errors import DataError
+from gptx.model import GPT
+
+
+def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int | None]:
+    """(token ids, UTF-8 byte count or None) from a .txt file, a .bin split, or a data directory (its val.bin)."""
+    path = Path(path)
+    if path.is_dir():
+        return open_tokens(path, "val"), _byte_count(open_tokens(path, "val"), read_meta(path))
+    if not path.exists():
+        raise DataError(f"--data '{path}': no such file or directory")
+    if path.suffix == ".bin":
+        meta = read_meta(path.parent)
+        tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        return tokens, _byte_count(tokens, meta)
+    text = path.read_text(encoding="utf-8")
+    if vocab_size < 50257:
+        raise DataError(f"--data '{path}': text needs GPT-2 BPE, but the model's vocabulary has {vocab_size} tokens")
+    return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8"))
+
+
+def _byte_count(tokens: np.ndarray, meta: dict) -> int | None:
+    if meta.get("vocab_size") != 50257 or meta.get("tokenizer", "gpt2") != "gpt2":
+        return None
+    return len(gpt2_encoding().decode_bytes(np.asarray(tokens, dtype=np.int64).tolist()))
+
+
+@torch.no_grad()
+def evaluate_tokens(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int = 8) -> dict:
+    """Token-weighted loss over the whole stream in consecutive windows of seq_len predictions."""
+    cfg = model.cfg
+    if cfg.position_embedding == "learned" and seq_len > cfg.seq_len:
+        raise DataError(f"--seq-len {seq_len}: this model's learned positions end at {cfg.seq_len}; "
+                        f"only alibi, rotary or none positions evaluate longer contexts")
+    if len(tokens) < 2:
+        raise DataError("evaluation data holds fewer than 2 tokens")
+    if int(np.max(tokens)) >= cfg.vocab_size:
+        raise DataError(f"evaluation data has token id {int(np.max(tokens))}, outside the vocabulary ({cfg.vocab_size})")
+    model.eval()
+    device = next(model.parameters()).device
+    full = (len(tokens) - 1) // seq_len
+    windows = [(w * seq_len, seq_len) for w in range(full)]
+    if len(tokens) - 1 - full * seq_len > 0:  # the tail, shorter than a window
+        windows.append((full * seq_len, len(tokens) - 1 - full * seq_len))
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        group = [w for w in windows[i:i + batch_size] if w[1] == windows[i][1]]
+        rest = windows[i + len(group):i + batch_size]
+        for chunk in (group, rest):
+            if not chunk:
+                continue
+            rows = np.stack([np.asarray(tokens[s:s + n + 1], dtype=np.int64) for s, n in chunk])
+            batch = torch.from_numpy(rows).to(device)  # (B, n + 1)
+            logits = model(batch[:, :-1])  # (B, n, V)
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80)), "tokens": count, "loss_sum_nats": total}

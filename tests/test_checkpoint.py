@@ -1,0 +1,76 @@
+"""Checkpoints leave the pipeline: the plain model, another stage count, the tools that read them."""
+import json
+
+import numpy as np
+import pytest
+
+from gptx.checkpoint import load_plain_model
+from gptx.cli import run_evaluate, run_pretrain, run_sample
+from gptx.data import open_tokens
+from gptx.evaluate import evaluate_tokens
+from tests.conftest import launch, make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    return tmp, make_token_dir(tmp / "data"), write_model_yaml(tmp / "model.yaml"), \
+        write_ds_config(tmp / "ds.json", micro=2, accum=2)
+
+
+def args(work, save, pipe, iters, *extra):
+    tmp, data, model, ds = work
+    return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(save),
+            "--pipe-parallel-size", str(pipe), "--train-iters", str(iters), "--eval-interval", "3",
+            "--eval-iters", "2", "--lr", "3e-3", "--warmup-iters", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_stage_run(dist_world1, work):
+    run = work[0] / "one"
+    assert run_pretrain(args(work, run, 1, 6)) == 0
+    return run
+
+
+def test_plain_model_reproduces_the_engines_val_loss(work, one_stage_run):
+    model, cfg = load_plain_model(one_stage_run)
+    val = open_tokens(work[1], "val")
+    n = 2 * 2 * 2  # eval_iters x micro-batches x micro-batch size windows, in order
+    result = evaluate_tokens(model, val[:n * 32 + 1], 32)
+    engine_val = [r["val_loss"] for r in read_metrics(one_stage_run) if "val_loss" in r][-1]
+    assert result["loss"] == pytest.approx(engine_val, abs=1e-5)
+    assert result["tokens"] == n * 32
+
+
+def test_evaluate_and_sample_tools(work, one_stage_run, capsys):
+    assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1] / "val.bin"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == len(open_tokens(work[1], "val")) - 1 and result["perplexity"] > 1
+    assert run_sample(["--load", str(one_stage_run), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                       "--greedy", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"][:3] == [1, 2, 3] and len(out["ids"]) == 8 and out["text"] is None  # 256-token vocabulary
+    assert run_sample(["--load", str(one_stage_run), "--prompt-ids", "1,999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_context_beyond_learned_positions(one_stage_run, work, capsys):
+    assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), "--seq-len", "64"]) == 2
+    assert "learned positions end at 32" in capsys.readouterr().err
+
+
+@pytest.mark.launcher
+def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run):
+    run = work[0] / "relayout"
+    assert run_pretrain(args(work, run, 1, 6, "--exit-interval", "3")) == 0  # 1 stage, iterations 1-3
+    result = launch(2, args(work, run, 2, 6, "--load", str(run), "--exit-interval", "5"), cwd=work[0])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "optimizer's moments" in result.stdout  # the warning about what does not carry over
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run))) == 0  # back to 1 stage for iteration 6
+    full, resumed = train_losses(one_stage_run), train_losses(run)
+    assert resumed.keys() == full.keys()
+    # Iteration 4's loss is computed by the weights after step 3: exact across the change of layout.
+    assert resumed[4] == pytest.approx(full[4], abs=1e-5)
+    assert all(abs(resumed[i] - full[i]) < 0.1 for i in (5, 6))  # Adam restarts; the loss carries on
+    lrs = {r["iter"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    assert lrs == {r["iter"]: r["lr"] for r in read_metrics(one_stage_run) if "lr" in r}

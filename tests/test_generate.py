@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from gptx.config import ModelConfig
+from gptx.generate import generate
+from gptx.model import GPT
+from gptx.variants import VARIANTS
+
+SMALL = dict(vocab_size=97, seq_len=32, n_layer=3, n_head=4, n_embd=32)
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS])
+def test_cached_generation_equals_full_recomputation(name):
+    model = GPT(ModelConfig(**{**SMALL, **VARIANTS[name]}), seed=0)
+    for gate in (p for n, p in model.named_parameters() if "gate" in n):
+        torch.nn.init.constant_(gate, 0.5)
+    prompt = [5, 17, 3, 44]
+    fast = generate(model, prompt, 20, greedy=True, use_cache=True)
+    slow = generate(model, prompt, 20, greedy=True, use_cache=False)
+    assert fast == slow and fast[:4] == prompt and len(fast) == 24
+    # and the cached logits themselves match
+    caches = model.new_caches()
+    ids = torch.tensor([fast])
+    step = torch.cat([model(ids[:, :10], caches)] + [model(ids[:, i:i + 1], caches) for i in range(10, 24)], dim=1)
+    assert torch.allclose(step, model(ids), atol=1e-5)
+
+
+def test_sampling_is_seeded_and_stops_at_the_stop_token():
+    model = GPT(ModelConfig(**SMALL), seed=0)
+    a = generate(model, [1, 2], 15, temperature=1.0, top_k=10, top_p=0.9, seed=3)
+    b = generate(model, [1, 2], 15, temperature=1.0, top_k=10, top_p=0.9, seed=3)
+    assert a == b
+    stop = a[2]  # the first token sampled becomes the stop token
+    assert generate(model, [1, 2], 15, temperature=1.0, top_k=10, top_p=0.9, seed=3, stop_token=stop) == [1, 2, stop]
+
+
+def test_learned_positions_stop_at_the_context_length():
+    model = GPT(ModelConfig(**SMALL), seed=0)
+    assert len(generate(model, [1] * 30, 10, greedy=True)) == 32
