@@ -195,5 +195,28 @@ def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32):
         if not file.exists():
             raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
         state = torch.load(file, map_location="cpu", weights_only=True)
-        module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        try:
+            module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint file '{file}' does not fit layer {name} of the model in "
+                                  f"{META}: {str(e).splitlines()[-1].strip()}") from None
     return model.to(dtype), cfg
+
+
+def save_weights_only(layers: dict[int, dict[str, torch.Tensor]], cfg: Config, out: str | Path,
+                      source: str) -> Path:
+    """A checkpoint holding only layer files (e.g. converted weights) that --load starts from.
+
+    Training from it starts at iteration 0 with a fresh optimizer; tools read it like any other.
+    """
+    out = Path(out)
+    tag = tag_for(0)
+    folder = out / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    for idx, state in layers.items():
+        atomic_write(layer_file(folder, idx), _torch_bytes({k: v.contiguous() for k, v in state.items()}))
+    meta = {"config": cfg.to_dict(), "weights_only": True, "source": source, "pipe_parallel_size": None,
+            "iteration": 0, "consumed_samples": 0, "tokens": 0, "lr_steps": 0, "code_version": code_version()}
+    atomic_write(folder / META, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(out / LATEST, tag.encode())
+    return folder

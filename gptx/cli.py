@@ -219,6 +219,35 @@ def run_evaluate(argv: list[str] | None = None) -> int:
     return guarded(main)
 
 
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/convert.py",
+                                description="gptx checkpoint <-> Hugging Face GPT-2 directory (config.json + "
+                                            "model.safetensors)")
+    p.add_argument("--load", help="gptx run directory or checkpoint folder to export")
+    p.add_argument("--to-hf", help="output directory for the Hugging Face model")
+    p.add_argument("--from-hf", help="local Hugging Face GPT-2 directory to import")
+    p.add_argument("--save", help="output gptx run directory (a weights-only checkpoint)")
+    return p
+
+
+def run_convert(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def main():
+        from gptx.checkpoint import load_plain_model, save_weights_only
+        from gptx.hf import from_hf, to_hf
+        args = convert_parser().parse_args(argv)
+        if args.load and args.to_hf and not (args.from_hf or args.save):
+            model, cfg = load_plain_model(args.load)
+            print(f"wrote {to_hf(model, cfg, args.to_hf)}")
+        elif args.from_hf and args.save and not (args.load or args.to_hf):
+            layers, cfg = from_hf(args.from_hf)
+            print(f"wrote {save_weights_only(layers, cfg, args.save, source=str(args.from_hf))}")
+        else:
+            raise ConfigError("use either --load DIR --to-hf OUT, or --from-hf SRC --save DIR")
+    return guarded(main)
+
+
 def guarded(main) -> int:
     """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
     try:

@@ -231,7 +231,12 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     iteration, consumed = 0, 0
     if plan.resume_tag:
         saved_pp = plan.resume_meta.get("pipe_parallel_size")
-        if saved_pp == t.pipe_parallel_size:
+        if plan.resume_meta.get("weights_only"):
+            checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
+            state = plan.resume_meta
+            log(f"starting from the weights of {plan.resume_meta.get('source', 'a weights-only checkpoint')}; "
+                f"the optimizer starts fresh")
+        elif saved_pp == t.pipe_parallel_size:
             state = checkpoint.load(engine, paths.load, plan.resume_tag)
         else:
             checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)

@@ -1,0 +1,127 @@
+"""Hugging Face GPT-2 directories (config.json + model.safetensors) to and from gptx.
+
+Safetensors is a small format (an 8-byte header length, a JSON header, raw little-endian
+tensor bytes), read and written here without the package. GPT-2 stores its projections as
+Conv1D, (in, out), where nn.Linear is (out, in): those weights are transposed.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptx.config import Config, ModelConfig, TrainConfig
+from gptx.errors import CheckpointError, ConfigError
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    header, offset, blobs = {}, 0, []
+    names = {v: k for k, v in DTYPES.items()}
+    for name, t in tensors.items():
+        data = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for blob in blobs:
+            f.write(blob)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        buf = np.frombuffer(raw, dtype=np.uint8, count=end - start, offset=8 + n + start).copy()
+        out[name] = torch.from_numpy(buf).view(DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def check_expressible(m: ModelConfig) -> None:
+    variant = {k: getattr(m, k) for k in ("position_embedding", "residual", "norm", "macaron",
+                                          "residual_attention", "attention_topk")}
+    plain = {"position_embedding": "learned", "residual": "sequential", "norm": "layernorm", "macaron": False,
+             "residual_attention": False, "attention_topk": None}
+    differs = [f"{k}: {v}" for k, v in variant.items() if plain[k] != v]
+    if differs or not m.bias:
+        raise ConfigError("Hugging Face GPT-2 cannot express this model (" + ", ".join(differs or ["bias: false"])
+                          + "); only the plain GPT-2 architecture converts")
+
+
+def to_hf(model, cfg: Config, out: str | Path) -> Path:
+    """Write config.json and model.safetensors for transformers' GPT2LMHeadModel."""
+    m = cfg.model
+    check_expressible(m)
+    L = m.n_layer
+    sd = {}
+    for name, t in model.layers["0"].state_dict().items():
+        sd["transformer." + name] = t  # wte.weight
+    sd["transformer.wpe.weight"] = model.layers["1"].wpe.weight
+    for i in range(L):
+        for name, t in model.layers[str(2 + i)].state_dict().items():
+            sd[f"transformer.h.{i}.{name}"] = t.t() if name in CONV1D else t
+    for name, t in model.layers[str(2 + L)].state_dict().items():
+        sd["transformer." + name] = t  # ln_f
+    if not m.tie_embeddings:
+        sd["lm_head.weight"] = model.layers[str(3 + L)].lm_head.weight
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors({k: v.detach().float().contiguous() for k, v in sd.items()}, out / "model.safetensors")
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
+                 "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
+                 "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                 "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
+                 "tie_word_embeddings": m.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
+                 "torch_dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return out
+
+
+def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:
+    """A local HF GPT-2 directory -> per-layer-position state dicts and the gptx Config."""
+    src = Path(src)
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"--from-hf '{src}': no readable config.json") from None
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"--from-hf '{src}': activation {hf['activation_function']} is not GPT-2's tanh GELU")
+    if (src / "model.safetensors").exists():
+        sd = read_safetensors(src / "model.safetensors")
+    elif (src / "pytorch_model.bin").exists():
+        sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"--from-hf '{src}': neither model.safetensors nor pytorch_model.bin")
+    sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
+    tied = hf.get("tie_word_embeddings", True)
+    m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
+                    n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied)
+    L = m.n_layer
+    try:
+        layers = {0: {"wte.weight": sd["wte.weight"]}, 1: {"wpe.weight": sd["wpe.weight"]},
+                  2 + L: {"ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}}
+        for i in range(L):
+            prefix = f"h.{i}."
+            block = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            for buffer in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of older files
+                block.pop(buffer, None)
+            layers[2 + i] = {k: (v.t().contiguous() if k in CONV1D else v) for k, v in block.items()}
+        if not tied:
+            layers[3 + L] = {"lm_head.weight": sd["lm_head.weight"]}
+    except KeyError as e:
+        raise CheckpointError(f"--from-hf '{src}': missing tensor {e.args[0]}") from None
+    return layers, Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")

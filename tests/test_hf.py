@@ -1,0 +1,97 @@
+"""Hugging Face GPT-2 format: exact round trips, an independent reading of the exported tensors, imports."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptx.checkpoint import load_plain_model, save_weights_only
+from gptx.cli import run_convert, run_pretrain
+from gptx.config import Config, ModelConfig
+from gptx.data import TokenWindows, open_tokens
+from gptx.hf import read_safetensors
+from gptx.model import GPT
+from tests.conftest import MICRO_MODEL, make_token_dir, read_metrics, write_ds_config, write_model_yaml
+
+CFG = ModelConfig(**MICRO_MODEL)
+
+
+def save_model(model, path):
+    layers = {int(name): module.state_dict() for name, module in model.layers.items()}
+    save_weights_only(layers, Config(model=model.cfg), path, source="test")
+
+
+def gpt2_reference(sd: dict, hf: dict, idx: torch.Tensor) -> torch.Tensor:
+    """GPT-2's forward written against Hugging Face's tensor names and Conv1D (x @ W + b) layout."""
+    C, nh = hf["n_embd"], hf["n_head"]
+    T = idx.size(1)
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(hf["n_layer"]):
+        p = f"transformer.h.{i}."
+        h = F.layer_norm(x, (C,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], 1e-5)
+        q, k, v = (h @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]).split(C, dim=-1)
+        q, k, v = (t.view(1, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2) / math.sqrt(C // nh)).masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(1, T, C)
+        x = x + y @ sd[p + "attn.c_proj.weight"] + sd[p + "attn.c_proj.bias"]
+        h = F.layer_norm(x, (C,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], 1e-5)
+        h = F.gelu(h @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"], approximate="tanh")
+        x = x + h @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
+    x = F.layer_norm(x, (C,), sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"], 1e-5)
+    return x @ sd.get("lm_head.weight", sd["transformer.wte.weight"]).T
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_is_exact_and_the_export_reads_as_gpt2(tmp_path, tied):
+    model = GPT(ModelConfig(**{**MICRO_MODEL, "tie_embeddings": tied}), seed=4).eval()
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]) == 0
+    back, _ = load_plain_model(tmp_path / "back")
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+    idx = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(model(idx), back.eval()(idx))
+        hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        reference = gpt2_reference(read_safetensors(tmp_path / "hf" / "model.safetensors"), hf_cfg, idx)
+        assert torch.allclose(reference, model(idx), atol=1e-5)
+    assert hf_cfg["tie_word_embeddings"] is tied and hf_cfg["activation_function"] == "gelu_new"
+
+
+def test_pytorch_model_bin_with_mask_buffers_imports(tmp_path):
+    model = GPT(CFG, seed=1).eval()
+    save_model(model, tmp_path / "run")
+    run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")])
+    sd = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    sd["transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()  # as older GPT-2 files carry
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "hf" / "pytorch_model.bin")
+    assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]) == 0
+    back, _ = load_plain_model(tmp_path / "back")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_variants_gpt2_cannot_express_are_refused(tmp_path, capsys):
+    save_model(GPT(ModelConfig(**{**MICRO_MODEL, "position_embedding": "alibi"}), seed=0), tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 2
+    assert "cannot express this model (position_embedding: alibi)" in capsys.readouterr().err
+
+
+def test_training_continues_from_imported_weights(dist_world1, tmp_path):
+    model = GPT(CFG, seed=9).eval()
+    save_model(model, tmp_path / "hf_run")
+    data = make_token_dir(tmp_path / "data")
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=2)
+    yaml = write_model_yaml(tmp_path / "model.yaml")
+    assert run_pretrain(["--model", str(yaml), "--data", str(data), "--deepspeed_config", str(ds),
+                         "--load", str(tmp_path / "hf_run"), "--save", str(tmp_path / "cont"),
+                         "--pipe-parallel-size", "1", "--train-iters", "2", "--eval-interval", "0"]) == 0
+    first = [r for r in read_metrics(tmp_path / "cont") if "loss" in r][0]
+    windows = TokenWindows(open_tokens(data, "train"), 32, 2, seed=1234)
+    with torch.no_grad():  # the first loss is the imported weights' loss on the first batch
+        expected = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                       for x, y in (next(windows) for _ in range(2))) / 2
+    assert first["loss"] == pytest.approx(expected, abs=1e-5)
