@@ -323,7 +323,21 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         # Tear down together: a rank exiting while gloo threads still run can abort ("terminate called").
         dist.barrier()
         dist.destroy_process_group()
+        release_shared_memory()
     return run_dir
+
+
+def release_shared_memory(port: str | None = None) -> None:
+    """Remove the /dev/shm buffers DeepSpeed's CPU all-reduce made for this run.
+
+    DeepSpeed 0.19's CPU backend leaves one per rank, named after the master port, behind
+    every run; on a machine that launches many runs they fill shared memory.
+    """
+    port = port or os.environ.get("MASTER_PORT")
+    if not port or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    for buf in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        buf.unlink(missing_ok=True)
 
 
 def _console_line(r: dict) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+from gptx.train import release_shared_memory
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A model small enough that a launcher test trains several steps in seconds.
@@ -61,7 +63,10 @@ def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300) -> subpr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    finally:
+        release_shared_memory(cmd[4])  # also after a crash
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -83,3 +88,4 @@ def dist_world1():
                           LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     yield
+    release_shared_memory(os.environ["MASTER_PORT"])
