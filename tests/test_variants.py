@@ -8,20 +8,12 @@ from gptx.config import ModelConfig, load_config
 from gptx.errors import ConfigError
 from gptx.layers import Block, CausalSelfAttention, alibi_slopes
 from gptx.model import GPT
+from gptx.variants import VARIANTS as BASE_VARIANTS
 from tests.conftest import MICRO_MODEL, launch, make_token_dir, train_losses, write_ds_config, write_model_yaml
 
-VARIANTS = {
-    "alibi": dict(position_embedding="alibi"),
-    "rotary": dict(position_embedding="rotary"),
-    "nopos": dict(position_embedding="none"),
-    "parallel": dict(residual="parallel"),
-    "rezero": dict(norm="rezero"),
-    "macaron": dict(macaron=True),
-    "realformer": dict(residual_attention=True),
-    "topk": dict(attention_topk=3),
-    "gptx1b_like": dict(norm="rezero", attention_topk=4, tie_embeddings=False),
-    "star_like": dict(position_embedding="alibi", residual="parallel", residual_attention=True),
-}
+VARIANTS = {name: keys for name, keys in BASE_VARIANTS.items() if keys}  # every key, alone
+VARIANTS.update(gptx1b_like=dict(norm="rezero", attention_topk=4, tie_embeddings=False),
+                star_like=dict(position_embedding="alibi", residual="parallel", residual_attention=True))
 SMALL = dict(vocab_size=97, seq_len=16, n_layer=3, n_head=4, n_embd=32)
 
 
