@@ -180,27 +180,108 @@ def layer_file(folder: Path, idx: int) -> Path:
     return folder / f"layer_{idx:02d}-model_states.pt"
 
 
-def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32, master_weights: bool = False):
     """A training checkpoint (any stage count or precision) as the single-device GPT, plus its Config.
 
     Each pipeline position has one layer file whatever the layout; the tied head has none
-    (it is the embedding), which the plain model shares by construction.
+    (it is the embedding), which the plain model shares by construction. With
+    `master_weights`, a fp16/bf16 run's weights come from the optimizer's fp32 copies
+    instead of the half-precision layer files (a fp32 run's layer files already are them).
     """
     from gptx.model import GPT
     folder = resolve_checkpoint(path)
-    cfg = config_from_meta(json.loads((folder / META).read_text()))
+    meta = json.loads((folder / META).read_text())
+    cfg = config_from_meta(meta)
     model = GPT(cfg.model, seed=cfg.train.seed)
+    masters = fp32_master_weights(folder, meta, cfg) if master_weights else None
     for name, module in model.layers.items():
         file = layer_file(folder, int(name))
-        if not file.exists():
+        if masters is not None:
+            state = masters[int(name)]
+        elif not file.exists():
             raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
         try:
             module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint file '{file}' does not fit layer {name} of the model in "
                                   f"{META}: {str(e).splitlines()[-1].strip()}") from None
     return model.to(dtype), cfg
+
+
+def _stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int, str, torch.Size]]]:
+    """(layer index, key in its layer file, shape) of one stage's parameters, per optimizer group.
+
+    The order DeepSpeed flattens them in: the stage module's parameters() (the tied
+    embedding's module first, then the other layers by index), split into gptx's two
+    param_groups (matrices, then vectors).
+    """
+    from gptx.model import layer_specs
+    from deepspeed.pipe import TiedLayerSpec
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    tied, rest = [], []
+    for idx in stage_layers:
+        spec = specs[idx]
+        with torch.device("meta"):
+            module = spec.build()
+        named = [(idx, k, p.shape) for k, p in module.named_parameters()]
+        if isinstance(spec, TiedLayerSpec):
+            tied = tied or [(0, k, shape) for _, k, shape in named]  # the head's weights are layer 0's
+        else:
+            rest += named
+    ordered = tied + rest
+    groups = [[x for x in ordered if len(x[2]) >= 2], [x for x in ordered if len(x[2]) < 2]]
+    return [g for g in groups if g]
+
+
+def _flat_fp32_groups(folder: Path, stage: int, dp_size: int) -> list[torch.Tensor] | None:
+    """One stage's fp32 master weights as DeepSpeed saved them: one flat tensor per group."""
+    zero = sorted(folder.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
+    if zero:  # ZeRO-1: each data-parallel rank holds a slice of every group, in rank order
+        prefix = zero[0].name.split("zero_pp_rank_")[0]
+        files = [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp_size)]
+        slices = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                  ["single_partition_of_fp32_groups"] for f in files]
+        return [torch.cat([s[g] for s in slices]) for g in range(len(slices[0]))]
+    states = torch.load(folder / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu", weights_only=False)
+    flat = (states.get("optimizer") or {}).get("fp32_groups_flat")  # fp16 without ZeRO
+    return list(flat) if flat is not None else None
+
+
+def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Layer index -> state dict from the optimizer's fp32 master copies, or None when the run was fp32.
+
+    Reads each stage's flat groups and cuts them along the stage's parameter order; the tied
+    embedding is taken from the first stage (its copies are kept equal).
+    """
+    from gptx.pipeline import layer_compute_weights, partition
+    from gptx.model import layer_specs
+    ds = meta.get("ds_config", {})
+    if not (ds.get("fp16", {}).get("enabled") or ds.get("bf16", {}).get("enabled")):
+        return None
+    pp, dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
+    if not pp or not dp:
+        raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only): no master weights")
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    parts = partition(specs, cfg.train.partition_method, pp, layer_compute_weights(cfg, specs))
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for stage in range(pp):
+        flat = _flat_fp32_groups(folder, stage, dp)
+        order = _stage_param_order(cfg, range(parts[stage], parts[stage + 1]))
+        if flat is None or len(flat) != len(order):
+            raise CheckpointError(f"checkpoint '{folder}': no fp32 master weights found for stage {stage} "
+                                  f"(expected DeepSpeed's ZeRO-1 or fp16 optimizer files)")
+        for group, entries in zip(flat, order):
+            offset = 0
+            for idx, key, shape in entries:
+                n = shape.numel()
+                layers.setdefault(idx, {}).setdefault(key, group[offset:offset + n].view(shape).clone())
+                offset += n
+            if offset > group.numel():
+                raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s fp32 weights are shorter than "
+                                      f"the model in {META}")
+    return layers
 
 
 def save_weights_only(layers: dict[int, dict[str, torch.Tensor]], cfg: Config, out: str | Path,

@@ -15,6 +15,7 @@ TRAIN_FLAGS = {
     "train_iters": int, "seed": int, "pipe_parallel_size": int, "save_interval": int, "exit_interval": int,
     "eval_interval": int, "eval_iters": int, "log_interval": int, "lr": float, "min_lr": float,
     "warmup_iters": int, "partition_method": str, "activation_checkpoint_interval": int, "wandb_project": str,
+    "sample_tokens": int, "sample_prompt": str,
 }
 
 
@@ -143,6 +144,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (slower)")
+    p.add_argument("--master-weights", action="store_true",
+                   help="take a fp16/bf16 run's weights from the optimizer's fp32 master copies")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and text")
     return p
@@ -158,7 +161,7 @@ def run_sample(argv: list[str] | None = None) -> int:
         from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding
         from gptx.generate import generate
         args = sample_parser().parse_args(argv)
-        model, cfg = load_plain_model(args.load)
+        model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
         model.to(_device(args.device))
         gpt2 = cfg.model.vocab_size == GPT2_VOCAB_SIZE
         enc = gpt2_encoding() if gpt2 else None
@@ -189,6 +192,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a .txt file, a .bin split, or a data directory (its val.bin)")
     p.add_argument("--seq-len", type=int, default=None, help="context per window (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--master-weights", action="store_true",
+                   help="take a fp16/bf16 run's weights from the optimizer's fp32 master copies")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     return p
@@ -204,7 +209,7 @@ def run_evaluate(argv: list[str] | None = None) -> int:
         from gptx.checkpoint import load_plain_model
         from gptx.evaluate import evaluate_tokens, load_eval_tokens
         args = evaluate_parser().parse_args(argv)
-        model, cfg = load_plain_model(args.load)
+        model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
         model.to(_device(args.device))
         tokens, n_bytes = load_eval_tokens(args.data, cfg.model.vocab_size)
         result = evaluate_tokens(model, tokens, args.seq_len or cfg.model.seq_len, args.batch_size)
@@ -227,6 +232,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-hf", help="output directory for the Hugging Face model")
     p.add_argument("--from-hf", help="local Hugging Face GPT-2 directory to import")
     p.add_argument("--save", help="output gptx run directory (a weights-only checkpoint)")
+    p.add_argument("--master-weights", action="store_true",
+                   help="take a fp16/bf16 run's weights from the optimizer's fp32 master copies")
     return p
 
 
@@ -238,7 +245,7 @@ def run_convert(argv: list[str] | None = None) -> int:
         from gptx.hf import from_hf, to_hf
         args = convert_parser().parse_args(argv)
         if args.load and args.to_hf and not (args.from_hf or args.save):
-            model, cfg = load_plain_model(args.load)
+            model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
             print(f"wrote {to_hf(model, cfg, args.to_hf)}")
         elif args.from_hf and args.save and not (args.load or args.to_hf):
             layers, cfg = from_hf(args.from_hf)

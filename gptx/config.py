@@ -90,6 +90,10 @@ class TrainConfig:
     """Recompute activations every this many layers in backward (0: off)."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (offline when no credentials are set)."""
+    sample_tokens: int = 0
+    """At each evaluation, print a sample of this many new tokens from the model (0: off)."""
+    sample_prompt: str = ""
+    """Text the samples start from (GPT-2 BPE); empty starts from end-of-text."""
 
 
 # Presets hold model keys plus an optional "train" mapping.
@@ -295,7 +299,7 @@ def validate(cfg: Config) -> None:
     if t.min_lr is not None and not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr: must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
     for key in ("warmup_iters", "eval_interval", "save_interval", "exit_interval", "seed",
-                "activation_checkpoint_interval"):
+                "activation_checkpoint_interval", "sample_tokens"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     for key in ("eval_iters", "log_interval", "pipe_parallel_size"):

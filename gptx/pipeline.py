@@ -101,13 +101,18 @@ def count_layer_params(specs: list[LayerSpec]) -> list[int]:
     return counts
 
 
+def layer_compute_weights(cfg: Config, specs: list[LayerSpec]) -> list[float]:
+    """Per-layer weights of the 'compute' partition: model FLOPs per token."""
+    return [layer_flops_per_token(spec, cfg.model) for spec in specs]
+
+
 def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     """The PipelineModule for this rank (torch.distributed must be initialized)."""
     t = cfg.train
     specs = layer_specs(cfg.model, t.seed if seed is None else seed)
     return GPTPipe(
         layers=specs,
-        compute_weights=[layer_flops_per_token(spec, cfg.model) for spec in specs],
+        compute_weights=layer_compute_weights(cfg, specs),
         num_stages=t.pipe_parallel_size,
         loss_fn=lm_loss,
         partition_method=t.partition_method,

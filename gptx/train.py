@@ -66,6 +66,8 @@ class Plan:
     resume_tag: str | None
     accelerator: str
     resume_meta: dict | None = None
+    encoding: object | None = None
+    """GPT-2 BPE for training-time samples (None: print ids, or samples off)."""
 
 
 def plan_run(cfg: Config, paths: RunPaths) -> Plan:
@@ -85,7 +87,15 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     if paths.load:
         tag, meta = checkpoint.find_latest(paths.load)
         checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
-    return Plan(cfg, ds_config, ds_path, layout, data_dir, tag, accelerator, meta)
+    encoding = None
+    if cfg.train.sample_tokens:
+        from gptx.data import GPT2_VOCAB_SIZE, gpt2_encoding
+        if cfg.model.vocab_size == GPT2_VOCAB_SIZE:
+            encoding = gpt2_encoding()
+        elif cfg.train.sample_prompt:
+            raise ConfigError(f"train.sample_prompt is text for GPT-2 BPE, but this model has "
+                              f"{cfg.model.vocab_size} tokens; leave it empty to sample from token 0")
+    return Plan(cfg, ds_config, ds_path, layout, data_dir, tag, accelerator, meta, encoding)
 
 
 def _set_threads(accelerator: str) -> int:
@@ -156,6 +166,37 @@ def evaluate(engine, val_tokens, plan: Plan, dp_rank: int) -> float:
     # Every micro-batch holds the same number of tokens, so the mean of means is token-weighted.
     losses = [float(engine.eval_batch(windows)) for _ in range(cfg.train.eval_iters)]
     return sum(losses) / len(losses)
+
+
+def sample_text(engine, plan: Plan, iteration: int) -> str | None:
+    """Collective: gather every stage's layers to rank 0, which generates from the plain model.
+
+    Costs a copy of the weights on rank 0's host, so it is an option for small and medium
+    models. Its own seeded generator leaves the training RNG streams untouched.
+    """
+    from gptx.data import GPT2_EOT
+    from gptx.generate import generate
+    from gptx.model import GPT
+    module = engine.module
+    mine = {}
+    if engine.grid.get_data_parallel_rank() == 0:
+        for local, layer in enumerate(module.forward_funcs):
+            if hasattr(layer, "state_dict"):  # the tied head is a function of the embedding
+                mine[local + module._local_start] = {k: v.detach().float().cpu() for k, v in layer.state_dict().items()}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    cfg = plan.cfg
+    model = GPT(cfg.model, seed=cfg.train.seed)
+    for part in gathered:
+        for idx, state in part.items():
+            model.layers[str(idx)].load_state_dict(state)
+    enc = plan.encoding
+    prompt = (enc.encode_ordinary(cfg.train.sample_prompt) or [GPT2_EOT]) if enc else [0]
+    ids = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40,
+                   seed=cfg.train.seed + iteration, stop_token=GPT2_EOT if enc else None)
+    return enc.decode(ids) if enc else " ".join(map(str, ids))
 
 
 class Metrics:
@@ -298,6 +339,11 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             val_loss = evaluate(engine, val_tokens, plan, dp_rank)
             metrics.write({"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
             log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}")
+            if t.sample_tokens:
+                text = sample_text(engine, plan, iteration)
+                if text is not None:
+                    metrics.write({"iter": iteration, "sample": text})
+                    log(f"iter {iteration:6d} | sample: {text!r}")
         if last or exiting or (t.save_interval and iteration % t.save_interval == 0):
             progress = {"iteration": iteration, "consumed_samples": consumed,
                         "tokens": consumed * cfg.model.seq_len, "lr_steps": engine.lr_scheduler.steps,

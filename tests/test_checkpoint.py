@@ -74,3 +74,57 @@ def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run):
     assert all(abs(resumed[i] - full[i]) < 0.1 for i in (5, 6))  # Adam restarts; the loss carries on
     lrs = {r["iter"]: r["lr"] for r in read_metrics(run) if "lr" in r}
     assert lrs == {r["iter"]: r["lr"] for r in read_metrics(one_stage_run) if "lr" in r}
+
+
+def assert_masters_round_to_the_layer_files(run):
+    import torch
+    half, _ = load_plain_model(run)
+    masters, _ = load_plain_model(run, master_weights=True)
+    differs = 0
+    for (name, h), (_, m) in zip(half.named_parameters(), masters.named_parameters()):
+        # The bf16 weights are the rounded fp32 masters, so a wrong slice or order shows here.
+        assert torch.equal(m.to(torch.bfloat16).float(), h), name
+        differs += int(not torch.equal(m, h))
+    assert differs > len(list(half.parameters())) // 2  # the masters hold more than bf16 does
+
+
+def bf16_config(tmp):
+    return write_ds_config(tmp / "bf16.json", micro=2, accum=2, bf16={"enabled": True},
+                           zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"})
+
+
+def test_master_weights_of_a_bf16_run(dist_world1, work):
+    run = work[0] / "bf16_one"
+    assert run_pretrain(args(work, run, 1, 3, "--deepspeed_config", str(bf16_config(work[0])))) == 0
+    assert_masters_round_to_the_layer_files(run)
+
+
+def test_master_weights_of_a_fp32_run_are_its_weights(one_stage_run):
+    a, _ = load_plain_model(one_stage_run)
+    b, _ = load_plain_model(one_stage_run, master_weights=True)
+    assert all(np.array_equal(x.detach().numpy(), y.detach().numpy())
+               for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.launcher
+def test_master_weights_of_a_bf16_run_on_two_stages_and_two_data_parallel_ranks(work):
+    run = work[0] / "bf16_pp2_dp2"
+    result = launch(4, args(work, run, 2, 3, "--deepspeed_config", str(bf16_config(work[0]))), cwd=work[0])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_masters_round_to_the_layer_files(run)
+
+
+def test_training_prints_a_sample_at_each_evaluation(dist_world1, work, capsys):
+    run = work[0] / "sampled"
+    assert run_pretrain(args(work, run, 1, 4, "--sample-tokens", "5")) == 0
+    samples = [r for r in read_metrics(run) if "sample" in r]
+    assert [r["iter"] for r in samples] == [3, 4]
+    ids = [int(t) for t in samples[0]["sample"].split()]
+    assert len(ids) == 6 and ids[0] == 0  # token 0 then 5 new ones (not GPT-2's vocabulary: ids, not text)
+    assert "sample: '0 " in capsys.readouterr().out
+    # The sample draws from its own generator: training continues exactly as without it.
+    plain = work[0] / "unsampled"
+    assert run_pretrain(args(work, plain, 1, 4)) == 0
+    assert train_losses(run) == train_losses(plain)
+    assert run_pretrain(args(work, work[0] / "bad_prompt", 1, 4, "--sample-tokens", "5", "--sample-prompt", "hi")) == 2
+    assert "train.sample_prompt is text for GPT-2 BPE" in capsys.readouterr().err
