@@ -6,6 +6,6 @@ setup(
     description="A small DeepSpeed pipeline-parallel GPT pretraining stack",
     packages=find_packages(include=["gptx", "gptx.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.1", "deepspeed>=0.16", "tiktoken>=0.7", "numpy", "pyyaml", "wandb"],
+    install_requires=["torch>=2.4", "deepspeed>=0.16", "tiktoken>=0.7", "numpy", "pyyaml", "wandb"],
     extras_require={"dev": ["pytest"]},
 )

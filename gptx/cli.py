@@ -255,6 +255,93 @@ def run_convert(argv: list[str] | None = None) -> int:
     return guarded(main)
 
 
+def benchmark_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/benchmark.py",
+        description="Tokens/s, MFU, memory and per-stage time of the real engine on random tokens. One rank: "
+                    "python tools/benchmark.py; a pipeline: deepspeed --num_gpus N tools/benchmark.py")
+    p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON (default: ds_configs/cpu_fp32.json on CPU, gpu_fp16.json on GPU)")
+    p.add_argument("--pipe-parallel-size", type=int, default=None, help="stages (default: as many as ranks)")
+    p.add_argument("--partition-method", default=None)
+    p.add_argument("--activation-checkpoint-interval", type=int, default=None)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--breakdown-iters", type=int, default=2, help="iterations with per-instruction timers")
+    p.add_argument("--plain", action="store_true",
+                   help="also time the same training in a plain PyTorch loop (one rank only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _single_process_env() -> None:
+    """Outside the launcher: be rank 0 of a world of one."""
+    if "RANK" in os.environ:
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_SIZE="1")
+
+
+def run_benchmark(argv: list[str] | None = None) -> int:
+    import contextlib
+    out = sys.stdout
+    # DeepSpeed prints (and logs) on stdout; with --json, stdout carries only the one JSON object.
+    quiet = "--json" in (sys.argv[1:] if argv is None else argv)
+
+    def main():
+        import json
+
+        from gptx.benchmark import BenchSettings, benchmark, render_text
+        from gptx.config import load_config, parse_override
+        from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
+        from gptx.train import _accelerator_name, _set_threads, release_shared_memory
+        args = benchmark_parser().parse_args(argv)
+        _single_process_env()
+        world = int(os.environ["WORLD_SIZE"])
+        overrides = dict(parse_override(text) for text in args.set)
+        overrides["pipe_parallel_size"] = args.pipe_parallel_size or world
+        for key in ("partition_method", "activation_checkpoint_interval"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        cfg = load_config(args.model, overrides)
+        pp = cfg.train.pipe_parallel_size
+        if world % pp:
+            raise ConfigError(f"--pipe-parallel-size {pp} does not divide the {world} processes launched")
+        for name in ("iters", "warmup", "breakdown_iters"):
+            if getattr(args, name) < (1 if name == "iters" else 0):
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= {1 if name == 'iters' else 0}")
+        if args.plain and world != 1:
+            raise ConfigError(f"--plain compares with a single-process loop: run it as one rank "
+                              f"(python tools/benchmark.py), not {world}")
+        accelerator = _accelerator_name()
+        ds_path = args.deepspeed_config or str(default_ds_config_path(accelerator))
+        ds = read_ds_config(ds_path)
+        layout = check_ds_config(ds, world // pp, pp, accelerator, ds_path)
+        _set_threads(accelerator)
+        settings = BenchSettings(iters=args.iters, warmup=args.warmup, breakdown_iters=args.breakdown_iters,
+                                 plain=args.plain)
+        import deepspeed
+        import torch.distributed as dist
+        owns_process_group = not dist.is_initialized()
+        deepspeed.init_distributed(verbose=False)
+        report = benchmark(cfg, ds, layout, settings, accelerator)
+        if report is not None:
+            print(json.dumps(report) if args.json else render_text(report), file=out, flush=True)
+        if owns_process_group:
+            dist.barrier()
+            dist.destroy_process_group()
+            release_shared_memory()
+    with contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext():
+        return guarded(main)
+
+
 def guarded(main) -> int:
     """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
     try:

@@ -54,12 +54,13 @@ def write_ds_config(path: Path, micro: int, accum: int, **extra) -> Path:
     return path
 
 
-def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """launch/pretrain.py under the real deepspeed launcher, on CPU with gloo."""
+def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300,
+           script: str = "launch/pretrain.py") -> subprocess.CompletedProcess:
+    """launch/pretrain.py (or another script) under the real deepspeed launcher, on CPU with gloo."""
     beside_python = Path(sys.executable).parent / "deepspeed"
     launcher = str(beside_python) if beside_python.exists() else "deepspeed"
     cmd = [launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(REPO / "launch" / "pretrain.py"), *args]
+           str(REPO / script), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)

@@ -1,0 +1,258 @@
+"""Throughput of the real engine, where its time goes, and the same training in a plain loop.
+
+`benchmark()` runs on every rank (under the launcher, or alone as one rank). It trains a
+model on random tokens through DeepSpeed's pipeline engine and reports tokens/s, MFU,
+peak memory per stage and a per-stage time breakdown next to the schedule's theoretical
+bubble. With `plain=True` (one rank only) it also trains the same layers with a plain
+PyTorch loop, same optimizer settings, batches and thread count, alternating one
+iteration of each so that drift in the machine's speed hits both alike.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+import torch.distributed as dist
+
+from gptx.config import Config
+from gptx.ds_config import BatchLayout, precision
+from gptx.flops import flops_per_token, mfu, peak_flops
+from gptx.model import GPT, lm_loss
+
+# Where each pipeline instruction's time is booked. Receives block until the peer has
+# sent, so "send/recv" holds the waiting too: that is where the bubble shows up.
+CATEGORIES = {
+    "ForwardPass": "forward", "BackwardPass": "backward", "OptimizerStep": "optimizer",
+    "ReduceGrads": "grad all-reduce", "ReduceTiedGrads": "grad all-reduce", "LoadMicroBatch": "load batch",
+    "SendActivation": "send/recv", "RecvActivation": "send/recv", "SendGrad": "send/recv",
+    "RecvGrad": "send/recv",
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    iters: int = 10
+    """Timed iterations (optimizer steps) per loop."""
+    warmup: int = 2
+    """Untimed iterations first (allocator, caches, lazy initialization)."""
+    breakdown_iters: int = 2
+    """Iterations with per-instruction timers, run after the timed ones."""
+    plain: bool = False
+    """Also time the plain PyTorch loop (one rank only)."""
+
+
+def random_batches(cfg: Config, micro_batch: int, seed: int):
+    """Endless (inputs, labels) micro-batches of random token ids, the same sequence for every caller."""
+    gen = torch.Generator().manual_seed(seed)
+    T, V = cfg.model.seq_len, cfg.model.vocab_size
+    while True:
+        tokens = torch.randint(0, V, (micro_batch, T + 1), generator=gen)
+        yield tokens[:, :-1], tokens[:, 1:]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        return "peak allocated", torch.cuda.max_memory_allocated(device)
+    return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class InstructionTimer:
+    """Wraps the engine's pipeline instructions to add up their wall time per category."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.totals = {c: 0.0 for c in sorted(set(CATEGORIES.values()))}
+        self.original = engine._INSTRUCTION_MAP
+        engine._INSTRUCTION_MAP = {cls: self._timed(fn, CATEGORIES[cls.__name__])
+                                   for cls, fn in self.original.items()}
+
+    def _timed(self, fn, category):
+        device = self.engine.device
+        totals = self.totals
+
+        def timed(engine, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            MethodType(fn, engine)(**kwargs)
+            _sync(device)
+            totals[category] += time.perf_counter() - start
+        return timed
+
+    def remove(self) -> None:
+        self.engine._INSTRUCTION_MAP = self.original
+
+
+def plain_optimizer(model: torch.nn.Module, ds_config: dict, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW with the DeepSpeed config's settings, as its `torch_adam` path builds it."""
+    from gptx.train import param_groups
+    params = dict(ds_config.get("optimizer", {}).get("params", {}))
+    params.pop("torch_adam", None)
+    params.pop("adam_w_mode", None)
+    return torch.optim.AdamW(param_groups(model), lr=lr, **params)
+
+
+class PlainLoop:
+    """The same layers as one module, trained like the engine trains them: micro-batches,
+    gradient accumulation, clipping, AdamW, and the engine's precision via autocast."""
+
+    def __init__(self, cfg: Config, ds_config: dict, layout: BatchLayout, device: torch.device, seed: int):
+        self.model = GPT(cfg.model, seed=cfg.train.seed).to(device)
+        self.optimizer = plain_optimizer(self.model, ds_config, cfg.train.lr)
+        self.clip = ds_config.get("gradient_clipping", 0.0)
+        self.accum = layout.grad_accum
+        self.device = device
+        self.batches = random_batches(cfg, layout.micro_batch, seed)
+        prec = precision(ds_config)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(self.accum):
+            x, y = (t.to(self.device) for t in next(self.batches))
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                loss = lm_loss(self.model(x), y) / self.accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+
+def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: BenchSettings, accelerator: str,
+              seed: int = 0) -> dict | None:
+    """Collective. Returns the report on global rank 0, None elsewhere."""
+    from gptx.train import build_engine
+    engine = build_engine(cfg, ds_config)
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    grid = engine.grid
+    stage, pp = engine.stage_id, engine.num_stages
+    batches = random_batches(cfg, layout.micro_batch, seed + grid.get_data_parallel_rank())
+    tokens_per_iter = layout.global_batch * cfg.model.seq_len
+
+    def engine_step() -> float:
+        return float(engine.train_batch(batches))
+
+    warmup_lrs = []
+    for _ in range(settings.warmup):
+        warmup_lrs.append(engine.get_lr()[0])
+        engine_step()
+    memory_kind, memory = _peak_memory(device)  # before any plain model exists in this process
+
+    plain = None
+    if settings.plain:
+        plain = PlainLoop(cfg, ds_config, layout, device, seed)
+        for lr in warmup_lrs:  # the engine's schedule, so both loops stay on the same trajectory
+            plain.step(lr)
+
+    engine_times, plain_times, engine_losses, plain_losses = [], [], [], []
+    for _ in range(settings.iters):
+        lr = engine.get_lr()[0]
+        _sync(device)
+        t0 = time.perf_counter()
+        engine_losses.append(engine_step())
+        _sync(device)
+        engine_times.append(time.perf_counter() - t0)
+        if plain:
+            t0 = time.perf_counter()
+            plain_losses.append(plain.step(lr))
+            _sync(device)
+            plain_times.append(time.perf_counter() - t0)
+
+    timer = InstructionTimer(engine)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(settings.breakdown_iters):
+        engine_step()
+    _sync(device)
+    breakdown_wall = time.perf_counter() - t0
+    timer.remove()
+
+    mine = {"stage": stage, "dp_rank": grid.get_data_parallel_rank(), "memory": memory,
+            "times": {k: v / max(settings.breakdown_iters, 1) for k, v in timer.totals.items()},
+            "iteration": breakdown_wall / max(settings.breakdown_iters, 1)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() != 0:
+        return None
+
+    prec = precision(ds_config)
+    peak = peak_flops(accelerator, prec)
+    world = dist.get_world_size()
+    m = layout.grad_accum
+    engine_tps = tokens_per_iter * len(engine_times) / sum(engine_times)
+    stages = []
+    for s in range(pp):
+        ranks = [g for g in gathered if g["stage"] == s]
+        first = min(ranks, key=lambda g: g["dp_rank"])
+        other = first["iteration"] - sum(first["times"].values())
+        stages.append({"stage": s, "memory_bytes": max(g["memory"] for g in ranks),
+                       "iteration_s": first["iteration"],
+                       "seconds": {**first["times"], "other": max(other, 0.0)}})
+    report = {
+        "model": cfg.name, "seq_len": cfg.model.seq_len, "accelerator": accelerator,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "precision": prec, "pipe_parallel_size": pp, "data_parallel_size": layout.dp_size,
+        "micro_batch": layout.micro_batch, "grad_accum": m, "global_batch": layout.global_batch,
+        "threads_per_rank": torch.get_num_threads(), "iters": settings.iters, "warmup": settings.warmup,
+        "flops_per_token": flops_per_token(cfg.model), "peak_flops_per_device": peak,
+        "peak_source": "datasheet" if accelerator == "cuda" else "measured fp32 matmul",
+        "engine": {"tokens_per_sec": engine_tps, "iteration_s": statistics.median(engine_times),
+                   "mfu": mfu(engine_tps, cfg.model, peak, world), "losses": engine_losses},
+        "memory_kind": memory_kind,
+        "theoretical_bubble": (pp - 1) / (m + pp - 1),
+        "stages": stages,
+    }
+    if plain:
+        plain_tps = tokens_per_iter * len(plain_times) / sum(plain_times)
+        report["plain"] = {"tokens_per_sec": plain_tps, "iteration_s": statistics.median(plain_times),
+                           "mfu": mfu(plain_tps, cfg.model, peak, 1), "losses": plain_losses}
+        report["engine_over_plain_time"] = sum(engine_times) / sum(plain_times)
+    return report
+
+
+def render_text(r: dict) -> str:
+    gib = 2 ** 30
+    lines = [f"{r['model']}: {r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, "
+             f"{r['precision']}, {r['device_name']}, {r['threads_per_rank']} thread(s)/rank; batch "
+             f"{r['micro_batch']} x {r['grad_accum']} micro-batches x {r['data_parallel_size']} = "
+             f"{r['global_batch']} x {r['seq_len']} tokens; {r['iters']} timed iterations after {r['warmup']}",
+             f"model FLOPs/token {r['flops_per_token'] / 1e9:.3f} G; peak/device "
+             + (f"{r['peak_flops_per_device'] / 1e12:.3f} TFLOP/s ({r['peak_source']})"
+                if r["peak_flops_per_device"] else "unknown (no MFU)")]
+
+    def loop_line(name, x):
+        mfu_text = f", MFU {100 * x['mfu']:.1f}%" if x["mfu"] is not None else ""
+        return f"{name}: {x['tokens_per_sec']:,.0f} tokens/s, {x['iteration_s'] * 1e3:.1f} ms/iteration{mfu_text}"
+    lines.append(loop_line("engine", r["engine"]))
+    if "plain" in r:
+        lines.append(loop_line("plain PyTorch loop", r["plain"]))
+        lines.append(f"engine time / plain time: {r['engine_over_plain_time']:.3f}")
+    lines.append(f"per stage ({r['memory_kind']}; seconds per iteration from the instruction timers; "
+                 f"theoretical bubble (p-1)/(m+p-1) = {100 * r['theoretical_bubble']:.1f}%):")
+    for s in r["stages"]:
+        parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / s['iteration_s']:.0f}%)"
+                          for k, v in s["seconds"].items() if v > 0)
+        lines.append(f"  stage {s['stage']}: {s['memory_bytes'] / gib:.2f} GiB; {s['iteration_s'] * 1e3:.1f} ms: "
+                     f"{parts}")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""tools/benchmark.py: the engine against a plain loop, and where a pipeline's time goes."""
+import json
+
+import pytest
+
+from gptx.cli import run_benchmark
+from tests.conftest import launch, write_ds_config, write_model_yaml
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    return tmp, write_model_yaml(tmp / "model.yaml"), write_ds_config(tmp / "ds.json", micro=2, accum=4)
+
+
+def test_engine_and_plain_loop_train_the_same_and_the_report_adds_up(dist_world1, files, capsys):
+    tmp, model, ds = files
+    assert run_benchmark(["--model", str(model), "--deepspeed_config", str(ds), "--iters", "3", "--warmup", "2",
+                          "--plain", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # A fair comparison trains the same thing: same layers, batches, optimizer, clipping and LR.
+    assert r["engine"]["losses"] == pytest.approx(r["plain"]["losses"], abs=1e-5)
+    assert r["global_batch"] == 8 and r["grad_accum"] == 4 and r["pipe_parallel_size"] == 1
+    for loop in ("engine", "plain"):
+        assert r[loop]["tokens_per_sec"] > 0 and 0 < r[loop]["mfu"] < 1
+    assert r["engine_over_plain_time"] == pytest.approx(r["plain"]["tokens_per_sec"] / r["engine"]["tokens_per_sec"])
+    assert r["theoretical_bubble"] == 0
+    (stage,) = r["stages"]
+    seconds = stage["seconds"]
+    assert seconds["forward"] > 0 and seconds["backward"] > 0 and seconds["optimizer"] > 0
+    assert seconds["send/recv"] == 0  # one stage sends nothing
+    assert sum(seconds.values()) == pytest.approx(stage["iteration_s"], rel=1e-6)
+    assert stage["memory_bytes"] > 0
+
+
+def test_plain_comparison_needs_one_rank(files, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert run_benchmark(["--model", str(files[1]), "--deepspeed_config", str(files[2]), "--plain"]) == 2
+    assert "--plain compares with a single-process loop" in capsys.readouterr().err
+
+
+@pytest.mark.launcher
+def test_two_stage_breakdown_shows_the_pipeline(files):
+    tmp, model, ds = files
+    result = launch(2, ["--model", str(model), "--deepspeed_config", str(ds), "--iters", "2", "--warmup", "1",
+                        "--json"], cwd=tmp, script="tools/benchmark.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("{")]  # the launcher logs around it
+    r = json.loads(line)
+    assert r["pipe_parallel_size"] == 2 and len(r["stages"]) == 2
+    assert r["theoretical_bubble"] == pytest.approx(1 / (4 + 1))  # (p - 1) / (m + p - 1)
+    for stage in r["stages"]:
+        assert stage["seconds"]["send/recv"] > 0 and stage["seconds"]["forward"] > 0
