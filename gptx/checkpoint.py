@@ -6,7 +6,10 @@ optimizer files plus ours) and a `latest` file naming the newest complete one. D
 save_latest=False and move the pointer ourselves, atomically, after a barrier.
 
 Ours in each folder: `gptx.json` (resolved config, DeepSpeed JSON, layout, code version,
-progress) and `rng_rank_XXXXX.pt` (each rank's RNG states, for dropout).
+progress), `rng_rank_XXXXX.pt` (each rank's RNG states, for dropout) and, written last,
+once every rank has finished and the files are flushed, `manifest.json` (every file and
+its size). A folder without a manifest that matches its files is incomplete and is never
+loaded: `--load` falls back to the newest complete one.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from gptx.errors import CheckpointError
 
 LATEST = "latest"
 META = "gptx.json"
+MANIFEST = "manifest.json"
+TAG_PREFIX = "iter_"
 
 
 def code_version() -> str:
@@ -42,7 +47,7 @@ def code_version() -> str:
 
 
 def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+    return f"{TAG_PREFIX}{iteration:07d}"
 
 
 def _rng_state() -> dict:
@@ -83,12 +88,78 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
     atomic_write(folder / f"rng_rank_{rank:05d}.pt", buf)
     if rank == 0:
         atomic_write(folder / META, (json.dumps({**meta, **progress}, indent=2) + "\n").encode())
+    fault_point("save", progress["iteration"])
     dist.barrier()
     if rank == 0:
         _fsync_tree(folder)
+        _write_manifest(folder)
         atomic_write(run_dir / LATEST, tag.encode())
     dist.barrier()
     return folder
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name != MANIFEST}
+    atomic_write(folder / MANIFEST, (json.dumps(files, indent=1) + "\n").encode())
+
+
+def fault_point(where: str, iteration: int) -> None:
+    """Fault injection for the reliability tests: GPTX_FAULT=ACTION,WHERE,ITERATION,RANK makes
+    that rank raise (ACTION raise) or die by SIGKILL (ACTION kill) there. Unset, it does nothing."""
+    spec = os.environ.get("GPTX_FAULT")
+    if not spec:
+        return
+    action, point, at, rank = spec.split(",")
+    if point != where or int(at) != iteration or int(rank) != dist.get_rank():
+        return
+    if action == "kill":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at {where} of iteration {iteration} on rank {rank}")
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted, or None when it is complete."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return f"no {MANIFEST} (its writing never finished)"
+    try:
+        files = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return f"{MANIFEST} is not valid JSON"
+    for name, size in files.items():
+        path = folder / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest first."""
+    folders = [f for f in run_dir.glob(TAG_PREFIX + "*") if f.is_dir() and f.name[len(TAG_PREFIX):].isdigit()]
+    return sorted(folders, key=lambda f: int(f.name[len(TAG_PREFIX):]), reverse=True)
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Rank 0, after `latest` moved: delete all but the newest `keep` complete checkpoints.
+
+    Incomplete folders older than the newest complete one go too (a crash's leftovers);
+    nothing newer than `latest` is touched.
+    """
+    import shutil
+    newest = (run_dir / LATEST).read_text().strip()
+    kept, removed = 0, []
+    for folder in checkpoint_folders(run_dir):
+        if kept == 0 and folder.name != newest:
+            continue  # newer than latest: not ours to judge
+        if kept < keep and incomplete_reason(folder) is None:
+            kept += 1
+            continue
+        shutil.rmtree(folder)
+        removed.append(folder)
+    return removed
 
 
 def _torch_bytes(obj) -> bytes:
@@ -98,22 +169,44 @@ def _torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def find_latest(load_dir: str | Path) -> tuple[str, dict]:
-    """The newest complete checkpoint's tag and its gptx.json, or a CheckpointError."""
+def find_latest(load_dir: str | Path, warn=print) -> tuple[str, dict]:
+    """The newest complete checkpoint's tag and its gptx.json, or a CheckpointError.
+
+    `latest` names the newest complete checkpoint unless something went wrong after it was
+    written (a damaged disk, a copy that stopped halfway); then the newest folder that is
+    complete by its manifest is used instead, with a warning.
+    """
     load_dir = Path(load_dir)
-    pointer = load_dir / LATEST
     if not load_dir.is_dir():
         raise CheckpointError(f"--load '{load_dir}': no such directory")
-    if not pointer.exists():
-        raise CheckpointError(f"--load '{load_dir}': no '{LATEST}' file, so no complete checkpoint to resume from")
-    tag = pointer.read_text().strip()
-    meta_path = load_dir / tag / META
-    if not meta_path.exists():
-        raise CheckpointError(f"--load '{load_dir}': '{LATEST}' names '{tag}', which has no {META}")
-    try:
-        return tag, json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint file '{meta_path}': not valid JSON") from None
+    pointer = load_dir / LATEST
+    named = pointer.read_text().strip() if pointer.exists() else None
+    candidates = checkpoint_folders(load_dir)
+    if named:
+        candidates.sort(key=lambda f: f.name != named)  # the one `latest` names first
+    problems = []
+    for folder in candidates:
+        reason = _unusable(folder)
+        if reason is None:
+            if folder.name != named:
+                pointed = f"'{LATEST}' names '{named}'" if named else f"there is no '{LATEST}' file"
+                warn(f"warning: {pointed} but {'; '.join(problems) or 'it is not there'}; "
+                     f"resuming from '{folder}', the newest complete checkpoint")
+            return folder.name, json.loads((folder / META).read_text())
+        problems.append(f"'{folder.name}': {reason}")
+    if not candidates:
+        raise CheckpointError(f"--load '{load_dir}': no checkpoint folders ({TAG_PREFIX}*) to resume from")
+    raise CheckpointError(f"--load '{load_dir}': no complete checkpoint; " + "; ".join(problems))
+
+
+def _unusable(folder: Path) -> str | None:
+    reason = incomplete_reason(folder)
+    if reason is None:
+        try:
+            json.loads((folder / META).read_text())
+        except (OSError, json.JSONDecodeError):
+            return f"{META} is missing or not valid JSON"
+    return reason
 
 
 def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> None:
@@ -299,5 +392,6 @@ def save_weights_only(layers: dict[int, dict[str, torch.Tensor]], cfg: Config, o
     meta = {"config": cfg.to_dict(), "weights_only": True, "source": source, "pipe_parallel_size": None,
             "iteration": 0, "consumed_samples": 0, "tokens": 0, "lr_steps": 0, "code_version": code_version()}
     atomic_write(folder / META, (json.dumps(meta, indent=2) + "\n").encode())
+    _write_manifest(folder)
     atomic_write(out / LATEST, tag.encode())
     return folder

@@ -15,7 +15,8 @@ TRAIN_FLAGS = {
     "train_iters": int, "seed": int, "pipe_parallel_size": int, "save_interval": int, "exit_interval": int,
     "eval_interval": int, "eval_iters": int, "log_interval": int, "lr": float, "min_lr": float,
     "warmup_iters": int, "partition_method": str, "activation_checkpoint_interval": int, "wandb_project": str,
-    "sample_tokens": int, "sample_prompt": str,
+    "sample_tokens": int, "sample_prompt": str, "keep_checkpoints": int, "dist_timeout": int,
+    "max_skipped_at_min_scale": int, "spike_factor": float,
 }
 
 

@@ -90,6 +90,15 @@ class TrainConfig:
     """Recompute activations every this many layers in backward (0: off)."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (offline when no credentials are set)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many complete checkpoints (0: keep all). Older ones are deleted
+    only after a newer one is complete."""
+    dist_timeout: int = 1800
+    """Seconds a collective waits for the other ranks before the run fails (a hung rank)."""
+    max_skipped_at_min_scale: int = 10
+    """fp16: stop after this many skipped (overflowed) steps in a row at the minimum loss scale (0: never)."""
+    spike_factor: float = 0.0
+    """Report a loss spike when a loss exceeds this many times its running mean (0: off)."""
     sample_tokens: int = 0
     """At each evaluation, print a sample of this many new tokens from the model (0: off)."""
     sample_prompt: str = ""
@@ -299,12 +308,17 @@ def validate(cfg: Config) -> None:
     if t.min_lr is not None and not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr: must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
     for key in ("warmup_iters", "eval_interval", "save_interval", "exit_interval", "seed",
-                "activation_checkpoint_interval", "sample_tokens"):
+                "activation_checkpoint_interval", "sample_tokens", "keep_checkpoints",
+                "max_skipped_at_min_scale"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     for key in ("eval_iters", "log_interval", "pipe_parallel_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    if t.dist_timeout < 1:
+        raise ConfigError(f"train.dist_timeout: must be at least 1 second, got {t.dist_timeout}")
+    if t.spike_factor != 0 and t.spike_factor <= 1:
+        raise ConfigError(f"train.spike_factor: must be 0 (off) or above 1, got {t.spike_factor}")
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
         raise ConfigError(f"train.lr_decay_iters: must be >= 1, got {t.lr_decay_iters}")
     method = t.partition_method.lower()

@@ -15,3 +15,7 @@ class DataError(GptxError):
 
 class CheckpointError(GptxError):
     """A checkpoint that is missing, incomplete or does not match the model."""
+
+
+class TrainingStopped(GptxError):
+    """Numerical trouble the run cannot recover from; nothing after the last good checkpoint is saved."""

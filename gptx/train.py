@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +21,7 @@ from gptx import checkpoint
 from gptx.config import Config
 from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
-from gptx.errors import ConfigError
+from gptx.errors import ConfigError, TrainingStopped
 from gptx.flops import mfu, peak_flops
 from gptx.schedule import WarmupCosine
 
@@ -85,7 +84,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     check_data(data_dir, cfg.model.vocab_size, cfg.model.seq_len)
     tag, meta = None, None
     if paths.load:
-        tag, meta = checkpoint.find_latest(paths.load)
+        tag, meta = checkpoint.find_latest(paths.load, warn=log)
         checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
     encoding = None
     if cfg.train.sample_tokens:
@@ -220,6 +219,82 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
     return enc.decode(ids) if enc else " ".join(map(str, ids))
 
 
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; at each iteration boundary the ranks agree (MAX over the world)
+    so that all of them stop after the same iteration, save, and exit cleanly.
+
+    DeepSpeed's launcher forwards a signal it receives to every rank as SIGTERM, then waits
+    30 s per rank before SIGKILL: enough for a stop and save at the next boundary.
+    """
+
+    def __init__(self):
+        import signal
+        self.received = 0
+        self.names = {int(signal.SIGTERM): "SIGTERM", int(signal.SIGINT): "SIGINT"}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if not self.received:
+            self.received = int(signum)
+            print(f"rank {_rank()}: received {self.names.get(signum, signum)}; stopping after this iteration "
+                  f"with a checkpoint", flush=True)
+
+    def agreed(self, device) -> str | None:
+        """Collective: the signal's name if any rank received one."""
+        flag = torch.tensor([self.received], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self.names.get(int(flag.item()), str(int(flag.item()))) if flag.item() else None
+
+
+class NumericsGuard:
+    """Watches each step: a non-finite loss (fp32/bf16) stops the run; fp16 overflow skips are
+    counted and a streak of them at the minimum loss scale stops it; loss spikes are reported.
+
+    Every rank sees the same loss and skip count, so every rank decides the same.
+    """
+
+    def __init__(self, cfg: Config, fp16: bool, min_scale: float | None):
+        self.t = cfg.train
+        self.fp16 = fp16
+        self.min_scale = min_scale
+        self.skipped_seen = 0
+        self.streak = 0
+        self.mean = None
+        self.seen = 0
+
+    def check(self, iteration: int, loss: float, skipped_total: int, scale: float | None) -> str | None:
+        """Raise TrainingStopped, or return a warning line (a spike) or None."""
+        skipped_now = skipped_total > self.skipped_seen
+        self.skipped_seen = skipped_total
+        if self.fp16:
+            at_min = scale is not None and self.min_scale is not None and scale <= self.min_scale
+            self.streak = self.streak + 1 if skipped_now and at_min else 0
+            limit = self.t.max_skipped_at_min_scale
+            if limit and self.streak >= limit:
+                raise TrainingStopped(
+                    f"iteration {iteration}: {self.streak} fp16 steps in a row overflowed at the minimum loss "
+                    f"scale {scale:g} and were skipped, so the model is no longer training; use bf16 "
+                    f"(ds_configs/gpu_bf16.json), lower train.lr, or lower min_loss_scale in the DeepSpeed JSON")
+            if skipped_now:
+                return None  # an overflowed step's loss says nothing about the trend
+        elif not math.isfinite(loss):
+            raise TrainingStopped(f"iteration {iteration}: the loss is {loss} (non-finite); lower train.lr, "
+                                  f"raise train.warmup_iters or check the data")
+        warning = None
+        if self.t.spike_factor and self.seen >= 10 and loss > self.t.spike_factor * self.mean:
+            warning = (f"iter {iteration:6d} | warning: loss spike {loss:.4f}, {loss / self.mean:.1f}x its running "
+                       f"mean {self.mean:.4f}")
+        if math.isfinite(loss):
+            self.mean = loss if self.mean is None else 0.95 * self.mean + 0.05 * loss
+            self.seen += 1
+        return warning
+
+
 class Metrics:
     """metrics.jsonl in the run directory, one JSON object per line, written by rank 0."""
 
@@ -265,7 +340,8 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     from deepspeed.utils.logging import set_log_level_from_string
     set_log_level_from_string(paths.ds_log_level)
     owns_process_group = not dist.is_initialized()
-    deepspeed.init_distributed()
+    from datetime import timedelta
+    deepspeed.init_distributed(timeout=timedelta(seconds=t.dist_timeout))
     rank = dist.get_rank()
     torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds
 
@@ -318,6 +394,10 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     val_tokens = open_tokens(plan.data_dir, "val")
     windows = TokenWindows(train_tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size,
                            seed=t.seed, start_sample=consumed)
+    unused = len(train_tokens) - 1 - windows.n_windows * cfg.model.seq_len
+    log(f"data: {windows.n_windows:,} windows of {cfg.model.seq_len} predictions per epoch, reshuffled each epoch; "
+        f"{unused} token(s) at the end of train.bin fill no window and are not used; resuming at sample "
+        f"{consumed:,} (epoch {consumed // windows.n_windows})")
     tokens_per_iter = layout.global_batch * cfg.model.seq_len
     peak = peak_flops(plan.accelerator, precision(plan.ds_config))
     metrics = Metrics(run_dir, cfg)
@@ -325,50 +405,82 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     saved_at = None
     val_loss = None
     first_loss = None
+    stop = StopSignal()
+    fp16_cfg = plan.ds_config.get("fp16", {})
+    guard = NumericsGuard(cfg, engine.fp16_enabled(), fp16_cfg.get("min_loss_scale", 1) if fp16_cfg else None)
+    guard.skipped_seen = engine.skipped_steps
+    device = engine.device
 
-    while iteration < t.train_iters:
-        lr = engine.get_lr()[0]
-        t0 = time.perf_counter()
-        loss = float(engine.train_batch(windows))
-        dt = time.perf_counter() - t0
-        iteration += 1
-        consumed += layout.global_batch
-        first_loss = loss if first_loss is None else first_loss
-        grad_norm = engine.get_global_grad_norm()
-        tps = tokens_per_iter / dt
-        record = {"iter": iteration, "loss": loss, "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "loss_scale": loss_scale(engine), "skipped_steps": engine.skipped_steps,
-                  "tokens": consumed * cfg.model.seq_len, "tokens_per_sec": tps,
-                  "mfu": mfu(tps, cfg.model, peak, dist.get_world_size()),
-                  "elapsed": time.time() - start_time}
-        metrics.write(record)
-        if iteration % t.log_interval == 0 or iteration == 1:
-            log(_console_line(record))
+    def save(iteration: int) -> None:
+        nonlocal saved_at
+        progress = {"iteration": iteration, "consumed_samples": consumed,
+                    "tokens": consumed * cfg.model.seq_len, "lr_steps": engine.lr_scheduler.steps,
+                    "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size}
+        folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
+        saved_at = iteration
+        drift = tied_weight_max_diff(model)
+        metrics.write({"iter": iteration, "checkpoint": folder.name, "tied_weight_max_diff": drift})
+        log(f"iter {iteration:6d} | saved checkpoint {folder} (tied weights max diff {drift:.3g})")
+        if t.keep_checkpoints and dist.get_rank() == 0:
+            for old in checkpoint.prune(run_dir, t.keep_checkpoints):
+                log(f"iter {iteration:6d} | removed old checkpoint {old.name}")
 
-        last = iteration == t.train_iters
-        exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
-        if t.eval_interval and (iteration % t.eval_interval == 0 or last):
-            val_loss = evaluate(engine, val_tokens, plan, dp_rank)
-            metrics.write({"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
-            log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}")
-            if t.sample_tokens:
-                text = sample_text(engine, plan, iteration)
-                if text is not None:
-                    metrics.write({"iter": iteration, "sample": text})
-                    log(f"iter {iteration:6d} | sample: {text!r}")
-        if last or exiting or (t.save_interval and iteration % t.save_interval == 0):
-            progress = {"iteration": iteration, "consumed_samples": consumed,
-                        "tokens": consumed * cfg.model.seq_len, "lr_steps": engine.lr_scheduler.steps,
-                        "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size}
-            folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
-            saved_at = iteration
-            drift = tied_weight_max_diff(model)
-            metrics.write({"iter": iteration, "checkpoint": folder.name, "tied_weight_max_diff": drift})
-            log(f"iter {iteration:6d} | saved checkpoint {folder} (tied weights max diff {drift:.3g})")
-        if exiting and not last:
-            log(f"exit interval {t.exit_interval} reached at iteration {iteration}")
-            break
+    try:
+        while iteration < t.train_iters:
+            lr = engine.get_lr()[0]
+            t0 = time.perf_counter()
+            loss = float(engine.train_batch(windows))
+            dt = time.perf_counter() - t0
+            iteration += 1
+            consumed += layout.global_batch
+            first_loss = loss if first_loss is None else first_loss
+            grad_norm = engine.get_global_grad_norm()
+            tps = tokens_per_iter / dt
+            record = {"iter": iteration, "loss": loss, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "loss_scale": loss_scale(engine), "skipped_steps": engine.skipped_steps,
+                      "tokens": consumed * cfg.model.seq_len, "tokens_per_sec": tps,
+                      "mfu": mfu(tps, cfg.model, peak, dist.get_world_size()),
+                      "elapsed": time.time() - start_time}
+            metrics.write(record)
+            if iteration % t.log_interval == 0 or iteration == 1:
+                log(_console_line(record))
+            checkpoint.fault_point("step", iteration)
+            try:
+                warning = guard.check(iteration, loss, engine.skipped_steps, record["loss_scale"])
+            except TrainingStopped as e:
+                metrics.close()
+                where = (f"the last good checkpoint is {run_dir / checkpoint.tag_for(saved_at)}" if saved_at
+                         else f"the run has no checkpoint newer than {paths.load or 'its start'}")
+                raise TrainingStopped(f"{e}. Stopped without saving; {where}") from None
+            if warning:
+                log(warning)
+                metrics.write({"iter": iteration, "spike": loss, "running_mean": guard.mean})
+
+            last = iteration == t.train_iters
+            exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
+            if t.eval_interval and (iteration % t.eval_interval == 0 or last):
+                val_loss = evaluate(engine, val_tokens, plan, dp_rank)
+                metrics.write({"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
+                log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}")
+                if t.sample_tokens:
+                    text = sample_text(engine, plan, iteration)
+                    if text is not None:
+                        metrics.write({"iter": iteration, "sample": text})
+                        log(f"iter {iteration:6d} | sample: {text!r}")
+            if last or exiting or (t.save_interval and iteration % t.save_interval == 0):
+                save(iteration)
+            if exiting and not last:
+                log(f"exit interval {t.exit_interval} reached at iteration {iteration}")
+                break
+            signal_name = stop.agreed(device)
+            if signal_name and not last:
+                if saved_at != iteration:
+                    save(iteration)
+                log(f"stopped by {signal_name} at iteration {iteration}; --load {run_dir} continues from here")
+                break
+    finally:
+        stop.restore()
 
     metrics.close()
     summary = f"done: {iteration} iterations in {time.time() - start_time:.1f} s"

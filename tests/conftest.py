@@ -70,6 +70,19 @@ def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300,
         release_shared_memory(cmd[4])  # also after a crash
 
 
+def run_files(tmp: Path) -> tuple[Path, Path, Path, Path]:
+    """(directory, token data, model YAML, DeepSpeed JSON of 2 x 2 micro-batches) for short runs."""
+    return tmp, make_token_dir(tmp / "data"), write_model_yaml(tmp / "model.yaml"), \
+        write_ds_config(tmp / "ds.json", micro=2, accum=2)
+
+
+def pretrain_args(data: Path, model: Path, ds: Path, save: Path, pipe: int, iters: int, *extra: str) -> list[str]:
+    """Flags of a short launch/pretrain.py run on test data (later flags win)."""
+    return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(save),
+            "--pipe-parallel-size", str(pipe), "--train-iters", str(iters), "--lr", "3e-3", "--warmup-iters", "1",
+            *extra]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

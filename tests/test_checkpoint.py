@@ -8,21 +8,16 @@ from gptx.checkpoint import load_plain_model
 from gptx.cli import run_evaluate, run_pretrain, run_sample
 from gptx.data import open_tokens
 from gptx.evaluate import evaluate_tokens
-from tests.conftest import launch, make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
+from tests.conftest import launch, pretrain_args, read_metrics, run_files, train_losses, write_ds_config
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    return tmp, make_token_dir(tmp / "data"), write_model_yaml(tmp / "model.yaml"), \
-        write_ds_config(tmp / "ds.json", micro=2, accum=2)
+    return run_files(tmp_path_factory.mktemp("ckpt"))
 
 
 def args(work, save, pipe, iters, *extra):
-    tmp, data, model, ds = work
-    return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(save),
-            "--pipe-parallel-size", str(pipe), "--train-iters", str(iters), "--eval-interval", "3",
-            "--eval-iters", "2", "--lr", "3e-3", "--warmup-iters", "1", *extra]
+    return pretrain_args(*work[1:], save, pipe, iters, "--eval-interval", "3", "--eval-iters", "2", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -80,10 +80,12 @@ def test_checkpoint_of_another_model(setup, capsys):
     (run / "latest").write_text("iter_0000004")
     saved = {"model": {**MICRO_MODEL, "dropout": 0.0, "bias": True, "tie_embeddings": True, "n_layer": 6}}
     (run / "iter_0000004" / "gptx.json").write_text(json.dumps({"config": saved, "pipe_parallel_size": 2}))
+    size = (run / "iter_0000004" / "gptx.json").stat().st_size
+    (run / "iter_0000004" / "manifest.json").write_text(json.dumps({"gptx.json": size}))
     fails_with(capsys, base + ["--load", str(run)], "n_layer 6 (checkpoint) vs 4 (now)")
 
 
 def test_load_without_checkpoint(setup, capsys):
     tmp, base = setup
     (tmp / "empty").mkdir()
-    fails_with(capsys, base + ["--load", str(tmp / "empty")], "no 'latest' file")
+    fails_with(capsys, base + ["--load", str(tmp / "empty")], "no checkpoint folders (iter_*) to resume from")

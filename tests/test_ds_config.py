@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from gptx.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config

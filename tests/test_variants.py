@@ -1,5 +1,4 @@
 """Architecture variants: causality, ALiBi slopes, long contexts, top-k, ReZero, and stage parity."""
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from gptx.errors import ConfigError
 from gptx.layers import Block, CausalSelfAttention, alibi_slopes
 from gptx.model import GPT
 from gptx.variants import VARIANTS as BASE_VARIANTS
-from tests.conftest import MICRO_MODEL, launch, make_token_dir, train_losses, write_ds_config, write_model_yaml
+from tests.conftest import launch, make_token_dir, train_losses, write_ds_config, write_model_yaml
 
 VARIANTS = {name: keys for name, keys in BASE_VARIANTS.items() if keys}  # every key, alone
 VARIANTS.update(gptx1b_like=dict(norm="rezero", attention_topk=4, tie_embeddings=False),

@@ -1,0 +1,197 @@
+"""Faults injected into real runs: signals, kill -9, crashes, damaged checkpoints, numerical trouble."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from gptx.checkpoint import MANIFEST
+from gptx.cli import run_pretrain
+from gptx.config import load_config
+from gptx.errors import TrainingStopped
+from gptx.train import NumericsGuard
+from gptx.train import release_shared_memory
+from tests.conftest import REPO, free_port, launch, pretrain_args, read_metrics, run_files, train_losses
+
+
+# --- the numerics guard on its own ---------------------------------------------------------------
+
+def guard(fp16=False, **train):
+    return NumericsGuard(load_config("tiny", train), fp16=fp16, min_scale=1.0 if fp16 else None)
+
+
+def test_non_finite_loss_stops_fp32_and_bf16():
+    g = guard()
+    assert g.check(1, 5.0, 0, None) is None
+    with pytest.raises(TrainingStopped, match="iteration 2: the loss is nan"):
+        g.check(2, float("nan"), 0, None)
+
+
+def test_fp16_stops_only_on_a_streak_of_skips_at_the_minimum_scale():
+    g = guard(fp16=True, max_skipped_at_min_scale=3)
+    skipped = 0
+    for it in range(1, 6):  # overflows while the scale is still coming down: not a streak
+        skipped += 1
+        g.check(it, float("inf"), skipped, 2.0 ** (6 - it))
+    g.check(6, float("inf"), skipped + 1, 1.0)
+    g.check(7, float("inf"), skipped + 2, 1.0)
+    g.check(8, 4.0, skipped + 2, 1.0)  # a step that went through resets the streak
+    g.check(9, float("inf"), skipped + 3, 1.0)
+    g.check(10, float("inf"), skipped + 4, 1.0)
+    with pytest.raises(TrainingStopped, match="3 fp16 steps in a row overflowed at the minimum loss scale 1"):
+        g.check(11, float("inf"), skipped + 5, 1.0)
+
+
+def test_spikes_are_reported_against_the_running_mean():
+    g = guard(spike_factor=2.0)
+    assert all(g.check(i, 3.0, 0, None) is None for i in range(1, 12))
+    assert "loss spike 9.0000, 3.0x its running mean 3.0000" in g.check(12, 9.0, 0, None)
+    assert guard().check(1, 3.0, 0, None) is None  # off by default
+
+
+# --- in-process runs -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return run_files(tmp_path_factory.mktemp("faults"))
+
+
+def args(work, save, pipe, iters, *extra):
+    return pretrain_args(*work[1:], save, pipe, iters, "--eval-interval", "0", "--log-interval", "1", *extra)
+
+
+def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, capsys):
+    run = work[0] / "keep"
+    assert run_pretrain(args(work, run, 1, 5, "--save-interval", "1", "--keep-checkpoints", "2")) == 0
+    assert sorted(f.name for f in run.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
+    first = train_losses(run)
+    layer = run / "iter_0000005" / "layer_02-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:100])  # truncated, as by a full disk or an interrupted copy
+    capsys.readouterr()
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run))) == 0
+    out = capsys.readouterr().out
+    assert "warning: 'latest' names 'iter_0000005' but 'iter_0000005': layer_02-model_states.pt has 100 bytes" in out
+    assert "resumed from" in out and "iter_0000004: iteration 4" in out
+    redone = [r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] == 5]
+    assert redone == [first[5], first[5]]  # iteration 5 again, from iteration 4's checkpoint: the same loss
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_world1, work, capsys):
+    run = work[0] / "nan"
+    assert run_pretrain(args(work, run, 1, 6, "--save-interval", "1", "--lr", "1e30")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(non-finite)" in err and "Stopped without saving" in err
+    losses = train_losses(run)
+    bad = max(losses)  # the iteration that stopped it: its loss is the first non-finite one
+    assert not math.isfinite(losses[bad]) and all(math.isfinite(losses[i]) for i in range(1, bad))
+    assert (run / "latest").read_text() == f"iter_{bad - 1:07d}" and f"iter_{bad - 1:07d}" in err
+
+
+# --- the real launcher ---------------------------------------------------------------------------
+
+ITERS = 12
+
+
+def popen(work, run_args, env=None):
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    port = str(free_port())
+    cmd = [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", "2", "--master_port", port,
+           str(REPO / "launch" / "pretrain.py"), *run_args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("RANK", None)
+    full_env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen(cmd, cwd=work[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, start_new_session=True)
+    return proc, port
+
+
+def read_until(proc, needle, timeout=120) -> str:
+    seen, start = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        assert time.time() - start < timeout, "".join(seen)[-3000:]
+    raise AssertionError("".join(seen)[-3000:])
+
+
+def rank_pid(proc, local_rank: int) -> int:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError("rank process not found")
+
+
+@pytest.fixture(scope="module")
+def full_run(work):
+    run = work[0] / "full"
+    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2"), cwd=work[0])
+    assert result.returncode == 0, result.stdout[-3000:]
+    return train_losses(run)
+
+
+def resume_and_compare(work, run, full_losses, expect_from: int):
+    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2", "--load", str(run)), cwd=work[0])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"iter_{expect_from:07d}: iteration {expect_from}" in result.stdout
+    # The losses of the resumed iterations equal the uninterrupted run's.
+    resumed = {r["iter"]: r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] > expect_from}
+    assert resumed == {i: full_losses[i] for i in range(expect_from + 1, ITERS + 1)}
+
+
+def faulted_run(work, run, env=None, until=None, fault=None) -> tuple[int, str]:
+    """A 2-stage run under the real launcher; `fault(proc)` once a line containing `until` is out."""
+    proc, port = popen(work, args(work, run, 2, ITERS, "--save-interval", "2"), env)
+    try:
+        out = read_until(proc, until) if until else ""
+        if fault:
+            fault(proc)
+        out += proc.stdout.read()
+        return proc.wait(timeout=120), out
+    finally:
+        release_shared_memory(port)
+
+
+@pytest.mark.launcher
+def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_exit_0(work, full_run):
+    run = work[0] / "sigterm"
+    code, out = faulted_run(work, run, until="iter      3 |",
+                            fault=lambda proc: os.kill(rank_pid(proc, 1), signal.SIGTERM))
+    assert code == 0, out[-3000:]
+    stopped_at = int(out.split("stopped by SIGTERM at iteration ")[1].split(";")[0])
+    assert stopped_at < ITERS and (run / "latest").read_text() == f"iter_{stopped_at:07d}"
+    resume_and_compare(work, run, full_run, stopped_at)
+
+
+@pytest.mark.launcher
+def test_kill_9_of_everything_loses_only_the_iterations_since_the_last_checkpoint(work, full_run):
+    run = work[0] / "kill9"
+    code, out = faulted_run(work, run, until="iter      5 |", fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))
+    assert code == -signal.SIGKILL
+    latest = int((run / "latest").read_text().split("_")[1])
+    assert latest >= 4
+    resume_and_compare(work, run, full_run, latest)
+
+
+@pytest.mark.launcher
+def test_kill_9_during_a_checkpoint_write_is_never_loaded(work, full_run):
+    run = work[0] / "kill_in_save"
+    code, out = faulted_run(work, run, env={"GPTX_FAULT": "kill,save,4,1"})
+    assert code != 0, out[-3000:]
+    assert (run / "iter_0000004").is_dir() and not (run / "iter_0000004" / MANIFEST).exists()
+    assert (run / "latest").read_text() == "iter_0000002"
+    resume_and_compare(work, run, full_run, 2)
+
+
+@pytest.mark.launcher
+def test_a_rank_that_raises_ends_the_whole_run_quickly(work):
+    start = time.time()
+    code, out = faulted_run(work, work[0] / "raises", env={"GPTX_FAULT": "raise,step,3,1"})
+    assert code != 0 and "injected fault at step of iteration 3 on rank 1" in out
+    assert time.time() - start < 90  # the other rank does not wait for it forever
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                   for p in psutil.Process().children(recursive=True))
