@@ -106,6 +106,9 @@ class PlainLoop:
 
     def __init__(self, cfg: Config, ds_config: dict, layout: BatchLayout, device: torch.device, seed: int):
         self.model = GPT(cfg.model, seed=cfg.train.seed).to(device)
+        if cfg.train.compile_blocks:
+            from gptx.pipeline import compile_blocks
+            compile_blocks(self.model.layers.values())
         self.optimizer = plain_optimizer(self.model, ds_config, cfg.train.lr)
         self.clip = ds_config.get("gradient_clipping", 0.0)
         self.accum = layout.grad_accum

@@ -18,6 +18,7 @@ TRAIN_FLAGS = {
     "sample_tokens": int, "sample_prompt": str, "keep_checkpoints": int, "dist_timeout": int,
     "max_skipped_at_min_scale": int, "spike_factor": float,
 }
+BOOL_TRAIN_FLAGS = ("compile_blocks",)
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="override a model or training key, e.g. --set n_layer=6 (repeatable)")
     for name, type_ in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=type_, default=None)
+    for name in BOOL_TRAIN_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True, default=None)
     p.add_argument("--ds-log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="level of DeepSpeed's own logger (info shows its per-stage STAGE_PARAMS lines)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -49,7 +52,7 @@ def parse_pretrain_args(argv: list[str] | None = None):
 
     args = pretrain_parser().parse_args(argv)
     overrides = dict(parse_override(text) for text in args.set)
-    overrides.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    overrides.update({k: getattr(args, k) for k in (*TRAIN_FLAGS, *BOOL_TRAIN_FLAGS) if getattr(args, k) is not None})
     cfg = load_config(args.model, overrides)
     return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
                          ds_log_level=args.ds_log_level)
@@ -268,6 +271,8 @@ def benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipe-parallel-size", type=int, default=None, help="stages (default: as many as ranks)")
     p.add_argument("--partition-method", default=None)
     p.add_argument("--activation-checkpoint-interval", type=int, default=None)
+    p.add_argument("--compile-blocks", action="store_const", const=True, default=None,
+                   help="torch.compile each decoder block (in both loops)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--breakdown-iters", type=int, default=2, help="iterations with per-instruction timers")
@@ -308,7 +313,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         world = int(os.environ["WORLD_SIZE"])
         overrides = dict(parse_override(text) for text in args.set)
         overrides["pipe_parallel_size"] = args.pipe_parallel_size or world
-        for key in ("partition_method", "activation_checkpoint_interval"):
+        for key in ("partition_method", "activation_checkpoint_interval", "compile_blocks"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = load_config(args.model, overrides)

@@ -49,6 +49,14 @@ class ModelConfig:
     """RealFormer: each layer adds the previous layer's pre-softmax attention scores to its own."""
     attention_topk: int | None = None
     """Explicit sparse attention: each query keeps only its K largest (causal) scores."""
+    pad_vocab_to_multiple: int = 1
+    """Round the embedding table and head up to a multiple of this many rows (64 or 128 suit GPU
+    matmuls). Tokenization and the loss keep vocab_size: the logits are cut back to it."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
@@ -88,6 +96,8 @@ class TrainConfig:
     compute (balances estimated FLOPs per layer: the head weighs more, embeddings nothing)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every this many layers in backward (0: off)."""
+    compile_blocks: bool = False
+    """torch.compile each decoder block (fuses its elementwise work; the first steps compile)."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (offline when no credentials are set)."""
     keep_checkpoints: int = 0
@@ -281,7 +291,7 @@ def _coerce(name: str, value: Any, type_: str) -> Any:
 
 def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
-    for key in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+    for key in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "pad_vocab_to_multiple"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}: must be a positive integer, got {getattr(m, key)}")
     if m.n_embd % m.n_head:

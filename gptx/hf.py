@@ -66,8 +66,8 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
     check_expressible(m)
     L = m.n_layer
     sd = {}
-    for name, t in model.layers["0"].state_dict().items():
-        sd["transformer." + name] = t  # wte.weight
+    V = m.vocab_size  # padding rows (pad_vocab_to_multiple) are not part of GPT-2's format
+    sd["transformer.wte.weight"] = model.layers["0"].wte.weight[:V]
     sd["transformer.wpe.weight"] = model.layers["1"].wpe.weight
     for i in range(L):
         for name, t in model.layers[str(2 + i)].state_dict().items():
@@ -75,7 +75,7 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
     for name, t in model.layers[str(2 + L)].state_dict().items():
         sd["transformer." + name] = t  # ln_f
     if not m.tie_embeddings:
-        sd["lm_head.weight"] = model.layers[str(3 + L)].lm_head.weight
+        sd["lm_head.weight"] = model.layers[str(3 + L)].lm_head.weight[:V]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.detach().float().contiguous() for k, v in sd.items()}, out / "model.safetensors")

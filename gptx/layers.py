@@ -26,16 +26,22 @@ def _init_linear(linear: nn.Linear, std: float = INIT_STD) -> None:
 class TokenEmbedding(nn.Module):
     """Token ids -> vectors. When tied, the same table also produces the logits."""
 
-    def __init__(self, vocab_size: int, n_embd: int):
+    def __init__(self, vocab_size: int, n_embd: int, padded_vocab_size: int | None = None):
         super().__init__()
-        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.vocab_size = vocab_size
+        self.wte = nn.Embedding(padded_vocab_size or vocab_size, n_embd)
         nn.init.normal_(self.wte.weight, mean=0.0, std=INIT_STD)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.wte(idx)  # (B, T) -> (B, T, C)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.wte.weight)  # (B, T, C) -> (B, T, V)
+        return _real_vocab(F.linear(x, self.wte.weight), self.vocab_size)  # (B, T, C) -> (B, T, V)
+
+
+def _real_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Padding rows of the table (pad_vocab_to_multiple) are never tokens: drop their logits."""
+    return logits if logits.size(-1) == vocab_size else logits[..., :vocab_size]
 
 
 def tied_logits(embedding: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
@@ -266,10 +272,11 @@ class FinalNorm(nn.Module):
 class LMHead(nn.Module):
     """The untied output head (GPT-2's lm_head has no bias)."""
 
-    def __init__(self, n_embd: int, vocab_size: int):
+    def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int | None = None):
         super().__init__()
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.vocab_size = vocab_size
+        self.lm_head = nn.Linear(n_embd, padded_vocab_size or vocab_size, bias=False)
         _init_linear(self.lm_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        return _real_vocab(self.lm_head(x), self.vocab_size)  # (B, T, C) -> (B, T, V)

@@ -56,11 +56,11 @@ class SeededTiedLayerSpec(_SeededBuild, TiedLayerSpec):
 
 
 def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:
-    C, V = cfg.n_embd, cfg.vocab_size
+    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size
     if cfg.tie_embeddings:
-        embed = SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, tied_weight_attr="wte.weight")
+        embed = SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, P, tied_weight_attr="wte.weight")
     else:
-        embed = SeededLayerSpec(seed, TokenEmbedding, V, C)
+        embed = SeededLayerSpec(seed, TokenEmbedding, V, C, P)
     if cfg.position_embedding == "learned":
         positions = SeededLayerSpec(seed + 1, PositionEmbedding, cfg.seq_len, C, cfg.dropout)
     else:  # positions come from attention (or nowhere); keep the slot so indices stay put
@@ -71,10 +71,10 @@ def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:
     specs.append(SeededLayerSpec(seed + 2 + cfg.n_layer, FinalNorm, C, cfg.bias))
     if cfg.tie_embeddings:
         # Same seed as position 0: both copies start equal even before DeepSpeed broadcasts.
-        specs.append(SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C,
+        specs.append(SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, P,
                                          forward_fn=tied_logits, tied_weight_attr="wte.weight"))
     else:
-        specs.append(SeededLayerSpec(seed + 3 + cfg.n_layer, LMHead, C, V))
+        specs.append(SeededLayerSpec(seed + 3 + cfg.n_layer, LMHead, C, V, P))
     assert len(specs) == n_pipeline_layers(cfg)
     return specs
 

@@ -121,7 +121,7 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
         methods[name] = {"parts": alt, "params_max_over_mean": _max_over_mean(alt_params),
                          "compute_max_over_mean": _max_over_mean(_stage_sums(flops, alt))}
     total = sum(stage_params)
-    unique = sum(params) - (m.vocab_size * m.n_embd if m.tie_embeddings else 0)
+    unique = sum(params) - (m.padded_vocab_size * m.n_embd if m.tie_embeddings else 0)
     return {
         "model": cfg.name, "pipe_parallel_size": pipe_size, "data_parallel_size": layout.dp_size,
         "partition_method": method, "precision": mem.precision, "zero_stage": zero,

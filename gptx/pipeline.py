@@ -110,7 +110,7 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     """The PipelineModule for this rank (torch.distributed must be initialized)."""
     t = cfg.train
     specs = layer_specs(cfg.model, t.seed if seed is None else seed)
-    return GPTPipe(
+    pipe = GPTPipe(
         layers=specs,
         compute_weights=layer_compute_weights(cfg, specs),
         num_stages=t.pipe_parallel_size,
@@ -120,6 +120,17 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
         activation_checkpoint_func=_checkpoint,
         checkpointable_layers=CHECKPOINTABLE_LAYERS,
     )
+    if t.compile_blocks:
+        compile_blocks(pipe.forward_funcs)
+    return pipe
+
+
+def compile_blocks(layers) -> None:
+    """torch.compile every Block in place; the other layers stay eager (small, or tied across stages)."""
+    from gptx.layers import Block
+    for layer in layers:
+        if isinstance(layer, Block):
+            layer.compile()
 
 
 def stage_param_counts(module: PipelineModule) -> list[int]:

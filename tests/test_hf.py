@@ -95,3 +95,15 @@ def test_training_continues_from_imported_weights(dist_world1, tmp_path):
         expected = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
                        for x, y in (next(windows) for _ in range(2))) / 2
     assert first["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_padded_vocabulary_exports_only_the_real_rows(tmp_path):
+    model = GPT(ModelConfig(**{**MICRO_MODEL, "vocab_size": 250, "pad_vocab_to_multiple": 64}), seed=4).eval()
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    sd = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert sd["transformer.wte.weight"].shape == (250, 32) and hf_cfg["vocab_size"] == 250
+    idx = torch.randint(0, 250, (1, 32))
+    with torch.no_grad():
+        assert torch.allclose(gpt2_reference(sd, hf_cfg, idx), model(idx), atol=1e-5)

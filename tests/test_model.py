@@ -47,3 +47,21 @@ def test_untrained_loss_is_near_log_vocab():
     labels = torch.randint(0, CFG.vocab_size, (8, CFG.seq_len))
     loss = lm_loss(model(idx), labels)
     assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.2
+
+
+def test_padded_vocabulary_computes_the_same_model():
+    import dataclasses
+    for tied in (True, False):
+        cfg = dataclasses.replace(CFG, tie_embeddings=tied)
+        plain = GPT(cfg, seed=0)
+        padded = GPT(dataclasses.replace(cfg, pad_vocab_to_multiple=64), seed=0)
+        assert padded.layers["0"].wte.weight.shape == (128, CFG.n_embd)  # 101 rounded up to 2 x 64
+        with torch.no_grad():  # same weights in the real rows, noise in the padding rows
+            for p, q in zip(padded.parameters(), plain.parameters()):
+                if p.shape != q.shape:
+                    p.normal_()
+                p[:q.shape[0]].copy_(q)
+        idx = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len))
+        logits = padded(idx)
+        assert logits.shape == (2, CFG.seq_len, CFG.vocab_size)  # the loss never sees the padding
+        assert torch.equal(logits, plain(idx))

@@ -1,8 +1,8 @@
 import torch
 
-from gptx.config import load_config
+from gptx.config import ModelConfig, load_config
 from gptx.model import GPT, layer_specs
-from gptx.pipeline import build_pipeline, count_layer_params
+from gptx.pipeline import build_pipeline, compile_blocks, count_layer_params
 from tests.conftest import MICRO_MODEL
 
 
@@ -35,3 +35,17 @@ def test_counting_the_largest_preset_allocates_nothing():
     cfg = load_config("gpt3-175b")
     counts = count_layer_params(layer_specs(cfg.model, seed=0))
     assert sum(counts) > 174e9
+
+
+def test_compiled_blocks_compute_what_eager_blocks_do():
+    cfg = ModelConfig(vocab_size=101, seq_len=16, n_layer=2, n_head=2, n_embd=24)
+    eager, compiled = GPT(cfg, seed=0), GPT(cfg, seed=0)
+    compile_blocks(compiled.layers.values())
+    assert compiled.layers["2"]._compiled_call_impl is not None and eager.layers["2"]._compiled_call_impl is None
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    a, b = eager(idx), compiled(idx)
+    assert torch.allclose(a, b, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
