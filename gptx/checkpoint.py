@@ -105,7 +105,8 @@ def _write_manifest(folder: Path) -> None:
 
 def fault_point(where: str, iteration: int) -> None:
     """Fault injection for the reliability tests: GPTX_FAULT=ACTION,WHERE,ITERATION,RANK makes
-    that rank raise (ACTION raise) or die by SIGKILL (ACTION kill) there. Unset, it does nothing."""
+    that rank raise (ACTION raise), die by SIGKILL (kill) or stop responding (hang) there.
+    Unset, it does nothing."""
     spec = os.environ.get("GPTX_FAULT")
     if not spec:
         return
@@ -115,6 +116,10 @@ def fault_point(where: str, iteration: int) -> None:
     if action == "kill":
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        import time
+        while True:
+            time.sleep(1)
     raise RuntimeError(f"injected fault at {where} of iteration {iteration} on rank {rank}")
 
 

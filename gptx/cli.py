@@ -353,7 +353,7 @@ def guarded(main) -> int:
     try:
         main()
     except GptxError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -19,3 +19,9 @@ class CheckpointError(GptxError):
 
 class TrainingStopped(GptxError):
     """Numerical trouble the run cannot recover from; nothing after the last good checkpoint is saved."""
+
+
+class PeerFailure(GptxError):
+    """Another rank hung or died; each rank reports what it saw, so it is printed on every rank."""
+
+    every_rank = True

@@ -21,7 +21,7 @@ from gptx import checkpoint
 from gptx.config import Config
 from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
-from gptx.errors import ConfigError, TrainingStopped
+from gptx.errors import ConfigError, PeerFailure, TrainingStopped
 from gptx.flops import mfu, peak_flops
 from gptx.schedule import WarmupCosine
 
@@ -479,6 +479,15 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                     save(iteration)
                 log(f"stopped by {signal_name} at iteration {iteration}; --load {run_dir} continues from here")
                 break
+    except RuntimeError as e:  # gloo/NCCL errors: a neighbour stopped answering or went away
+        text = str(e)
+        if "Timed out" in text or "timed out" in text:
+            raise PeerFailure(f"rank {rank}: a collective waited train.dist_timeout = {t.dist_timeout} s for the "
+                              f"other ranks and gave up: one of them hung; its own output says where") from None
+        if "Connection closed by peer" in text or "Connection reset by peer" in text:
+            raise PeerFailure(f"rank {rank}: another rank went away in the middle of a collective; its own "
+                              f"output says why") from None
+        raise
     finally:
         stop.restore()
 

@@ -143,15 +143,15 @@ def resume_and_compare(work, run, full_losses, expect_from: int):
     assert resumed == {i: full_losses[i] for i in range(expect_from + 1, ITERS + 1)}
 
 
-def faulted_run(work, run, env=None, until=None, fault=None) -> tuple[int, str]:
+def faulted_run(work, run, env=None, until=None, fault=None, extra=()) -> tuple[int, str]:
     """A 2-stage run under the real launcher; `fault(proc)` once a line containing `until` is out."""
-    proc, port = popen(work, args(work, run, 2, ITERS, "--save-interval", "2"), env)
+    proc, port = popen(work, args(work, run, 2, ITERS, "--save-interval", "2", *extra), env)
     try:
         out = read_until(proc, until) if until else ""
         if fault:
             fault(proc)
         out += proc.stdout.read()
-        return proc.wait(timeout=120), out
+        return proc.wait(timeout=150), out
     finally:
         release_shared_memory(port)
 
@@ -195,3 +195,13 @@ def test_a_rank_that_raises_ends_the_whole_run_quickly(work):
     assert time.time() - start < 90  # the other rank does not wait for it forever
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p in psutil.Process().children(recursive=True))
+
+
+@pytest.mark.launcher
+def test_a_hung_rank_times_out_the_others_instead_of_blocking_forever(work):
+    start = time.time()
+    code, out = faulted_run(work, work[0] / "hangs", env={"GPTX_FAULT": "hang,step,3,1"}, extra=["--dist-timeout", "5"])
+    assert code != 0
+    assert "error: rank 0: a collective waited train.dist_timeout = 5 s for the other ranks" in out, out[-3000:]
+    # 5 s of timeout, then DeepSpeed's launcher gives the hung rank 30 s to go before SIGKILL.
+    assert time.time() - start < 100
