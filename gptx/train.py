@@ -330,6 +330,42 @@ def _netrc_text() -> str:
         return ""
 
 
+def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int]:
+    """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed)."""
+    t = plan.cfg.train
+    saved_pp = plan.resume_meta.get("pipe_parallel_size")
+    if plan.resume_meta.get("weights_only"):
+        checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
+        state = plan.resume_meta
+        log(f"starting from the weights of {plan.resume_meta.get('source', 'a weights-only checkpoint')}; "
+            f"the optimizer starts fresh")
+    elif saved_pp == t.pipe_parallel_size:
+        state = checkpoint.load(engine, paths.load, plan.resume_tag)
+    else:
+        checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
+        state = plan.resume_meta
+        engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
+        log(f"warning: the checkpoint has {saved_pp} pipeline stages and this run {t.pipe_parallel_size}: "
+            f"weights, iteration, data position and LR schedule carry over exactly; the optimizer's "
+            f"moments (per-stage state) restart from zero")
+    iteration, consumed = state["iteration"], state["consumed_samples"]
+    log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, "
+        f"{consumed * plan.cfg.model.seq_len:,} tokens seen")
+    return iteration, consumed
+
+
+def _peer_failure(error: RuntimeError, rank: int, timeout: int) -> PeerFailure | None:
+    """A gloo/NCCL error that means a neighbour stopped answering or went away, in one line."""
+    text = str(error).lower()
+    if "timed out" in text:
+        return PeerFailure(f"rank {rank}: a collective waited train.dist_timeout = {timeout} s for the other "
+                           f"ranks and gave up: one of them hung; its own output says where")
+    if "connection closed by peer" in text or "connection reset by peer" in text:
+        return PeerFailure(f"rank {rank}: another rank went away in the middle of a collective; its own output "
+                           f"says why")
+    return None
+
+
 def pretrain(cfg: Config, paths: RunPaths) -> Path:
     """Train on every rank; returns the run directory."""
     import deepspeed
@@ -360,26 +396,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    iteration, consumed = 0, 0
-    if plan.resume_tag:
-        saved_pp = plan.resume_meta.get("pipe_parallel_size")
-        if plan.resume_meta.get("weights_only"):
-            checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
-            state = plan.resume_meta
-            log(f"starting from the weights of {plan.resume_meta.get('source', 'a weights-only checkpoint')}; "
-                f"the optimizer starts fresh")
-        elif saved_pp == t.pipe_parallel_size:
-            state = checkpoint.load(engine, paths.load, plan.resume_tag)
-        else:
-            checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
-            state = plan.resume_meta
-            engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
-            log(f"warning: the checkpoint has {saved_pp} pipeline stages and this run {t.pipe_parallel_size}: "
-                f"weights, iteration, data position and LR schedule carry over exactly; the optimizer's "
-                f"moments (per-stage state) restart from zero")
-        iteration, consumed = state["iteration"], state["consumed_samples"]
-        log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, "
-            f"{consumed * cfg.model.seq_len:,} tokens seen")
+    iteration, consumed = resume(engine, plan, paths) if plan.resume_tag else (0, 0)
 
     stage_params = stage_param_counts(model)
     parts = model.parts
@@ -479,15 +496,11 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                     save(iteration)
                 log(f"stopped by {signal_name} at iteration {iteration}; --load {run_dir} continues from here")
                 break
-    except RuntimeError as e:  # gloo/NCCL errors: a neighbour stopped answering or went away
-        text = str(e)
-        if "Timed out" in text or "timed out" in text:
-            raise PeerFailure(f"rank {rank}: a collective waited train.dist_timeout = {t.dist_timeout} s for the "
-                              f"other ranks and gave up: one of them hung; its own output says where") from None
-        if "Connection closed by peer" in text or "Connection reset by peer" in text:
-            raise PeerFailure(f"rank {rank}: another rank went away in the middle of a collective; its own "
-                              f"output says why") from None
-        raise
+    except RuntimeError as e:
+        failure = _peer_failure(e, rank, t.dist_timeout)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         stop.restore()
 
