@@ -17,6 +17,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from gptx.errors import CheckpointError
 LATEST = "latest"
 META = "gptx.json"
 MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = 2
+"""2: folders are complete only with a manifest. Folders without the key predate manifests."""
 TAG_PREFIX = "iter_"
 
 
@@ -81,13 +84,17 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
     """Collective: every rank calls it. Returns the checkpoint folder."""
     run_dir = Path(run_dir)
     tag = tag_for(iteration)
-    engine.save_checkpoint(str(run_dir), tag=tag, client_state=dict(progress), save_latest=False)
     folder = run_dir / tag
     rank = dist.get_rank()
+    if rank == 0:  # rewriting a folder (after a fallback): it is incomplete until its new manifest
+        (folder / MANIFEST).unlink(missing_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(run_dir), tag=tag, client_state=dict(progress), save_latest=False)
     buf = _torch_bytes(_rng_state())
     atomic_write(folder / f"rng_rank_{rank:05d}.pt", buf)
     if rank == 0:
-        atomic_write(folder / META, (json.dumps({**meta, **progress}, indent=2) + "\n").encode())
+        body = {**meta, **progress, "checkpoint_format": CHECKPOINT_FORMAT}
+        atomic_write(folder / META, (json.dumps(body, indent=2) + "\n").encode())
     fault_point("save", progress["iteration"])
     dist.barrier()
     if rank == 0:
@@ -174,7 +181,11 @@ def _torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def find_latest(load_dir: str | Path, warn=print) -> tuple[str, dict]:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def find_latest(load_dir: str | Path, warn=_to_stderr) -> tuple[str, dict]:
     """The newest complete checkpoint's tag and its gptx.json, or a CheckpointError.
 
     `latest` names the newest complete checkpoint unless something went wrong after it was
@@ -192,6 +203,10 @@ def find_latest(load_dir: str | Path, warn=print) -> tuple[str, dict]:
     problems = []
     for folder in candidates:
         reason = _unusable(folder)
+        if reason and folder.name == named and _predates_manifests(folder):
+            # `latest` only ever named complete checkpoints, also before manifests existed.
+            warn(f"warning: '{folder}' has no {MANIFEST} (saved by an older gptx); trusting '{LATEST}'")
+            reason = None
         if reason is None:
             if folder.name != named:
                 pointed = f"'{LATEST}' names '{named}'" if named else f"there is no '{LATEST}' file"
@@ -202,6 +217,15 @@ def find_latest(load_dir: str | Path, warn=print) -> tuple[str, dict]:
     if not candidates:
         raise CheckpointError(f"--load '{load_dir}': no checkpoint folders ({TAG_PREFIX}*) to resume from")
     raise CheckpointError(f"--load '{load_dir}': no complete checkpoint; " + "; ".join(problems))
+
+
+def _predates_manifests(folder: Path) -> bool:
+    if (folder / MANIFEST).exists():
+        return False
+    try:
+        return "checkpoint_format" not in json.loads((folder / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _unusable(folder: Path) -> str | None:
@@ -216,7 +240,10 @@ def _unusable(folder: Path) -> str | None:
 
 def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> None:
     """Refuse, before any heavy work, a checkpoint of another model shape."""
-    saved = meta.get("config", {}).get("model", {})
+    import dataclasses
+    from gptx.config import ModelConfig
+    # Keys added since the checkpoint was written had their default then.
+    saved = {**dataclasses.asdict(ModelConfig()), **meta.get("config", {}).get("model", {})}
     current = cfg.to_dict()["model"]
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
              for k in current if k != "dropout" and saved.get(k) != current[k]]
@@ -294,12 +321,11 @@ def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32, maste
     masters = fp32_master_weights(folder, meta, cfg) if master_weights else None
     for name, module in model.layers.items():
         file = layer_file(folder, int(name))
-        if masters is not None:
-            state = masters[int(name)]
-        elif not file.exists():
+        if not file.exists():
             raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if masters is not None:
+            state.update(masters.get(int(name), {}))  # layers without parameters have no masters
         try:
             module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         except RuntimeError as e:
@@ -333,25 +359,60 @@ def _stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int,
     return [g for g in groups if g]
 
 
-def _flat_fp32_groups(folder: Path, stage: int, dp_size: int) -> list[torch.Tensor] | None:
-    """One stage's fp32 master weights as DeepSpeed saved them: one flat tensor per group."""
-    zero = sorted(folder.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
-    if zero:  # ZeRO-1: each data-parallel rank holds a slice of every group, in rank order
-        prefix = zero[0].name.split("zero_pp_rank_")[0]
-        files = [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp_size)]
-        slices = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-                  ["single_partition_of_fp32_groups"] for f in files]
-        return [torch.cat([s[g] for s in slices]) for g in range(len(slices[0]))]
-    states = torch.load(folder / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu", weights_only=False)
-    flat = (states.get("optimizer") or {}).get("fp32_groups_flat")  # fp16 without ZeRO
-    return list(flat) if flat is not None else None
+def _pipe_param_key(name: str) -> tuple[int, str]:
+    """A stage module's parameter name -> (layer index, key in its layer file)."""
+    if name.startswith("tied_modules."):
+        return 0, name.split(".", 2)[2]  # the tied embedding is layer 0's
+    idx, key = name.split(".", 1)
+    return int(idx), key
+
+
+def _zero_masters(files: list[Path]) -> dict[str, torch.Tensor]:
+    """A stage's fp32 masters from its ZeRO-1 / bf16 optimizer files (one per data-parallel rank).
+
+    Each rank holds a slice of every flat group; `param_slice_mappings` says where each
+    parameter's fragment starts in that rank's slice, which also covers DeepSpeed's
+    alignment padding and round-robin ordering.
+    """
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for g in range(len(states[0]["single_partition_of_fp32_groups"])):
+        base = 0
+        for sd in states:
+            part = sd["single_partition_of_fp32_groups"][g]
+            for name, frag in sd["param_slice_mappings"][g].items():
+                pieces.setdefault(name, []).append((base + frag.start, part[frag.start:frag.start + frag.numel]))
+            base += part.numel()
+    return {name: torch.cat([t for _, t in sorted(frags, key=lambda x: x[0])]) for name, frags in pieces.items()}
+
+
+def _fp16_masters(states: dict, order: list[list[tuple[int, str, torch.Size]]], where: str) -> dict:
+    """A stage's fp32 masters from DeepSpeed's fp16 optimizer without ZeRO: flat groups in parameter order."""
+    opt = states.get("optimizer") or {}
+    if "fp32_groups_flat" in opt:  # FP16_Optimizer (fused Adam)
+        flat = list(opt["fp32_groups_flat"])
+    elif "fp32_groups" in opt:  # FP16_UnfusedOptimizer: a list of tensors per group
+        flat = [torch.cat([t.reshape(-1) for t in group]) for group in opt["fp32_groups"]]
+    else:
+        raise CheckpointError(f"checkpoint '{where}': no fp32 master weights in DeepSpeed's optimizer state")
+    if len(flat) != len(order):
+        raise CheckpointError(f"checkpoint '{where}': {len(flat)} optimizer groups, gptx expects {len(order)}")
+    masters = {}
+    for group, entries in zip(flat, order):
+        if group.numel() != sum(shape.numel() for _, _, shape in entries):
+            raise CheckpointError(f"checkpoint '{where}': an optimizer group holds {group.numel()} values, "
+                                  f"the stage's parameters {sum(s.numel() for _, _, s in entries)}")
+        offset = 0
+        for idx, key, shape in entries:
+            masters[(idx, key)] = group[offset:offset + shape.numel()].view(shape).clone()
+            offset += shape.numel()
+    return masters
 
 
 def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict[str, torch.Tensor]] | None:
     """Layer index -> state dict from the optimizer's fp32 master copies, or None when the run was fp32.
 
-    Reads each stage's flat groups and cuts them along the stage's parameter order; the tied
-    embedding is taken from the first stage (its copies are kept equal).
+    The tied embedding is taken from the first stage (its copies are kept equal).
     """
     from gptx.pipeline import layer_compute_weights, partition
     from gptx.model import layer_specs
@@ -365,20 +426,25 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict
     parts = partition(specs, cfg.train.partition_method, pp, layer_compute_weights(cfg, specs))
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for stage in range(pp):
-        flat = _flat_fp32_groups(folder, stage, dp)
         order = _stage_param_order(cfg, range(parts[stage], parts[stage + 1]))
-        if flat is None or len(flat) != len(order):
-            raise CheckpointError(f"checkpoint '{folder}': no fp32 master weights found for stage {stage} "
-                                  f"(expected DeepSpeed's ZeRO-1 or fp16 optimizer files)")
-        for group, entries in zip(flat, order):
-            offset = 0
-            for idx, key, shape in entries:
-                n = shape.numel()
-                layers.setdefault(idx, {}).setdefault(key, group[offset:offset + n].view(shape).clone())
-                offset += n
-            if offset > group.numel():
-                raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s fp32 weights are shorter than "
-                                      f"the model in {META}")
+        shapes = {(idx, key): shape for group in order for idx, key, shape in group}
+        zero = sorted(folder.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
+        if zero:
+            prefix = zero[0].name.split("zero_pp_rank_")[0]
+            files = [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp)]
+            masters = {_pipe_param_key(name): t for name, t in _zero_masters(files).items()}
+        else:
+            states = torch.load(folder / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu",
+                                weights_only=False)
+            masters = _fp16_masters(states, order, str(folder))
+        if masters.keys() != shapes.keys():
+            raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s optimizer holds other parameters than "
+                                  f"the model in {META}")
+        for (idx, key), tensor in masters.items():
+            if tensor.numel() != shapes[(idx, key)].numel():
+                raise CheckpointError(f"checkpoint '{folder}': master weight {idx}.{key} has {tensor.numel()} "
+                                      f"values, the model {shapes[(idx, key)].numel()}")
+            layers.setdefault(idx, {}).setdefault(key, tensor.view(shapes[(idx, key)]))
     return layers
 
 
@@ -394,8 +460,9 @@ def save_weights_only(layers: dict[int, dict[str, torch.Tensor]], cfg: Config, o
     folder.mkdir(parents=True, exist_ok=True)
     for idx, state in layers.items():
         atomic_write(layer_file(folder, idx), _torch_bytes({k: v.contiguous() for k, v in state.items()}))
-    meta = {"config": cfg.to_dict(), "weights_only": True, "source": source, "pipe_parallel_size": None,
-            "iteration": 0, "consumed_samples": 0, "tokens": 0, "lr_steps": 0, "code_version": code_version()}
+    meta = {"config": cfg.to_dict(), "weights_only": True, "checkpoint_format": CHECKPOINT_FORMAT, "source": source,
+            "pipe_parallel_size": None, "iteration": 0, "consumed_samples": 0, "tokens": 0, "lr_steps": 0,
+            "code_version": code_version()}
     atomic_write(folder / META, (json.dumps(meta, indent=2) + "\n").encode())
     _write_manifest(folder)
     atomic_write(out / LATEST, tag.encode())

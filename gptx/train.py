@@ -21,7 +21,7 @@ from gptx import checkpoint
 from gptx.config import Config
 from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
-from gptx.errors import ConfigError, PeerFailure, TrainingStopped
+from gptx.errors import ConfigError, GptxError, PeerFailure, TrainingStopped
 from gptx.flops import mfu, peak_flops
 from gptx.schedule import WarmupCosine
 
@@ -165,9 +165,9 @@ def loss_scale(engine) -> float | None:
     if not engine.fp16_enabled():
         return None
     opt = engine.optimizer
-    scale = getattr(opt, "cur_scale", None)
-    if scale is None and hasattr(opt, "loss_scaler"):
-        scale = opt.loss_scaler.cur_scale
+    # DeepSpeed 0.19 keeps it in loss_scale_config (FP16_Optimizer), or loss_scaler (ZeRO).
+    holder = getattr(opt, "loss_scale_config", None) or getattr(opt, "loss_scaler", None) or opt
+    scale = getattr(holder, "cur_scale", None)
     return float(scale) if scale is not None else None
 
 
@@ -223,8 +223,10 @@ class StopSignal:
     """SIGTERM/SIGINT set a flag; at each iteration boundary the ranks agree (MAX over the world)
     so that all of them stop after the same iteration, save, and exit cleanly.
 
-    DeepSpeed's launcher forwards a signal it receives to every rank as SIGTERM, then waits
-    30 s per rank before SIGKILL: enough for a stop and save at the next boundary.
+    DeepSpeed's launcher, when it is signalled itself, sends SIGTERM to one rank at a time and
+    SIGKILLs it after 30 s. A save that takes longer is cut off, safely (the folder gets no
+    manifest and `latest` keeps naming the previous checkpoint). The same signal a second
+    time gets its default behaviour, so a second Ctrl-C interrupts a run that is stuck.
     """
 
     def __init__(self):
@@ -239,10 +241,16 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        import signal
+        if self.received == signum:
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+            return
         if not self.received:
             self.received = int(signum)
-            print(f"rank {_rank()}: received {self.names.get(signum, signum)}; stopping after this iteration "
-                  f"with a checkpoint", flush=True)
+            # os.write, not print: a handler that prints while the main code prints can raise.
+            os.write(2, f"rank {_rank()}: received {self.names.get(signum, signum)}; stopping after this "
+                        f"iteration with a checkpoint\n".encode())
 
     def agreed(self, device) -> str | None:
         """Collective: the signal's name if any rank received one."""
@@ -354,9 +362,19 @@ def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int]:
     return iteration, consumed
 
 
-def _peer_failure(error: RuntimeError, rank: int, timeout: int) -> PeerFailure | None:
-    """A gloo/NCCL error that means a neighbour stopped answering or went away, in one line."""
+def _known_failure(error: Exception, rank: int, timeout: int) -> GptxError | None:
+    """Errors raised inside the engine that have a one-line explanation.
+
+    The collective timeouts and lost peers are gloo's (CPU). On GPUs NCCL's watchdog aborts
+    the process after train.dist_timeout instead, which still ends the run in bounded time.
+    """
     text = str(error).lower()
+    if "loss scale already at minimum" in text:  # DeepSpeed's ZeRO fp16 scaler gives up
+        return TrainingStopped("fp16 steps keep overflowing at the minimum loss scale (DeepSpeed's ZeRO "
+                               "optimizer stopped); use bf16 (ds_configs/gpu_bf16.json), lower train.lr, or "
+                               "lower min_loss_scale in the DeepSpeed JSON")
+    if not isinstance(error, RuntimeError):
+        return None
     if "timed out" in text:
         return PeerFailure(f"rank {rank}: a collective waited train.dist_timeout = {timeout} s for the other "
                            f"ranks and gave up: one of them hung; its own output says where")
@@ -496,10 +514,17 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                     save(iteration)
                 log(f"stopped by {signal_name} at iteration {iteration}; --load {run_dir} continues from here")
                 break
-    except RuntimeError as e:
-        failure = _peer_failure(e, rank, t.dist_timeout)
+    except TrainingStopped:
+        if owns_process_group:  # every rank stops at the same iteration: tear down together
+            dist.barrier()
+            dist.destroy_process_group()
+            release_shared_memory()
+        raise
+    except Exception as e:
+        failure = _known_failure(e, rank, t.dist_timeout)
         if failure is None:
             raise
+        release_shared_memory()
         raise failure from None
     finally:
         stop.restore()

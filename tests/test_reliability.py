@@ -1,4 +1,5 @@
 """Faults injected into real runs: signals, kill -9, crashes, damaged checkpoints, numerical trouble."""
+import json
 import math
 import os
 import signal
@@ -9,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from gptx.checkpoint import MANIFEST
+from gptx.checkpoint import MANIFEST, find_latest
 from gptx.cli import run_pretrain
 from gptx.config import load_config
 from gptx.errors import TrainingStopped
@@ -53,6 +54,34 @@ def test_spikes_are_reported_against_the_running_mean():
     assert guard().check(1, 3.0, 0, None) is None  # off by default
 
 
+def test_loss_scale_is_read_from_deepspeeds_fp16_optimizer():
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.loss_scaler import LossScaleConfig
+    from gptx.train import loss_scale
+    weights = torch.nn.Parameter(torch.zeros(4, dtype=torch.half))
+    args = {"init_scale": 2 ** 12, "scale_window": 1000, "min_scale": 1, "delayed_shift": 2,
+            "consecutive_hysteresis": False}
+    scaler = LossScaleConfig(torch.half, True, 1.0, args)
+    opt = FP16_Optimizer(torch.optim.AdamW([weights]), deepspeed=None, loss_scale_config=scaler,
+                         dynamic_loss_scale=True, initial_dynamic_scale=2 ** 12)
+    # The engine only matters for these two attributes; the optimizer is DeepSpeed's own (fp16 runs on GPUs only).
+    assert loss_scale(SimpleNamespace(fp16_enabled=lambda: True, optimizer=opt)) == 2 ** 12
+
+
+def test_deepspeeds_zero_fp16_give_up_becomes_one_line():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from gptx.train import _known_failure
+    scaler = DynamicLossScaler(init_scale=1, scale_window=1000, min_scale=1, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    with pytest.raises(Exception) as raised:
+        scaler.update_scale(True)  # an overflow at the minimum scale
+    failure = _known_failure(raised.value, rank=0, timeout=60)
+    assert isinstance(failure, TrainingStopped) and "use bf16" in str(failure)
+
+
 # --- in-process runs -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -78,6 +107,22 @@ def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, ca
     assert "resumed from" in out and "iter_0000004: iteration 4" in out
     redone = [r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] == 5]
     assert redone == [first[5], first[5]]  # iteration 5 again, from iteration 4's checkpoint: the same loss
+
+
+def test_a_folder_without_manifest_is_skipped_unless_it_predates_manifests(dist_world1, work):
+    run = work[0] / "manifests"
+    assert run_pretrain(args(work, run, 1, 2, "--save-interval", "1")) == 0
+    (run / "iter_0000002" / MANIFEST).unlink()  # as if its writing had stopped halfway
+    warnings = []
+    assert find_latest(run, warn=warnings.append)[0] == "iter_0000001"
+    assert "'iter_0000002': no manifest.json (its writing never finished)" in warnings[0]
+    meta_file = run / "iter_0000002" / "gptx.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["checkpoint_format"]  # what a gptx from before manifests wrote
+    meta_file.write_text(json.dumps(meta))
+    warnings = []
+    assert find_latest(run, warn=warnings.append)[0] == "iter_0000002"
+    assert "saved by an older gptx" in warnings[0]
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_world1, work, capsys):
