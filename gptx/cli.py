@@ -312,7 +312,10 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         _single_process_env()
         world = int(os.environ["WORLD_SIZE"])
         overrides = dict(parse_override(text) for text in args.set)
-        overrides["pipe_parallel_size"] = args.pipe_parallel_size or world
+        if args.pipe_parallel_size:
+            overrides["pipe_parallel_size"] = args.pipe_parallel_size
+        else:
+            overrides.setdefault("pipe_parallel_size", world)  # --set may name it too
         for key in ("partition_method", "activation_checkpoint_interval", "compile_blocks"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
