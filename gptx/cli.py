@@ -47,15 +47,21 @@ def pretrain_parser() -> argparse.ArgumentParser:
 
 def parse_pretrain_args(argv: list[str] | None = None):
     """argv -> (Config, RunPaths), validated."""
-    from gptx.config import load_config, parse_override
+    from gptx.config import load_config
     from gptx.train import RunPaths
 
     args = pretrain_parser().parse_args(argv)
-    overrides = dict(parse_override(text) for text in args.set)
-    overrides.update({k: getattr(args, k) for k in (*TRAIN_FLAGS, *BOOL_TRAIN_FLAGS) if getattr(args, k) is not None})
-    cfg = load_config(args.model, overrides)
+    cfg = load_config(args.model, _overrides(args, (*TRAIN_FLAGS, *BOOL_TRAIN_FLAGS)))
     return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
                          ds_log_level=args.ds_log_level)
+
+
+def _overrides(args, flags) -> dict:
+    """Config overrides from the command line: --set KEY=VALUE, then the named flags that were given."""
+    from gptx.config import parse_override
+    overrides = dict(parse_override(text) for text in args.set)
+    overrides.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    return overrides
 
 
 def run_pretrain(argv: list[str] | None = None) -> int:
@@ -111,15 +117,12 @@ def run_partition_report(argv: list[str] | None = None) -> int:
     def main():
         import json
 
-        from gptx.config import load_config, parse_override
+        from gptx.config import load_config
         from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
         from gptx.partition_report import partition_report, render_text
         args = partition_report_parser().parse_args(argv)
-        overrides = dict(parse_override(text) for text in args.set)
-        for key in ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval"):
-            if getattr(args, key) is not None:
-                overrides[key] = getattr(args, key)
-        cfg = load_config(args.model, overrides)
+        cfg = load_config(args.model, _overrides(
+            args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval")))
         if args.data_parallel_size < 1:
             raise ConfigError(f"--data-parallel-size: must be >= 1, got {args.data_parallel_size}")
         ds_path = args.deepspeed_config or str(default_ds_config_path("cuda"))
@@ -305,20 +308,15 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         import json
 
         from gptx.benchmark import BenchSettings, benchmark, render_text
-        from gptx.config import load_config, parse_override
+        from gptx.config import load_config
         from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
         from gptx.train import _accelerator_name, _set_threads, release_shared_memory
         args = benchmark_parser().parse_args(argv)
         _single_process_env()
         world = int(os.environ["WORLD_SIZE"])
-        overrides = dict(parse_override(text) for text in args.set)
-        if args.pipe_parallel_size:
-            overrides["pipe_parallel_size"] = args.pipe_parallel_size
-        else:
-            overrides.setdefault("pipe_parallel_size", world)  # --set may name it too
-        for key in ("partition_method", "activation_checkpoint_interval", "compile_blocks"):
-            if getattr(args, key) is not None:
-                overrides[key] = getattr(args, key)
+        overrides = _overrides(args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval",
+                                      "compile_blocks"))
+        overrides.setdefault("pipe_parallel_size", world)  # by default, one stage per rank
         cfg = load_config(args.model, overrides)
         pp = cfg.train.pipe_parallel_size
         if world % pp:

@@ -266,11 +266,11 @@ class NumericsGuard:
     Every rank sees the same loss and skip count, so every rank decides the same.
     """
 
-    def __init__(self, cfg: Config, fp16: bool, min_scale: float | None):
+    def __init__(self, cfg: Config, fp16: bool, min_scale: float | None, skipped_so_far: int = 0):
         self.t = cfg.train
         self.fp16 = fp16
         self.min_scale = min_scale
-        self.skipped_seen = 0
+        self.skipped_seen = skipped_so_far  # a resumed run's engine starts with the saved count
         self.streak = 0
         self.mean = None
         self.seen = 0
@@ -442,8 +442,8 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     first_loss = None
     stop = StopSignal()
     fp16_cfg = plan.ds_config.get("fp16", {})
-    guard = NumericsGuard(cfg, engine.fp16_enabled(), fp16_cfg.get("min_loss_scale", 1) if fp16_cfg else None)
-    guard.skipped_seen = engine.skipped_steps
+    guard = NumericsGuard(cfg, engine.fp16_enabled(), fp16_cfg.get("min_loss_scale", 1) if fp16_cfg else None,
+                          engine.skipped_steps)
     device = engine.device
 
     def save(iteration: int) -> None:
