@@ -54,20 +54,27 @@ def write_ds_config(path: Path, micro: int, accum: int, **extra) -> Path:
     return path
 
 
+def launcher_command(nprocs: int, args: list[str], script: str = "launch/pretrain.py",
+                     env: dict | None = None) -> tuple[list[str], dict, str]:
+    """(command, environment, master port) to run a script under the real deepspeed launcher."""
+    beside_python = Path(sys.executable).parent / "deepspeed"
+    launcher = str(beside_python) if beside_python.exists() else "deepspeed"
+    port = str(free_port())
+    cmd = [launcher, "--num_gpus", str(nprocs), "--master_port", port, str(REPO / script), *args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("RANK", None)
+    full_env.pop("WORLD_SIZE", None)
+    return cmd, full_env, port
+
+
 def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300,
            script: str = "launch/pretrain.py") -> subprocess.CompletedProcess:
     """launch/pretrain.py (or another script) under the real deepspeed launcher, on CPU with gloo."""
-    beside_python = Path(sys.executable).parent / "deepspeed"
-    launcher = str(beside_python) if beside_python.exists() else "deepspeed"
-    cmd = [launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(REPO / script), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    cmd, env, port = launcher_command(nprocs, args, script)
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     finally:
-        release_shared_memory(cmd[4])  # also after a crash
+        release_shared_memory(port)  # also after a crash
 
 
 def run_files(tmp: Path) -> tuple[Path, Path, Path, Path]:

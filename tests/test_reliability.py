@@ -4,7 +4,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -16,7 +15,7 @@ from gptx.config import load_config
 from gptx.errors import TrainingStopped
 from gptx.train import NumericsGuard
 from gptx.train import release_shared_memory
-from tests.conftest import REPO, free_port, launch, pretrain_args, read_metrics, run_files, train_losses
+from tests.conftest import launch, launcher_command, pretrain_args, read_metrics, run_files, train_losses
 
 
 # --- the numerics guard on its own ---------------------------------------------------------------
@@ -143,13 +142,7 @@ ITERS = 12
 
 
 def popen(work, run_args, env=None):
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    port = str(free_port())
-    cmd = [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", "2", "--master_port", port,
-           str(REPO / "launch" / "pretrain.py"), *run_args]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    full_env.pop("RANK", None)
-    full_env.pop("WORLD_SIZE", None)
+    cmd, full_env, port = launcher_command(2, run_args, env=env)
     proc = subprocess.Popen(cmd, cwd=work[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=full_env, start_new_session=True)
     return proc, port
