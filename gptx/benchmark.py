@@ -93,7 +93,7 @@ class InstructionTimer:
 
 def plain_optimizer(model: torch.nn.Module, ds_config: dict, lr: float) -> torch.optim.Optimizer:
     """torch AdamW with the DeepSpeed config's settings, as its `torch_adam` path builds it."""
-    from gptx.train import param_groups
+    from gptx.engine import param_groups
     params = dict(ds_config.get("optimizer", {}).get("params", {}))
     params.pop("torch_adam", None)
     params.pop("adam_w_mode", None)
@@ -145,7 +145,7 @@ class PlainLoop:
 def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: BenchSettings, accelerator: str,
               seed: int = 0) -> dict | None:
     """Collective. Returns the report on global rank 0, None elsewhere."""
-    from gptx.train import build_engine
+    from gptx.engine import build_engine
     engine = build_engine(cfg, ds_config)
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     grid = engine.grid

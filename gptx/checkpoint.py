@@ -2,8 +2,9 @@
 
 A run directory holds one folder per checkpoint (`iter_0000200/`, DeepSpeed's layer and
 optimizer files plus ours) and a `latest` file naming the newest complete one. DeepSpeed
-0.19 writes `latest` from rank 0 before the other ranks have finished, so we pass
-save_latest=False and move the pointer ourselves, atomically, after a barrier.
+0.19 writes `latest` from rank 0 before the other ranks have finished, so gptx saves
+without it (gptx/engine.py, defect 4) and moves the pointer itself, atomically, after a
+barrier.
 
 Ours in each folder: `gptx.json` (resolved config, DeepSpeed JSON, layout, code version,
 progress), `rng_rank_XXXXX.pt` (each rank's RNG states, for dropout) and, written last,
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from gptx.config import Config
 from gptx.atomic import atomic_write
+from gptx.engine import save_checkpoint
 from gptx.errors import CheckpointError
 
 LATEST = "latest"
@@ -89,7 +91,7 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
     if rank == 0:  # rewriting a folder (after a fallback): it is incomplete until its new manifest
         (folder / MANIFEST).unlink(missing_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(run_dir), tag=tag, client_state=dict(progress), save_latest=False)
+    save_checkpoint(engine, run_dir, tag, dict(progress))
     buf = _torch_bytes(_rng_state())
     atomic_write(folder / f"rng_rank_{rank:05d}.pt", buf)
     if rank == 0:

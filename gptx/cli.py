@@ -310,7 +310,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         from gptx.benchmark import BenchSettings, benchmark, render_text
         from gptx.config import load_config
         from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
-        from gptx.train import _accelerator_name, _set_threads, release_shared_memory
+        from gptx.engine import release_shared_memory
+        from gptx.train import _accelerator_name, _set_threads
         args = benchmark_parser().parse_args(argv)
         _single_process_env()
         world = int(os.environ["WORLD_SIZE"])

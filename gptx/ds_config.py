@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptx.engine import CPU_FP16_ENV, cpu_fp16_allowed
 from gptx.errors import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -94,9 +95,10 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
     bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
     if fp16 and bf16:
         raise ConfigError(f"{path}: fp16.enabled and bf16.enabled are both true; choose one precision")
-    if fp16 and accelerator_name == "cpu":
+    if fp16 and accelerator_name == "cpu" and not cpu_fp16_allowed():
         raise ConfigError(f"{path}: fp16 is not supported by DeepSpeed's CPU accelerator; use "
-                          f"ds_configs/cpu_fp32.json or a bf16 config on CPU")
+                          f"ds_configs/cpu_fp32.json or a bf16 config on CPU ({CPU_FP16_ENV}=1 runs it anyway, "
+                          f"slowly, for tests)")
     if fp16 and (cfg["fp16"].get("loss_scale", 0) or 0) == 0 and cfg["fp16"].get("initial_scale_power", 16) > 24:
         raise ConfigError(f"{path}: fp16.initial_scale_power {cfg['fp16']['initial_scale_power']} starts the loss "
                           f"scale so high that the first steps are all skipped; use 16 or less")

@@ -11,7 +11,6 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,10 +19,10 @@ import torch.distributed as dist
 from gptx import checkpoint
 from gptx.config import Config
 from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
+from gptx.engine import build_engine, loss_scale, release_shared_memory
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
 from gptx.errors import ConfigError, GptxError, PeerFailure, TrainingStopped
 from gptx.flops import mfu, peak_flops
-from gptx.schedule import WarmupCosine
 
 
 @dataclass(frozen=True)
@@ -103,72 +102,6 @@ def _set_threads(accelerator: str) -> int:
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return torch.get_num_threads()
-
-
-def param_groups(module: torch.nn.Module) -> list[dict]:
-    """Weight decay on matrices and embeddings only, not on biases and norm gains."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _fix_fp32_clipping(engine) -> None:
-    """Replace DeepSpeed's fp32 gradient clipping, which is wrong under pipeline parallelism.
-
-    DeepSpeed 0.19's fp32 path (runtime.utils.clip_grad_norm_) counts a gradient only on
-    model-parallel rank 0 and the pipeline grid reports the stage as that rank, so every
-    stage but the first is left out of the norm: 2 stages clip differently from 1. (Its
-    fp16 and bf16 optimizers get this right.) Here: the squares of every stage's gradients,
-    the tied copy counted once, summed over the stages of this pipeline. It also keeps the
-    norm for the log, which DeepSpeed discards in fp32.
-    """
-    group = engine.grid.get_model_parallel_group()
-
-    def clip():
-        all_grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        counted = [p.grad for p in engine.module.parameters()
-                   if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-        # One fused kernel per dtype/device group instead of a Python loop over tensors.
-        norms = torch._foreach_norm(counted) if counted else []
-        sq = torch.stack(norms).pow(2).sum().reshape(1) if norms else torch.zeros(1, device=engine.device)
-        dist.all_reduce(sq, group=group)
-        norm = sq.sqrt()
-        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
-        if all_grads:
-            torch._foreach_mul_(all_grads, coef.reshape(()))
-        engine._global_grad_norm = norm.item()
-    engine.clip_fp32_gradients = clip
-
-
-def build_engine(cfg: Config, ds_config: dict):
-    """This rank's stage of the pipeline inside DeepSpeed's engine, with gptx's LR schedule."""
-    import deepspeed
-    from gptx.pipeline import build_pipeline
-    t = cfg.train
-    model = build_pipeline(cfg)
-    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
-    schedule = partial(WarmupCosine, lr=t.lr, min_lr=min_lr, warmup_iters=t.warmup_iters,
-                       decay_iters=t.lr_decay_iters or t.train_iters)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
-                                           config=ds_config, lr_scheduler=schedule)
-    if not (engine.fp16_enabled() or engine.bfloat16_enabled()):
-        _fix_fp32_clipping(engine)
-    if engine.grid.get_data_parallel_world_size() == 1 and not engine.zero_optimization() \
-            and not engine.bfloat16_enabled():
-        # With one data-parallel replica the engine's gradient all-reduce only flattens every
-        # gradient into buckets and copies it back: 2-3% of a CPU step, for nothing.
-        engine.pipeline_enable_backward_allreduce = False
-    return engine
-
-
-def loss_scale(engine) -> float | None:
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    # DeepSpeed 0.19 keeps it in loss_scale_config (FP16_Optimizer), or loss_scaler (ZeRO).
-    holder = getattr(opt, "loss_scale_config", None) or getattr(opt, "loss_scaler", None) or opt
-    scale = getattr(holder, "cur_scale", None)
-    return float(scale) if scale is not None else None
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -543,19 +476,6 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         dist.destroy_process_group()
         release_shared_memory()
     return run_dir
-
-
-def release_shared_memory(port: str | None = None) -> None:
-    """Remove the /dev/shm buffers DeepSpeed's CPU all-reduce made for this run.
-
-    DeepSpeed 0.19's CPU backend leaves one per rank, named after the master port, behind
-    every run; on a machine that launches many runs they fill shared memory.
-    """
-    port = port or os.environ.get("MASTER_PORT")
-    if not port or int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return
-    for buf in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        buf.unlink(missing_ok=True)
 
 
 def _console_line(r: dict) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gptx.train import release_shared_memory
+from gptx.engine import release_shared_memory
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,6 +54,26 @@ def write_ds_config(path: Path, micro: int, accum: int, **extra) -> Path:
     return path
 
 
+ADAMW = {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+
+
+def precision_ds(name: str, micro: int = 2, accum: int = 2, **fp16) -> dict:
+    """A DeepSpeed JSON for the precision tests: fp32, bf16, or fp16 'fp16-zero{0,1}-{torch,fused}'
+    (torch: torch's AdamW, DeepSpeed's FP16_UnfusedOptimizer without ZeRO; fused: DeepSpeed's
+    FusedAdam, FP16_Optimizer). `fp16` overrides the loss-scale keys (default: dynamic from 2^16)."""
+    torch_adam = name in ("fp32", "bf16") or name.endswith("torch")
+    optimizer = {"type": "AdamW", "params": dict(ADAMW["params"], torch_adam=torch_adam)}
+    cfg = dict(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, optimizer=optimizer,
+               gradient_clipping=1.0, steps_per_print=10 ** 9)
+    if name == "bf16":
+        cfg.update(bf16={"enabled": True}, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"})
+    elif name.startswith("fp16"):
+        scaling = dict(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+        scaling.update(fp16)
+        cfg.update(fp16={"enabled": True, **scaling}, zero_optimization={"stage": int(name.split("-")[1][-1])})
+    return cfg
+
+
 def launcher_command(nprocs: int, args: list[str], script: str = "launch/pretrain.py",
                      env: dict | None = None) -> tuple[list[str], dict, str]:
     """(command, environment, master port) to run a script under the real deepspeed launcher."""
@@ -68,9 +88,9 @@ def launcher_command(nprocs: int, args: list[str], script: str = "launch/pretrai
 
 
 def launch(nprocs: int, args: list[str], cwd: Path, timeout: int = 300,
-           script: str = "launch/pretrain.py") -> subprocess.CompletedProcess:
+           script: str = "launch/pretrain.py", env: dict | None = None) -> subprocess.CompletedProcess:
     """launch/pretrain.py (or another script) under the real deepspeed launcher, on CPU with gloo."""
-    cmd, env, port = launcher_command(nprocs, args, script)
+    cmd, env, port = launcher_command(nprocs, args, script, env)
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     finally:

@@ -43,3 +43,12 @@ def test_malformed_json_names_the_file(tmp_path):
     f.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
     with pytest.raises(ConfigError, match="ds.json.*not valid JSON"):
         read_ds_config(f)
+
+
+def test_fp16_on_cpu_only_with_the_testing_switch(monkeypatch):
+    cfg = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+    monkeypatch.delenv("GPTX_CPU_FP16", raising=False)
+    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed's CPU accelerator.*GPTX_CPU_FP16=1"):
+        check_ds_config(cfg, 1, 2, "cpu")
+    monkeypatch.setenv("GPTX_CPU_FP16", "1")
+    assert check_ds_config(cfg, 1, 2, "cpu").grad_accum == 8

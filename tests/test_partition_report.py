@@ -97,7 +97,7 @@ def test_memory_estimate_matches_the_tensors_the_engine_holds(dist_world1, tmp_p
     import deepspeed
 
     from gptx.pipeline import build_pipeline
-    from gptx.train import param_groups
+    from gptx.engine import param_groups
     cfg = load_config("tiny", {**MICRO_MODEL, "pipe_parallel_size": 1})
     ds = {**FP32, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1, "torch_adam": True}}, "steps_per_print": 10 ** 9}
     est = report("tiny", pipe=1, ds=ds, **MICRO_MODEL)["stages"][0]["memory_bytes"]

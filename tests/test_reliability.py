@@ -14,7 +14,7 @@ from gptx.cli import run_pretrain
 from gptx.config import load_config
 from gptx.errors import TrainingStopped
 from gptx.train import NumericsGuard
-from gptx.train import release_shared_memory
+from gptx.engine import release_shared_memory
 from tests.conftest import launch, launcher_command, pretrain_args, read_metrics, run_files, train_losses
 
 
@@ -52,23 +52,6 @@ def test_spikes_are_reported_against_the_running_mean():
     assert "loss spike 9.0000, 3.0x its running mean 3.0000" in g.check(12, 9.0, 0, None)
     off = guard()  # the default: no spike reports
     assert all(off.check(i, 3.0, 0, None) is None for i in range(1, 12)) and off.check(12, 9.0, 0, None) is None
-
-
-def test_loss_scale_is_read_from_deepspeeds_fp16_optimizer():
-    from types import SimpleNamespace
-
-    import torch
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.loss_scaler import LossScaleConfig
-    from gptx.train import loss_scale
-    weights = torch.nn.Parameter(torch.zeros(4, dtype=torch.half))
-    args = {"init_scale": 2 ** 12, "scale_window": 1000, "min_scale": 1, "delayed_shift": 2,
-            "consecutive_hysteresis": False}
-    scaler = LossScaleConfig(torch.half, True, 1.0, args)
-    opt = FP16_Optimizer(torch.optim.AdamW([weights]), deepspeed=None, loss_scale_config=scaler,
-                         dynamic_loss_scale=True, initial_dynamic_scale=2 ** 12)
-    # The engine only matters for these two attributes; the optimizer is DeepSpeed's own (fp16 runs on GPUs only).
-    assert loss_scale(SimpleNamespace(fp16_enabled=lambda: True, optimizer=opt)) == 2 ** 12
 
 
 def test_deepspeeds_zero_fp16_give_up_becomes_one_line():

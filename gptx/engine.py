@@ -1,0 +1,284 @@
+"""The DeepSpeed engine for this model, and every workaround of a DeepSpeed defect, each named.
+
+`build_engine()` is the one place a pipeline engine is made. The defects below were found
+in DeepSpeed 0.19.8; each workaround says how it was found and which test fails if it is
+removed while the defect is still there, so a DeepSpeed upgrade shows which are still needed:
+
+1. fp32 gradient clipping leaves every pipeline stage but the first out of the norm
+   (`_fix_fp32_clipping`; tests/test_train.py: 1 vs 2 stages).
+2. fp16 without ZeRO never multiplies the loss by the loss scale, yet unscales the
+   gradients (`_ensure_loss_is_scaled`; tests/test_engine.py).
+3. FP16_Optimizer and FP16_UnfusedOptimizer run one optimizer step with zero gradients
+   when they are built, so Adam starts at step 2 (wrong bias correction) and weight decay
+   has already shrunk the fp32 master weights once (`_undo_construction_step`;
+   tests/test_engine.py).
+4. Every fp16 optimizer unscales a step's gradients by the scale it has just raised, on
+   the steps where the dynamic scale grows; FP16_UnfusedOptimizer also counts the tied
+   embedding twice across stages and logs the scaled norm (`_fix_fp16_unscale_and_norm`;
+   tests/test_engine.py).
+5. `save_checkpoint` writes `latest` from rank 0 before the other ranks have finished
+   (`save_checkpoint`; tests/test_reliability.py: kill -9 during a save).
+6. The CPU all-reduce leaves a shared-memory buffer per rank behind every run
+   (`release_shared_memory`; tests/test_engine.py).
+
+DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
+(`allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gptx.config import Config
+from gptx.errors import GptxError
+from gptx.schedule import WarmupCosine
+
+CPU_FP16_ENV = "GPTX_CPU_FP16"
+
+
+def cpu_fp16_allowed() -> bool:
+    return os.environ.get(CPU_FP16_ENV) == "1"
+
+
+def allow_cpu_fp16() -> None:
+    """With GPTX_CPU_FP16=1, let DeepSpeed's CPU accelerator run fp16 (slowly), for tests.
+
+    It answers is_fp16_supported() with False on CPUs without AVX512-FP16, and the engine
+    refuses fp16 on that answer; torch's CPU fp16 kernels and DeepSpeed's fp16 optimizers
+    work on CPU tensors all the same.
+    """
+    if not cpu_fp16_allowed():
+        return
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    accelerator.is_fp16_supported = lambda: True
+    accelerator.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+
+
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """Weight decay on matrices and embeddings only, not on biases and norm gains."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, ds_config: dict):
+    """This rank's stage of the pipeline inside DeepSpeed's engine, with gptx's LR schedule."""
+    import deepspeed
+    from gptx.pipeline import build_pipeline
+    allow_cpu_fp16()
+    t = cfg.train
+    model = build_pipeline(cfg)
+    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+    schedule = partial(WarmupCosine, lr=t.lr, min_lr=min_lr, warmup_iters=t.warmup_iters,
+                       decay_iters=t.lr_decay_iters or t.train_iters)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                           config=ds_config, lr_scheduler=schedule)
+    if engine.fp16_enabled():
+        _ensure_loss_is_scaled(engine)
+        _undo_construction_step(engine)
+        _fix_fp16_unscale_and_norm(engine)
+    elif not engine.bfloat16_enabled():
+        _fix_fp32_clipping(engine)
+    if engine.grid.get_data_parallel_world_size() == 1 and not engine.zero_optimization() \
+            and not engine.bfloat16_enabled():
+        # With one data-parallel replica the engine's gradient all-reduce only flattens every
+        # gradient into buckets and copies it back: 2-3% of a CPU step, for nothing.
+        engine.pipeline_enable_backward_allreduce = False
+    return engine
+
+
+def _scale_holder(optimizer):
+    """The object whose `cur_scale` is the loss scale: FP16_Optimizer / FP16_UnfusedOptimizer keep
+    it in loss_scale_config, the ZeRO optimizer in loss_scaler (DeepSpeed 0.19)."""
+    return getattr(optimizer, "loss_scale_config", None) or getattr(optimizer, "loss_scaler", None) or optimizer
+
+
+def loss_scale(engine) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(_scale_holder(engine.optimizer), "cur_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def _pipeline_sq_norm(engine, grads: list[torch.Tensor]) -> torch.Tensor:
+    """Collective over this pipeline's stages: the sum of squares of every stage's `grads`.
+
+    Accumulated in fp32 (a scaled fp16 gradient's norm can exceed fp16's range). The
+    caller leaves out the non-owning copy of a tied weight, so it is counted once.
+    """
+    if grads:
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # one fused kernel, not a loop
+        sq = torch.stack(norms).pow(2).sum().reshape(1)
+    else:
+        sq = torch.zeros(1, device=engine.device)
+    dist.all_reduce(sq, group=engine.grid.get_model_parallel_group())
+    return sq
+
+
+def _owned(param) -> bool:
+    """False for the copy of a tied weight that another stage owns (DeepSpeed marks it)."""
+    return not getattr(param, "ds_pipe_replicated", False)
+
+
+def _fix_fp32_clipping(engine) -> None:
+    """Defect 1: replace DeepSpeed's fp32 gradient clipping, which is wrong under pipeline parallelism.
+
+    DeepSpeed 0.19's fp32 path (runtime.utils.clip_grad_norm_) counts a gradient only on
+    model-parallel rank 0 and the pipeline grid reports the stage as that rank, so every
+    stage but the first is left out of the norm: 2 stages clip differently from 1. Here:
+    the squares of every stage's gradients, the tied copy counted once, summed over the
+    stages of this pipeline. It also keeps the norm for the log, which DeepSpeed discards
+    in fp32.
+    """
+    def clip():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = _pipeline_sq_norm(engine, [p.grad for p in params if _owned(p)]).sqrt()
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        if params:
+            torch._foreach_mul_([p.grad for p in params], coef.reshape(()))
+        engine._global_grad_norm = norm.item()
+    engine.clip_fp32_gradients = clip
+
+
+class LossScalingError(GptxError):
+    """DeepSpeed's loss gradient is neither unscaled nor scaled: gptx cannot tell what it did."""
+
+
+def _ensure_loss_is_scaled(engine) -> None:
+    """Defect 2: DeepSpeed 0.18.3-0.19.8 does not scale the fp16 loss without ZeRO.
+
+    `DeepSpeedEngine.backward()` multiplies the loss by the loss scale only for ZeRO
+    optimizers (since DeepSpeed PR #7665; open PR #8393 describes it). FP16_Optimizer and
+    FP16_UnfusedOptimizer still divide every gradient by the scale in step(), so updates
+    come from gradients `scale` times too small, and with no overflow ever the scale keeps
+    doubling. Detected by behaviour, at every backward: a hook on the loss sees the
+    gradient that arrives from the engine's backward, which is loss_scale / accumulation
+    steps when DeepSpeed scaled it and 1 / accumulation steps when it did not. Only in the
+    second case is it multiplied by the scale, so the loss is scaled exactly once, also
+    by a DeepSpeed that fixes this. Anything else stops the run rather than train wrong.
+    """
+    module = engine.module
+    original = module.loss_fn
+    gas = engine.gradient_accumulation_steps()
+    state = {"warned": False}
+
+    def check_grad(grad: torch.Tensor):
+        scale = loss_scale(engine)
+        arrived = float(grad) * gas
+        if math.isclose(arrived, scale, rel_tol=1e-3):
+            return None  # DeepSpeed scaled it
+        if math.isclose(arrived, 1.0, rel_tol=1e-3):
+            if not state["warned"]:
+                state["warned"] = True
+                print(f"rank {dist.get_rank()}: note: this DeepSpeed does not multiply the fp16 loss by the loss "
+                      f"scale without ZeRO; gptx does (see gptx/engine.py)", flush=True)
+            return grad * scale
+        raise LossScalingError(f"the fp16 loss received a gradient of {arrived:g} / accumulation steps from "
+                               f"DeepSpeed's backward, neither 1 nor the loss scale {scale:g}; this DeepSpeed "
+                               f"scales losses in a way gptx does not know, so it stopped rather than train "
+                               f"wrong; use bf16 (ds_configs/gpu_bf16.json)")
+
+    def scaled_loss_fn(outputs, labels):
+        loss = original(outputs, labels)
+        if loss.requires_grad:
+            loss.register_hook(check_grad)
+        return loss
+    module.loss_fn = scaled_loss_fn
+
+
+def _undo_construction_step(engine) -> None:
+    """Defect 3: forget the zero-gradient step DeepSpeed's fp16 optimizers take when built.
+
+    FP16_Optimizer and FP16_UnfusedOptimizer call initialize_optimizer_states(), which
+    steps the wrapped optimizer once with zero gradients to create its state. For Adam
+    that counts as step 1: the first real update is Adam's step 2, whose bias correction
+    makes it 0.74x the size of fp32's, and decoupled weight decay has already multiplied
+    the fp32 masters by (1 - lr * weight_decay) at DeepSpeed's default lr. Here the state
+    is dropped (Adam creates it again at the first real step) and the masters are copied
+    back from the untouched fp16 weights. A checkpoint loaded later replaces both anyway.
+    """
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    opt = engine.optimizer
+    if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return  # the ZeRO optimizer creates its state without a step
+    opt.optimizer.state.clear()
+    for group in opt.optimizer.param_groups:
+        group.pop("step", None)  # DeepSpeed's FusedAdam also keeps a count per group
+    opt.refresh_fp32_params()
+
+
+def _fix_fp16_unscale_and_norm(engine) -> None:
+    """Defect 4: unscale each step by the scale its gradients were made with; log the fp32 norm.
+
+    All three fp16 optimizers of DeepSpeed 0.19 (FP16_Optimizer, FP16_UnfusedOptimizer,
+    the ZeRO optimizer) update the dynamic loss scale before unscale_and_clip_grads(),
+    which divides by the new scale: on each step where the scale grows, the update uses
+    gradients half their size and clips against half the norm. FP16_UnfusedOptimizer
+    also takes the norm of gradient copies that lost DeepSpeed's tied-weight mark, so the
+    tied embedding counts twice with 2 stages, and it logs the scaled norm.
+
+    The scale cannot change between a backward and its step, so the scale at the start
+    of step() is the one the gradients carry. During unscale_and_clip_grads() the
+    optimizer sees that scale (and, unfused, the right norm); afterwards the new one.
+    The logged norm is the unscaled one, counted once.
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    opt = engine.optimizer
+    holder = _scale_holder(opt)
+    original_step, original_unscale = opt.step, opt.unscale_and_clip_grads
+    unfused = isinstance(opt, FP16_UnfusedOptimizer)
+    step_state = {"scale": None, "norm": None}
+
+    def unfused_scaled_norm() -> float:
+        grads = [fp32.grad for group16, group32 in zip(opt.fp16_groups, opt.fp32_groups)
+                 for fp16, fp32 in zip(group16, group32) if fp32.grad is not None and _owned(fp16)]
+        return _pipeline_sq_norm(engine, grads).sqrt().item()
+
+    def unscale_and_clip(*args, **kwargs):
+        args = list(args)
+        if unfused:  # (total_norm, apply_scale=True)
+            args[0] = unfused_scaled_norm()
+        step_state["norm"] = float(args[1] if not unfused else args[0])
+        grown, holder.cur_scale = holder.cur_scale, step_state["scale"]
+        try:
+            return original_unscale(*args, **kwargs)
+        finally:
+            holder.cur_scale = grown
+
+    def step(*args, **kwargs):
+        step_state["scale"], step_state["norm"] = holder.cur_scale, None
+        result = original_step(*args, **kwargs)
+        if step_state["norm"] is not None and not opt.overflow:
+            opt._global_grad_norm = step_state["norm"] / step_state["scale"]
+        return result
+
+    opt.unscale_and_clip_grads = unscale_and_clip
+    opt.step = step
+
+
+def save_checkpoint(engine, run_dir: str | Path, tag: str, client_state: dict) -> None:
+    """Defect 5: DeepSpeed 0.19 writes `latest` from rank 0 before the other ranks have
+    finished their files; gptx moves its own pointer after a barrier (gptx/checkpoint.py)."""
+    engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
+
+
+def release_shared_memory(port: str | None = None) -> None:
+    """Defect 6: remove the /dev/shm buffers DeepSpeed's CPU all-reduce made for this run.
+
+    DeepSpeed 0.19's CPU backend leaves one per rank, named after the master port, behind
+    every run; on a machine that launches many runs they fill shared memory.
+    """
+    port = port or os.environ.get("MASTER_PORT")
+    if not port or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    for buf in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        buf.unlink(missing_ok=True)
