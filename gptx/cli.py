@@ -350,6 +350,86 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         return guarded(main)
 
 
+def gpu_check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/gpu_check.py",
+        description="fp32 (TF32 on GPUs), the shipped fp16 config and the shipped bf16 config, trained side by "
+                    "side from the same weights on the same batches: loss differences, grad norm, loss scale, "
+                    "skips, tokens/s, MFU, peak memory per stage, flash attention. One GPU: python "
+                    "tools/gpu_check.py; a pipeline: deepspeed --num_gpus N tools/gpu_check.py")
+    p.add_argument("--model", default="gpt2", help="preset name or a YAML file (default: gpt2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--data", default=None, help="prepared data directory (default: the embedded corpus)")
+    p.add_argument("--iters", type=int, default=300, help="iterations per precision")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: ds_configs/gpu_fp16.json's")
+    p.add_argument("--accum", type=int, default=None, help="gradient accumulation steps (default: the JSON's)")
+    p.add_argument("--pipe-parallel-size", type=int, default=None, help="stages (default: as many as ranks)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_gpu_check(argv: list[str] | None = None) -> int:
+    import contextlib
+    out = sys.stdout
+    quiet = "--json" in (sys.argv[1:] if argv is None else argv)  # stdout carries only the JSON
+
+    def main():
+        import json
+
+        import torch
+
+        from gptx.config import load_config
+        from gptx.data import check_data, default_data_dir, open_tokens
+        from gptx.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+        from gptx.engine import release_shared_memory
+        from gptx.precision_check import gpu_check, render_gpu_check
+        from gptx.train import _accelerator_name, _set_threads, log
+        from deepspeed.utils.logging import set_log_level_from_string
+        args = gpu_check_parser().parse_args(argv)
+        set_log_level_from_string("warning")
+        _single_process_env()
+        world = int(os.environ["WORLD_SIZE"])
+        overrides = _overrides(args, ("pipe_parallel_size",))
+        overrides.setdefault("pipe_parallel_size", world)
+        cfg = load_config(args.model, overrides)
+        pp = cfg.train.pipe_parallel_size
+        if world % pp:
+            raise ConfigError(f"--pipe-parallel-size {pp} does not divide the {world} processes launched")
+        if args.iters < 2:
+            raise ConfigError(f"--iters: must be >= 2, got {args.iters}")
+        accelerator = _accelerator_name()
+        fp16 = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+        bf16 = read_ds_config(DS_CONFIG_DIR / "gpu_bf16.json")
+        fp32 = {k: v for k, v in fp16.items() if k != "fp16"}
+        configs = {("tf32" if accelerator == "cuda" else "fp32"): fp32, "fp16": fp16, "bf16": bf16}
+        for name, ds in configs.items():
+            for key, value in (("train_micro_batch_size_per_gpu", args.micro_batch),
+                               ("gradient_accumulation_steps", args.accum)):
+                if value is not None:
+                    ds[key] = value
+            check_ds_config(ds, world // pp, pp, accelerator, f"ds_configs ({name}, with the batch flags)")
+        data_dir = args.data or default_data_dir()
+        check_data(data_dir, cfg.model.vocab_size, cfg.model.seq_len)
+        if accelerator == "cuda":  # the fp32 reference as GPUs run it by default in practice
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        _set_threads(accelerator)
+        import deepspeed
+        import torch.distributed as dist
+        owns_process_group = not dist.is_initialized()
+        deepspeed.init_distributed(verbose=False)
+        report = gpu_check(cfg, configs, open_tokens(data_dir, "train"), args.iters, accelerator, log=log)
+        if dist.get_rank() == 0:
+            print(json.dumps(report) if args.json else render_gpu_check(report), file=out, flush=True)
+        if owns_process_group:
+            dist.barrier()
+            dist.destroy_process_group()
+            release_shared_memory()
+    with contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext():
+        return guarded(main)
+
+
 def guarded(main) -> int:
     """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
     try:

@@ -281,6 +281,11 @@ def _coerce(name: str, value: Any, type_: str) -> Any:
     if base == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if base == "str":
         if isinstance(value, str):

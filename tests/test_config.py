@@ -71,3 +71,12 @@ def test_override_parsing():
 def test_more_stages_than_layers_is_rejected():
     with pytest.raises(ConfigError, match="pipe_parallel_size"):
         load_config("tiny", {"pipe_parallel_size": 9})
+
+
+def test_exponent_without_a_dot_is_a_number_and_words_are_not(tmp_path):
+    # YAML 1.1 reads 3e-4 as a string; as a float key it must still be 3e-4.
+    assert load_config("tiny", dict([parse_override("lr=3e-4")])).train.lr == pytest.approx(3e-4)
+    (tmp_path / "m.yaml").write_text("base: tiny\nlr: 1e-3\n")
+    assert load_config(str(tmp_path / "m.yaml")).train.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config("tiny", dict([parse_override("lr=fast")]))

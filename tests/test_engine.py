@@ -279,3 +279,32 @@ def test_the_shipped_gpu_fp16_config_trains_like_fp32_on_two_stages(tmp_path):
     assert max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(fp16, fp32)) < NORM_TOL
     assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1 and fp16[-1]["loss_scale"] == 2 ** 16
     assert all(r["skipped_steps"] == 0 for r in fp16)
+
+
+# --- tools/gpu_check.py, run on CPU -------------------------------------------------------------------
+
+def test_gpu_check_reports_the_three_precisions_side_by_side(setup, capsys):
+    from gptx.cli import run_gpu_check
+    tmp, data = setup[2], setup[3]
+    model = tmp / "check.yaml"
+    import yaml
+    model.write_text(yaml.safe_dump(dict(MICRO_MODEL, lr=3e-3, warmup_iters=1)))
+    capsys.readouterr()
+    assert run_gpu_check(["--model", str(model), "--data", str(data), "--iters", "8", "--micro-batch", "2",
+                          "--accum", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    configs = report["configs"]
+    assert list(configs) == ["fp32", "fp16", "bf16"]
+    assert configs["fp32"]["max_loss_diff"] == 0.0
+    assert configs["fp16"]["max_loss_diff"] < LOSS_TOL and configs["fp16"]["skipped_steps"] == 0
+    assert configs["fp16"]["final_loss_scale"] == 2 ** 16  # the shipped gpu_fp16.json's initial scale
+    assert configs["bf16"]["max_loss_diff"] < BF16_LOSS_TOL
+    assert all(c["tokens_per_sec"] > 0 and len(c["peak_memory_per_stage_gib"]) == 1 for c in configs.values())
+
+
+def test_gpu_check_refuses_fp16_on_cpu_without_the_switch(dist_world1, monkeypatch, capsys):
+    from gptx.cli import run_gpu_check
+    monkeypatch.delenv(engine_module.CPU_FP16_ENV, raising=False)
+    assert run_gpu_check(["--model", "tiny", "--iters", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp16 is not supported by DeepSpeed's CPU accelerator" in err[0]
