@@ -298,30 +298,55 @@ def _single_process_env() -> None:
                       LOCAL_SIZE="1")
 
 
-def run_benchmark(argv: list[str] | None = None) -> int:
+def _tool_config(args, flags: tuple[str, ...]):
+    """(Config, world size) for a tool that trains engines itself: one stage per rank by default."""
+    from gptx.config import load_config
+    _single_process_env()
+    world = int(os.environ["WORLD_SIZE"])
+    overrides = _overrides(args, flags)
+    overrides.setdefault("pipe_parallel_size", world)
+    cfg = load_config(args.model, overrides)
+    if world % cfg.train.pipe_parallel_size:
+        raise ConfigError(f"--pipe-parallel-size {cfg.train.pipe_parallel_size} does not divide the {world} "
+                          f"processes launched")
+    return cfg, world
+
+
+def _in_process_group(work) -> None:
+    """Run work() inside torch.distributed, which is started here (and torn down after) when
+    the tool runs as a plain process rather than under the launcher."""
+    import deepspeed
+    import torch.distributed as dist
+    from gptx.engine import release_shared_memory
+    owns_process_group = not dist.is_initialized()
+    deepspeed.init_distributed(verbose=False)
+    work()
+    if owns_process_group:
+        dist.barrier()
+        dist.destroy_process_group()
+        release_shared_memory()
+
+
+def _stdout_for_json(argv):
+    """DeepSpeed prints (and logs) on stdout; with --json, stdout carries only the one JSON object."""
     import contextlib
-    out = sys.stdout
-    # DeepSpeed prints (and logs) on stdout; with --json, stdout carries only the one JSON object.
     quiet = "--json" in (sys.argv[1:] if argv is None else argv)
+    return contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
+
+
+def run_benchmark(argv: list[str] | None = None) -> int:
+    out = sys.stdout
 
     def main():
         import json
 
         from gptx.benchmark import BenchSettings, benchmark, render_text
-        from gptx.config import load_config
         from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
-        from gptx.engine import release_shared_memory
         from gptx.train import _accelerator_name, _set_threads
         args = benchmark_parser().parse_args(argv)
-        _single_process_env()
-        world = int(os.environ["WORLD_SIZE"])
-        overrides = _overrides(args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval",
-                                      "compile_blocks"))
-        overrides.setdefault("pipe_parallel_size", world)  # by default, one stage per rank
-        cfg = load_config(args.model, overrides)
+        cfg, world = _tool_config(args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval",
+                                         "compile_blocks"))
         pp = cfg.train.pipe_parallel_size
-        if world % pp:
-            raise ConfigError(f"--pipe-parallel-size {pp} does not divide the {world} processes launched")
         for name in ("iters", "warmup", "breakdown_iters"):
             if getattr(args, name) < (1 if name == "iters" else 0):
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= {1 if name == 'iters' else 0}")
@@ -335,18 +360,13 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         _set_threads(accelerator)
         settings = BenchSettings(iters=args.iters, warmup=args.warmup, breakdown_iters=args.breakdown_iters,
                                  plain=args.plain)
-        import deepspeed
-        import torch.distributed as dist
-        owns_process_group = not dist.is_initialized()
-        deepspeed.init_distributed(verbose=False)
-        report = benchmark(cfg, ds, layout, settings, accelerator)
-        if report is not None:
-            print(json.dumps(report) if args.json else render_text(report), file=out, flush=True)
-        if owns_process_group:
-            dist.barrier()
-            dist.destroy_process_group()
-            release_shared_memory()
-    with contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext():
+
+        def work():
+            report = benchmark(cfg, ds, layout, settings, accelerator)
+            if report is not None:
+                print(json.dumps(report) if args.json else render_text(report), file=out, flush=True)
+        _in_process_group(work)
+    with _stdout_for_json(argv):
         return guarded(main)
 
 
@@ -370,32 +390,23 @@ def gpu_check_parser() -> argparse.ArgumentParser:
 
 
 def run_gpu_check(argv: list[str] | None = None) -> int:
-    import contextlib
     out = sys.stdout
-    quiet = "--json" in (sys.argv[1:] if argv is None else argv)  # stdout carries only the JSON
 
     def main():
         import json
 
         import torch
+        import torch.distributed as dist
+        from deepspeed.utils.logging import set_log_level_from_string
 
-        from gptx.config import load_config
         from gptx.data import check_data, default_data_dir, open_tokens
         from gptx.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
-        from gptx.engine import release_shared_memory
         from gptx.precision_check import gpu_check, render_gpu_check
         from gptx.train import _accelerator_name, _set_threads, log
-        from deepspeed.utils.logging import set_log_level_from_string
         args = gpu_check_parser().parse_args(argv)
         set_log_level_from_string("warning")
-        _single_process_env()
-        world = int(os.environ["WORLD_SIZE"])
-        overrides = _overrides(args, ("pipe_parallel_size",))
-        overrides.setdefault("pipe_parallel_size", world)
-        cfg = load_config(args.model, overrides)
+        cfg, world = _tool_config(args, ("pipe_parallel_size",))
         pp = cfg.train.pipe_parallel_size
-        if world % pp:
-            raise ConfigError(f"--pipe-parallel-size {pp} does not divide the {world} processes launched")
         if args.iters < 2:
             raise ConfigError(f"--iters: must be >= 2, got {args.iters}")
         accelerator = _accelerator_name()
@@ -415,18 +426,13 @@ def run_gpu_check(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         _set_threads(accelerator)
-        import deepspeed
-        import torch.distributed as dist
-        owns_process_group = not dist.is_initialized()
-        deepspeed.init_distributed(verbose=False)
-        report = gpu_check(cfg, configs, open_tokens(data_dir, "train"), args.iters, accelerator, log=log)
-        if dist.get_rank() == 0:
-            print(json.dumps(report) if args.json else render_gpu_check(report), file=out, flush=True)
-        if owns_process_group:
-            dist.barrier()
-            dist.destroy_process_group()
-            release_shared_memory()
-    with contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext():
+
+        def work():
+            report = gpu_check(cfg, configs, open_tokens(data_dir, "train"), args.iters, accelerator, log=log)
+            if dist.get_rank() == 0:
+                print(json.dumps(report) if args.json else render_gpu_check(report), file=out, flush=True)
+        _in_process_group(work)
+    with _stdout_for_json(argv):
         return guarded(main)
 
 

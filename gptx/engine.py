@@ -168,7 +168,7 @@ def _ensure_loss_is_scaled(engine) -> None:
     module = engine.module
     original = module.loss_fn
     gas = engine.gradient_accumulation_steps()
-    state = {"warned": False}
+    state = {"warned": engine.grid.get_data_parallel_rank() != 0}  # one note per pipeline is enough
 
     def check_grad(grad: torch.Tensor):
         scale = loss_scale(engine)

@@ -21,8 +21,10 @@ from gptx.config import Config
 from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
 from gptx.engine import build_engine, loss_scale, release_shared_memory
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
-from gptx.errors import ConfigError, GptxError, PeerFailure, TrainingStopped
+from gptx.errors import ConfigError, TrainingStopped
 from gptx.flops import mfu, peak_flops
+from gptx.guards import NumericsGuard, StopSignal, known_failure
+from gptx.metrics import Metrics, console_line
 
 
 @dataclass(frozen=True)
@@ -152,125 +154,6 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
     return enc.decode(ids) if enc else " ".join(map(str, ids))
 
 
-class StopSignal:
-    """SIGTERM/SIGINT set a flag; at each iteration boundary the ranks agree (MAX over the world)
-    so that all of them stop after the same iteration, save, and exit cleanly.
-
-    DeepSpeed's launcher, when it is signalled itself, sends SIGTERM to one rank at a time and
-    SIGKILLs it after 30 s. A save that takes longer is cut off, safely (the folder gets no
-    manifest and `latest` keeps naming the previous checkpoint). The same signal a second
-    time gets its default behaviour, so a second Ctrl-C interrupts a run that is stuck.
-    """
-
-    def __init__(self):
-        import signal
-        self.received = 0
-        self.names = {int(signal.SIGTERM): "SIGTERM", int(signal.SIGINT): "SIGINT"}
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore(self) -> None:
-        import signal
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        import signal
-        if self.received == signum:
-            signal.signal(signum, self.previous[signum])
-            signal.raise_signal(signum)
-            return
-        if not self.received:
-            self.received = int(signum)
-            # os.write, not print: a handler that prints while the main code prints can raise.
-            os.write(2, f"rank {_rank()}: received {self.names.get(signum, signum)}; stopping after this "
-                        f"iteration with a checkpoint\n".encode())
-
-    def agreed(self, device) -> str | None:
-        """Collective: the signal's name if any rank received one."""
-        flag = torch.tensor([self.received], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return self.names.get(int(flag.item()), str(int(flag.item()))) if flag.item() else None
-
-
-class NumericsGuard:
-    """Watches each step: a non-finite loss (fp32/bf16) stops the run; fp16 overflow skips are
-    counted and a streak of them at the minimum loss scale stops it; loss spikes are reported.
-
-    Every rank sees the same loss and skip count, so every rank decides the same.
-    """
-
-    def __init__(self, cfg: Config, fp16: bool, min_scale: float | None, skipped_so_far: int = 0):
-        self.t = cfg.train
-        self.fp16 = fp16
-        self.min_scale = min_scale
-        self.skipped_seen = skipped_so_far  # a resumed run's engine starts with the saved count
-        self.streak = 0
-        self.mean = None
-        self.seen = 0
-
-    def check(self, iteration: int, loss: float, skipped_total: int, scale: float | None) -> str | None:
-        """Raise TrainingStopped, or return a warning line (a spike) or None."""
-        skipped_now = skipped_total > self.skipped_seen
-        self.skipped_seen = skipped_total
-        if self.fp16:
-            at_min = scale is not None and self.min_scale is not None and scale <= self.min_scale
-            self.streak = self.streak + 1 if skipped_now and at_min else 0
-            limit = self.t.max_skipped_at_min_scale
-            if limit and self.streak >= limit:
-                raise TrainingStopped(
-                    f"iteration {iteration}: {self.streak} fp16 steps in a row overflowed at the minimum loss "
-                    f"scale {scale:g} and were skipped, so the model is no longer training; use bf16 "
-                    f"(ds_configs/gpu_bf16.json), lower train.lr, or lower min_loss_scale in the DeepSpeed JSON")
-            if skipped_now:
-                return None  # an overflowed step's loss says nothing about the trend
-        elif not math.isfinite(loss):
-            raise TrainingStopped(f"iteration {iteration}: the loss is {loss} (non-finite); lower train.lr, "
-                                  f"raise train.warmup_iters or check the data")
-        warning = None
-        if self.t.spike_factor and self.seen >= 10 and loss > self.t.spike_factor * self.mean:
-            warning = (f"iter {iteration:6d} | warning: loss spike {loss:.4f}, {loss / self.mean:.1f}x its running "
-                       f"mean {self.mean:.4f}")
-        if math.isfinite(loss):
-            self.mean = loss if self.mean is None else 0.95 * self.mean + 0.05 * loss
-            self.seen += 1
-        return warning
-
-
-class Metrics:
-    """metrics.jsonl in the run directory, one JSON object per line, written by rank 0."""
-
-    def __init__(self, run_dir: Path, cfg: Config):
-        self.file = None
-        self.wandb = None
-        if dist.get_rank() != 0:
-            return
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        if cfg.train.wandb_project:
-            import wandb
-            has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc_text()
-            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), config=cfg.to_dict(),
-                                    mode="online" if has_key else "offline", name=run_dir.name)
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def _netrc_text() -> str:
-    try:
-        return (Path.home() / ".netrc").read_text()
-    except OSError:
-        return ""
-
-
 def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int]:
     """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed)."""
     t = plan.cfg.train
@@ -293,28 +176,6 @@ def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int]:
     log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, "
         f"{consumed * plan.cfg.model.seq_len:,} tokens seen")
     return iteration, consumed
-
-
-def _known_failure(error: Exception, rank: int, timeout: int) -> GptxError | None:
-    """Errors raised inside the engine that have a one-line explanation.
-
-    The collective timeouts and lost peers are gloo's (CPU). On GPUs NCCL's watchdog aborts
-    the process after train.dist_timeout instead, which still ends the run in bounded time.
-    """
-    text = str(error).lower()
-    if "loss scale already at minimum" in text:  # DeepSpeed's ZeRO fp16 scaler gives up
-        return TrainingStopped("fp16 steps keep overflowing at the minimum loss scale (DeepSpeed's ZeRO "
-                               "optimizer stopped); use bf16 (ds_configs/gpu_bf16.json), lower train.lr, or "
-                               "lower min_loss_scale in the DeepSpeed JSON")
-    if not isinstance(error, RuntimeError):
-        return None
-    if "timed out" in text:
-        return PeerFailure(f"rank {rank}: a collective waited train.dist_timeout = {timeout} s for the other "
-                           f"ranks and gave up: one of them hung; its own output says where")
-    if "connection closed by peer" in text or "connection reset by peer" in text:
-        return PeerFailure(f"rank {rank}: another rank went away in the middle of a collective; its own output "
-                           f"says why")
-    return None
 
 
 def pretrain(cfg: Config, paths: RunPaths) -> Path:
@@ -412,7 +273,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                       "elapsed": time.time() - start_time}
             metrics.write(record)
             if iteration % t.log_interval == 0 or iteration == 1:
-                log(_console_line(record))
+                log(console_line(record))
             checkpoint.fault_point("step", iteration)
             try:
                 warning = guard.check(iteration, loss, engine.skipped_steps, record["loss_scale"])
@@ -454,7 +315,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             release_shared_memory()
         raise
     except Exception as e:
-        failure = _known_failure(e, rank, t.dist_timeout)
+        failure = known_failure(e, rank, t.dist_timeout)
         if failure is None:
             raise
         release_shared_memory()
@@ -476,16 +337,3 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         dist.destroy_process_group()
         release_shared_memory()
     return run_dir
-
-
-def _console_line(r: dict) -> str:
-    parts = [f"iter {r['iter']:6d}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}"]
-    if r["grad_norm"] is not None:
-        parts.append(f"grad norm {r['grad_norm']:.3f}")
-    if r["loss_scale"] is not None:
-        parts.append(f"loss scale {r['loss_scale']:.0f} (skipped {r['skipped_steps']})")
-    parts.append(f"{r['tokens_per_sec']:,.0f} tok/s")
-    if r["mfu"] is not None:
-        parts.append(f"MFU {100 * r['mfu']:.1f}%")
-    parts.append(f"{r['elapsed']:.0f} s")
-    return " | ".join(parts)

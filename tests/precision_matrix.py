@@ -23,7 +23,7 @@ ITERS = 8
 # The scale grows on steps 3 and 6 (window 2), where DeepSpeed would unscale by the new scale.
 GROWING = dict(initial_scale_power=12, loss_scale_window=2)
 PRECISIONS = {"fp32": {}, "bf16": {}, "fp16-zero0-torch": GROWING, "fp16-zero0-fused": {},
-              "fp16-zero1-torch": GROWING}
+              "fp16-zero1-torch": GROWING, "fp16-zero1-fused": {}}
 
 
 def main(data: str, out: str) -> None:

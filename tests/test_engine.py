@@ -6,7 +6,7 @@ Tolerance: fp16 losses must stay within 1e-3 of fp32's over 8 steps. Correct fp1
 within 1e-4 here (fp16 rounding of weights and activations); each DeepSpeed defect that
 gptx works around moves the loss by 0.007 to 0.02 on the same run, so removing any one
 workaround fails these tests. The logged grad norm must be fp32's to 1%. bf16 (8 bits of
-mantissa against fp16's 11) stays within 3.2e-4 of fp32 here; its tolerance is 3e-3.
+mantissa against fp16's 11) stays within 7.3e-4 of fp32 here; its tolerance is 3e-3.
 """
 import json
 import os
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gptx import engine as engine_module
 from gptx.checkpoint import layer_file, load_plain_model, resolve_checkpoint
@@ -48,6 +49,8 @@ def setup(dist_world1, cpu_fp16, tmp_path_factory):
     data = make_token_dir(tmp / "data")
     cfg = load_config(None, dict(MICRO_MODEL, lr=3e-3, warmup_iters=1, train_iters=ITERS, pipe_parallel_size=1))
     tokens = open_tokens(data, "train")
+    (tmp / "model.yaml").write_text(yaml.safe_dump(MICRO_MODEL))
+    (tmp / "check.yaml").write_text(yaml.safe_dump(dict(MICRO_MODEL, lr=3e-3, warmup_iters=1)))
     return cfg, tokens, tmp, data
 
 
@@ -65,6 +68,7 @@ CASES = [
     ("fp16-zero0-torch", dict(initial_scale_power=12, loss_scale_window=2)),
     ("fp16-zero0-fused", dict()),
     ("fp16-zero0-fused", dict(initial_scale_power=12, loss_scale_window=2)),
+    ("fp16-zero1-fused", dict()),
     ("fp16-zero1-torch", dict(loss_scale=2 ** 12)),
     ("fp16-zero1-torch", dict(initial_scale_power=12, loss_scale_window=2)),
 ]
@@ -173,9 +177,6 @@ def write_ds(tmp, name, ds):
 def fp16_run(setup, save, name, iters, *extra, **scaling):
     cfg, tokens, tmp, data = setup
     model = tmp / "model.yaml"
-    if not model.exists():
-        import yaml
-        model.write_text(yaml.safe_dump(MICRO_MODEL))
     ds = write_ds(tmp, f"{save.name}-ds", precision_ds(name, **scaling))
     return run_pretrain(pretrain_args(data, model, ds, save, 1, iters, "--eval-interval", "0", "--log-interval", "1",
                                       *extra))
@@ -217,6 +218,23 @@ def test_master_weights_and_hf_export_from_a_real_fp16_checkpoint(setup, name):
     exported = read_safetensors(out / "model.safetensors")
     assert torch.equal(exported["transformer.h.0.attn.c_attn.weight"],  # GPT-2's Conv1D is transposed
                        masters.state_dict()["layers.2.attn.c_attn.weight"].t())
+    # The other tools read the same checkpoint.
+    from gptx.cli import run_evaluate, run_sample
+    assert run_evaluate(["--load", str(run), "--data", str(setup[3]), "--master-weights", "--json"]) == 0
+    assert run_sample(["--load", str(run), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--greedy",
+                       "--json"]) == 0
+
+
+def test_benchmark_runs_the_fp16_engine_beside_an_autocast_loop(setup, capsys):
+    from gptx.cli import run_benchmark
+    tmp = setup[2]
+    ds = write_ds(tmp, "bench-fp16", precision_ds("fp16-zero0-torch"))
+    capsys.readouterr()
+    assert run_benchmark(["--model", str(tmp / "check.yaml"), "--deepspeed_config", str(ds), "--iters", "3",
+                          "--warmup", "1", "--plain", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # Not the same arithmetic (16-bit weights vs autocast over fp32 weights), the same training.
+    assert r["engine"]["losses"] == pytest.approx(r["plain"]["losses"], abs=1e-2)
 
 
 def test_the_overflow_streak_stop_fires_in_a_real_fp16_run(setup, capsys):
@@ -258,7 +276,6 @@ def test_the_shipped_gpu_fp16_config_trains_like_fp32_on_two_stages(tmp_path):
     --deepspeed_config ds_configs/gpu_fp16.json (on the micro model), against the same JSON without fp16."""
     data = make_token_dir(tmp_path / "data")
     model = tmp_path / "model.yaml"
-    import yaml
     model.write_text(yaml.safe_dump(MICRO_MODEL))
     shipped = REPO / "ds_configs" / "gpu_fp16.json"
     fp32_json = json.loads(shipped.read_text())
@@ -287,8 +304,6 @@ def test_gpu_check_reports_the_three_precisions_side_by_side(setup, capsys):
     from gptx.cli import run_gpu_check
     tmp, data = setup[2], setup[3]
     model = tmp / "check.yaml"
-    import yaml
-    model.write_text(yaml.safe_dump(dict(MICRO_MODEL, lr=3e-3, warmup_iters=1)))
     capsys.readouterr()
     assert run_gpu_check(["--model", str(model), "--data", str(data), "--iters", "8", "--micro-batch", "2",
                           "--accum", "2", "--json"]) == 0

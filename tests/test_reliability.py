@@ -13,7 +13,7 @@ from gptx.checkpoint import MANIFEST, find_latest
 from gptx.cli import run_pretrain
 from gptx.config import load_config
 from gptx.errors import TrainingStopped
-from gptx.train import NumericsGuard
+from gptx.guards import NumericsGuard
 from gptx.engine import release_shared_memory
 from tests.conftest import launch, launcher_command, pretrain_args, read_metrics, run_files, train_losses
 
@@ -56,12 +56,12 @@ def test_spikes_are_reported_against_the_running_mean():
 
 def test_deepspeeds_zero_fp16_give_up_becomes_one_line():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-    from gptx.train import _known_failure
+    from gptx.guards import known_failure
     scaler = DynamicLossScaler(init_scale=1, scale_window=1000, min_scale=1, delayed_shift=1,
                                consecutive_hysteresis=False)
     with pytest.raises(Exception) as raised:
         scaler.update_scale(True)  # an overflow at the minimum scale
-    failure = _known_failure(raised.value, rank=0, timeout=60)
+    failure = known_failure(raised.value, rank=0, timeout=60)
     assert isinstance(failure, TrainingStopped) and "use bf16" in str(failure)
 
 
