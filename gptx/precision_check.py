@@ -43,8 +43,9 @@ class Trace:
 
 
 def batches_for(engine, cfg: Config, ds_config: dict, tokens: np.ndarray, skip_batches: int = 0) -> TokenWindows:
-    """The run's training samples after `skip_batches` global batches, for this rank, as launch/pretrain.py reads them."""
+    """This rank's training samples after `skip_batches` global batches, as launch/pretrain.py reads them."""
     grid = engine.grid
+    # Only the batch layout is wanted here ("cuda": the engine exists, its precision was accepted).
     layout = check_ds_config(ds_config, grid.get_data_parallel_world_size(), cfg.train.pipe_parallel_size,
                              "cuda")
     return TokenWindows(tokens, cfg.model.seq_len, layout.micro_batch, grid.get_data_parallel_rank(),
@@ -77,7 +78,7 @@ def train_trace(cfg: Config, ds_config: dict, tokens: np.ndarray, iters: int, be
 def release(engine) -> None:
     """Let the next engine of the same process start clean (gradients, buffers, groups' tensors)."""
     dist.barrier()
-    engine.destroy() if hasattr(engine, "destroy") else None
+    engine.destroy()
     del engine
     gc.collect()
 
