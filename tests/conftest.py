@@ -16,6 +16,22 @@ from gptx.engine import release_shared_memory
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The workarounds in gptx/engine.py that in-process tests can switch off (--without-workaround).
+ENGINE_WORKAROUNDS = ("_ensure_loss_is_scaled", "_undo_construction_step", "_fix_fp16_unscale_and_norm")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--without-workaround", action="append", default=[], choices=ENGINE_WORKAROUNDS,
+                     help="switch off one of gptx/engine.py's DeepSpeed workarounds in the in-process tests, to "
+                          "see whether the installed DeepSpeed still needs it (repeatable)")
+
+
+@pytest.fixture(autouse=True)
+def _without_workarounds(request, monkeypatch):
+    import gptx.engine
+    for name in request.config.getoption("--without-workaround"):
+        monkeypatch.setattr(gptx.engine, name, lambda engine: None)
+
 # A model small enough that a launcher test trains several steps in seconds.
 MICRO_MODEL = dict(vocab_size=256, seq_len=32, n_layer=4, n_head=2, n_embd=32)
 
