@@ -129,16 +129,16 @@ def test_a_forced_overflow_skips_the_step_and_training_recovers(setup, name):
     assert all(torch.equal(a, b) for a, b in zip(seen["before"], seen["after"]))  # weights untouched by both
     assert trace.lrs[1] == trace.lrs[2] == trace.lrs[3]  # the LR schedule did not advance
     # DeepSpeed's ZeRO scaler honours hysteresis 2 (halves at the second overflow); its
-    # FP16_Optimizer ignores hysteresis and halves at each.
+    # ZeRO-0 fp16 optimizers ignore hysteresis and halve at each.
     expected = [2 ** 12, 2 ** 12, 2 ** 11, 2 ** 10] if "zero0" in name else [2 ** 12, 2 ** 12, 2 ** 12, 2 ** 11]
     assert trace.scales[:4] == expected
     assert trace.losses[-1] < trace.losses[4] and all(n is not None and n < 10 for n in trace.grad_norms[4:])
 
 
-def test_the_loss_is_scaled_once_whether_or_not_deepspeed_scales_it(setup, fp32):
-    """The hook multiplies by the scale only when DeepSpeed did not: ZeRO scales, so with it
-    the hook must leave the gradient alone, and the result still follows fp32 (above). Here:
-    an unknown factor is refused instead of trained on."""
+def test_a_loss_gradient_neither_scaled_nor_unscaled_stops_the_run(setup):
+    """The loss hook multiplies by the scale only when DeepSpeed did not. Under ZeRO DeepSpeed
+    scales the loss itself and the hook must leave it alone: the ZeRO-1 cases above follow
+    fp32 with the hook in place. Here: a factor that is neither is refused, not trained on."""
     cfg, tokens, *_ = setup
 
     def before_step(engine, it):
