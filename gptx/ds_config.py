@@ -88,9 +88,11 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
 
     zero = cfg.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    if pipe_size > 1 and stage not in (0, 1):
+    if stage not in (0, 1):
+        # One stage is still DeepSpeed's pipeline engine, which refuses ZeRO-2/3 with a traceback.
         raise ConfigError(f"{path}: zero_optimization.stage {stage} cannot be combined with pipeline parallelism "
-                          f"(--pipe-parallel-size {pipe_size}); use stage 0 or 1")
+                          f"(gptx always trains through DeepSpeed's pipeline engine, also with "
+                          f"--pipe-parallel-size {pipe_size}); use stage 0 or 1")
     fp16 = (cfg.get("fp16") or {}).get("enabled", False)
     bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
     if fp16 and bf16:

@@ -209,6 +209,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     iteration, consumed = resume(engine, plan, paths) if plan.resume_tag else (0, 0)
+    first_iteration = iteration
 
     stage_params = stage_param_counts(model)
     parts = model.parts
@@ -324,7 +325,9 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         stop.restore()
 
     metrics.close()
-    summary = f"done: {iteration} iterations in {time.time() - start_time:.1f} s"
+    summary = f"done: {iteration - first_iteration} iterations in {time.time() - start_time:.1f} s"
+    if first_iteration:
+        summary += f" (iterations {first_iteration + 1}-{iteration})"
     if first_loss is not None:
         summary += f"; train loss {first_loss:.3f} -> {loss:.3f}"
     if val_loss is not None:

@@ -52,3 +52,11 @@ def test_fp16_on_cpu_only_with_the_testing_switch(monkeypatch):
         check_ds_config(cfg, 1, 2, "cpu")
     monkeypatch.setenv("GPTX_CPU_FP16", "1")
     assert check_ds_config(cfg, 1, 2, "cpu").grad_accum == 8
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_are_refused_with_one_stage_too(stage):
+    # One stage still runs DeepSpeed's pipeline engine, which rejects them with a traceback per rank.
+    with pytest.raises(ConfigError, match=f"zero_optimization.stage {stage} cannot be combined.*also with "
+                                          f"--pipe-parallel-size 1"):
+        check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}, 2, 1, "cpu")

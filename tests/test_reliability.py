@@ -88,6 +88,7 @@ def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, ca
     out = capsys.readouterr().out
     assert "warning: 'latest' names 'iter_0000005' but 'iter_0000005': layer_02-model_states.pt has 100 bytes" in out
     assert "resumed from" in out and "iter_0000004: iteration 4" in out
+    assert "done: 2 iterations in" in out and "(iterations 5-6)" in out  # this run's, not the total
     redone = [r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] == 5]
     assert redone == [first[5], first[5]]  # iteration 5 again, from iteration 4's checkpoint: the same loss
 
