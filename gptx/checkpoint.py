@@ -253,6 +253,41 @@ def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> Non
         raise CheckpointError(f"checkpoint '{where}' is of another model: " + "; ".join(diffs))
 
 
+SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--warmup-iters",
+                  "decay_iters": "--lr-decay-iters"}
+
+
+def lr_schedule(train: dict) -> dict:
+    """The learning-rate schedule a training config resolves to (defaults filled in)."""
+    return {"lr": train["lr"], "min_lr": train.get("min_lr") if train.get("min_lr") is not None else train["lr"] / 10,
+            "warmup_iters": train["warmup_iters"], "decay_iters": train.get("lr_decay_iters") or train["train_iters"]}
+
+
+def check_schedule(meta: dict, cfg: Config, where: str, override: bool) -> str | None:
+    """Refuse, before any heavy work, a resume whose LR schedule differs from the checkpoint's.
+
+    The schedule's step count resumes, its shape comes from the config: a changed shape
+    (typically a larger train_iters, which lr_decay_iters follows by default) would make
+    the LR jump at the resume. With `override` the new shape is used; returns the warning.
+    """
+    import dataclasses
+    saved = meta.get("config", {}).get("train")
+    if meta.get("weights_only") or not saved:
+        return None  # converted weights: a new run, with its own schedule
+    old, new = lr_schedule(saved), lr_schedule(dataclasses.asdict(cfg.train))
+    changed = [k for k in old if old[k] != new[k]]
+    if not changed:
+        return None
+    diffs = "; ".join(f"{k} {old[k]:g} (checkpoint) vs {new[k]:g} (now)" for k in changed)
+    if override:
+        return f"warning: the learning-rate schedule changes at this resume ({diffs}); --override-lr-schedule"
+    why = " (lr_decay_iters defaults to train_iters)" if "decay_iters" in changed and not cfg.train.lr_decay_iters else ""
+    keep = " ".join(f"{SCHEDULE_FLAGS[k]} {old[k]:g}" for k in changed)
+    raise CheckpointError(f"checkpoint '{where}' was trained on another learning-rate schedule: {diffs}{why}; "
+                          f"pass {keep} to keep the checkpoint's, or --override-lr-schedule to continue on the new "
+                          f"one (the LR jumps at the resume)")
+
+
 def load_weights_only(engine, load_dir: str | Path, tag: str) -> None:
     """Collective: this stage's layers from the layer files, for a checkpoint of another layout.
 

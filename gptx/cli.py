@@ -14,8 +14,8 @@ from gptx.errors import ConfigError, GptxError
 TRAIN_FLAGS = {
     "train_iters": int, "seed": int, "pipe_parallel_size": int, "save_interval": int, "exit_interval": int,
     "eval_interval": int, "eval_iters": int, "log_interval": int, "lr": float, "min_lr": float,
-    "warmup_iters": int, "partition_method": str, "activation_checkpoint_interval": int, "wandb_project": str,
-    "sample_tokens": int, "sample_prompt": str, "keep_checkpoints": int, "dist_timeout": int,
+    "warmup_iters": int, "lr_decay_iters": int, "partition_method": str, "activation_checkpoint_interval": int,
+    "wandb_project": str, "sample_tokens": int, "sample_prompt": str, "keep_checkpoints": int, "dist_timeout": int,
     "max_skipped_at_min_scale": int, "spike_factor": float,
 }
 BOOL_TRAIN_FLAGS = ("compile_blocks",)
@@ -32,6 +32,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="directory with train.bin/val.bin (default: the embedded Python documentation corpus)")
     p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: runs/NAME-TIME)")
     p.add_argument("--load", default=None, help="resume from the latest checkpoint in this run directory")
+    p.add_argument("--override-lr-schedule", action="store_true",
+                   help="with --load: continue on this run's LR schedule where it differs from the checkpoint's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training key, e.g. --set n_layer=6 (repeatable)")
     for name, type_ in TRAIN_FLAGS.items():
@@ -53,7 +55,7 @@ def parse_pretrain_args(argv: list[str] | None = None):
     args = pretrain_parser().parse_args(argv)
     cfg = load_config(args.model, _overrides(args, (*TRAIN_FLAGS, *BOOL_TRAIN_FLAGS)))
     return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
-                         ds_log_level=args.ds_log_level)
+                         ds_log_level=args.ds_log_level, override_lr_schedule=args.override_lr_schedule)
 
 
 def _overrides(args, flags) -> dict:

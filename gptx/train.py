@@ -37,6 +37,8 @@ class RunPaths:
     deepspeed_config: str | None = None
     ds_log_level: str = "warning"
     """DeepSpeed's own logger; 'info' shows its STAGE=... LAYERS=... STAGE_PARAMS=... start-up lines."""
+    override_lr_schedule: bool = False
+    """On --load, continue on this config's LR schedule even if it differs from the checkpoint's."""
 
 
 def _rank() -> int:
@@ -87,6 +89,9 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     if paths.load:
         tag, meta = checkpoint.find_latest(paths.load, warn=log)
         checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
+        warning = checkpoint.check_schedule(meta, cfg, str(Path(paths.load) / tag), paths.override_lr_schedule)
+        if warning:
+            log(warning)
     encoding = None
     if cfg.train.sample_tokens:
         from gptx.data import GPT2_VOCAB_SIZE, gpt2_encoding

@@ -124,3 +124,25 @@ def test_training_prints_a_sample_at_each_evaluation(dist_world1, work, capsys):
     assert train_losses(run) == train_losses(plain)
     assert run_pretrain(args(work, work[0] / "bad_prompt", 1, 4, "--sample-tokens", "5", "--sample-prompt", "hi")) == 2
     assert "train.sample_prompt is text for GPT-2 BPE" in capsys.readouterr().err
+
+
+def test_a_resume_on_another_lr_schedule_is_refused_unless_told_which(dist_world1, work, capsys):
+    run = work[0] / "extend"
+    assert run_pretrain(args(work, run, 1, 3)) == 0  # the schedule decays over 3 iterations
+    capsys.readouterr()
+    # Extending the run: lr_decay_iters follows train_iters, so the schedule would jump.
+    assert run_pretrain(args(work, run, 1, 5, "--load", str(run))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decay_iters 3 (checkpoint) vs 5 (now) (lr_decay_iters defaults to train_iters); " \
+        "pass --lr-decay-iters 3 to keep the checkpoint's, or --override-lr-schedule" in err[0]
+    assert max(train_losses(run)) == 3  # nothing was trained or written
+    lrs = lambda: {r["iter"]: r["lr"] for r in read_metrics(run) if "loss" in r}
+    # Keeping the checkpoint's schedule: after its end the LR stays at min_lr, no jump.
+    assert run_pretrain(args(work, run, 1, 4, "--load", str(run), "--lr-decay-iters", "3")) == 0
+    assert lrs()[4] == pytest.approx(3e-4) and lrs()[4] <= lrs()[3]
+    # Or the new one, on request, with a warning.
+    capsys.readouterr()
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--override-lr-schedule")) == 0
+    assert "warning: the learning-rate schedule changes at this resume (decay_iters 3 (checkpoint) vs 6 (now))" \
+        in capsys.readouterr().out
+    assert lrs()[5] > lrs()[4]

@@ -84,7 +84,7 @@ def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, ca
     layer = run / "iter_0000005" / "layer_02-model_states.pt"
     layer.write_bytes(layer.read_bytes()[:100])  # truncated, as by a full disk or an interrupted copy
     capsys.readouterr()
-    assert run_pretrain(args(work, run, 1, 6, "--load", str(run))) == 0
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--lr-decay-iters", "5")) == 0
     out = capsys.readouterr().out
     assert "warning: 'latest' names 'iter_0000005' but 'iter_0000005': layer_02-model_states.pt has 100 bytes" in out
     assert "resumed from" in out and "iter_0000004: iteration 4" in out
