@@ -445,5 +445,10 @@ def guarded(main) -> int:
     except GptxError as e:
         if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            # DeepSpeed's launcher ends every rank once one exits non-zero: were this rank to
+            # exit first, rank 0 could be ended before it prints the line (seen once in CI).
+            import time
+            time.sleep(3)
         return 2
     return 0
