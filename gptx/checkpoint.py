@@ -3,7 +3,7 @@
 A run directory holds one folder per checkpoint (`iter_0000200/`, DeepSpeed's layer and
 optimizer files plus ours) and a `latest` file naming the newest complete one. DeepSpeed
 0.19 writes `latest` from rank 0 before the other ranks have finished, so gptx saves
-without it (gptx/engine.py, defect 4) and moves the pointer itself, atomically, after a
+without it (gptx/engine.py, defect 5) and moves the pointer itself, atomically, after a
 barrier.
 
 Ours in each folder: `gptx.json` (resolved config, DeepSpeed JSON, layout, code version,
@@ -257,12 +257,6 @@ SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--warmup-
                   "decay_iters": "--lr-decay-iters"}
 
 
-def lr_schedule(train: dict) -> dict:
-    """The learning-rate schedule a training config resolves to (defaults filled in)."""
-    return {"lr": train["lr"], "min_lr": train.get("min_lr") if train.get("min_lr") is not None else train["lr"] / 10,
-            "warmup_iters": train["warmup_iters"], "decay_iters": train.get("lr_decay_iters") or train["train_iters"]}
-
-
 def check_schedule(meta: dict, cfg: Config, where: str, override: bool) -> str | None:
     """Refuse, before any heavy work, a resume whose LR schedule differs from the checkpoint's.
 
@@ -271,10 +265,11 @@ def check_schedule(meta: dict, cfg: Config, where: str, override: bool) -> str |
     the LR jump at the resume. With `override` the new shape is used; returns the warning.
     """
     import dataclasses
+    from gptx.schedule import schedule_of
     saved = meta.get("config", {}).get("train")
     if meta.get("weights_only") or not saved:
         return None  # converted weights: a new run, with its own schedule
-    old, new = lr_schedule(saved), lr_schedule(dataclasses.asdict(cfg.train))
+    old, new = schedule_of(saved), schedule_of(dataclasses.asdict(cfg.train))
     changed = [k for k in old if old[k] != new[k]]
     if not changed:
         return None

@@ -26,6 +26,7 @@ DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from functools import partial
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from gptx.config import Config
 from gptx.errors import GptxError
-from gptx.schedule import WarmupCosine
+from gptx.schedule import WarmupCosine, schedule_of
 
 CPU_FP16_ENV = "GPTX_CPU_FP16"
 
@@ -74,11 +75,8 @@ def build_engine(cfg: Config, ds_config: dict):
     import deepspeed
     from gptx.pipeline import build_pipeline
     allow_cpu_fp16()
-    t = cfg.train
     model = build_pipeline(cfg)
-    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
-    schedule = partial(WarmupCosine, lr=t.lr, min_lr=min_lr, warmup_iters=t.warmup_iters,
-                       decay_iters=t.lr_decay_iters or t.train_iters)
+    schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                            config=ds_config, lr_scheduler=schedule)
     if engine.fp16_enabled():

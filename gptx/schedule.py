@@ -8,6 +8,13 @@ from __future__ import annotations
 import math
 
 
+def schedule_of(train: dict) -> dict:
+    """The schedule a training config (as a dict, e.g. from a checkpoint) resolves to, defaults filled in."""
+    min_lr = train.get("min_lr")
+    return {"lr": train["lr"], "min_lr": min_lr if min_lr is not None else train["lr"] / 10,
+            "warmup_iters": train["warmup_iters"], "decay_iters": train.get("lr_decay_iters") or train["train_iters"]}
+
+
 def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
     """The learning rate for optimizer step `step` (0-based)."""
     if step < warmup_iters:
