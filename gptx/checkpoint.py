@@ -240,6 +240,34 @@ def _unusable(folder: Path) -> str | None:
     return reason
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", LATEST)
+"""What a run directory holds besides its checkpoint folders."""
+
+
+def check_save_dir(save: str | Path | None, load: str | Path | None) -> None:
+    """Refuse, before anything is written, a --save directory that holds another run.
+
+    Writing there would replace its config.json, move its `latest` and append to its
+    metrics.jsonl. Saving into the directory being resumed (--load) is a continuation.
+    """
+    if save is None:
+        return
+    save = Path(save)
+    if load is not None and save.resolve() == Path(load).resolve():
+        return
+    if save.exists() and not save.is_dir():
+        raise CheckpointError(f"--save '{save}': exists and is not a directory")
+    if not save.exists():
+        return
+    found = [name for name in RUN_FILES if (save / name).exists()]
+    folders = checkpoint_folders(save)
+    if folders:
+        found.append(f"{len(folders)} checkpoint folder(s), newest {folders[0].name}")
+    if found:
+        raise CheckpointError(f"--save '{save}' already holds another run ({', '.join(found)}); choose a new "
+                              f"--save directory, or pass --load {save} to continue that run (nothing was written)")
+
+
 def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> None:
     """Refuse, before any heavy work, a checkpoint of another model shape."""
     import dataclasses

@@ -10,39 +10,72 @@ import sys
 
 from gptx.errors import ConfigError, GptxError
 
-# Training flags that override the config's `train` section (None: keep the file's value).
-TRAIN_FLAGS = {
-    "train_iters": int, "seed": int, "pipe_parallel_size": int, "save_interval": int, "exit_interval": int,
-    "eval_interval": int, "eval_iters": int, "log_interval": int, "lr": float, "min_lr": float,
-    "warmup_iters": int, "lr_decay_iters": int, "partition_method": str, "activation_checkpoint_interval": int,
-    "wandb_project": str, "sample_tokens": int, "sample_prompt": str, "keep_checkpoints": int, "dist_timeout": int,
-    "max_skipped_at_min_scale": int, "spike_factor": float,
-}
-BOOL_TRAIN_FLAGS = ("compile_blocks",)
+class Parser(argparse.ArgumentParser):
+    """argparse whose command-line errors are user errors: one line from rank 0, not a usage
+    message from every rank."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # a typo must not become another flag
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def _train_flag_help(name: str, doc: str) -> str:
+    from gptx.config import DEFAULT_PRESET, PRESETS, TrainConfig
+    default = TrainConfig.__dataclass_fields__[name].default
+    preset = PRESETS[DEFAULT_PRESET].get("train", {})
+    note = f"; the {DEFAULT_PRESET} preset sets {preset[name]:g}" if preset.get(name, default) != default else ""
+    if default is None:  # its doc says what unset means
+        return doc.replace("%", "%%")
+    shown = "''" if default == "" else f"{default:g}" if isinstance(default, float) else str(default)
+    return f"{doc.rstrip('.')} (default: {shown}{note})".replace("%", "%%")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> list[str]:
+    """A --flag for every key of the config's `train` section; returns their dest names."""
+    from dataclasses import fields
+
+    from gptx.config import TrainConfig, field_docs
+    docs = field_docs(TrainConfig)
+    group = p.add_argument_group("training keys (override the preset or YAML file's train: section)")
+    names = []
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base = f.type.replace(" | None", "")
+        if base == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=_train_flag_help(f.name, docs[f.name]))
+        else:
+            group.add_argument(flag, dest=f.name, type={"int": int, "float": float, "str": str}[base], default=None,
+                               metavar={"int": "N", "float": "X", "str": "TEXT"}[base], help=_train_flag_help(f.name, docs[f.name]))
+        names.append(f.name)
+    return names
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
     import deepspeed
 
-    p = argparse.ArgumentParser(
+    from gptx.config import MODEL_KEYS
+    p = Parser(
         prog="launch/pretrain.py",
         description="Pipeline-parallel GPT pretraining. Run under the launcher: deepspeed --num_gpus N launch/pretrain.py")
     p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
     p.add_argument("--data", default=None,
                    help="directory with train.bin/val.bin (default: the embedded Python documentation corpus)")
-    p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: runs/NAME-TIME)")
+    p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: runs/NAME-TIME, "
+                                                "or the --load directory); refused if it holds another run")
     p.add_argument("--load", default=None, help="resume from the latest checkpoint in this run directory")
     p.add_argument("--override-lr-schedule", action="store_true",
                    help="with --load: continue on this run's LR schedule where it differs from the checkpoint's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model or training key, e.g. --set n_layer=6 (repeatable)")
-    for name, type_ in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type_, default=None)
-    for name in BOOL_TRAIN_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True, default=None)
+                   help="override a model or training key, e.g. --set n_layer=6 (repeatable); model keys: "
+                        + ", ".join(sorted(MODEL_KEYS)))
     p.add_argument("--ds-log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                   help="level of DeepSpeed's own logger (info shows its per-stage STAGE_PARAMS lines)")
+                   help="level of DeepSpeed's own logger; info also shows its start-up prints (topology, each "
+                        "stage's layer names, STAGE_PARAMS)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.set_defaults(train_flags=add_train_flags(p))
     deepspeed.add_config_arguments(p)
     return p
 
@@ -53,7 +86,7 @@ def parse_pretrain_args(argv: list[str] | None = None):
     from gptx.train import RunPaths
 
     args = pretrain_parser().parse_args(argv)
-    cfg = load_config(args.model, _overrides(args, (*TRAIN_FLAGS, *BOOL_TRAIN_FLAGS)))
+    cfg = load_config(args.model, _overrides(args, args.train_flags))
     return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
                          ds_log_level=args.ds_log_level, override_lr_schedule=args.override_lr_schedule)
 
@@ -75,7 +108,7 @@ def run_pretrain(argv: list[str] | None = None) -> int:
 
 
 def prepare_data_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/prepare_data.py",
+    p = Parser(prog="tools/prepare_data.py",
                                 description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json")
     p.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl files (a 'text' field "
                                              "per line), or directories of them")
@@ -97,7 +130,7 @@ def run_prepare_data(argv: list[str] | None = None) -> int:
 
 
 def partition_report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/partition_report.py",
+    p = Parser(prog="tools/partition_report.py",
                                 description="Stage layout, parameters, memory, bubble and balance of a pipeline, "
                                             "before launch (no GPU, no processes, no allocation)")
     p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
@@ -141,12 +174,14 @@ def _device(name: str | None) -> str:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/sample.py", description="Generate text from a training checkpoint")
+    p = Parser(prog="tools/sample.py", description="Generate text from a training checkpoint")
     p.add_argument("--load", required=True, help="run directory (latest checkpoint) or a checkpoint folder")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="text, encoded with GPT-2 BPE")
     prompt.add_argument("--prompt-ids", default=None, help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="new tokens to generate (fewer when end-of-text comes first; past the model's context, "
+                        "a sliding window)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
@@ -170,6 +205,13 @@ def run_sample(argv: list[str] | None = None) -> int:
         from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding
         from gptx.generate import generate
         args = sample_parser().parse_args(argv)
+        for flag, value, ok, expected in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
+                                          ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
+                                          ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
+                                          ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1,
+                                           "in (0, 1]")):
+            if not ok:
+                raise ConfigError(f"{flag}: must be {expected}, got {value}")
         model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
         model.to(_device(args.device))
         gpt2 = cfg.model.vocab_size == GPT2_VOCAB_SIZE
@@ -191,14 +233,19 @@ def run_sample(argv: list[str] | None = None) -> int:
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        stop_token=GPT2_EOT if gpt2 else None, use_cache=not args.no_cache)
         text = enc.decode(ids) if enc is not None else None
+        if cfg.model.position_embedding == "learned" and len(ids) > cfg.model.seq_len:
+            print(f"note: the output is longer than the model's context ({cfg.model.seq_len} tokens, learned "
+                  f"positions): past it each token was predicted from the last {cfg.model.seq_len}", file=sys.stderr)
         print(json.dumps({"ids": ids, "text": text}) if args.json else (text if text is not None else ids))
     return guarded(main)
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/evaluate.py", description="Loss, perplexity and bits per byte")
+    p = Parser(prog="tools/evaluate.py", description="Loss, perplexity and bits per byte")
     p.add_argument("--load", required=True, help="run directory (latest checkpoint) or a checkpoint folder")
-    p.add_argument("--data", required=True, help="a .txt file, a .bin split, or a data directory (its val.bin)")
+    p.add_argument("--data", required=True,
+                   help="a .txt file (one document), a .jsonl file (a 'text' field per line), a .bin split, or a "
+                        "data directory (its val.bin)")
     p.add_argument("--seq-len", type=int, default=None, help="context per window (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--master-weights", action="store_true",
@@ -221,9 +268,10 @@ def run_evaluate(argv: list[str] | None = None) -> int:
         model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
         model.to(_device(args.device))
         tokens, n_bytes = load_eval_tokens(args.data, cfg.model.vocab_size)
-        result = evaluate_tokens(model, tokens, args.seq_len or cfg.model.seq_len, args.batch_size)
+        seq_len = cfg.model.seq_len if args.seq_len is None else args.seq_len
+        result = evaluate_tokens(model, tokens, seq_len, args.batch_size, progress=_progress_to_stderr("evaluate"))
         result["bits_per_byte"] = result["loss_sum_nats"] / math.log(2) / n_bytes if n_bytes else None
-        result["seq_len"] = args.seq_len or cfg.model.seq_len
+        result["seq_len"] = seq_len
         if args.json:
             print(json.dumps(result))
         else:
@@ -233,10 +281,22 @@ def run_evaluate(argv: list[str] | None = None) -> int:
     return guarded(main)
 
 
+def _progress_to_stderr(what: str):
+    """A progress callback printing a line at each tenth done (stdout stays the result's)."""
+    shown = [0]
+
+    def report(done: int, total: int) -> None:
+        tenth = done * 10 // total
+        if tenth > shown[0] and total > 1:
+            shown[0] = tenth
+            print(f"{what}: {done:,}/{total:,} windows ({done * 100 // total}%)", file=sys.stderr, flush=True)
+    return report
+
+
 def convert_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/convert.py",
-                                description="gptx checkpoint <-> Hugging Face GPT-2 directory (config.json + "
-                                            "model.safetensors)")
+    p = Parser(prog="tools/convert.py",
+                                description="gptx checkpoint <-> Hugging Face GPT-2 directory (config.json, "
+                                            "model.safetensors and, for GPT-2's vocabulary, its tokenizer files)")
     p.add_argument("--load", help="gptx run directory or checkpoint folder to export")
     p.add_argument("--to-hf", help="output directory for the Hugging Face model")
     p.add_argument("--from-hf", help="local Hugging Face GPT-2 directory to import")
@@ -250,13 +310,18 @@ def run_convert(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def main():
-        from gptx.checkpoint import load_plain_model, save_weights_only
+        from gptx.checkpoint import check_save_dir, load_plain_model, save_weights_only
         from gptx.hf import from_hf, to_hf
         args = convert_parser().parse_args(argv)
         if args.load and args.to_hf and not (args.from_hf or args.save):
             model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
-            print(f"wrote {to_hf(model, cfg, args.to_hf)}")
+            out = to_hf(model, cfg, args.to_hf)
+            tokenizer = ("with GPT-2's tokenizer files" if (out / "vocab.json").exists() else
+                         f"without tokenizer files (its {cfg.model.vocab_size}-token vocabulary is not GPT-2's: "
+                         f"add your tokenizer's)")
+            print(f"wrote {out} {tokenizer}")
         elif args.from_hf and args.save and not (args.load or args.to_hf):
+            check_save_dir(args.save, None)
             layers, cfg = from_hf(args.from_hf)
             print(f"wrote {save_weights_only(layers, cfg, args.save, source=str(args.from_hf))}")
         else:
@@ -265,7 +330,7 @@ def run_convert(argv: list[str] | None = None) -> int:
 
 
 def benchmark_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="tools/benchmark.py",
         description="Tokens/s, MFU, memory and per-stage time of the real engine on random tokens. One rank: "
                     "python tools/benchmark.py; a pipeline: deepspeed --num_gpus N tools/benchmark.py")
@@ -319,9 +384,10 @@ def _in_process_group(work) -> None:
     the tool runs as a plain process rather than under the launcher."""
     import deepspeed
     import torch.distributed as dist
-    from gptx.engine import release_shared_memory
+    from gptx.engine import deepspeed_prints, release_shared_memory
     owns_process_group = not dist.is_initialized()
-    deepspeed.init_distributed(verbose=False)
+    with deepspeed_prints(False):
+        deepspeed.init_distributed(verbose=False)
     work()
     if owns_process_group:
         dist.barrier()
@@ -373,7 +439,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
 
 
 def gpu_check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="tools/gpu_check.py",
         description="fp32 (TF32 on GPUs), the shipped fp16 config and the shipped bf16 config, trained side by "
                     "side from the same weights on the same batches: loss differences, grad norm, loss scale, "

@@ -166,8 +166,37 @@ class Config:
                 "train": dataclasses.asdict(self.train)}
 
 
+GPT2_ARCHITECTURE = dict(position_embedding="learned", residual="sequential", norm="layernorm", macaron=False,
+                         residual_attention=False, attention_topk=None, bias=True, tie_embeddings=True)
+"""The architecture keys as GPT-2 has them; any other value makes a variant."""
+
+
+def describe_model(m: ModelConfig) -> str:
+    """Shape and architecture in one line, for the start-up log: a variant names its keys."""
+    padded = f" (table padded to {m.padded_vocab_size:,})" if m.padded_vocab_size != m.vocab_size else ""
+    changed = [f"{k} {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items() if getattr(m, k) != v]
+    kind = ("variant: " + ", ".join(changed) + " (the rest as GPT-2)") if changed else "GPT-2 architecture"
+    dropout = f", dropout {m.dropout:g}" if m.dropout else ""
+    return (f"{m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.seq_len}, vocabulary "
+            f"{m.vocab_size:,}{padded}{dropout}; {kind}")
+
+
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string under it in the class body), for --help."""
+    import ast
+    import inspect
+    import textwrap
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 def _preset(name: str) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Token data: the GPT-2 tokenizer offline, text -> token files, and resumable batch windows.
 
 On-disk format (the same as nanoGPT's): `train.bin` and `val.bin` are raw token ids,
-uint16 (uint32 when the vocabulary does not fit), plus `meta.json` saying which. A
-directory without meta.json is read as nanoGPT's uint16 GPT-2 tokens.
+uint16 (uint32 when the vocabulary does not fit), plus `meta.json` saying which and the
+tokenizer's vocabulary size. A directory without meta.json is read as nanoGPT's: uint16
+GPT-2 tokens, or a character-level set when its meta.pkl says so.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -98,17 +100,22 @@ def gpt2_ranks(bpe_file: str | None = None, log=lambda msg: print(msg, file=sys.
     return data
 
 
-def gpt2_encoding(bpe_file: str | None = None):
-    """tiktoken's GPT-2 encoding, built from the offline rank file."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
-
+def gpt2_mergeable_ranks(bpe_file: str | None = None) -> dict[bytes, int]:
+    """GPT-2's BPE as tiktoken holds it: token bytes -> rank, which is also the token id."""
     ranks = {}
     for line in gpt2_ranks(bpe_file).splitlines():
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    return ranks
+
+
+def gpt2_encoding(bpe_file: str | None = None):
+    """tiktoken's GPT-2 encoding, built from the offline rank file."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=gpt2_mergeable_ranks(bpe_file),
                              special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
@@ -222,17 +229,58 @@ def default_data_dir(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
 # ----------------------------------------------------------------------------------------
 # Reading token files
 
+NANOGPT_META = "meta.pkl"
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only: a data directory is not trusted code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def read_meta(data_dir: Path) -> dict:
+    """The data directory's meta.json; for nanoGPT's layouts (no meta.json), what they imply:
+    a character-level set's meta.pkl gives its vocabulary, no meta at all means GPT-2 tokens."""
     meta_path = data_dir / META_FILE
-    if not meta_path.exists():  # nanoGPT's layout: GPT-2 tokens as uint16
-        return {"vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16"}
+    if not meta_path.exists():
+        pkl = data_dir / NANOGPT_META
+        if pkl.exists():
+            try:
+                with open(pkl, "rb") as f:
+                    saved = _PlainDataUnpickler(f).load()
+                vocab = int(saved["vocab_size"])
+            except Exception:
+                raise DataError(f"data file '{pkl}': not a nanoGPT meta.pkl (a dict with 'vocab_size')") from None
+            return {"vocab_size": vocab, "dtype": "uint16", "tokenizer": f"nanoGPT {NANOGPT_META}"}
+        return {"vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16", "tokenizer": "gpt2 (no meta.json: nanoGPT's layout)"}
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, OSError):
         raise DataError(f"data file '{meta_path}': not valid JSON") from None
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise DataError(f"data file '{meta_path}': 'dtype' must be uint16 or uint32, got {meta.get('dtype')!r}")
+    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise DataError(f"data file '{meta_path}': 'vocab_size' must be a positive integer, "
+                        f"got {meta.get('vocab_size')!r}")
     return meta
+
+
+def check_vocabulary(meta: dict, vocab_size: int, where: str) -> None:
+    """The data must come from the model's tokenizer: the same vocabulary size.
+
+    A model wider than its tokenizer would train rows no token uses (and a table sized
+    for another tokenizer means the ids mean other things); pad_vocab_to_multiple is how
+    gptx pads the table for fast matmuls while the loss keeps the tokenizer's size.
+    """
+    data_vocab = meta["vocab_size"]
+    if data_vocab == vocab_size:
+        return
+    tokenizer = f" ({meta['tokenizer']})" if meta.get("tokenizer") else ""
+    hint = (f"set model.vocab_size {data_vocab} (pad_vocab_to_multiple pads the table for fast matmuls)"
+            if data_vocab < vocab_size else f"set model.vocab_size {data_vocab} or tokenize with the model's tokenizer")
+    raise DataError(f"{where}: tokenized with a {data_vocab}-token vocabulary{tokenizer}, but model.vocab_size is "
+                    f"{vocab_size}; {hint}")
 
 
 def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
@@ -253,10 +301,7 @@ def check_data(data_dir: str | Path, vocab_size: int, seq_len: int) -> None:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"--data '{data_dir}': not a directory (expected train.bin, val.bin and meta.json)")
-    meta = read_meta(data_dir)
-    if meta.get("vocab_size", 0) > vocab_size:
-        raise DataError(f"data directory '{data_dir}': tokenized with a {meta['vocab_size']}-token vocabulary, "
-                        f"larger than model.vocab_size {vocab_size}")
+    check_vocabulary(read_meta(data_dir), vocab_size, f"data directory '{data_dir}'")
     for split in SPLITS:
         tokens = open_tokens(data_dir, split)
         if len(tokens) < seq_len + 1:

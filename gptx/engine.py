@@ -20,15 +20,24 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    (`save_checkpoint`; tests/test_reliability.py: kill -9 during a save).
 6. The CPU all-reduce leaves a shared-memory buffer per rank behind every run
    (`release_shared_memory`; tests/test_engine.py).
+7. PipelineModule broadcasts the tied embedding between the end stages (when it is built
+   and after a load) with autograd on. torch has no autograd kernel for that in-place
+   c10d::broadcast_ and warns, at every rank's first backward, that it "may lead to
+   silently incorrect behavior". The gradients are right (tests/test_engine.py shows it);
+   gptx runs those broadcasts under no_grad, which keeps the warning off the console
+   (`_tied_weight_sync_without_autograd`; tests/test_train.py: a 2-stage run's output).
 
 DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
 (`allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -70,15 +79,18 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, ds_config: dict):
+def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = False):
     """This rank's stage of the pipeline inside DeepSpeed's engine, with gptx's LR schedule."""
     import deepspeed
     from gptx.pipeline import build_pipeline
     allow_cpu_fp16()
-    model = build_pipeline(cfg)
-    schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
-                                           config=ds_config, lr_scheduler=schedule)
+    with deepspeed_prints(show_deepspeed_prints):
+        with torch.no_grad():  # defect 7: PipelineModule's constructor broadcasts the tied weights
+            model = build_pipeline(cfg)
+        _tied_weight_sync_without_autograd(model)
+        schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                               config=ds_config, lr_scheduler=schedule)
     if engine.fp16_enabled():
         _ensure_loss_is_scaled(engine)
         _undo_construction_step(engine)
@@ -91,6 +103,34 @@ def build_engine(cfg: Config, ds_config: dict):
         # gradient into buckets and copies it back: 2-3% of a CPU step, for nothing.
         engine.pipeline_enable_backward_allreduce = False
     return engine
+
+
+def _tied_weight_sync_without_autograd(module) -> None:
+    """Defect 7: PipelineModule._synchronize_tied_weights broadcasts parameters that require
+    grad with autograd on; torch then warns at each backward. Under no_grad it does not."""
+    sync = module._synchronize_tied_weights
+
+    def sync_without_autograd():
+        with torch.no_grad():
+            sync()
+    module._synchronize_tied_weights = sync_without_autograd
+
+
+@contextlib.contextmanager
+def deepspeed_prints(show: bool):
+    """DeepSpeed prints start-up details from every rank with print() (its CPU all-reduce op
+    build, SEED_LAYERS, the topology, each stage's layer names); gptx's own start-up lines
+    say the same with parameter counts. Hidden unless `show`; replayed on stderr on failure."""
+    if show:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
 
 
 def _scale_holder(optimizer):

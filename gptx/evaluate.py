@@ -8,38 +8,61 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptx.data import gpt2_encoding, open_tokens, read_meta
+from gptx.data import (GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, iter_documents, open_tokens,
+                       read_meta)
 from gptx.errors import DataError
 from gptx.model import GPT
 
 
 def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int | None]:
-    """(token ids, UTF-8 byte count or None) from a .txt file, a .bin split, or a data directory (its val.bin)."""
+    """(token ids, UTF-8 byte count or None) from a .txt file (one document), a .jsonl file (a
+    `text` field per line, each document followed by end-of-text as in training), a .bin split,
+    or a data directory (its val.bin)."""
     path = Path(path)
     if path.is_dir():
-        return open_tokens(path, "val"), _byte_count(open_tokens(path, "val"), read_meta(path))
+        meta = read_meta(path)
+        check_vocabulary(meta, vocab_size, f"--data '{path}'")
+        return open_tokens(path, "val"), _byte_count(open_tokens(path, "val"), meta)
     if not path.exists():
         raise DataError(f"--data '{path}': no such file or directory")
     if path.suffix == ".bin":
         meta = read_meta(path.parent)
+        check_vocabulary(meta, vocab_size, f"--data '{path}'")
         tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
         return tokens, _byte_count(tokens, meta)
-    text = path.read_text(encoding="utf-8")
-    if vocab_size < 50257:
-        raise DataError(f"--data '{path}': text needs GPT-2 BPE, but the model's vocabulary has {vocab_size} tokens")
-    return np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8"))
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"--data '{path}': expected a .txt, .jsonl or .bin file or a data directory")
+    if vocab_size != GPT2_VOCAB_SIZE:
+        raise DataError(f"--data '{path}': text is tokenized with GPT-2 BPE ({GPT2_VOCAB_SIZE} tokens), but the "
+                        f"model's vocabulary has {vocab_size}; pass token files made with its own tokenizer")
+    enc = gpt2_encoding()
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        return np.asarray(enc.encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8"))
+    docs = list(iter_documents([str(path)]))
+    if not docs:
+        raise DataError(f"--data '{path}': no documents in it")
+    ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [GPT2_EOT]]
+    return np.asarray(ids, dtype=np.int64), sum(len(doc.encode("utf-8")) for doc in docs)
 
 
 def _byte_count(tokens: np.ndarray, meta: dict) -> int | None:
-    if meta.get("vocab_size") != 50257 or meta.get("tokenizer", "gpt2") != "gpt2":
+    if meta.get("vocab_size") != GPT2_VOCAB_SIZE or not meta.get("tokenizer", "gpt2").startswith("gpt2"):
         return None
     return len(gpt2_encoding().decode_bytes(np.asarray(tokens, dtype=np.int64).tolist()))
 
 
 @torch.no_grad()
-def evaluate_tokens(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int = 8) -> dict:
-    """Token-weighted loss over the whole stream in consecutive windows of seq_len predictions."""
+def evaluate_tokens(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int = 8, progress=None) -> dict:
+    """Token-weighted loss over the whole stream in consecutive windows of seq_len predictions.
+
+    `progress(windows done, windows in all)` is called after each batch.
+    """
     cfg = model.cfg
+    if seq_len < 1:
+        raise DataError(f"--seq-len: must be at least 1, got {seq_len}")
+    if batch_size < 1:
+        raise DataError(f"--batch-size: must be at least 1, got {batch_size}")
     if cfg.position_embedding == "learned" and seq_len > cfg.seq_len:
         raise DataError(f"--seq-len {seq_len}: this model's learned positions end at {cfg.seq_len}; "
                         f"only alibi, rotary or none positions evaluate longer contexts")
@@ -65,5 +88,7 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: in
             logits = model(batch[:, :-1])  # (B, n, V)
             total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
             count += batch[:, 1:].numel()
+        if progress is not None:
+            progress(min(i + batch_size, len(windows)), len(windows))
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 80)), "tokens": count, "loss_sum_nats": total}

@@ -29,7 +29,11 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, greedy: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_token: int | None = None, use_cache: bool = True) -> list[int]:
-    """The prompt followed by up to max_new_tokens new ids; stops after stop_token."""
+    """The prompt followed by up to max_new_tokens new ids; stops after stop_token.
+
+    A model with learned positions sees at most its seq_len tokens: past that, each new
+    token is predicted from the last seq_len (a sliding window, recomputed without the cache).
+    """
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
@@ -39,11 +43,12 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, greedy: bool = 
     pending = ids  # tokens the model has not seen yet
     for _ in range(max_new_tokens):
         if limit is not None and len(ids) >= limit:
-            break  # learned positions end at seq_len
+            caches = None  # the window slides: positions restart at the new first token
         if caches is not None:
             logits = model(torch.tensor([pending], device=device), caches)[0, -1]
         else:
-            logits = model(torch.tensor([ids], device=device))[0, -1]
+            context = ids[-limit:] if limit is not None else ids
+            logits = model(torch.tensor([context], device=device))[0, -1]
         token = _next_token(logits.cpu(), greedy, temperature, top_k, top_p, generator)
         ids.append(token)
         pending = [token]

@@ -3,6 +3,9 @@
 Safetensors is a small format (an 8-byte header length, a JSON header, raw little-endian
 tensor bytes), read and written here without the package. GPT-2 stores its projections as
 Conv1D, (in, out), where nn.Linear is (out, in): those weights are transposed.
+
+A GPT-2-vocabulary export also gets GPT-2's tokenizer files (vocab.json, merges.txt),
+derived from the offline BPE ranks gptx trains with, so the directory needs no download.
 """
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptx.config import Config, ModelConfig, TrainConfig
+from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig
+from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE
 from gptx.errors import CheckpointError, ConfigError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+EOT_TEXT = "<|endoftext|>"
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -50,13 +55,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_expressible(m: ModelConfig) -> None:
-    variant = {k: getattr(m, k) for k in ("position_embedding", "residual", "norm", "macaron",
-                                          "residual_attention", "attention_topk")}
-    plain = {"position_embedding": "learned", "residual": "sequential", "norm": "layernorm", "macaron": False,
-             "residual_attention": False, "attention_topk": None}
-    differs = [f"{k}: {v}" for k, v in variant.items() if plain[k] != v]
-    if differs or not m.bias:
-        raise ConfigError("Hugging Face GPT-2 cannot express this model (" + ", ".join(differs or ["bias: false"])
+    # Untied embeddings convert (lm_head.weight); every other difference from GPT-2 does not.
+    differs = [f"{k}: {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items()
+               if k != "tie_embeddings" and getattr(m, k) != v]
+    if differs:
+        raise ConfigError("Hugging Face GPT-2 cannot express this model (" + ", ".join(differs)
                           + "); only the plain GPT-2 architecture converts")
 
 
@@ -79,14 +82,68 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.detach().float().contiguous() for k, v in sd.items()}, out / "model.safetensors")
+    gpt2_vocab = m.vocab_size == GPT2_VOCAB_SIZE
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
                  "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
                  "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
                  "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
-                 "tie_word_embeddings": m.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
+                 "tie_word_embeddings": m.tie_embeddings, "bos_token_id": GPT2_EOT if gpt2_vocab else None,
+                 "eos_token_id": GPT2_EOT if gpt2_vocab else None,
                  "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if gpt2_vocab:
+        write_gpt2_tokenizer(out, m.seq_len)
     return out
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet, in which vocab.json and merges.txt spell tokens: printable
+    Latin-1 bytes stand for themselves, the other 68 take the characters from U+0100 on."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + shifted)
+            shifted += 1
+    return alphabet
+
+
+def _merged_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens whose merge made `token`: BPE on its bytes with only the older merges."""
+    newest = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, newest), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= newest:
+            raise AssertionError(f"BPE rank file: token {token!r} is not a merge of older tokens")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def write_gpt2_tokenizer(out: Path, max_length: int) -> None:
+    """vocab.json, merges.txt and the tokenizer config transformers' GPT-2 tokenizers read."""
+    from gptx.data import gpt2_mergeable_ranks
+    ranks = gpt2_mergeable_ranks()
+    alphabet = _byte_alphabet()
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab[EOT_TEXT] = GPT2_EOT
+    merges = ["#version: 0.2"]
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
+        merges.append(" ".join(spell(part) for part in _merged_pair(token, ranks)))
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+              **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:

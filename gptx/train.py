@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from gptx import checkpoint
-from gptx.config import Config
+from gptx.config import Config, describe_model
 from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
-from gptx.engine import build_engine, loss_scale, release_shared_memory
+from gptx.engine import build_engine, deepspeed_prints, loss_scale, release_shared_memory
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
 from gptx.errors import ConfigError, TrainingStopped
 from gptx.flops import mfu, peak_flops
@@ -85,6 +85,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
                              path=ds_path)
     data_dir = Path(paths.data) if paths.data else default_data_dir()
     check_data(data_dir, cfg.model.vocab_size, cfg.model.seq_len)
+    checkpoint.check_save_dir(paths.save, paths.load)
     tag, meta = None, None
     if paths.load:
         tag, meta = checkpoint.find_latest(paths.load, warn=log)
@@ -194,12 +195,14 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     set_log_level_from_string(paths.ds_log_level)
     owns_process_group = not dist.is_initialized()
     from datetime import timedelta
-    deepspeed.init_distributed(timeout=timedelta(seconds=t.dist_timeout))
+    show_ds = paths.ds_log_level in ("info", "debug")
+    with deepspeed_prints(show_ds):
+        deepspeed.init_distributed(timeout=timedelta(seconds=t.dist_timeout))
     rank = dist.get_rank()
     torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds
 
     from gptx.pipeline import stage_param_counts, tied_weight_max_diff
-    engine = build_engine(cfg, plan.ds_config)
+    engine = build_engine(cfg, plan.ds_config, show_deepspeed_prints=show_ds)
     model = engine.module
     layout = plan.layout
     grid = engine.grid
@@ -218,6 +221,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
 
     stage_params = stage_param_counts(model)
     parts = model.parts
+    log(f"model '{cfg.name}': {describe_model(cfg.model)}")
     log(f"pipeline: {t.pipe_parallel_size} stage(s) x {layout.dp_size} data-parallel, partition "
         f"'{t.partition_method}', {plan.accelerator}, {precision(plan.ds_config)}, {threads} thread(s)/rank")
     for s, n in enumerate(stage_params):

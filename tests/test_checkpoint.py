@@ -146,3 +146,24 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_told_which(dist_world
     assert "warning: the learning-rate schedule changes at this resume (decay_iters 3 (checkpoint) vs 6 (now))" \
         in capsys.readouterr().out
     assert lrs()[5] > lrs()[4]
+
+
+def test_evaluate_reports_progress_on_stderr_and_refuses_a_zero_context(work, one_stage_run, capsys):
+    assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), "--batch-size", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    windows = -(-(len(open_tokens(work[1], "val")) - 1) // 32)
+    progress = captured.err.strip().splitlines()
+    assert progress[-1] == f"evaluate: {windows:,}/{windows:,} windows (100%)" and 5 <= len(progress) <= 10
+    assert json.loads(captured.out)["seq_len"] == 32  # stdout holds the result alone
+    for flag, needle in (("--seq-len", "--seq-len: must be at least 1, got 0"),
+                         ("--batch-size", "--batch-size: must be at least 1, got 0")):
+        assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), flag, "0"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {needle}"
+
+
+def test_sample_says_when_the_output_outgrows_the_context(one_stage_run, capsys):
+    assert run_sample(["--load", str(one_stage_run), "--prompt-ids", "1,2,3", "--max-new-tokens", "40",
+                       "--greedy", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["ids"]) == 43
+    assert "longer than the model's context (32 tokens" in captured.err

@@ -1,5 +1,6 @@
 """Bad input to launch/pretrain.py: one line on stderr, exit code 2, before any heavy work."""
 import json
+import re
 
 import pytest
 
@@ -89,3 +90,71 @@ def test_load_without_checkpoint(setup, capsys):
     tmp, base = setup
     (tmp / "empty").mkdir()
     fails_with(capsys, base + ["--load", str(tmp / "empty")], "no checkpoint folders (iter_*) to resume from")
+
+
+def fake_run(run, latest="iter_0000004"):
+    (run / latest).mkdir(parents=True)
+    (run / "latest").write_text(latest)
+    (run / "config.json").write_text('{"theirs": true}\n')
+    (run / "metrics.jsonl").write_text('{"iter": 1, "loss": 5.0}\n')
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("with_load", [False, True])
+def test_save_into_another_runs_directory_is_refused_and_changes_nothing(setup, capsys, with_load):
+    tmp, base = setup
+    before = fake_run(tmp / "theirs")
+    extra = ["--save", str(tmp / "theirs")]
+    if with_load:  # resuming run A but saving into run B
+        fake_run(tmp / "mine")
+        extra += ["--load", str(tmp / "mine")]
+    fails_with(capsys, base + extra, f"--save '{tmp / 'theirs'}' already holds another run (config.json, "
+                                     f"metrics.jsonl, latest, 1 checkpoint folder(s), newest iter_0000004)")
+    assert {p: p.read_bytes() for p in (tmp / "theirs").rglob("*") if p.is_file()} == before
+
+
+def test_convert_does_not_write_into_another_run(setup, capsys):
+    from gptx.cli import run_convert
+    tmp, _ = setup
+    before = fake_run(tmp / "theirs")
+    assert run_convert(["--from-hf", str(tmp / "hf"), "--save", str(tmp / "theirs")]) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp / "theirs").rglob("*") if p.is_file()} == before
+
+
+def test_every_training_key_is_a_flag_with_its_default_in_the_help(capsys):
+    import dataclasses
+
+    from gptx.cli import parse_pretrain_args
+    from gptx.config import TrainConfig
+    with pytest.raises(SystemExit):
+        parse_pretrain_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    section = help_text.split("training keys", 1)[1]
+    flags = [re.escape("--" + f.name.replace("_", "-")) + "[ ,]" for f in dataclasses.fields(TrainConfig)]
+    for f, flag, after in zip(dataclasses.fields(TrainConfig), flags, flags[1:] + ["--deepspeed "]):
+        assert re.search(flag, section), flag
+        entry = re.split(after, re.split(flag, section, maxsplit=1)[1], maxsplit=1)[0]
+        if f.default is not None and f.default != "":
+            shown = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+            assert f"(default: {shown}" in entry, (flag, entry)
+        assert len(entry) > 30, (flag, entry)  # a help text, not just the flag
+    cfg, _ = parse_pretrain_args(["--lr-decay-iters", "7", "--min-lr", "1e-5", "--compile-blocks",
+                                  "--sample-prompt", "Once"])
+    assert (cfg.train.lr_decay_iters, cfg.train.min_lr, cfg.train.compile_blocks, cfg.train.sample_prompt) == \
+        (7, 1e-5, True, "Once")
+    assert parse_pretrain_args(["--no-compile-blocks"])[0].train.compile_blocks is False
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lr-decay", "5"], "unrecognized arguments: --lr-decay 5"),  # no abbreviations: a typo is an error
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+])
+def test_a_wrong_flag_is_one_line_from_rank_0_and_silence_elsewhere(setup, capsys, monkeypatch, argv, needle):
+    tmp, base = setup
+    fails_with(capsys, base + argv, needle)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert run_pretrain(base + argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""

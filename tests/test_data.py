@@ -127,3 +127,43 @@ def test_prepare_data_tool_reports_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"error: '{tmp_path / 'x.jsonl'}' line 1: expected an object with a string 'text' field"
     assert not (tmp_path / "out" / "train.bin").exists()
+
+
+@pytest.mark.parametrize("meta,model_vocab,needle", [
+    # Another tokenizer's data for a GPT-2-vocabulary model: ids would mean other tokens.
+    ({"tokenizer": "sentencepiece-32k", "vocab_size": 32000}, 50257,
+     "tokenized with a 32000-token vocabulary (sentencepiece-32k), but model.vocab_size is 50257"),
+    # A table wider than the tokenizer: gptx pads with pad_vocab_to_multiple instead.
+    ({"tokenizer": "gpt2", "vocab_size": 50257}, 50304, "pad_vocab_to_multiple"),
+])
+def test_data_from_another_tokenizer_is_refused(tmp_path, meta, model_vocab, needle):
+    d = make_token_dir(tmp_path / "d", vocab_size=256)
+    (d / "meta.json").write_text(json.dumps({**meta, "dtype": "uint16"}))
+    with pytest.raises(DataError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        check_data(d, vocab_size=model_vocab, seq_len=32)
+
+
+def test_a_nanogpt_character_level_directory_is_read_by_its_meta_pkl(tmp_path):
+    import pickle
+    d = make_token_dir(tmp_path / "d", vocab_size=95)
+    (d / "meta.json").unlink()
+    chars = [chr(32 + i) for i in range(95)]
+    with open(d / "meta.pkl", "wb") as f:  # what nanoGPT's shakespeare_char/prepare.py writes
+        pickle.dump({"vocab_size": 95, "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    with pytest.raises(DataError, match=r"95-token vocabulary \(nanoGPT meta.pkl\), but model.vocab_size is 50257"):
+        check_data(d, vocab_size=50257, seq_len=32)
+    check_data(d, vocab_size=95, seq_len=32)
+
+
+def test_a_meta_pkl_runs_no_code(tmp_path):
+    import pickle
+    d = make_token_dir(tmp_path / "d", vocab_size=95)
+    (d / "meta.json").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 95, "x": Payload()}))
+    with pytest.raises(DataError, match="not a nanoGPT meta.pkl"):
+        check_data(d, vocab_size=95, seq_len=32)
+    assert not (tmp_path / "pwned").exists()

@@ -149,6 +149,31 @@ def test_a_loss_gradient_neither_scaled_nor_unscaled_stops_the_run(setup):
         train_trace(cfg, precision_ds("fp16-zero0-torch"), tokens, 3, before_step)
 
 
+def test_a_tied_weight_broadcast_with_autograd_on_warns_but_leaves_gradients_right(dist_world1):
+    """Defect 7 as torch sees it: PipelineModule broadcasts the tied embedding (a parameter
+    that requires grad) with autograd on. torch warns at the next backward; the gradient is
+    still the one without the broadcast, and under no_grad (gptx's workaround) nothing warns.
+    The 2-stage runs of tests/test_train.py check the console and the parity with 1 stage."""
+    import warnings
+
+    import torch.distributed as dist
+    w, x = torch.nn.Parameter(torch.randn(4, 3)), torch.randn(2, 4)
+    expected = 2 * x.T @ (x @ w).detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist.broadcast(w, src=0)
+        (x @ w).pow(2).sum().backward()
+    assert any("c10d::broadcast_" in str(c.message) for c in caught)  # still so in this torch
+    assert w.is_leaf and w.grad_fn is None and torch.allclose(w.grad, expected)
+    fresh = torch.nn.Parameter(w.detach().clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            dist.broadcast(fresh, src=0)
+        (x @ fresh).pow(2).sum().backward()
+    assert torch.allclose(fresh.grad, expected)
+
+
 def test_shared_memory_buffers_of_a_run_are_removed_and_no_others():
     shm = Path("/dev/shm")
     if not shm.is_dir():

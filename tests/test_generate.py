@@ -34,6 +34,13 @@ def test_sampling_is_seeded_and_stops_at_the_stop_token():
     assert generate(model, [1, 2], 15, temperature=1.0, top_k=10, top_p=0.9, seed=3, stop_token=stop) == [1, 2, stop]
 
 
-def test_learned_positions_stop_at_the_context_length():
-    model = GPT(ModelConfig(**SMALL), seed=0)
-    assert len(generate(model, [1] * 30, 10, greedy=True)) == 32
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_past_the_context_learned_positions_slide_over_the_last_seq_len_tokens(use_cache):
+    model = GPT(ModelConfig(**SMALL), seed=0).eval()
+    prompt = list(range(1, 31))
+    ids = generate(model, prompt, 10, greedy=True, use_cache=use_cache)
+    assert len(ids) == 40 and ids[:30] == prompt
+    with torch.no_grad():
+        for n in range(30, 40):  # each new token is the argmax given at most the 32 before it
+            context = torch.tensor([ids[max(0, n - 32):n]])
+            assert ids[n] == int(model(context)[0, -1].argmax()), n

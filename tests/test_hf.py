@@ -107,3 +107,66 @@ def test_padded_vocabulary_exports_only_the_real_rows(tmp_path):
     idx = torch.randint(0, 250, (1, 32))
     with torch.no_grad():
         assert torch.allclose(gpt2_reference(sd, hf_cfg, idx), model(idx), atol=1e-5)
+
+
+def gpt2_bpe_reference(vocab: dict, merges: list[str], text: str) -> list[int]:
+    """GPT-2's original tokenizer algorithm over vocab.json and merges.txt: split by its
+    pattern, spell each piece's UTF-8 bytes in the byte alphabet, merge by merges.txt rank."""
+    import regex
+    alphabet = {}
+    for b in range(256):  # the alphabet as GPT-2's encoder.py defines it
+        printable = 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255
+        alphabet[b] = chr(b) if printable else chr(256 + sum(
+            1 for c in range(b) if not (33 <= c <= 126 or 161 <= c <= 172 or 174 <= c <= 255)))
+    rank = {tuple(line.split(" ")): i for i, line in enumerate(merges)}
+    pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    ids = []
+    for piece in regex.findall(pattern, text):
+        word = [alphabet[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            pairs = [(rank.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+            best, i = min(pairs)
+            if best == math.inf:
+                break
+            word[i:i + 2] = [word[i] + word[i + 1]]
+        ids += [vocab[w] for w in word]
+    return ids
+
+
+def test_a_gpt2_vocabulary_export_carries_gpt2s_tokenizer(tmp_path, capsys):
+    from gptx.data import gpt2_encoding
+    model = GPT(ModelConfig(vocab_size=50257, seq_len=16, n_layer=1, n_head=2, n_embd=8), seed=1)
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    assert "with GPT-2's tokenizer files" in capsys.readouterr().out
+    out = tmp_path / "hf"
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    merges = (out / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0].startswith("#version") and len(merges) == 1 + 50000 and len(vocab) == 50257
+    assert vocab["<|endoftext|>"] == 50256 == json.loads((out / "config.json").read_text())["eos_token_id"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    text = ("Hello world! It's a test: tabs\tand  double spaces,\n\nnew lines, 12345 numbers, "
+            "naïve café — “quotes” and 日本語 and emoji 🙂.")
+    assert gpt2_bpe_reference(vocab, merges[1:], text) == gpt2_encoding().encode_ordinary(text)
+
+
+def test_the_export_loads_in_transformers_with_no_download(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gptx.data import gpt2_encoding
+    model = GPT(ModelConfig(vocab_size=50257, seq_len=16, n_layer=1, n_head=2, n_embd=8), seed=1).eval()
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = "The quick brown fox, naïve café."
+    assert tokenizer(text)["input_ids"] == gpt2_encoding().encode_ordinary(text)
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    out = pipe("The quick", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert out.startswith("The quick") and len(out) > len("The quick")
+
+
+def test_another_vocabulary_exports_without_tokenizer_files(tmp_path, capsys):
+    save_model(GPT(CFG, seed=1), tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    assert "without tokenizer files (its 256-token vocabulary is not GPT-2's" in capsys.readouterr().out
+    assert not (tmp_path / "hf" / "vocab.json").exists()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] is None
