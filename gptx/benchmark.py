@@ -9,6 +9,7 @@ iteration of each so that drift in the machine's speed hits both alike.
 """
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -63,6 +64,15 @@ def _peak_memory(device: torch.device) -> tuple[str, int]:
     if device.type == "cuda":
         return "peak allocated", torch.cuda.max_memory_allocated(device)
     return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class InstructionTimer:
@@ -146,6 +156,9 @@ def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: Bench
               seed: int = 0) -> dict | None:
     """Collective. Returns the report on global rank 0, None elsewhere."""
     from gptx.engine import build_engine
+    # On a CPU, RSS includes the interpreter and torch's libraries (0.4-0.5 GiB more with a
+    # CUDA build of torch than with the CPU wheel): the growth from here is the training's own.
+    before_engine = _current_rss() if accelerator == "cpu" else 0
     engine = build_engine(cfg, ds_config)
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     grid = engine.grid
@@ -192,6 +205,7 @@ def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: Bench
     timer.remove()
 
     mine = {"stage": stage, "dp_rank": grid.get_data_parallel_rank(), "memory": memory,
+            "memory_before_engine": before_engine,
             "times": {k: v / max(settings.breakdown_iters, 1) for k, v in timer.totals.items()},
             "iteration": breakdown_wall / max(settings.breakdown_iters, 1)}
     gathered = [None] * dist.get_world_size()
@@ -210,6 +224,7 @@ def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: Bench
         first = min(ranks, key=lambda g: g["dp_rank"])
         other = first["iteration"] - sum(first["times"].values())
         stages.append({"stage": s, "memory_bytes": max(g["memory"] for g in ranks),
+                       "memory_growth_bytes": max(g["memory"] - g["memory_before_engine"] for g in ranks),
                        "iteration_s": first["iteration"],
                        "seconds": {**first["times"], "other": max(other, 0.0)}})
     report = {
@@ -256,6 +271,8 @@ def render_text(r: dict) -> str:
     for s in r["stages"]:
         parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / s['iteration_s']:.0f}%)"
                           for k, v in s["seconds"].items() if v > 0)
-        lines.append(f"  stage {s['stage']}: {s['memory_bytes'] / gib:.2f} GiB; {s['iteration_s'] * 1e3:.1f} ms: "
+        growth = (f" ({s['memory_growth_bytes'] / gib:.2f} GiB above the process before the engine)"
+                  if s["memory_growth_bytes"] != s["memory_bytes"] else "")
+        lines.append(f"  stage {s['stage']}: {s['memory_bytes'] / gib:.2f} GiB{growth}; {s['iteration_s'] * 1e3:.1f} ms: "
                      f"{parts}")
     return "\n".join(lines)

@@ -32,14 +32,13 @@ def _train_flag_help(name: str, doc: str) -> str:
     return f"{doc.rstrip('.')} (default: {shown}{note})".replace("%", "%%")
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> list[str]:
-    """A --flag for every key of the config's `train` section; returns their dest names."""
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """A --flag for every key of the config's `train` section (dest: the key)."""
     from dataclasses import fields
 
     from gptx.config import TrainConfig, field_docs
     docs = field_docs(TrainConfig)
     group = p.add_argument_group("training keys (override the preset or YAML file's train: section)")
-    names = []
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         base = f.type.replace(" | None", "")
@@ -48,9 +47,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> list[str]:
                                help=_train_flag_help(f.name, docs[f.name]))
         else:
             group.add_argument(flag, dest=f.name, type={"int": int, "float": float, "str": str}[base], default=None,
-                               metavar={"int": "N", "float": "X", "str": "TEXT"}[base], help=_train_flag_help(f.name, docs[f.name]))
-        names.append(f.name)
-    return names
+                               metavar={"int": "N", "float": "X", "str": "TEXT"}[base],
+                               help=_train_flag_help(f.name, docs[f.name]))
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
@@ -75,18 +73,18 @@ def pretrain_parser() -> argparse.ArgumentParser:
                    help="level of DeepSpeed's own logger; info also shows its start-up prints (topology, each "
                         "stage's layer names, STAGE_PARAMS)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    p.set_defaults(train_flags=add_train_flags(p))
+    add_train_flags(p)
     deepspeed.add_config_arguments(p)
     return p
 
 
 def parse_pretrain_args(argv: list[str] | None = None):
     """argv -> (Config, RunPaths), validated."""
-    from gptx.config import load_config
+    from gptx.config import TRAIN_KEYS, load_config
     from gptx.train import RunPaths
 
     args = pretrain_parser().parse_args(argv)
-    cfg = load_config(args.model, _overrides(args, args.train_flags))
+    cfg = load_config(args.model, _overrides(args, TRAIN_KEYS))
     return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
                          ds_log_level=args.ds_log_level, override_lr_schedule=args.override_lr_schedule)
 
@@ -109,7 +107,7 @@ def run_pretrain(argv: list[str] | None = None) -> int:
 
 def prepare_data_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tools/prepare_data.py",
-                                description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json")
+               description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json")
     p.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl files (a 'text' field "
                                              "per line), or directories of them")
     p.add_argument("--out", required=True, help="output directory")
@@ -131,8 +129,8 @@ def run_prepare_data(argv: list[str] | None = None) -> int:
 
 def partition_report_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tools/partition_report.py",
-                                description="Stage layout, parameters, memory, bubble and balance of a pipeline, "
-                                            "before launch (no GPU, no processes, no allocation)")
+               description="Stage layout, parameters, memory, bubble and balance of a pipeline, "
+                           "before launch (no GPU, no processes, no allocation)")
     p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
     p.add_argument("--pipe-parallel-size", type=int, default=None, help="stages (default: the config's)")
     p.add_argument("--data-parallel-size", type=int, default=1, help="data-parallel replicas (for batch and ZeRO-1)")
@@ -295,8 +293,8 @@ def _progress_to_stderr(what: str):
 
 def convert_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tools/convert.py",
-                                description="gptx checkpoint <-> Hugging Face GPT-2 directory (config.json, "
-                                            "model.safetensors and, for GPT-2's vocabulary, its tokenizer files)")
+               description="gptx checkpoint <-> Hugging Face GPT-2 directory (config.json, "
+                           "model.safetensors and, for GPT-2's vocabulary, its tokenizer files)")
     p.add_argument("--load", help="gptx run directory or checkpoint folder to export")
     p.add_argument("--to-hf", help="output directory for the Hugging Face model")
     p.add_argument("--from-hf", help="local Hugging Face GPT-2 directory to import")

@@ -117,8 +117,8 @@ def test_memory_estimate_matches_the_tensors_the_engine_holds(dist_world1, tmp_p
 @pytest.mark.launcher
 @pytest.mark.parametrize("method", ["parameters", "compute"])
 def test_report_layout_is_what_the_engine_does(tmp_path, method):
-    data = make_token_dir(tmp_path / "data")
     # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
+    data = make_token_dir(tmp_path / "data", vocab_size=1024)
     model = write_model_yaml(tmp_path / "model.yaml", vocab_size=1024)
     ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=2)
     result = launch(2, ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds),

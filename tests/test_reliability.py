@@ -191,6 +191,18 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_exit_0(work, full_r
 
 
 @pytest.mark.launcher
+def test_ctrl_c_stops_every_rank_with_a_checkpoint(work):
+    """Ctrl-C in a terminal: SIGINT to the whole process group, DeepSpeed's runner included."""
+    run = work[0] / "ctrl_c"
+    code, out = faulted_run(work, run, until="iter      3 |", fault=lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    stopped_at = int(out.split("stopped by SIGINT at iteration ")[1].split(";")[0])
+    assert stopped_at < ITERS and (run / "latest").read_text() == f"iter_{stopped_at:07d}"
+    assert "rank 0: received SIGINT" in out and "rank 1: received SIGINT" in out
+    # DeepSpeed's runner dies of the signal with its own KeyboardInterrupt traceback (not gptx's code).
+    assert code == -signal.SIGINT, out[-3000:]
+
+
+@pytest.mark.launcher
 def test_kill_9_of_everything_loses_only_the_iterations_since_the_last_checkpoint(work, full_run):
     run = work[0] / "kill9"
     code, out = faulted_run(work, run, until="iter      5 |", fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))
