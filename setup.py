@@ -7,5 +7,13 @@ setup(
     packages=find_packages(include=["gptx", "gptx.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "deepspeed>=0.16", "tiktoken>=0.7", "numpy", "pyyaml", "wandb"],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        # lm-evaluation-harness for tools/lm_eval_harness.py (tasks, metrics, its command line).
+        "eval": ["lm-eval>=0.4.13"],
+        # matplotlib for tools/plot_runs.py (drawn off-screen).
+        "plot": ["matplotlib>=3.7"],
+        # The tests of both, plus transformers (through lm-eval's hf extra) for the cross-checks
+        # against Hugging Face's GPT-2 on gptx's export.
+        "dev": ["pytest", "lm-eval[hf]>=0.4.13", "matplotlib>=3.7"],
+    },
 )

@@ -244,7 +244,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="a .txt file (one document), a .jsonl file (a 'text' field per line), a .bin split, or a "
                         "data directory (its val.bin)")
-    p.add_argument("--seq-len", type=int, default=None, help="context per window (default: the model's)")
+    p.add_argument("--seq-len", default=None,
+                   help="context per window (default: the model's); several, comma-separated (512,1024,2048), "
+                        "print one table")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--master-weights", action="store_true",
                    help="take a fp16/bf16 run's weights from the optimizer's fp32 master copies")
@@ -258,24 +260,30 @@ def run_evaluate(argv: list[str] | None = None) -> int:
 
     def main():
         import json
-        import math
 
         from gptx.checkpoint import load_plain_model
-        from gptx.evaluate import evaluate_tokens, load_eval_tokens
+        from gptx.evaluate import context_table, evaluate_contexts, load_eval_tokens
         args = evaluate_parser().parse_args(argv)
+        try:
+            lengths = [int(x) for x in args.seq_len.split(",")] if args.seq_len else []
+        except ValueError:
+            raise ConfigError(f"--seq-len '{args.seq_len}': expected an integer or comma-separated integers, "
+                              f"e.g. 512,1024,2048") from None
         model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
         model.to(_device(args.device))
         tokens, n_bytes = load_eval_tokens(args.data, cfg.model.vocab_size)
-        seq_len = cfg.model.seq_len if args.seq_len is None else args.seq_len
-        result = evaluate_tokens(model, tokens, seq_len, args.batch_size, progress=_progress_to_stderr("evaluate"))
-        result["bits_per_byte"] = result["loss_sum_nats"] / math.log(2) / n_bytes if n_bytes else None
-        result["seq_len"] = seq_len
-        if args.json:
-            print(json.dumps(result))
+        rows = evaluate_contexts(model, tokens, n_bytes, lengths or [cfg.model.seq_len], args.batch_size,
+                                 progress=lambda n: _progress_to_stderr(f"evaluate (context {n})"))
+        if len(rows) == 1:
+            (result,) = rows
+            if args.json:
+                print(json.dumps(result))
+            else:
+                bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
+                print(f"{result['tokens']:,} tokens at context {result['seq_len']}: loss {result['loss']:.4f}, "
+                      f"perplexity {result['perplexity']:.2f}{bpb}")
         else:
-            bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
-            print(f"{result['tokens']:,} tokens at context {result['seq_len']}: loss {result['loss']:.4f}, "
-                  f"perplexity {result['perplexity']:.2f}{bpb}")
+            print(json.dumps(rows) if args.json else context_table(rows, cfg.model))
     return guarded(main)
 
 
@@ -289,6 +297,43 @@ def _progress_to_stderr(what: str):
             shown[0] = tenth
             print(f"{what}: {done:,}/{total:,} windows ({done * 100 // total}%)", file=sys.stderr, flush=True)
     return report
+
+
+def run_lm_eval(argv: list[str] | None = None) -> int:
+    """lm-evaluation-harness's own command line, with the `gptx` model registered."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def main():
+        try:
+            from lm_eval.__main__ import cli_evaluate
+        except ImportError:
+            raise ConfigError("tools/lm_eval_harness.py needs lm-evaluation-harness: pip install -e \".[eval]\"") from None
+        import importlib
+        importlib.import_module("gptx.lm_eval_adapter")  # registers --model gptx
+        sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+        cli_evaluate()
+    return guarded(main)
+
+
+def plot_runs_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="tools/plot_runs.py",
+               description="Plot runs from their metrics.jsonl: loss, val loss, LR, grad norm, loss scale and "
+                           "skipped steps, tokens/s and MFU against tokens seen, runs overlaid")
+    p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--smoothing", type=float, default=0.9,
+                   help="weight of the exponential moving average of the train loss (0: none)")
+    return p
+
+
+def run_plot_runs(argv: list[str] | None = None) -> int:
+    def main():
+        from gptx.plots import plot_runs
+        args = plot_runs_parser().parse_args(argv)
+        if not 0 <= args.smoothing < 1:
+            raise ConfigError(f"--smoothing: must be in [0, 1), got {args.smoothing}")
+        print(f"wrote {plot_runs(args.runs, args.out, args.smoothing)}")
+    return guarded(main)
 
 
 def convert_parser() -> argparse.ArgumentParser:

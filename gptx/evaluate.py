@@ -92,3 +92,34 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: in
             progress(min(i + batch_size, len(windows)), len(windows))
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 80)), "tokens": count, "loss_sum_nats": total}
+
+
+def evaluate_contexts(model: GPT, tokens: np.ndarray, n_bytes: int | None, lengths: list[int], batch_size: int = 8,
+                      progress=lambda seq_len: None) -> list[dict]:
+    """evaluate_tokens at each context length, with bits per byte. With several lengths, one the
+    model cannot take (beyond a learned position table) becomes a row saying why."""
+    rows = []
+    for seq_len in lengths:
+        try:
+            row = evaluate_tokens(model, tokens, seq_len, batch_size, progress=progress(seq_len))
+        except DataError as e:
+            if len(lengths) == 1 or seq_len < 1:
+                raise
+            rows.append({"seq_len": seq_len, "refused": str(e)})
+            continue
+        row["bits_per_byte"] = row["loss_sum_nats"] / math.log(2) / n_bytes if n_bytes else None
+        rows.append({"seq_len": seq_len, **row})
+    return rows
+
+
+def context_table(rows: list[dict], cfg) -> str:
+    """One line per context length: loss, perplexity, bits per byte (or why it was refused)."""
+    lines = [f"context   tokens        loss   perplexity  bits/byte   (trained at {cfg.seq_len}, "
+             f"{cfg.position_embedding} positions)"]
+    for r in rows:
+        if "refused" in r:
+            lines.append(f"{r['seq_len']:7d}   refused: {r['refused']}")
+            continue
+        bpb = f"{r['bits_per_byte']:9.4f}" if r["bits_per_byte"] is not None else "        -"
+        lines.append(f"{r['seq_len']:7d}   {r['tokens']:9,d}   {r['loss']:7.4f}   {r['perplexity']:10.2f}  {bpb}")
+    return "\n".join(lines)

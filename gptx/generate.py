@@ -28,8 +28,9 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, greedy: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_token: int | None = None, use_cache: bool = True) -> list[int]:
-    """The prompt followed by up to max_new_tokens new ids; stops after stop_token.
+             stop_token: int | None = None, use_cache: bool = True, stop_when=None) -> list[int]:
+    """The prompt followed by up to max_new_tokens new ids; stops after stop_token, or once
+    `stop_when(ids)` is true (e.g. a stop string in the decoded text).
 
     A model with learned positions sees at most its seq_len tokens: past that, each new
     token is predicted from the last seq_len (a sliding window, recomputed without the cache).
@@ -52,6 +53,6 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, greedy: bool = 
         token = _next_token(logits.cpu(), greedy, temperature, top_k, top_p, generator)
         ids.append(token)
         pending = [token]
-        if token == stop_token:
+        if token == stop_token or (stop_when is not None and stop_when(ids)):
             break
     return ids

@@ -153,7 +153,7 @@ def test_evaluate_reports_progress_on_stderr_and_refuses_a_zero_context(work, on
     captured = capsys.readouterr()
     windows = -(-(len(open_tokens(work[1], "val")) - 1) // 32)
     progress = captured.err.strip().splitlines()
-    assert progress[-1] == f"evaluate: {windows:,}/{windows:,} windows (100%)" and 5 <= len(progress) <= 10
+    assert progress[-1] == f"evaluate (context 32): {windows:,}/{windows:,} windows (100%)" and 5 <= len(progress) <= 10
     assert json.loads(captured.out)["seq_len"] == 32  # stdout holds the result alone
     for flag, needle in (("--seq-len", "--seq-len: must be at least 1, got 0"),
                          ("--batch-size", "--batch-size: must be at least 1, got 0")):
@@ -167,3 +167,21 @@ def test_sample_says_when_the_output_outgrows_the_context(one_stage_run, capsys)
     captured = capsys.readouterr()
     assert len(json.loads(captured.out)["ids"]) == 43
     assert "longer than the model's context (32 tokens" in captured.err
+
+
+def test_evaluate_prints_a_context_length_table(work, one_stage_run, capsys):
+    base = ["--load", str(one_stage_run), "--data", str(work[1]), "--json"]
+    assert run_evaluate(base + ["--seq-len", "32"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert run_evaluate(base + ["--seq-len", "16,32,64"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["seq_len"] for r in rows] == [16, 32, 64]
+    assert rows[1] == single  # the same numbers as evaluating that length alone
+    assert rows[0]["loss"] > rows[1]["loss"]  # less context, harder predictions (the ramp in the data)
+    assert "learned positions end at 32" in rows[2]["refused"]
+    assert run_evaluate(base[:-1] + ["--seq-len", "16,32,64"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("context") and "(trained at 32, learned positions)" in table[0]
+    assert table[3].startswith("     64   refused: --seq-len 64: this model's learned positions end at 32")
+    assert run_evaluate(base + ["--seq-len", "16,x"]) == 2
+    assert "--seq-len '16,x': expected an integer or comma-separated integers" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptx.errors import GptxError
 from gptx.variants import VARIANTS, compare, markdown_table
 
 if __name__ == "__main__":
@@ -16,4 +17,9 @@ if __name__ == "__main__":
     args, extra = p.parse_known_args()
     rows = compare(args.variants, args.model, args.iters, args.num_gpus, Path(args.out), extra)
     print(markdown_table(rows))
+    try:
+        from gptx.plots import plot_runs
+        print(f"curves: {plot_runs([Path(args.out) / r['variant'] for r in rows], Path(args.out) / 'variants.png')}")
+    except GptxError as e:
+        print(f"no plot: {e}")
     sys.exit(0)

@@ -1,0 +1,126 @@
+"""Pictures of runs from their metrics.jsonl: loss curves, LR, grad norm, loss scale, throughput.
+
+Needs matplotlib (the `plot` extra); it draws off-screen, so it works on a headless node.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gptx.errors import ConfigError, DataError
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A run's metrics.jsonl as columns: train records by iteration (a resumed run's later line
+    for an iteration wins: it is the one on the trajectory that continued), val records, and
+    tokens seen at each iteration."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise DataError(f"run '{run_dir}': no metrics.jsonl (expected a run directory written by launch/pretrain.py)")
+    train, val = {}, {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"'{path}' line {lineno}: not valid JSON") from None
+        if "loss" in record:
+            train[record["iter"]] = record
+        elif "val_loss" in record:
+            val[record["iter"]] = record["val_loss"]
+    if not train:
+        raise DataError(f"'{path}': no training iterations logged yet")
+    iters = sorted(train)
+    tokens = {i: train[i]["tokens"] for i in iters}
+    return {"name": Path(run_dir).resolve().name, "iters": iters, "train": [train[i] for i in iters],
+            "tokens": [tokens[i] for i in iters],
+            "val": [(tokens[i], v) for i, v in sorted(val.items()) if i in tokens]}
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """An exponential moving average, bias-corrected so its start is not pulled toward 0."""
+    out, avg = [], 0.0
+    for n, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** n))
+    return out
+
+
+def _token_unit(most: int) -> tuple[float, str]:
+    for scale, unit in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
+        if most >= scale:
+            return scale, f"tokens seen ({unit})"
+    return 1.0, "tokens seen"
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.9) -> Path:
+    """One PNG: train loss (smoothed, raw faint) and val loss, LR, grad norm, loss scale and
+    skipped steps, tokens/s and MFU, each against tokens seen, every run in its own colour."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in run_dirs]
+    names = [r["name"] for r in runs]
+    for r, d in zip(runs, run_dirs):  # runs/a/run and runs/b/run: name them a/run and b/run
+        if names.count(r["name"]) > 1:
+            r["name"] = "/".join(Path(d).resolve().parts[-2:])
+    scale, xlabel = _token_unit(max(t for r in runs for t in r["tokens"]))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
+    (loss_ax, lr_ax, norm_ax), (scale_ax, tps_ax, mfu_ax) = axes
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    any_scale = False
+    for k, run in enumerate(runs):
+        c = colours[k % len(colours)]
+        x = [t / scale for t in run["tokens"]]
+        col = {key: [r.get(key) for r in run["train"]] for key in
+               ("loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_sec", "mfu")}
+        loss_ax.plot(x, col["loss"], color=c, alpha=0.25, linewidth=0.8)
+        loss_ax.plot(x, smooth(col["loss"], smoothing), color=c, linewidth=1.8, label=f"{run['name']} train")
+        if run["val"]:
+            loss_ax.plot([t / scale for t, _ in run["val"]], [v for _, v in run["val"]], color=c, linestyle="--",
+                         marker="o", markersize=4, label=f"{run['name']} val")
+        lr_ax.plot(x, col["lr"], color=c, label=run["name"])
+        norms = [(xi, n) for xi, n in zip(x, col["grad_norm"]) if n is not None and n > 0]
+        if norms:
+            norm_ax.plot(*zip(*norms), color=c, linewidth=1, label=run["name"])
+        scales = [(xi, s) for xi, s in zip(x, col["loss_scale"]) if s is not None]
+        if scales:
+            any_scale = True
+            scale_ax.plot(*zip(*scales), color=c, label=f"{run['name']} loss scale")
+            skips = [xi for xi, now, before in zip(x[1:], col["skipped_steps"][1:], col["skipped_steps"])
+                     if (now or 0) > (before or 0)]
+            scale_ax.plot(skips, [dict(scales).get(xi, 1) for xi in skips], linestyle="none", marker="x",
+                          color=c, markersize=7, label=f"{run['name']} skipped step ({len(skips)})")
+        tps_ax.plot(x[1:], col["tokens_per_sec"][1:], color=c, label=run["name"])  # the first carries start-up
+        if any(m is not None for m in col["mfu"]):
+            mfu_ax.plot(x[1:], [100 * m if m is not None else float("nan") for m in col["mfu"][1:]], color=c,
+                        label=run["name"])
+
+    loss_ax.set(title="loss (train smoothed, raw faint; val dashed)", ylabel="cross-entropy (nats/token)")
+    lr_ax.set(title="learning rate", ylabel="LR")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    norm_ax.set(title="gradient norm (before clipping)", ylabel="global L2 norm", yscale="log")
+    scale_ax.set(title="fp16 loss scale and skipped steps", ylabel="loss scale")
+    if any_scale:
+        scale_ax.set_yscale("log", base=2)
+    else:
+        scale_ax.text(0.5, 0.5, "no fp16 run: no loss scale", ha="center", va="center", transform=scale_ax.transAxes,
+                      color="0.4")
+    tps_ax.set(title="throughput", ylabel="tokens/s (all ranks)")
+    mfu_ax.set(title="model FLOPs utilisation", ylabel="MFU (%)")
+    for ax in axes.flat:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(", ".join(r["name"] for r in runs), fontsize=12)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,64 @@
+"""tools/plot_runs.py: what it reads from metrics.jsonl, and that it draws."""
+import json
+import sys
+
+import pytest
+
+from gptx.cli import run_plot_runs
+from gptx.errors import ConfigError, DataError
+from gptx.plots import plot_runs, read_run, smooth
+
+
+def write_run(path, iters, fp16=False, resumed_from=None):
+    path.mkdir(parents=True)
+    lines = []
+    for i in range(1, iters + 1):
+        record = {"iter": i, "loss": 10 - 0.05 * i, "lr": 1e-3 * min(1, i / 5), "grad_norm": 2.0 / i,
+                  "loss_scale": 2.0 ** (16 - (i > iters // 2)) if fp16 else None,
+                  "skipped_steps": int(fp16 and i > iters // 2), "tokens": 1024 * i, "tokens_per_sec": 900.0 + i,
+                  "mfu": 0.2}
+        lines.append(record)
+        if i % 10 == 0:
+            lines.append({"iter": i, "val_loss": 9.5 - 0.05 * i, "val_ppl": 1.0})
+    if resumed_from is not None:  # a crash after iteration `iters`, resumed from an earlier checkpoint
+        lines += [{**r, "loss": r["loss"] - 1} for r in lines if "loss" in r and r["iter"] > resumed_from]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_a_resumed_runs_later_records_win_and_val_losses_sit_at_their_tokens(tmp_path):
+    run = read_run(write_run(tmp_path / "a", 30, resumed_from=20))
+    assert run["iters"] == list(range(1, 31)) and run["tokens"] == [1024 * i for i in range(1, 31)]
+    assert run["train"][24]["loss"] == pytest.approx(10 - 0.05 * 25 - 1)  # the resumed trajectory's
+    assert run["train"][9]["loss"] == pytest.approx(10 - 0.05 * 10)
+    assert run["val"] == [(10240, pytest.approx(9.0)), (20480, pytest.approx(8.5)), (30720, pytest.approx(8.0))]
+
+
+def test_smoothing_is_bias_corrected():
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])
+    assert smooth([1.0, 3.0], 0.0) == [1.0, 3.0]
+    assert smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, 0.5 * 10 / 0.75])
+
+
+def test_two_runs_draw_one_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = plot_runs([write_run(tmp_path / "x" / "run", 40), write_run(tmp_path / "y" / "run", 30, fp16=True)],
+                    tmp_path / "plots" / "runs.png")
+    import matplotlib.image
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (935, 1760)  # 16 x 8.5 inches at 110 dpi
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_bad_runs_and_a_missing_matplotlib_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    assert run_plot_runs([str(tmp_path / "empty"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    bad = write_run(tmp_path / "bad", 3)
+    with open(bad / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(DataError, match="line 4: not valid JSON"):
+        read_run(bad)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[plot\]"'):
+        plot_runs([write_run(tmp_path / "ok", 3)], tmp_path / "p.png")
