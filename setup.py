@@ -12,8 +12,10 @@ setup(
         "eval": ["lm-eval>=0.4.13"],
         # matplotlib for tools/plot_runs.py (drawn off-screen).
         "plot": ["matplotlib>=3.7"],
-        # The tests of both, plus transformers (through lm-eval's hf extra) for the cross-checks
+        # tools/prepare_data.py inputs: zstandard for .jsonl.zst (The Pile's files), pyarrow for parquet.
+        "data": ["zstandard>=0.22", "pyarrow>=14"],
+        # The tests of all three, plus transformers (through lm-eval's hf extra) for the cross-checks
         # against Hugging Face's GPT-2 on gptx's export.
-        "dev": ["pytest", "lm-eval[hf]>=0.4.13", "matplotlib>=3.7"],
+        "dev": ["pytest", "lm-eval[hf]>=0.4.13", "matplotlib>=3.7", "zstandard>=0.22", "pyarrow>=14"],
     },
 )

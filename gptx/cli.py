@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from gptx.errors import ConfigError, GptxError
 
@@ -107,23 +108,31 @@ def run_pretrain(argv: list[str] | None = None) -> int:
 
 def prepare_data_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tools/prepare_data.py",
-               description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json")
-    p.add_argument("inputs", nargs="+", help=".txt files (one document each), .jsonl files (a 'text' field "
-                                             "per line), or directories of them")
+               description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json, on all cores")
+    p.add_argument("inputs", nargs="+", help=".txt files (one document each), JSON lines (.jsonl, .jsonl.gz, "
+                                             ".jsonl.zst: a text field per line), .parquet files (a text column), "
+                                             "or directories of them")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of tokens held out for val.bin")
+    p.add_argument("--text-field", default="text", help="the JSON field or parquet column holding the text")
+    p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: this machine's cores)")
     p.add_argument("--bpe-file", default=None, help="a local copy of r50k_base.tiktoken / whisper's gpt2.tiktoken")
     return p
 
 
 def run_prepare_data(argv: list[str] | None = None) -> int:
     def main():
-        from gptx.data import gpt2_encoding, iter_documents, write_token_files
+        from gptx.data import gpt2_encoding
+        from gptx.prepare import Progress, default_workers, iter_documents, write_token_files
         args = prepare_data_parser().parse_args(argv)
-        meta = write_token_files(iter_documents(args.inputs), args.out, gpt2_encoding(args.bpe_file),
-                                 args.val_fraction)
+        workers = default_workers() if args.workers is None else args.workers
+        start = time.perf_counter()
+        meta = write_token_files(iter_documents(args.inputs, args.text_field), args.out, gpt2_encoding(args.bpe_file),
+                                 args.val_fraction, workers=workers, progress=Progress())
+        seconds = time.perf_counter() - start
         print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-              f"from {meta['documents']:,} documents ({meta['dtype']})")
+              f"from {meta['documents']:,} documents ({meta['dtype']}); {meta['text_bytes'] / 1e6:,.1f} MB of text "
+              f"in {seconds:.1f} s ({meta['text_bytes'] / 1e6 / seconds:,.1f} MB/s, {workers} worker(s))")
     return guarded(main)
 
 

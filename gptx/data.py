@@ -1,4 +1,4 @@
-"""Token data: the GPT-2 tokenizer offline, text -> token files, and resumable batch windows.
+"""Token data: the GPT-2 tokenizer offline, the embedded corpus, and resumable batch windows.
 
 On-disk format (the same as nanoGPT's): `train.bin` and `val.bin` are raw token ids,
 uint16 (uint32 when the vocabulary does not fit), plus `meta.json` saying which and the
@@ -18,7 +18,6 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -33,6 +32,8 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
 META_FILE = "meta.json"
+PREPARING = "PREPARING"
+"""Present in a data directory only while tools/prepare_data.py moves its files in."""
 SPLITS = ("train", "val")
 
 
@@ -120,90 +121,10 @@ def gpt2_encoding(bpe_file: str | None = None):
 
 
 # ----------------------------------------------------------------------------------------
-# Text -> token files
+# The embedded corpus (text -> token files is gptx/prepare.py)
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
-
-
-def iter_documents(paths: Iterable[str]) -> Iterator[str]:
-    """Documents from .txt files (one per file), .jsonl files (a `text` field per line), or directories of them."""
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
-            if not files:
-                raise DataError(f"input directory '{path}': no .txt or .jsonl files in it")
-            yield from iter_documents(str(f) for f in files)
-        elif not path.exists():
-            raise DataError(f"input '{path}': no such file or directory")
-        elif path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise DataError(f"'{path}' line {lineno}: not valid JSON") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise DataError(f"'{path}' line {lineno}: expected an object with a string 'text' field")
-                    yield record["text"]
-        elif path.suffix == ".txt":
-            yield path.read_text(encoding="utf-8")
-        else:
-            raise DataError(f"input '{path}': expected a .txt or .jsonl file or a directory of them")
-
-
-def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, val_fraction: float,
-                      batch_docs: int = 256) -> dict:
-    """Tokenize documents (end-of-text after each) into train.bin / val.bin / meta.json.
-
-    The stream is written once in order; the last `val_fraction` of it becomes val.bin.
-    Files appear atomically: a crash leaves no half-written split behind.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction: expected a number between 0 and 1, got {val_fraction}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = encoding.n_vocab
-    dtype = token_dtype(vocab)
-    eot = encoding.eot_token
-    n_docs = 0
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        stream_path = Path(tmp) / "all.bin"
-        with open(stream_path, "wb") as stream:
-            batch: list[str] = []
-
-            def flush():
-                for ids in encoding.encode_ordinary_batch(batch):
-                    ids.append(eot)
-                    stream.write(np.asarray(ids, dtype=dtype).tobytes())
-                batch.clear()
-
-            for doc in documents:
-                batch.append(doc)
-                n_docs += 1
-                if len(batch) >= batch_docs:
-                    flush()
-            flush()
-        tokens = np.memmap(stream_path, dtype=dtype, mode="r") if stream_path.stat().st_size else np.zeros(0, dtype)
-        n = len(tokens)
-        n_val = max(1, int(round(n * val_fraction))) if n else 0
-        if n - n_val < 2 or n_val < 2:
-            raise DataError(f"the input holds only {n} tokens: too little to split into train and val")
-        meta = {"format": "gptx-tokens-v1", "tokenizer": encoding.name, "vocab_size": vocab,
-                "dtype": dtype.name, "eot_token": eot, "documents": n_docs,
-                "train_tokens": n - n_val, "val_tokens": n_val}
-        for name, part in (("train", tokens[:n - n_val]), ("val", tokens[n - n_val:])):
-            part_path = Path(tmp) / f"{name}.bin"
-            with open(part_path, "wb") as f:
-                for start in range(0, len(part), 1 << 24):
-                    f.write(np.ascontiguousarray(part[start:start + (1 << 24)]).tobytes())
-            os.replace(part_path, out / f"{name}.bin")
-        del tokens
-        atomic_write(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-    return meta
 
 
 def default_corpus_texts() -> list[str]:
@@ -221,8 +142,9 @@ def default_data_dir(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process per machine tokenizes; the others wait for it
         if not (out / META_FILE).exists():
+            from gptx.prepare import write_token_files
             log(f"gptx: tokenizing the embedded Python documentation corpus into {out}")
-            write_token_files(texts, out, gpt2_encoding(), val_fraction=0.1)
+            write_token_files(texts, out, gpt2_encoding(), val_fraction=0.1, workers=1)
     return out
 
 
@@ -242,6 +164,9 @@ class _PlainDataUnpickler(pickle.Unpickler):
 def read_meta(data_dir: Path) -> dict:
     """The data directory's meta.json; for nanoGPT's layouts (no meta.json), what they imply:
     a character-level set's meta.pkl gives its vocabulary, no meta at all means GPT-2 tokens."""
+    if (data_dir / PREPARING).exists():
+        raise DataError(f"data directory '{data_dir}': tools/prepare_data.py was interrupted while writing it "
+                        f"(a {PREPARING} file is there); run it again")
     meta_path = data_dir / META_FILE
     if not meta_path.exists():
         pkl = data_dir / NANOGPT_META
@@ -318,41 +243,51 @@ def check_data(data_dir: str | Path, vocab_size: int, seq_len: int) -> None:
 class TokenWindows:
     """Deterministic, resumable (inputs, labels) micro-batches for one data-parallel rank.
 
-    The split is cut into non-overlapping windows of seq_len + 1 tokens. Samples are
-    numbered globally: sample g is window perm_e[g mod N] of epoch e = g div N, where perm_e
-    is a permutation seeded by (seed, e), so each epoch visits every window exactly once
-    and epochs wrap without dropping or repeating. Micro-batch m of rank r holds samples
-    m * (micro_batch * dp_size) + r * micro_batch + [0, micro_batch): together the ranks'
-    micro-batches of one iteration cover one contiguous range of samples, so the global
-    batch is the same whatever the data-parallel size. Resume by passing the count of
-    samples consumed so far.
+    Each source's split is cut into non-overlapping windows of seq_len + 1 tokens. Samples
+    are numbered globally; a mixture's `Blend` (gptx/mixture.py) says which source sample g
+    comes from and that it is the source's i-th; one source's i-th sample is window
+    perm_e[i mod N] of its epoch e = i div N, where perm_e is a permutation seeded by
+    (seed, e) (and the source's number after the first), so each epoch visits every window
+    exactly once and epochs wrap without dropping or repeating. Micro-batch m of rank r
+    holds samples m * (micro_batch * dp_size) + r * micro_batch + [0, micro_batch):
+    together the ranks' micro-batches of one iteration cover one contiguous range of
+    samples, so the global batch is the same whatever the data-parallel size. Resume by
+    passing the count of samples consumed so far.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, start_sample: int = 0, shuffle: bool = True):
-        self.tokens = tokens
+    def __init__(self, tokens: np.ndarray | list[np.ndarray], seq_len: int, micro_batch: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, start_sample: int = 0, shuffle: bool = True,
+                 weights: list[float] | None = None):
+        from gptx.mixture import Blend
+        self.sources = tokens if isinstance(tokens, list) else [tokens]
         self.seq_len = seq_len
         self.micro_batch = micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
         self.shuffle = shuffle
-        self.n_windows = (len(tokens) - 1) // seq_len
-        assert self.n_windows >= 1, "check_data guarantees at least one window"
+        self.blend = Blend(weights or [1.0] * len(self.sources), seed)
+        self.n_windows_per_source = [(len(t) - 1) // seq_len for t in self.sources]
+        self.n_windows = self.n_windows_per_source[0]
+        assert min(self.n_windows_per_source) >= 1, "check_data guarantees at least one window"
         stride = micro_batch * dp_size
         if start_sample % stride:
             raise DataError(f"data position {start_sample} samples is not a multiple of micro-batch x data-parallel "
                             f"size ({stride}); resume with the batch layout the checkpoint was saved with")
         self.next_micro = start_sample // stride
-        self._epoch, self._perm = -1, None
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
-    def _window(self, sample: int) -> int:
-        epoch, idx = divmod(sample, self.n_windows)
+    def locate(self, sample: int) -> tuple[int, int]:
+        """Global sample -> (source, window in that source's split)."""
+        source, index = self.blend.locate(sample)
+        epoch, idx = divmod(index, self.n_windows_per_source[source])
         if not self.shuffle:
-            return idx
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._epoch = epoch
-        return int(self._perm[idx])
+            return source, idx
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            key = [self.seed, epoch] + ([source] if source else [])  # one source: the order it always had
+            cached = (epoch, np.random.default_rng(key).permutation(self.n_windows_per_source[source]))
+            self._perms[source] = cached
+        return source, int(cached[1][idx])
 
     def sample_ids(self, micro: int) -> list[int]:
         first = micro * self.micro_batch * self.dp_size + self.dp_rank * self.micro_batch
@@ -364,8 +299,9 @@ class TokenWindows:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for sample in self.sample_ids(self.next_micro):
-            start = self._window(sample) * self.seq_len
-            rows.append(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+            source, window = self.locate(sample)
+            start = window * self.seq_len
+            rows.append(np.asarray(self.sources[source][start:start + self.seq_len + 1], dtype=np.int64))
         self.next_micro += 1
         batch = torch.from_numpy(np.stack(rows))  # (B, T + 1)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # inputs, labels: (B, T) each

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptx.data import (GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, iter_documents, open_tokens,
-                       read_meta)
+from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, open_tokens, read_meta
 from gptx.errors import DataError
 from gptx.model import GPT
+from gptx.prepare import iter_documents
 
 
 def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int | None]:

@@ -18,13 +18,14 @@ import torch.distributed as dist
 
 from gptx import checkpoint
 from gptx.config import Config, describe_model
-from gptx.data import TokenWindows, check_data, default_data_dir, open_tokens
+from gptx.data import TokenWindows, default_data_dir, open_tokens
 from gptx.engine import build_engine, deepspeed_prints, loss_scale, release_shared_memory
 from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
-from gptx.errors import ConfigError, TrainingStopped
+from gptx.errors import ConfigError, DataError, TrainingStopped
 from gptx.flops import mfu, peak_flops
 from gptx.guards import NumericsGuard, StopSignal, known_failure
 from gptx.metrics import Metrics, console_line
+from gptx.mixture import REPEAT_WARNING, Source, as_record, check_sources, describe, resume_warning, sources_for
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class Plan:
     ds_config: dict
     ds_config_path: str
     layout: BatchLayout
-    data_dir: Path
+    data: Path
+    """--data as given: a directory or a mixture YAML file (the default corpus when not given)."""
+    sources: list[Source]
     resume_tag: str | None
     accelerator: str
     resume_meta: dict | None = None
@@ -83,16 +86,20 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     ds_config = read_ds_config(ds_path)
     layout = check_ds_config(ds_config, dp_size=world // pp, pipe_size=pp, accelerator_name=accelerator,
                              path=ds_path)
-    data_dir = Path(paths.data) if paths.data else default_data_dir()
-    check_data(data_dir, cfg.model.vocab_size, cfg.model.seq_len)
+    data = Path(paths.data) if paths.data else default_data_dir()
+    if not data.exists():
+        raise DataError(f"--data '{data}': not a directory (train.bin, val.bin, meta.json) or a mixture file (.yaml)")
+    sources = sources_for(data)
+    check_sources(sources, cfg.model.vocab_size, cfg.model.seq_len)
     checkpoint.check_save_dir(paths.save, paths.load)
     tag, meta = None, None
     if paths.load:
         tag, meta = checkpoint.find_latest(paths.load, warn=log)
         checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
         warning = checkpoint.check_schedule(meta, cfg, str(Path(paths.load) / tag), paths.override_lr_schedule)
-        if warning:
-            log(warning)
+        for line in (warning, resume_warning(meta.get("data_sources"), sources)):
+            if line:
+                log(line)
     encoding = None
     if cfg.train.sample_tokens:
         from gptx.data import GPT2_VOCAB_SIZE, gpt2_encoding
@@ -101,7 +108,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         elif cfg.train.sample_prompt:
             raise ConfigError(f"train.sample_prompt is text for GPT-2 BPE, but this model has "
                               f"{cfg.model.vocab_size} tokens; leave it empty to sample from token 0")
-    return Plan(cfg, ds_config, ds_path, layout, data_dir, tag, accelerator, meta, encoding)
+    return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, encoding)
 
 
 def _set_threads(accelerator: str) -> int:
@@ -119,14 +126,17 @@ def _new_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{name}-{stamp[0]}"
 
 
-def evaluate(engine, val_tokens, plan: Plan, dp_rank: int) -> float:
-    """Token-weighted mean loss over the first eval_iters batches of the val split."""
+def evaluate(engine, val_splits: list, plan: Plan, dp_rank: int) -> tuple[float, list[float]]:
+    """Token-weighted mean loss over the first eval_iters batches of each source's val split;
+    overall, the sources' losses weighted by their shares of the mixture."""
     layout, cfg = plan.layout, plan.cfg
-    windows = TokenWindows(val_tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size,
-                           shuffle=False)
-    # Every micro-batch holds the same number of tokens, so the mean of means is token-weighted.
-    losses = [float(engine.eval_batch(windows)) for _ in range(cfg.train.eval_iters)]
-    return sum(losses) / len(losses)
+    per_source = []
+    for tokens in val_splits:
+        windows = TokenWindows(tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size, shuffle=False)
+        # Every micro-batch holds the same number of tokens, so the mean of means is token-weighted.
+        losses = [float(engine.eval_batch(windows)) for _ in range(cfg.train.eval_iters)]
+        per_source.append(sum(losses) / len(losses))
+    return sum(s.weight * loss for s, loss in zip(plan.sources, per_source)), per_source
 
 
 def sample_text(engine, plan: Plan, iteration: int) -> str | None:
@@ -211,7 +221,8 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     run_dir = Path(paths.save) if paths.save else (Path(paths.load) if paths.load else _new_run_dir(cfg))
     meta = {"config": cfg.to_dict(), "ds_config": plan.ds_config, "ds_config_path": plan.ds_config_path,
             "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size,
-            "data": str(plan.data_dir), "code_version": checkpoint.code_version()}
+            "data": str(plan.data), "data_sources": as_record(plan.sources),
+            "code_version": checkpoint.code_version()}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -227,19 +238,29 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     for s, n in enumerate(stage_params):
         log(f"  stage {s}: layers {parts[s]}-{parts[s + 1] - 1}, {n:,} parameters")
     log(f"batch: {layout.micro_batch} x {layout.grad_accum} micro-batches x {layout.dp_size} = "
-        f"{layout.global_batch} sequences of {cfg.model.seq_len} tokens; data {plan.data_dir}")
+        f"{layout.global_batch} sequences of {cfg.model.seq_len} tokens; data {plan.data}")
 
-    train_tokens = open_tokens(plan.data_dir, "train")
-    val_tokens = open_tokens(plan.data_dir, "val")
-    windows = TokenWindows(train_tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size,
-                           seed=t.seed, start_sample=consumed)
-    unused = len(train_tokens) - 1 - windows.n_windows * cfg.model.seq_len
-    log(f"data: {windows.n_windows:,} windows of {cfg.model.seq_len} predictions per epoch, reshuffled each epoch; "
-        f"{unused} token(s) at the end of train.bin fill no window and are not used; resuming at sample "
-        f"{consumed:,} (epoch {consumed // windows.n_windows})")
+    train_splits = [open_tokens(s.path, "train") for s in plan.sources]
+    val_splits = [open_tokens(s.path, "val") for s in plan.sources]
+    windows = TokenWindows(train_splits, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size,
+                           seed=t.seed, start_sample=consumed, weights=[s.weight for s in plan.sources])
+    metrics = Metrics(run_dir, cfg)
+    if len(plan.sources) == 1:
+        unused = len(train_splits[0]) - 1 - windows.n_windows * cfg.model.seq_len
+        log(f"data: {windows.n_windows:,} windows of {cfg.model.seq_len} predictions per epoch, reshuffled each "
+            f"epoch; {unused} token(s) at the end of train.bin fill no window and are not used; resuming at sample "
+            f"{consumed:,} (epoch {consumed // windows.n_windows})")
+    else:
+        mixture = describe(plan.sources, cfg.model.seq_len, t.train_iters * layout.global_batch)
+        metrics.write({"iter": iteration, "data": {"sources": mixture}})
+        log(f"data: a mixture of {len(mixture)} sources, shares of the training samples; resuming at sample "
+            f"{consumed:,}")
+        for m in mixture:
+            repeat = f"  (warning: repeats {m['epochs']:.1f} times)" if m["epochs"] > REPEAT_WARNING else ""
+            log(f"  {m['path']}: {m['windows']:,} windows, share {m['weight']:.3f}, {m['epochs']:.2f} epochs over "
+                f"the run{repeat}")
     tokens_per_iter = layout.global_batch * cfg.model.seq_len
     peak = peak_flops(plan.accelerator, precision(plan.ds_config))
-    metrics = Metrics(run_dir, cfg)
     start_time = time.time()
     saved_at = None
     val_loss = None
@@ -299,9 +320,14 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             last = iteration == t.train_iters
             exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
             if t.eval_interval and (iteration % t.eval_interval == 0 or last):
-                val_loss = evaluate(engine, val_tokens, plan, dp_rank)
-                metrics.write({"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
-                log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}")
+                val_loss, per_source = evaluate(engine, val_splits, plan, dp_rank)
+                record = {"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))}
+                each = ""
+                if len(per_source) > 1:
+                    record["val_loss_per_source"] = {str(s.path): v for s, v in zip(plan.sources, per_source)}
+                    each = " | " + ", ".join(f"{s.path.name} {v:.4f}" for s, v in zip(plan.sources, per_source))
+                metrics.write(record)
+                log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}{each}")
                 if t.sample_tokens:
                     text = sample_text(engine, plan, iteration)
                     if text is not None:

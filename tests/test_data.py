@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from gptx.data import (GPT2_EOT, TokenWindows, check_data, default_data_dir, gpt2_encoding, gpt2_ranks,
-                       open_tokens, write_token_files)
+from gptx.data import GPT2_EOT, TokenWindows, check_data, default_data_dir, gpt2_encoding, gpt2_ranks, open_tokens
 from gptx.errors import DataError
 from tests.conftest import make_token_dir
 
@@ -25,32 +24,6 @@ def test_a_wrong_bpe_file_is_refused(tmp_path):
     bad.write_bytes(b"SGVsbG8= 0\n")
     with pytest.raises(DataError, match="is not that of tiktoken's r50k_base"):
         gpt2_ranks(str(bad))
-
-
-def test_prepare_round_trip(tmp_path, enc):
-    docs = ["The quick brown fox.", "Jumps over the lazy dog.\nTwice!", "A third document, with ünïcode."]
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.txt").write_text(docs[0])
-    (tmp_path / "in" / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[1:]) + "\n")
-    from gptx.data import iter_documents
-    meta = write_token_files(iter_documents([str(tmp_path / "in")]), tmp_path / "out", enc, val_fraction=0.2)
-    train, val = open_tokens(tmp_path / "out", "train"), open_tokens(tmp_path / "out", "val")
-    assert train.dtype == np.uint16 and meta["documents"] == 3
-    stream = np.concatenate([train, val]).tolist()
-    assert len(val) == meta["val_tokens"] == round(len(stream) * 0.2)
-    assert enc.decode(stream) == "<|endoftext|>".join(docs) + "<|endoftext|>"
-
-
-def test_large_vocabularies_use_uint32(tmp_path):
-    class BigVocab:
-        name, n_vocab, eot_token = "big", 100_000, 99_999
-
-        def encode_ordinary_batch(self, texts):
-            return [[70_000 + len(t), 5] for t in texts]
-    meta = write_token_files(["ab", "abc", "abcd"], tmp_path, BigVocab(), val_fraction=0.3)
-    assert meta["dtype"] == "uint32"
-    tokens = np.concatenate([open_tokens(tmp_path, "train"), open_tokens(tmp_path, "val")]).tolist()
-    assert tokens == [70_002, 5, 99_999, 70_003, 5, 99_999, 70_004, 5, 99_999]
 
 
 def test_default_corpus_is_gpt2_tokens_of_the_python_docs(enc):
@@ -118,15 +91,6 @@ def test_bad_data_is_reported(tmp_path, problem, needle):
         d = tmp_path / "nowhere"
     with pytest.raises(DataError, match=needle):
         check_data(d, vocab_size=256, seq_len=32)
-
-
-def test_prepare_data_tool_reports_bad_input_in_one_line(tmp_path, capsys):
-    from gptx.cli import run_prepare_data
-    (tmp_path / "x.jsonl").write_text('{"txt": "no text field"}\n')
-    assert run_prepare_data([str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: '{tmp_path / 'x.jsonl'}' line 1: expected an object with a string 'text' field"
-    assert not (tmp_path / "out" / "train.bin").exists()
 
 
 @pytest.mark.parametrize("meta,model_vocab,needle", [

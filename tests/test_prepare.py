@@ -1,0 +1,132 @@
+"""tools/prepare_data.py: every input format round trip, workers, interruption, bad input."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from gptx.cli import run_prepare_data
+from gptx.data import check_data, gpt2_encoding, open_tokens
+from gptx.errors import DataError
+from gptx.prepare import iter_documents, write_token_files
+
+DOCS = ["The quick brown fox.", "Jumps over the lazy dog.\nTwice!", "A third document, with ünïcode.",
+        "Fourth: 🙂 and 日本語.", ""]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return gpt2_encoding()
+
+
+def stream_of(out) -> list[int]:
+    return np.concatenate([open_tokens(out, "train"), open_tokens(out, "val")]).tolist()
+
+
+def write_inputs(folder, kind: str, field: str = "text"):
+    """DOCS in one file of the given kind (a .txt input is one file per document)."""
+    folder.mkdir(parents=True)
+    lines = "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(DOCS))
+    if kind == ".txt":
+        for i, d in enumerate(DOCS):
+            (folder / f"{i}.txt").write_text(d, encoding="utf-8")
+    elif kind == ".jsonl":
+        (folder / "docs.jsonl").write_text(lines, encoding="utf-8")
+    elif kind == ".jsonl.gz":
+        with gzip.open(folder / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.write(lines)
+    elif kind == ".jsonl.zst":
+        zstandard = pytest.importorskip("zstandard")
+        (folder / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    elif kind == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({field: DOCS, "id": list(range(len(DOCS)))}), folder / "docs.parquet", row_group_size=2)
+    return folder
+
+
+@pytest.mark.parametrize("kind", [".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_format_round_trips_in_order_with_any_number_of_workers(tmp_path, enc, kind, workers):
+    folder = write_inputs(tmp_path / "in", kind)
+    meta = write_token_files(iter_documents([str(folder)]), tmp_path / "out", enc, 0.2, workers=workers)
+    stream = stream_of(tmp_path / "out")
+    assert enc.decode(stream) == "".join(d + "<|endoftext|>" for d in DOCS)
+    assert meta["documents"] == len(DOCS) and meta["text_bytes"] == sum(len(d.encode()) for d in DOCS)
+    assert len(open_tokens(tmp_path / "out", "val")) == meta["val_tokens"] == round(len(stream) * 0.2)
+
+
+def test_many_batches_on_two_workers_give_the_one_worker_stream(tmp_path, enc, monkeypatch):
+    import gptx.prepare
+    monkeypatch.setattr(gptx.prepare, "BATCH_CHARS", 64)  # dozens of tasks in flight
+    docs = [f"Document {i}: " + "word " * (i % 17) for i in range(400)]
+    one = write_token_files(docs, tmp_path / "one", enc, 0.1, workers=1)
+    two = write_token_files(docs, tmp_path / "two", enc, 0.1, workers=2)
+    assert one == two and stream_of(tmp_path / "one") == stream_of(tmp_path / "two")
+
+
+def test_a_parquet_text_field_and_a_missing_column(tmp_path, enc, capsys):
+    folder = write_inputs(tmp_path / "in", ".parquet", field="content")
+    assert run_prepare_data([str(folder), "--out", str(tmp_path / "out"), "--text-field", "content",
+                             "--val-fraction", "0.2", "--workers", "1"]) == 0
+    assert "MB/s, 1 worker(s))" in capsys.readouterr().out
+    assert enc.decode(stream_of(tmp_path / "out")) == "".join(d + "<|endoftext|>" for d in DOCS)
+    assert run_prepare_data([str(folder), "--out", str(tmp_path / "out2")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: parquet file '{folder / 'docs.parquet'}': no column 'text' "
+                                               f"(it has content, id); pass --text-field")
+
+
+def test_an_interrupted_prepare_leaves_the_old_outputs_or_a_refused_directory(tmp_path, enc, monkeypatch):
+    out = tmp_path / "out"
+    write_token_files(DOCS, out, enc, 0.2, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted():
+        yield "A new first document."
+        raise KeyboardInterrupt  # Ctrl-C while tokenizing
+    with pytest.raises(KeyboardInterrupt):
+        write_token_files(interrupted(), out, enc, 0.2, workers=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no temporary left
+    # Killed while the new files move in: the marker stays and readers refuse the directory.
+    import os
+    real_replace = os.replace
+
+    def dies_after_train_bin(src, dst):
+        if str(dst) == str(out / "val.bin"):
+            raise SystemExit("killed")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", dies_after_train_bin)
+    with pytest.raises(SystemExit):
+        write_token_files(["Another corpus entirely."] * 3, out, enc, 0.2, workers=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(DataError, match="prepare_data.py was interrupted while writing it"):
+        check_data(out, 50257, 4)
+    write_token_files(DOCS, out, enc, 0.2, workers=1)  # running it again repairs it
+    check_data(out, 50257, 4)
+
+
+def test_large_vocabularies_use_uint32(tmp_path):
+    class BigVocab:
+        name, n_vocab, eot_token = "big", 100_000, 99_999
+
+        def encode_ordinary_batch(self, texts, num_threads=1):
+            return [[70_000 + len(t), 5] for t in texts]
+    meta = write_token_files(["ab", "abc", "abcd"], tmp_path, BigVocab(), val_fraction=0.3, workers=1)
+    assert meta["dtype"] == "uint32"
+    tokens = np.concatenate([open_tokens(tmp_path, "train"), open_tokens(tmp_path, "val")]).tolist()
+    assert tokens == [70_002, 5, 99_999, 70_003, 5, 99_999, 70_004, 5, 99_999]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"txt": "no text field"}\n', "line 1: expected an object with a string 'text' field"),
+    ('{"text": "ok"}\n{broken\n', "line 2: not valid JSON"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, needle):
+    (tmp_path / "x.jsonl").write_text(content)
+    assert run_prepare_data([str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: '{tmp_path / 'x.jsonl'}' {needle}"
+    assert not (tmp_path / "out" / "train.bin").exists() and not list((tmp_path / "out").glob(".prepare-*"))
+    (tmp_path / "y.csv").write_text("a,b\n")
+    assert run_prepare_data([str(tmp_path / "y.csv"), "--out", str(tmp_path / "out")]) == 2
+    assert "expected .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files" in capsys.readouterr().err
