@@ -263,9 +263,12 @@ def check_save_dir(save: str | Path | None, load: str | Path | None) -> None:
     folders = checkpoint_folders(save)
     if folders:
         found.append(f"{len(folders)} checkpoint folder(s), newest {folders[0].name}")
-    if found:
         raise CheckpointError(f"--save '{save}' already holds another run ({', '.join(found)}); choose a new "
                               f"--save directory, or pass --load {save} to continue that run (nothing was written)")
+    if found:  # a run that stopped before its first checkpoint: nothing to resume, but its files are there
+        raise CheckpointError(f"--save '{save}' holds a run that saved no checkpoint ({', '.join(found)}); "
+                              f"delete the directory to start again there, or choose a new --save directory "
+                              f"(nothing was written)")
 
 
 def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> None:

@@ -363,12 +363,13 @@ def run_convert(argv: list[str] | None = None) -> int:
 
     def main():
         from gptx.checkpoint import check_save_dir, load_plain_model, save_weights_only
+        from gptx.data import GPT2_VOCAB_SIZE
         from gptx.hf import from_hf, to_hf
         args = convert_parser().parse_args(argv)
         if args.load and args.to_hf and not (args.from_hf or args.save):
             model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
             out = to_hf(model, cfg, args.to_hf)
-            tokenizer = ("with GPT-2's tokenizer files" if (out / "vocab.json").exists() else
+            tokenizer = ("with GPT-2's tokenizer files" if cfg.model.vocab_size == GPT2_VOCAB_SIZE else
                          f"without tokenizer files (its {cfg.model.vocab_size}-token vocabulary is not GPT-2's: "
                          f"add your tokenizer's)")
             print(f"wrote {out} {tokenizer}")

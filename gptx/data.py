@@ -141,7 +141,7 @@ def default_data_dir(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process per machine tokenizes; the others wait for it
-        if not (out / META_FILE).exists():
+        if not (out / META_FILE).exists() or (out / PREPARING).exists():
             from gptx.prepare import write_token_files
             log(f"gptx: tokenizing the embedded Python documentation corpus into {out}")
             write_token_files(texts, out, gpt2_encoding(), val_fraction=0.1, workers=1)
@@ -191,15 +191,17 @@ def read_meta(data_dir: Path) -> dict:
     return meta
 
 
-def check_vocabulary(meta: dict, vocab_size: int, where: str) -> None:
+def check_vocabulary(meta: dict, vocab_size: int, where: str, allow_smaller: bool = False) -> None:
     """The data must come from the model's tokenizer: the same vocabulary size.
 
     A model wider than its tokenizer would train rows no token uses (and a table sized
     for another tokenizer means the ids mean other things); pad_vocab_to_multiple is how
     gptx pads the table for fast matmuls while the loss keeps the tokenizer's size.
+    `allow_smaller` is for a model that already exists (a resume, an evaluation): one
+    trained by hand-padding, e.g. 50304 rows for GPT-2 data, must stay usable.
     """
     data_vocab = meta["vocab_size"]
-    if data_vocab == vocab_size:
+    if data_vocab == vocab_size or (allow_smaller and data_vocab < vocab_size):
         return
     tokenizer = f" ({meta['tokenizer']})" if meta.get("tokenizer") else ""
     hint = (f"set model.vocab_size {data_vocab} (pad_vocab_to_multiple pads the table for fast matmuls)"
@@ -221,12 +223,12 @@ def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def check_data(data_dir: str | Path, vocab_size: int, seq_len: int) -> None:
+def check_data(data_dir: str | Path, vocab_size: int, seq_len: int, allow_smaller_vocabulary: bool = False) -> None:
     """Every check that needs only the files: presence, format, length, token range."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"--data '{data_dir}': not a directory (expected train.bin, val.bin and meta.json)")
-    check_vocabulary(read_meta(data_dir), vocab_size, f"data directory '{data_dir}'")
+    check_vocabulary(read_meta(data_dir), vocab_size, f"data directory '{data_dir}'", allow_smaller_vocabulary)
     for split in SPLITS:
         tokens = open_tokens(data_dir, split)
         if len(tokens) < seq_len + 1:

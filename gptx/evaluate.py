@@ -21,18 +21,18 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
     path = Path(path)
     if path.is_dir():
         meta = read_meta(path)
-        check_vocabulary(meta, vocab_size, f"--data '{path}'")
+        check_vocabulary(meta, vocab_size, f"--data '{path}'", allow_smaller=True)
         return open_tokens(path, "val"), _byte_count(open_tokens(path, "val"), meta)
     if not path.exists():
         raise DataError(f"--data '{path}': no such file or directory")
     if path.suffix == ".bin":
         meta = read_meta(path.parent)
-        check_vocabulary(meta, vocab_size, f"--data '{path}'")
+        check_vocabulary(meta, vocab_size, f"--data '{path}'", allow_smaller=True)
         tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
         return tokens, _byte_count(tokens, meta)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"--data '{path}': expected a .txt, .jsonl or .bin file or a data directory")
-    if vocab_size != GPT2_VOCAB_SIZE:
+    if vocab_size < GPT2_VOCAB_SIZE:
         raise DataError(f"--data '{path}': text is tokenized with GPT-2 BPE ({GPT2_VOCAB_SIZE} tokens), but the "
                         f"model's vocabulary has {vocab_size}; pass token files made with its own tokenizer")
     enc = gpt2_encoding()
@@ -96,17 +96,16 @@ def evaluate_tokens(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: in
 
 def evaluate_contexts(model: GPT, tokens: np.ndarray, n_bytes: int | None, lengths: list[int], batch_size: int = 8,
                       progress=lambda seq_len: None) -> list[dict]:
-    """evaluate_tokens at each context length, with bits per byte. With several lengths, one the
-    model cannot take (beyond a learned position table) becomes a row saying why."""
+    """evaluate_tokens at each context length, with bits per byte. With several lengths, one
+    beyond a learned position table becomes a row saying why; any other problem is an error."""
+    cfg = model.cfg
     rows = []
     for seq_len in lengths:
-        try:
-            row = evaluate_tokens(model, tokens, seq_len, batch_size, progress=progress(seq_len))
-        except DataError as e:
-            if len(lengths) == 1 or seq_len < 1:
-                raise
-            rows.append({"seq_len": seq_len, "refused": str(e)})
+        if len(lengths) > 1 and cfg.position_embedding == "learned" and seq_len > cfg.seq_len:
+            rows.append({"seq_len": seq_len, "refused": f"--seq-len {seq_len}: this model's learned positions end "
+                                                       f"at {cfg.seq_len}"})
             continue
+        row = evaluate_tokens(model, tokens, seq_len, batch_size, progress=progress(seq_len))
         row["bits_per_byte"] = row["loss_sum_nats"] / math.log(2) / n_bytes if n_bytes else None
         rows.append({"seq_len": seq_len, **row})
     return rows

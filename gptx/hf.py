@@ -22,6 +22,7 @@ from gptx.errors import CheckpointError, ConfigError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 EOT_TEXT = "<|endoftext|>"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -93,6 +94,9 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if gpt2_vocab:
         write_gpt2_tokenizer(out, m.seq_len)
+    else:  # an earlier export's GPT-2 tokenizer would be read as this model's
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
     return out
 
 

@@ -51,7 +51,7 @@ class GptxLM(TemplateLM):
             raise ConfigError(f"--model_args dtype={dtype}: expected one of {', '.join(DTYPES)}")
         model, cfg = load_plain_model(load, master_weights=_flag(master_weights))
         m = cfg.model
-        if m.vocab_size != GPT2_VOCAB_SIZE:
+        if m.vocab_size < GPT2_VOCAB_SIZE:
             raise ConfigError(f"--model_args load={load}: lm-eval passes text, which gptx tokenizes with GPT-2 BPE, "
                               f"but this model's vocabulary has {m.vocab_size} tokens")
         self.window = int(max_length) if max_length not in (None, "", "None") else m.seq_len
@@ -60,7 +60,7 @@ class GptxLM(TemplateLM):
         if m.position_embedding == "learned" and self.window > m.seq_len:
             raise ConfigError(f"--model_args max_length={self.window}: this model's learned positions end at "
                               f"{m.seq_len}; only alibi, rotary or none positions take longer contexts")
-        self.batch = int(batch_size) if str(batch_size) != "auto" else 8
+        self.batch = 8 if str(batch_size).startswith("auto") else int(batch_size)  # "auto" picks no size: 8
         if self.batch < 1:
             raise ConfigError(f"--model_args batch_size={batch_size}: must be at least 1")
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -120,15 +120,19 @@ class GptxLM(TemplateLM):
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        rows = []
-        for _, context, continuation in requests:
+        rows, keys = [], []
+        for key, context, continuation in requests:
+            keys.append(key)
             if len(continuation) > self.window:
                 raise ConfigError(f"a continuation of {len(continuation)} tokens does not fit the model's window of "
                                   f"{self.window}; raise max_length (alibi, rotary or none positions)")
             # The window's last tokens: as much of the context as fits before the continuation.
             whole = (context + continuation)[-(self.window + 1):]
             rows.append((whole[:-1], continuation))
-        return self._batched(rows, "gptx loglikelihood", disable_tqdm)
+        results = self._batched(rows, "gptx loglikelihood", disable_tqdm)
+        for key, result in zip(keys, results):  # lm-eval's --use_cache stores what the hook is given
+            self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity tasks: the whole text in disjoint windows, each scored with as much of the
@@ -144,6 +148,8 @@ class GptxLM(TemplateLM):
         totals = [0.0] * len(requests)
         for index, (logprob, _) in zip(owner, scores):
             totals[index] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -154,7 +160,7 @@ class GptxLM(TemplateLM):
             context, kwargs = request.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = [s for s in ([until] if isinstance(until, str) else until) if s]  # "" would stop at once
             max_new = int(kwargs.pop("max_gen_toks", 256))
             sample = _flag(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 1.0)) > 0
             prompt = self.tok_encode(context)[-max(1, self.window - max_new):] or [GPT2_EOT]
@@ -168,5 +174,6 @@ class GptxLM(TemplateLM):
             text = self.enc.decode(new)
             for s in until:
                 text = text.split(s)[0]
+            self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
         return out

@@ -29,7 +29,9 @@ class Metrics:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
         if self.wandb:
-            self.wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+            # Not the mixture line: a list of sources (wandb logs numbers, text and dicts of them).
+            self.wandb.log({k: v for k, v in record.items() if k not in ("iter", "data") and v is not None},
+                           step=record["iter"])
 
     def close(self) -> None:
         if self.file:

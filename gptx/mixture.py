@@ -68,7 +68,12 @@ def read_mixture(path: str | Path) -> list[Source]:
             raise DataError(f"mixture file '{path}': source {n}: '{source_dir}' is not a directory")
         sources.append(Source(source_dir, weight))
     total = sum(s.weight for s in sources)
-    return [Source(s.path, s.weight / total) for s in sources]
+    sources = [Source(s.path, s.weight / total) for s in sources]
+    for s, quota in zip(sources, quotas([s.weight for s in sources])):
+        if quota == 0:
+            raise DataError(f"mixture file '{path}': source '{s.path}' has {s.weight:.2g} of the total weight, "
+                            f"less than 1/{2 * PERIOD}: it would never be sampled")
+    return sources
 
 
 def sources_for(data: str | Path) -> list[Source]:
@@ -79,14 +84,14 @@ def sources_for(data: str | Path) -> list[Source]:
     return [Source(data, 1.0)]
 
 
-def check_sources(sources: list[Source], vocab_size: int, seq_len: int) -> None:
+def check_sources(sources: list[Source], vocab_size: int, seq_len: int, allow_smaller_vocabulary: bool = False) -> None:
     """Every source is valid data for this model, and all come from one tokenizer."""
     vocabularies = {str(s.path): read_meta(s.path)["vocab_size"] for s in sources}
     if len(set(vocabularies.values())) > 1:
         raise DataError("mixture sources come from different tokenizers: "
                         + ", ".join(f"'{p}' has {v} tokens" for p, v in vocabularies.items()))
     for s in sources:
-        check_data(s.path, vocab_size, seq_len)
+        check_data(s.path, vocab_size, seq_len, allow_smaller_vocabulary)
 
 
 def quotas(weights: list[float], period: int = PERIOD) -> list[int]:

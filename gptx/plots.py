@@ -11,21 +11,28 @@ from gptx.errors import ConfigError, DataError
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """A run's metrics.jsonl as columns: train records by iteration (a resumed run's later line
-    for an iteration wins: it is the one on the trajectory that continued), val records, and
-    tokens seen at each iteration."""
+    """A run's metrics.jsonl as columns: train records by iteration, val records, and tokens seen
+    at each iteration. When a resume went back to an earlier checkpoint, the records after it
+    that the abandoned trajectory wrote are dropped: the picture is the run that continued. A
+    last line cut short (a run killed, or still writing) is left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise DataError(f"run '{run_dir}': no metrics.jsonl (expected a run directory written by launch/pretrain.py)")
+    lines = path.read_text().splitlines()
     train, val = {}, {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if lineno == len(lines):
+                break
             raise DataError(f"'{path}' line {lineno}: not valid JSON") from None
         if "loss" in record:
+            if train and record["iter"] <= max(train):  # a resume from an earlier checkpoint
+                train = {i: r for i, r in train.items() if i < record["iter"]}
+                val = {i: v for i, v in val.items() if i < record["iter"]}
             train[record["iter"]] = record
         elif "val_loss" in record:
             val[record["iter"]] = record["val_loss"]

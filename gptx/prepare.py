@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,8 +45,9 @@ def _open_jsonl(path: Path, kind: str):
             import zstandard
         except ImportError:
             raise ConfigError(f"'{path}': reading .zst needs zstandard: pip install -e \".[data]\"") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8")
+        # read_across_frames: files from pzstd or concatenated .zst hold several frames.
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
+        return io.TextIOWrapper(reader, encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
@@ -201,6 +203,8 @@ def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, v
         raise DataError(f"--workers: must be at least 1, got {workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".prepare-*"):  # a killed run's staging folder (as large as the corpus)
+        shutil.rmtree(stale, ignore_errors=True)
     vocab = encoding.n_vocab
     dtype = token_dtype(vocab)
     n_docs = n_bytes = 0

@@ -90,7 +90,8 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     if not data.exists():
         raise DataError(f"--data '{data}': not a directory (train.bin, val.bin, meta.json) or a mixture file (.yaml)")
     sources = sources_for(data)
-    check_sources(sources, cfg.model.vocab_size, cfg.model.seq_len)
+    # A resumed model keeps its table: one padded by hand (50304 rows for GPT-2 data) trains on.
+    check_sources(sources, cfg.model.vocab_size, cfg.model.seq_len, allow_smaller_vocabulary=bool(paths.load))
     checkpoint.check_save_dir(paths.save, paths.load)
     tag, meta = None, None
     if paths.load:
@@ -120,10 +121,22 @@ def _set_threads(accelerator: str) -> int:
 
 
 def _new_run_dir(cfg: Config) -> Path:
+    """runs/NAME-TIME, made by rank 0 and new: two runs started in the same second get -2, -3..."""
     name = Path(cfg.name).stem if cfg.name.endswith((".yaml", ".yml")) else cfg.name
-    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(stamp, src=0)
-    return Path("runs") / f"{name}-{stamp[0]}"
+    chosen = [None]
+    if dist.get_rank() == 0:
+        base = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            chosen = [str(candidate)]
+            break
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
 
 
 def evaluate(engine, val_splits: list, plan: Plan, dp_rank: int) -> tuple[float, list[float]]:
@@ -325,7 +338,9 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                 each = ""
                 if len(per_source) > 1:
                     record["val_loss_per_source"] = {str(s.path): v for s, v in zip(plan.sources, per_source)}
-                    each = " | " + ", ".join(f"{s.path.name} {v:.4f}" for s, v in zip(plan.sources, per_source))
+                    names = [s.path.name for s in plan.sources]
+                    names = names if len(set(names)) == len(names) else [str(s.path) for s in plan.sources]
+                    each = " | " + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, per_source))
                 metrics.write(record)
                 log(f"iter {iteration:6d} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 80)):.2f}{each}")
                 if t.sample_tokens:

@@ -182,6 +182,8 @@ def test_evaluate_prints_a_context_length_table(work, one_stage_run, capsys):
     assert run_evaluate(base[:-1] + ["--seq-len", "16,32,64"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("context") and "(trained at 32, learned positions)" in table[0]
-    assert table[3].startswith("     64   refused: --seq-len 64: this model's learned positions end at 32")
+    assert table[3] == "     64   refused: --seq-len 64: this model's learned positions end at 32"
     assert run_evaluate(base + ["--seq-len", "16,x"]) == 2
     assert "--seq-len '16,x': expected an integer or comma-separated integers" in capsys.readouterr().err
+    assert run_evaluate(base + ["--seq-len", "16,32", "--batch-size", "0"]) == 2  # an error, not a table row
+    assert "--batch-size: must be at least 1, got 0" in capsys.readouterr().err

@@ -158,3 +158,32 @@ def test_a_wrong_flag_is_one_line_from_rank_0_and_silence_elsewhere(setup, capsy
     assert run_pretrain(base + argv) == 2
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_a_run_that_saved_no_checkpoint_is_not_written_over_either(setup, capsys):
+    tmp, base = setup
+    (tmp / "crashed").mkdir()
+    (tmp / "crashed" / "config.json").write_text("{}\n")
+    (tmp / "crashed" / "metrics.jsonl").write_text('{"iter": 1, "loss": 5.0}\n')
+    fails_with(capsys, base + ["--save", str(tmp / "crashed")],
+               f"--save '{tmp / 'crashed'}' holds a run that saved no checkpoint (config.json, metrics.jsonl); "
+               f"delete the directory to start again there")
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(dist_world1, tmp_path, monkeypatch):
+    import datetime as real
+
+    import gptx.train
+    from gptx.config import load_config
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 24, 12, 0, 0)
+    monkeypatch.setattr(gptx.train, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny")
+    dirs = [gptx.train._new_run_dir(cfg) for _ in range(3)]
+    assert [str(d) for d in dirs] == ["runs/tiny-20261124-120000", "runs/tiny-20261124-120000-2",
+                                      "runs/tiny-20261124-120000-3"]
+    assert all(d.is_dir() for d in dirs)

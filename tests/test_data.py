@@ -131,3 +131,12 @@ def test_a_meta_pkl_runs_no_code(tmp_path):
     with pytest.raises(DataError, match="not a nanoGPT meta.pkl"):
         check_data(d, vocab_size=95, seq_len=32)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_resumed_model_padded_by_hand_keeps_training_on_its_data(tmp_path):
+    d = make_token_dir(tmp_path / "d", vocab_size=256)
+    with pytest.raises(DataError, match="set model.vocab_size 256"):
+        check_data(d, vocab_size=320, seq_len=32)  # a new run: pad with pad_vocab_to_multiple instead
+    check_data(d, vocab_size=320, seq_len=32, allow_smaller_vocabulary=True)  # an existing model (resume)
+    with pytest.raises(DataError, match="tokenized with a 256-token vocabulary"):
+        check_data(d, vocab_size=200, seq_len=32, allow_smaller_vocabulary=True)  # larger data never fits

@@ -27,18 +27,23 @@ def test_jsonl_without_text_fields_names_the_line(tmp_path):
         load_eval_tokens(path, 50257)
 
 
-def test_token_files_of_another_tokenizer_are_refused(tmp_path):
+def test_token_files_of_a_larger_vocabulary_are_refused(tmp_path):
+    # Evaluation takes the model as it is: a table padded by hand beyond its data's vocabulary
+    # still evaluates (training refuses it for a new run); a larger data vocabulary never fits.
     d = make_token_dir(tmp_path / "d", vocab_size=256)
-    (d / "meta.json").write_text(json.dumps({"vocab_size": 32000, "tokenizer": "sp", "dtype": "uint16"}))
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 60000, "tokenizer": "sp", "dtype": "uint16"}))
     for target in (d, d / "val.bin"):
-        with pytest.raises(DataError, match=r"32000-token vocabulary \(sp\), but model.vocab_size is 50257"):
+        with pytest.raises(DataError, match=r"60000-token vocabulary \(sp\), but model.vocab_size is 50257"):
             load_eval_tokens(target, 50257)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 256, "dtype": "uint16"}))
+    assert len(load_eval_tokens(d, 50304)[0]) == 4000
 
 
 def test_text_needs_a_gpt2_vocabulary_model(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(DataError, match="text is tokenized with GPT-2 BPE"):
-        load_eval_tokens(tmp_path / "a.txt", 50304)
+        load_eval_tokens(tmp_path / "a.txt", 256)
+    assert len(load_eval_tokens(tmp_path / "a.txt", 50304)[0]) == 1  # a table padded by hand still reads text
     (tmp_path / "a.csv").write_text("hello")
     with pytest.raises(DataError, match="expected a .txt, .jsonl or .bin file"):
         load_eval_tokens(tmp_path / "a.csv", 50257)

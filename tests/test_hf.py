@@ -166,6 +166,8 @@ def test_the_export_loads_in_transformers_with_no_download(tmp_path):
 
 def test_another_vocabulary_exports_without_tokenizer_files(tmp_path, capsys):
     save_model(GPT(CFG, seed=1), tmp_path / "run")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "vocab.json").write_text("{}")  # an earlier export's, into the same folder
     assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
     assert "without tokenizer files (its 256-token vocabulary is not GPT-2's" in capsys.readouterr().out
     assert not (tmp_path / "hf" / "vocab.json").exists()

@@ -211,3 +211,20 @@ def test_bad_model_args_are_one_line(setup, capsys):
     with pytest.raises(ConfigError, match="load=RUN_DIR"):
         from gptx.lm_eval_adapter import GptxLM
         GptxLM()
+
+
+def test_generation_stops_at_stop_strings_and_ignores_empty_ones(setup):
+    from gptx.checkpoint import load_plain_model
+    from gptx.generate import generate
+    from gptx.lm_eval_adapter import GptxLM
+    _, runs = setup
+    lm = GptxLM(load=str(runs["plain"]), batch_size="auto:4")
+    enc = gpt2_encoding()
+    model, _ = load_plain_model(runs["plain"])
+    prompt = enc.encode_ordinary("Once upon a time")
+    free = enc.decode(generate(model, prompt, 12, greedy=True)[len(prompt):])  # greedy, no stop strings
+    assert len(free) > 4
+    stop = free[2:4]  # a stop string that occurs in what the model writes
+    (text,) = lm.generate_until([SimpleNamespace(args=("Once upon a time", {"until": ["", stop], "max_gen_toks": 12}))],
+                                disable_tqdm=True)
+    assert text == free.split(stop)[0]

@@ -34,9 +34,11 @@ def test_weights_are_normalised_and_paths_relative_to_the_file(tmp_path):
     ([{"path": "a", "weight": -1}], "weight must be a positive number, got -1"),
     ([{"path": "a", "share": 1}], r"source 1 must be \{path: DIR, weight: NUMBER\}"),
     ([], "expected 'sources:'"),
+    ([{"path": "a", "weight": 1}, {"path": "b", "weight": 1e-6}], "less than 1/20000: it would never be sampled"),
 ])
 def test_bad_mixture_files_are_one_line(tmp_path, entries, needle):
     make_token_dir(tmp_path / "a")
+    make_token_dir(tmp_path / "b")
     with pytest.raises(DataError, match=needle):
         read_mixture(mixture_file(tmp_path, *entries))
 

@@ -9,7 +9,7 @@ from gptx.errors import ConfigError, DataError
 from gptx.plots import plot_runs, read_run, smooth
 
 
-def write_run(path, iters, fp16=False, resumed_from=None):
+def write_run(path, iters, fp16=False, resumed_from=None, resumed_to=None):
     path.mkdir(parents=True)
     lines = []
     for i in range(1, iters + 1):
@@ -21,7 +21,8 @@ def write_run(path, iters, fp16=False, resumed_from=None):
         if i % 10 == 0:
             lines.append({"iter": i, "val_loss": 9.5 - 0.05 * i, "val_ppl": 1.0})
     if resumed_from is not None:  # a crash after iteration `iters`, resumed from an earlier checkpoint
-        lines += [{**r, "loss": r["loss"] - 1} for r in lines if "loss" in r and r["iter"] > resumed_from]
+        lines += [{**r, "loss": r["loss"] - 1} if "loss" in r else r for r in lines
+                  if resumed_from < r["iter"] <= (resumed_to or iters)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return path
 
@@ -32,6 +33,16 @@ def test_a_resumed_runs_later_records_win_and_val_losses_sit_at_their_tokens(tmp
     assert run["train"][24]["loss"] == pytest.approx(10 - 0.05 * 25 - 1)  # the resumed trajectory's
     assert run["train"][9]["loss"] == pytest.approx(10 - 0.05 * 10)
     assert run["val"] == [(10240, pytest.approx(9.0)), (20480, pytest.approx(8.5)), (30720, pytest.approx(8.0))]
+
+
+def test_a_resume_that_has_not_caught_up_drops_the_abandoned_records(tmp_path):
+    run = read_run(write_run(tmp_path / "a", 30, resumed_from=10, resumed_to=15))
+    assert run["iters"] == list(range(1, 16))  # 16-30 belonged to the trajectory that was abandoned
+    assert run["train"][-1]["loss"] == pytest.approx(10 - 0.05 * 15 - 1)
+    assert run["val"] == [(10240, pytest.approx(9.0))]
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 16, "lo')  # a last line cut short: left out
+    assert read_run(tmp_path / "a")["iters"] == list(range(1, 16))
 
 
 def test_smoothing_is_bias_corrected():
@@ -56,7 +67,7 @@ def test_bad_runs_and_a_missing_matplotlib_are_one_line(tmp_path, capsys, monkey
     assert "no metrics.jsonl" in capsys.readouterr().err
     bad = write_run(tmp_path / "bad", 3)
     with open(bad / "metrics.jsonl", "a") as f:
-        f.write("{not json\n")
+        f.write('{not json\n{"iter": 4, "loss": 1.0, "tokens": 4096}\n')
     with pytest.raises(DataError, match="line 4: not valid JSON"):
         read_run(bad)
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -130,3 +130,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, nee
     (tmp_path / "y.csv").write_text("a,b\n")
     assert run_prepare_data([str(tmp_path / "y.csv"), "--out", str(tmp_path / "out")]) == 2
     assert "expected .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files" in capsys.readouterr().err
+
+
+def test_a_zst_file_of_several_frames_is_read_to_its_end(tmp_path, enc):
+    zstandard = pytest.importorskip("zstandard")
+    frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": d}) + "\n").encode()) for d in DOCS]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl.zst").write_bytes(b"".join(frames))  # as pzstd or cat a.zst b.zst writes
+    assert list(iter_documents([str(tmp_path / "in")])) == DOCS
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path, enc):
+    stale = tmp_path / "out" / ".prepare-abc123"
+    stale.mkdir(parents=True)
+    (stale / "all.bin").write_bytes(b"\0" * 1000)
+    write_token_files(DOCS, tmp_path / "out", enc, 0.2, workers=1)
+    assert not stale.exists()
