@@ -113,6 +113,13 @@ class TrainConfig:
     """At each evaluation, print a sample of this many new tokens from the model (0: off)."""
     sample_prompt: str = ""
     """Text the samples start from (GPT-2 BPE); empty starts from end-of-text."""
+    seq_len_warmup: str = ""
+    """GPT*'s sequence-length warmup: 'ITER:LEN,ITER:LEN,...' trains from iteration ITER (0-based) on
+    the first LEN tokens of each sample (e.g. 0:128,3750:256,7500:512); empty: always seq_len."""
+    rampup_batch_size: str = ""
+    """GPT-3's batch ramp, as Megatron's --rampup-batch-size: 'START,INCREMENT,SAMPLES' in sequences: the global
+    batch starts at START and grows by INCREMENT at even steps until, after SAMPLES samples, it is
+    the DeepSpeed JSON's train_batch_size (empty: off). The LR schedule counts optimizer steps."""
 
 
 # Presets hold model keys plus an optional "train" mapping.
@@ -365,6 +372,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.spike_factor: must be 0 (off) or above 1, got {t.spike_factor}")
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
         raise ConfigError(f"train.lr_decay_iters: must be >= 1, got {t.lr_decay_iters}")
+    if t.seq_len_warmup:
+        from gptx.schedule import SeqLenWarmup
+        SeqLenWarmup.parse(t.seq_len_warmup, m.seq_len)
+    if t.rampup_batch_size:
+        parts = t.rampup_batch_size.replace(",", " ").split()
+        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ConfigError(f"train.rampup_batch_size: expected 'START,INCREMENT,SAMPLES' (three positive integers, "
+                              f"in sequences), got {t.rampup_batch_size!r}")
     method = t.partition_method.lower()
     if not (method in ("parameters", "uniform", "compute") or (method.startswith("type:") and len(method) > 5)):
         raise ConfigError(f"train.partition_method: expected parameters, uniform, compute or type:REGEX, "

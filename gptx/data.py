@@ -263,6 +263,8 @@ class TokenWindows:
         from gptx.mixture import Blend
         self.sources = tokens if isinstance(tokens, list) else [tokens]
         self.seq_len = seq_len
+        self.length = seq_len
+        """Tokens each sample trains on: the first `length` of its window (a sequence-length warmup)."""
         self.micro_batch = micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
@@ -303,7 +305,7 @@ class TokenWindows:
         for sample in self.sample_ids(self.next_micro):
             source, window = self.locate(sample)
             start = window * self.seq_len
-            rows.append(np.asarray(self.sources[source][start:start + self.seq_len + 1], dtype=np.int64))
+            rows.append(np.asarray(self.sources[source][start:start + self.length + 1], dtype=np.int64))
         self.next_micro += 1
         batch = torch.from_numpy(np.stack(rows))  # (B, T + 1)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # inputs, labels: (B, T) each

@@ -205,12 +205,11 @@ def _ensure_loss_is_scaled(engine) -> None:
     """
     module = engine.module
     original = module.loss_fn
-    gas = engine.gradient_accumulation_steps()
     state = {"warned": engine.grid.get_data_parallel_rank() != 0}  # one note per pipeline is enough
 
     def check_grad(grad: torch.Tensor):
         scale = loss_scale(engine)
-        arrived = float(grad) * gas
+        arrived = float(grad) * engine.gradient_accumulation_steps()  # read each time: a batch ramp changes it
         if math.isclose(arrived, scale, rel_tol=1e-3):
             return None  # DeepSpeed scaled it
         if math.isclose(arrived, 1.0, rel_tol=1e-3):

@@ -5,6 +5,7 @@ happen before torch.distributed starts or any layer is built.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from gptx.flops import mfu, peak_flops
 from gptx.guards import NumericsGuard, StopSignal, known_failure
 from gptx.metrics import Metrics, console_line
 from gptx.mixture import REPEAT_WARNING, Source, as_record, check_sources, describe, resume_warning, sources_for
+from gptx.schedule import BatchRamp, SeqLenWarmup
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,13 @@ class Plan:
     resume_meta: dict | None = None
     encoding: object | None = None
     """GPT-2 BPE for training-time samples (None: print ids, or samples off)."""
+    ramp: BatchRamp | None = None
+    """The batch-size ramp (None: every step is the DeepSpeed JSON's train_batch_size)."""
+    warmup: SeqLenWarmup | None = None
+    """The sequence-length warmup (None: every step at model.seq_len)."""
+
+    def batch_at(self, consumed: int) -> int:
+        return self.ramp.size_at(consumed) if self.ramp else self.layout.global_batch
 
 
 def plan_run(cfg: Config, paths: RunPaths) -> Plan:
@@ -109,7 +118,10 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         elif cfg.train.sample_prompt:
             raise ConfigError(f"train.sample_prompt is text for GPT-2 BPE, but this model has "
                               f"{cfg.model.vocab_size} tokens; leave it empty to sample from token 0")
-    return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, encoding)
+    ramp = (BatchRamp.parse(cfg.train.rampup_batch_size, layout.global_batch, layout.micro_batch * layout.dp_size)
+            if cfg.train.rampup_batch_size else None)
+    warmup = SeqLenWarmup.parse(cfg.train.seq_len_warmup, cfg.model.seq_len) if cfg.train.seq_len_warmup else None
+    return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, encoding, ramp, warmup)
 
 
 def _set_threads(accelerator: str) -> int:
@@ -147,7 +159,9 @@ def evaluate(engine, val_splits: list, plan: Plan, dp_rank: int) -> tuple[float,
     for tokens in val_splits:
         windows = TokenWindows(tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size, shuffle=False)
         # Every micro-batch holds the same number of tokens, so the mean of means is token-weighted.
-        losses = [float(engine.eval_batch(windows)) for _ in range(cfg.train.eval_iters)]
+        # The JSON's micro-batches per evaluation batch, whatever the ramp has the engine train with.
+        losses = [float(engine.eval_batch(windows, num_micro_batches=layout.grad_accum))
+                  for _ in range(cfg.train.eval_iters)]
         per_source.append(sum(losses) / len(losses))
     return sum(s.weight * loss for s, loss in zip(plan.sources, per_source)), per_source
 
@@ -183,8 +197,8 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
     return enc.decode(ids) if enc else " ".join(map(str, ids))
 
 
-def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int]:
-    """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed)."""
+def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int, int]:
+    """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed, tokens trained on)."""
     t = plan.cfg.train
     saved_pp = plan.resume_meta.get("pipe_parallel_size")
     if plan.resume_meta.get("weights_only"):
@@ -202,9 +216,9 @@ def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int]:
             f"weights, iteration, data position and LR schedule carry over exactly; the optimizer's "
             f"moments (per-stage state) restart from zero")
     iteration, consumed = state["iteration"], state["consumed_samples"]
-    log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, "
-        f"{consumed * plan.cfg.model.seq_len:,} tokens seen")
-    return iteration, consumed
+    tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
+    log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, {tokens:,} tokens seen")
+    return iteration, consumed, tokens
 
 
 def pretrain(cfg: Config, paths: RunPaths) -> Path:
@@ -240,7 +254,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    iteration, consumed = resume(engine, plan, paths) if plan.resume_tag else (0, 0)
+    iteration, consumed, tokens = resume(engine, plan, paths) if plan.resume_tag else (0, 0, 0)
     first_iteration = iteration
 
     stage_params = stage_param_counts(model)
@@ -251,7 +265,9 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     for s, n in enumerate(stage_params):
         log(f"  stage {s}: layers {parts[s]}-{parts[s + 1] - 1}, {n:,} parameters")
     log(f"batch: {layout.micro_batch} x {layout.grad_accum} micro-batches x {layout.dp_size} = "
-        f"{layout.global_batch} sequences of {cfg.model.seq_len} tokens; data {plan.data}")
+        f"{layout.global_batch} sequences of {cfg.model.seq_len} tokens"
+        + (f", ramped up from {plan.ramp.start} over {plan.ramp.samples:,} samples" if plan.ramp else "")
+        + f"; data {plan.data}")
 
     train_splits = [open_tokens(s.path, "train") for s in plan.sources]
     val_splits = [open_tokens(s.path, "val") for s in plan.sources]
@@ -264,7 +280,8 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             f"epoch; {unused} token(s) at the end of train.bin fill no window and are not used; resuming at sample "
             f"{consumed:,} (epoch {consumed // windows.n_windows})")
     else:
-        mixture = describe(plan.sources, cfg.model.seq_len, t.train_iters * layout.global_batch)
+        run_samples = plan.ramp.samples_over(t.train_iters) if plan.ramp else t.train_iters * layout.global_batch
+        mixture = describe(plan.sources, cfg.model.seq_len, run_samples)
         metrics.write({"iter": iteration, "data": {"sources": mixture}})
         log(f"data: a mixture of {len(mixture)} sources, shares of the training samples; resuming at sample "
             f"{consumed:,}")
@@ -272,7 +289,6 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             repeat = f"  (warning: repeats {m['epochs']:.1f} times)" if m["epochs"] > REPEAT_WARNING else ""
             log(f"  {m['path']}: {m['windows']:,} windows, share {m['weight']:.3f}, {m['epochs']:.2f} epochs over "
                 f"the run{repeat}")
-    tokens_per_iter = layout.global_batch * cfg.model.seq_len
     peak = peak_flops(plan.accelerator, precision(plan.ds_config))
     start_time = time.time()
     saved_at = None
@@ -287,7 +303,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     def save(iteration: int) -> None:
         nonlocal saved_at
         progress = {"iteration": iteration, "consumed_samples": consumed,
-                    "tokens": consumed * cfg.model.seq_len, "lr_steps": engine.lr_scheduler.steps,
+                    "tokens": tokens, "lr_steps": engine.lr_scheduler.steps,
                     "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size}
         folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
         saved_at = iteration
@@ -298,22 +314,37 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             for old in checkpoint.prune(run_dir, t.keep_checkpoints):
                 log(f"iter {iteration:6d} | removed old checkpoint {old.name}")
 
+    shape = cfg.model.seq_len  # the sequence length the pipeline's buffers were last used with
     try:
         while iteration < t.train_iters:
             lr = engine.get_lr()[0]
+            batch = plan.batch_at(consumed)
+            if batch != engine.train_batch_size():  # every rank: same samples consumed, same answer
+                engine.set_train_batch_size(batch)
+                if plan.ramp:
+                    log(f"iter {iteration + 1:6d} | batch size {batch} sequences "
+                        f"({batch // (layout.micro_batch * layout.dp_size)} micro-batches)")
+            length = plan.warmup.length_at(iteration) if plan.warmup else cfg.model.seq_len
+            if length != windows.length:
+                windows.length = length
+                log(f"iter {iteration + 1:6d} | sequence length {length}")
+            if length != shape:  # every rank: the pipeline's buffers hold the last shape it ran
+                engine.reset_activation_shape()
+                shape = length
             t0 = time.perf_counter()
             loss = float(engine.train_batch(windows))
             dt = time.perf_counter() - t0
             iteration += 1
-            consumed += layout.global_batch
+            consumed += batch
+            tokens += batch * length
             first_loss = loss if first_loss is None else first_loss
             grad_norm = engine.get_global_grad_norm()
-            tps = tokens_per_iter / dt
+            tps = batch * length / dt
             record = {"iter": iteration, "loss": loss, "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "loss_scale": loss_scale(engine), "skipped_steps": engine.skipped_steps,
-                      "tokens": consumed * cfg.model.seq_len, "tokens_per_sec": tps,
-                      "mfu": mfu(tps, cfg.model, peak, dist.get_world_size()),
+                      "loss_scale": loss_scale(engine), "skipped_steps": engine.skipped_steps, "batch_size": batch,
+                      "tokens": tokens, "tokens_per_sec": tps, "seq_len": length,
+                      "mfu": mfu(tps, dataclasses.replace(cfg.model, seq_len=length), peak, dist.get_world_size()),
                       "elapsed": time.time() - start_time}
             metrics.write(record)
             if iteration % t.log_interval == 0 or iteration == 1:
@@ -333,6 +364,9 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             last = iteration == t.train_iters
             exiting = bool(t.exit_interval) and iteration % t.exit_interval == 0
             if t.eval_interval and (iteration % t.eval_interval == 0 or last):
+                if shape != cfg.model.seq_len:  # evaluation is at the full length
+                    engine.reset_activation_shape()
+                    shape = cfg.model.seq_len
                 val_loss, per_source = evaluate(engine, val_splits, plan, dp_rank)
                 record = {"iter": iteration, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))}
                 each = ""

@@ -187,3 +187,48 @@ def test_evaluate_prints_a_context_length_table(work, one_stage_run, capsys):
     assert "--seq-len '16,x': expected an integer or comma-separated integers" in capsys.readouterr().err
     assert run_evaluate(base + ["--seq-len", "16,32", "--batch-size", "0"]) == 2  # an error, not a table row
     assert "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_batch_ramp_trains_through_its_changes_and_resumes_exactly_inside_it(dist_world1, work, capsys):
+    # A JSON batch of 2 x 4 micro-batches = 8 sequences; the ramp starts at 4 (2 micro-batches) and
+    # adds 2 at even steps over the first 24 samples: 4, 4, 4, 6, 6, 8, 8 sequences.
+    ds = write_ds_config(work[0] / "ramp.json", micro=2, accum=4)
+    ramp = ["--rampup-batch-size", "4,2,24", "--eval-interval", "0", "--deepspeed_config", str(ds)]
+    full = work[0] / "ramp_full"
+    assert run_pretrain(args(work, full, 1, 7, *ramp)) == 0
+    out = capsys.readouterr().out
+    assert "ramped up from 4 over 24 samples" in out and "iter      4 | batch size 6 sequences (3 micro-batches)" in out
+    records = [r for r in read_metrics(full) if "loss" in r]
+    assert [r["batch_size"] for r in records] == [4, 4, 4, 6, 6, 8, 8]
+    assert [r["tokens"] for r in records] == [32 * n for n in (4, 8, 12, 18, 24, 32, 40)]
+    # Stopped after iteration 4 (inside the ramp) and resumed: the same samples, the same losses.
+    part = work[0] / "ramp_part"
+    assert run_pretrain(args(work, part, 1, 7, *ramp, "--exit-interval", "4")) == 0
+    assert run_pretrain(args(work, part, 1, 7, *ramp, "--load", str(part))) == 0
+    assert train_losses(part) == train_losses(full)
+
+
+def test_a_sequence_length_warmup_trains_on_the_samples_first_tokens_and_resumes_exactly_inside_it(
+        dist_world1, work, capsys):
+    warmup = ["--seq-len-warmup", "0:8,3:16,5:32", "--eval-interval", "4"]
+    full = work[0] / "warmup_full"
+    assert run_pretrain(args(work, full, 1, 6, *warmup)) == 0
+    out = capsys.readouterr().out
+    assert "iter      4 | sequence length 16" in out and "iter      6 | sequence length 32" in out
+    records = [r for r in read_metrics(full) if "loss" in r]
+    assert [r["seq_len"] for r in records] == [8, 8, 8, 16, 16, 32]
+    assert [r["tokens"] for r in records] == [4 * n for n in (8, 16, 24, 40, 56, 88)]  # 4 sequences per step
+    assert [r["iter"] for r in read_metrics(full) if "val_loss" in r] == [4, 6]  # at the full length
+    # The samples are the windows a run without warmup trains on, cut short.
+    from gptx.data import TokenWindows
+    tokens = open_tokens(work[1], "train")
+    full_rows, short = next(TokenWindows(tokens, 32, 2, seed=7)), TokenWindows(tokens, 32, 2, seed=7)
+    short.length = 8
+    x, y = next(short)
+    assert x.equal(full_rows[0][:, :8]) and y.equal(full_rows[1][:, :8])
+    # Stopped inside the warmup (after iteration 4) and resumed: the same losses, the same tokens.
+    part = work[0] / "warmup_part"
+    assert run_pretrain(args(work, part, 1, 6, *warmup, "--exit-interval", "4")) == 0
+    assert run_pretrain(args(work, part, 1, 6, *warmup, "--load", str(part))) == 0
+    resumed = [r for r in read_metrics(part) if "loss" in r]
+    assert train_losses(part) == train_losses(full) and resumed[-1]["tokens"] == records[-1]["tokens"]

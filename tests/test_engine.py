@@ -207,6 +207,19 @@ def fp16_run(setup, save, name, iters, *extra, **scaling):
                                       *extra))
 
 
+def test_fp16_without_zero_scales_the_loss_through_a_batch_ramp(setup):
+    """The loss-scaling check (defect 2) reads the accumulation steps at every step: with the
+    count fixed at build time, the ramp's first larger step would look neither scaled nor not."""
+    tmp = setup[2]
+    full = tmp / "fp16-ramp"
+    ds = write_ds(tmp, "fp16-ramp-ds", precision_ds("fp16-zero0-torch", micro=2, accum=4))
+    assert run_pretrain(pretrain_args(setup[3], tmp / "model.yaml", ds, full, 1, 5, "--eval-interval", "0",
+                                      "--rampup-batch-size", "4,4,8")) == 0
+    records = [r for r in read_metrics(full) if "loss" in r]
+    assert [r["batch_size"] for r in records] == [4, 4, 8, 8, 8]
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
 @pytest.mark.parametrize("name", ["fp16-zero0-torch", "fp16-zero1-torch"])
 def test_fp16_resume_is_exact_with_the_loss_scale_and_skips_restored(setup, name):
     tmp = setup[2]

@@ -123,6 +123,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_w
 # --- the real launcher ---------------------------------------------------------------------------
 
 ITERS = 12
+# Every launcher run below also goes through a sequence-length warmup (16 tokens, then 32 from
+# iteration 7) and a batch ramp (2 sequences, 4 from sample 16, iteration 9): the resumes land
+# inside both, on 2 stages, where the warmup needs the pipeline's buffers reset.
+CURRICULUM = ("--seq-len-warmup", "0:16,6:32", "--rampup-batch-size", "2,2,16")
 
 
 def popen(work, run_args, env=None):
@@ -152,13 +156,14 @@ def rank_pid(proc, local_rank: int) -> int:
 @pytest.fixture(scope="module")
 def full_run(work):
     run = work[0] / "full"
-    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2"), cwd=work[0])
+    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM), cwd=work[0])
     assert result.returncode == 0, result.stdout[-3000:]
+    assert "iter      7 | sequence length 32" in result.stdout and "iter      9 | batch size 4 sequences" in result.stdout
     return train_losses(run)
 
 
 def resume_and_compare(work, run, full_losses, expect_from: int):
-    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2", "--load", str(run)), cwd=work[0])
+    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, "--load", str(run)), cwd=work[0])
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"iter_{expect_from:07d}: iteration {expect_from}" in result.stdout
     # The losses of the resumed iterations equal the uninterrupted run's.
@@ -168,7 +173,7 @@ def resume_and_compare(work, run, full_losses, expect_from: int):
 
 def faulted_run(work, run, env=None, until=None, fault=None, extra=()) -> tuple[int, str]:
     """A 2-stage run under the real launcher; `fault(proc)` once a line containing `until` is out."""
-    proc, port = popen(work, args(work, run, 2, ITERS, "--save-interval", "2", *extra), env)
+    proc, port = popen(work, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, *extra), env)
     try:
         out = read_until(proc, until) if until else ""
         if fault:
