@@ -1,4 +1,5 @@
 """Architecture variants: causality, ALiBi slopes, long contexts, top-k, ReZero, and stage parity."""
+import json
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from gptx.errors import ConfigError
 from gptx.layers import Block, CausalSelfAttention, alibi_slopes
 from gptx.model import GPT
 from gptx.variants import VARIANTS as BASE_VARIANTS
-from tests.conftest import launch, make_token_dir, train_losses, write_ds_config, write_model_yaml
+from tests.conftest import MICRO_MODEL, launch, make_token_dir, precision_ds
 
 VARIANTS = {name: keys for name, keys in BASE_VARIANTS.items() if keys}  # every key, alone
 VARIANTS.update(gptx1b_like=dict(norm="rezero", attention_topk=4, tie_embeddings=False),
@@ -110,29 +111,29 @@ def test_presets():
 ITERS = 4
 
 
+def variant_config(name: str, pipe: int):
+    return load_config(None, dict(MICRO_MODEL, **VARIANTS[name], lr=3e-3, warmup_iters=1, train_iters=ITERS,
+                                  pipe_parallel_size=pipe, partition_method="uniform"))
+
+
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def two_stage_losses(tmp_path_factory):
+    """Every variant on 2 stages under the real launcher, in one launch (tests/variants_matrix.py)."""
     tmp = tmp_path_factory.mktemp("variants")
-    return tmp, make_token_dir(tmp / "data")
-
-
-def _args(tmp, data, name, model, pipe):
-    ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
-    return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(tmp / name),
-            "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS), "--eval-interval", "0",
-            "--lr", "3e-3", "--warmup-iters", "1", "--partition-method", "uniform"]
+    data = make_token_dir(tmp / "data")
+    result = launch(2, [str(data), str(tmp / "losses.json")], cwd=tmp, script="tests/variants_matrix.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return data, json.loads((tmp / "losses.json").read_text())
 
 
 @pytest.mark.launcher
 @pytest.mark.parametrize("name", VARIANTS)
-def test_two_stages_match_one_stage_and_loss_falls(dist_world1, work, name):
-    from gptx.cli import run_pretrain
-    tmp, data = work
-    model = write_model_yaml(tmp / f"{name}.yaml", **VARIANTS[name])
-    assert run_pretrain(_args(tmp, data, f"{name}_1", model, 1)) == 0  # in this process, one stage
-    result = launch(2, _args(tmp, data, f"{name}_2", model, 2), cwd=tmp)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, two = train_losses(tmp / f"{name}_1"), train_losses(tmp / f"{name}_2")
-    assert one.keys() == two.keys() == set(range(1, ITERS + 1))
-    assert max(abs(one[k] - two[k]) for k in one) < 1e-5
-    assert two[ITERS] < two[1]
+def test_two_stages_match_one_stage_and_loss_falls(dist_world1, two_stage_losses, name):
+    from gptx.data import open_tokens
+    from gptx.precision_check import train_trace
+    data, two_stages = two_stage_losses
+    one = train_trace(variant_config(name, pipe=1), precision_ds("fp32"), open_tokens(data, "train"), ITERS).losses
+    two = two_stages[name]
+    assert len(one) == len(two) == ITERS
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    assert two[-1] < two[0]

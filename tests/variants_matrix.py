@@ -1,0 +1,38 @@
+"""Run under the real launcher by tests/test_variants.py: every architecture variant trained on 2
+pipeline stages, one after another in one process group (one launch instead of one per variant);
+writes each variant's losses as JSON.
+
+    deepspeed --num_gpus 2 tests/variants_matrix.py DATA_DIR OUT.json
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from gptx.data import open_tokens  # noqa: E402
+from gptx.engine import release_shared_memory  # noqa: E402
+from gptx.precision_check import train_trace  # noqa: E402
+from tests.conftest import precision_ds  # noqa: E402
+from tests.test_variants import ITERS, VARIANTS, variant_config  # noqa: E402
+
+
+def main(data: str, out: str) -> None:
+    from deepspeed.utils.logging import set_log_level_from_string
+    set_log_level_from_string("warning")
+    deepspeed.init_distributed(verbose=False)
+    tokens = open_tokens(data, "train")
+    losses = {name: train_trace(variant_config(name, pipe=2), precision_ds("fp32"), tokens, ITERS).losses
+              for name in VARIANTS}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(losses))
+    dist.barrier()
+    dist.destroy_process_group()
+    release_shared_memory()
+
+
+if __name__ == "__main__":
+    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
