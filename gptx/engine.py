@@ -26,6 +26,12 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    silently incorrect behavior". The gradients are right (tests/test_engine.py shows it);
    gptx runs those broadcasts under no_grad, which keeps the warning off the console
    (`_tied_weight_sync_without_autograd`; tests/test_train.py: a 2-stage run's output).
+8. The JIT op builder (FusedAdam, the GPU default for "AdamW") cannot parse architecture
+   suffixes in TORCH_CUDA_ARCH_LIST ("9.0a", torch's name for sm_90a, as set in the H100
+   image gptx was checked on) and fails with "invalid literal for int() with base 10:
+   '0a'". While the engine is built, gptx hands it the list without suffixes; its ops use
+   no architecture-specific instructions (`_arch_list_deepspeed_can_parse`;
+   tests/test_engine.py).
 
 DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
 (`allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.
@@ -89,8 +95,9 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
             model = build_pipeline(cfg)
         _tied_weight_sync_without_autograd(model)
         schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
-                                               config=ds_config, lr_scheduler=schedule)
+        with _arch_list_deepspeed_can_parse():
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                                   config=ds_config, lr_scheduler=schedule)
     if engine.fp16_enabled():
         _ensure_loss_is_scaled(engine)
         _undo_construction_step(engine)
@@ -114,6 +121,30 @@ def _tied_weight_sync_without_autograd(module) -> None:
         with torch.no_grad():
             sync()
     module._synchronize_tied_weights = sync_without_autograd
+
+
+ARCH_LIST_ENV = "TORCH_CUDA_ARCH_LIST"
+
+
+@contextlib.contextmanager
+def _arch_list_deepspeed_can_parse():
+    """Defect 8: TORCH_CUDA_ARCH_LIST without the "a"/"f" family suffixes ("9.0a" -> "9.0")
+    while DeepSpeed JIT-builds its ops; the user's value is back afterwards."""
+    before = os.environ.get(ARCH_LIST_ENV)
+    if before is None:
+        yield
+        return
+    entries = before.replace(";", " ").split()
+    os.environ[ARCH_LIST_ENV] = ";".join(_without_family_suffix(e) for e in entries)
+    try:
+        yield
+    finally:
+        os.environ[ARCH_LIST_ENV] = before
+
+
+def _without_family_suffix(arch: str) -> str:
+    number, plus, ptx = arch.partition("+")
+    return number.rstrip("af") + plus + ptx
 
 
 @contextlib.contextmanager

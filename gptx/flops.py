@@ -9,12 +9,24 @@ from gptx.config import ModelConfig
 
 # Dense peaks in FLOP/s (vendor datasheets): 16-bit tensor cores, and plain fp32 (PyTorch
 # leaves TF32 off for matmuls by default).
+# Dense datasheet peaks. "tf32" applies to fp32 matmuls when torch lets them use TF32
+# (torch.backends.cuda.matmul.allow_tf32); V100 has no TF32.
 GPU_PEAKS = {
-    "H200": {"16bit": 989e12, "fp32": 67e12},
-    "H100": {"16bit": 989e12, "fp32": 67e12},  # SXM; PCIe cards are lower, so MFU reads low there
-    "A100": {"16bit": 312e12, "fp32": 19.5e12},
+    "H200": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},
+    "H100": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # SXM; PCIe cards are lower, so MFU reads low there
+    "A100": {"16bit": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "V100": {"16bit": 125e12, "fp32": 15.7e12},
 }
+
+
+def gpu_peak(device_name: str, precision: str, tf32: bool) -> float | None:
+    """The datasheet peak for a GPU of this name: 16-bit, TF32 for fp32 with TF32 on, else fp32."""
+    for key, peaks in GPU_PEAKS.items():
+        if key in device_name:
+            if precision != "fp32":
+                return peaks["16bit"]
+            return peaks.get("tf32", peaks["fp32"]) if tf32 else peaks["fp32"]
+    return None
 
 
 def layer_flops_per_token(spec, cfg: ModelConfig) -> float:
@@ -59,11 +71,7 @@ def mfu(tokens_per_sec: float, cfg: ModelConfig, peak_per_device: float | None, 
 def peak_flops(device: str, precision: str) -> float | None:
     """Peak FLOP/s of one device: a datasheet table for GPUs, a short measurement for CPUs."""
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, peaks in GPU_PEAKS.items():
-            if key in name:
-                return peaks["fp32" if precision == "fp32" else "16bit"]
-        return None
+        return gpu_peak(torch.cuda.get_device_name(), precision, torch.backends.cuda.matmul.allow_tf32)
     return measured_cpu_matmul_flops()
 
 

@@ -54,3 +54,13 @@ def test_two_stage_breakdown_shows_the_pipeline(files):
     assert r["theoretical_bubble"] == pytest.approx(1 / (4 + 1))  # (p - 1) / (m + p - 1)
     for stage in r["stages"]:
         assert stage["seconds"]["send/recv"] > 0 and stage["seconds"]["forward"] > 0
+
+
+def test_mfu_of_fp32_on_a_gpu_uses_the_tf32_peak_when_tf32_is_on():
+    # On an H100, gpu_check's TF32 run reported an MFU of 149% against the plain-fp32 peak.
+    from gptx.flops import gpu_peak
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494.7e12
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67e12
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16", tf32=True) == 989e12
+    assert gpu_peak("Tesla V100-SXM2-16GB", "fp32", tf32=True) == 15.7e12  # no TF32 on Volta
+    assert gpu_peak("an unknown card", "fp32", tf32=True) is None

@@ -361,3 +361,17 @@ def test_gpu_check_refuses_fp16_on_cpu_without_the_switch(dist_world1, monkeypat
     assert run_gpu_check(["--model", "tiny", "--iters", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fp16 is not supported by DeepSpeed's CPU accelerator" in err[0]
+
+
+def test_deepspeed_jit_builds_parse_an_arch_list_with_a_family_suffix(monkeypatch):
+    """Defect 8, on CPU: DeepSpeed's JIT builder fails on "9.0a"; under gptx's context it does not."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
+    with engine_module._arch_list_deepspeed_can_parse():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+        builder.compute_capability_args()  # raises ValueError where the workaround is missing
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a 10.0f+PTX"
+    with pytest.raises(ValueError, match="0a"):  # the defect is still there: the workaround is needed
+        builder.compute_capability_args()
