@@ -92,6 +92,7 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
         (folder / MANIFEST).unlink(missing_ok=True)
     dist.barrier()
     save_checkpoint(engine, run_dir, tag, dict(progress))
+    _write_layer_files_without_pipeline(engine, folder)
     buf = _torch_bytes(_rng_state())
     atomic_write(folder / f"rng_rank_{rank:05d}.pt", buf)
     if rank == 0:
@@ -105,6 +106,18 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
         atomic_write(run_dir / LATEST, tag.encode())
     dist.barrier()
     return folder
+
+
+def _write_layer_files_without_pipeline(engine, folder: Path) -> None:
+    """Collective. The pipeline engine writes one file per layer; DeepSpeed's plain engine writes
+    one state dict (and under ZeRO-3 only shards), so gptx writes the same layer files itself."""
+    from gptx.sequential import DataParallelEngine, layer_states
+    if not isinstance(engine, DataParallelEngine):
+        return
+    states = layer_states(engine)
+    if states is not None:
+        for idx, state in states.items():
+            atomic_write(layer_file(folder, idx), _torch_bytes(state))
 
 
 def _write_manifest(folder: Path) -> None:
@@ -320,7 +333,11 @@ def load_weights_only(engine, load_dir: str | Path, tag: str) -> None:
     Layer files are per position in the LayerSpec list, so any stage count reads them. The
     optimizer's own state is per stage and does not carry over: Adam's moments restart.
     """
+    from gptx.sequential import DataParallelEngine, load_layer_states
     folder = Path(load_dir) / tag
+    if isinstance(engine, DataParallelEngine):
+        load_layer_states(engine, lambda idx: _read_layer_file(folder, idx))
+        return
     module = engine.module
     for local, layer in enumerate(module.forward_funcs):
         if not hasattr(layer, "load_state_dict"):
@@ -335,6 +352,13 @@ def load_weights_only(engine, load_dir: str | Path, tag: str) -> None:
         engine.optimizer.refresh_fp32_params()
     elif hasattr(engine.optimizer, "_restore_from_bit16_weights"):
         engine.optimizer._restore_from_bit16_weights()
+
+
+def _read_layer_file(folder: Path, idx: int) -> dict:
+    file = layer_file(folder, idx)
+    if not file.exists():
+        raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def load(engine, load_dir: str | Path, tag: str) -> dict:
@@ -483,6 +507,9 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict
     if not (ds.get("fp16", {}).get("enabled") or ds.get("bf16", {}).get("enabled")):
         return None
     pp, dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
+    if pp == 0 and dp:  # no pipeline: DeepSpeed's own consolidation reads its ZeRO shards
+        from gptx.sequential import fp32_master_layers
+        return fp32_master_layers(folder)
     if not pp or not dp:
         raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only): no master weights")
     specs = layer_specs(cfg.model, cfg.train.seed)

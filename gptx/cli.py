@@ -149,7 +149,42 @@ def partition_report_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed JSON for precision, batch and ZeRO (default: ds_configs/gpu_fp16.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    fit = p.add_argument_group("what fits (--fit): every layout on a cluster, those that fit first, fastest first")
+    fit.add_argument("--fit", action="store_true", help="list the layouts that fit instead of reporting one")
+    fit.add_argument("--gpus", type=int, default=8, help="GPUs in all (default 8)")
+    fit.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    fit.add_argument("--host-memory", type=float, default=1024.0, help="GiB of host memory per node (default 1024)")
+    fit.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    fit.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per micro-batch "
+                                                                     "(default: the JSON's)")
+    fit.add_argument("--accum", type=int, default=None,
+                     help="micro-batches per step without a pipeline (a pipeline of p stages runs p times as "
+                          "many on p times fewer replicas; default: the JSON's)")
+    fit.add_argument("--top", type=int, default=12, help="rows to print (default 12)")
     return p
+
+
+def _run_fit(args, cfg, ds: dict) -> str:
+    import json
+
+    from gptx.planner import Cluster, command_for, plan_layouts, render_plan
+    for name in ("gpus", "gpus_per_node", "top"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("gpu_memory", "host_memory"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number of GiB, got {getattr(args, name)}")
+    micro = args.micro_batch or ds.get("train_micro_batch_size_per_gpu", 1)
+    accum = args.accum or ds.get("gradient_accumulation_steps", 1)
+    if micro < 1 or accum < 1:
+        raise ConfigError("--micro-batch and --accum: must be >= 1")
+    cluster = Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, host_memory_gib=args.host_memory,
+                      gpus_per_node=args.gpus_per_node)
+    rows = plan_layouts(cfg, cluster, ds, micro, accum)
+    if not args.json:
+        return render_plan(args.model or cfg.name, rows, cluster, args.top)
+    return json.dumps([{**{k: v for k, v in r.items() if k != "layout"}, "layout": r["layout"].__dict__,
+                        "command": command_for(args.model or cfg.name, r, cluster)} for r in rows], indent=2)
 
 
 def run_partition_report(argv: list[str] | None = None) -> int:
@@ -169,6 +204,9 @@ def run_partition_report(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--data-parallel-size: must be >= 1, got {args.data_parallel_size}")
         ds_path = args.deepspeed_config or str(default_ds_config_path("cuda"))
         ds = read_ds_config(ds_path)
+        if args.fit:
+            print(_run_fit(args, cfg, ds))
+            return
         layout = check_ds_config(ds, args.data_parallel_size, cfg.train.pipe_parallel_size, "cuda", ds_path)
         report = partition_report(cfg, cfg.train.pipe_parallel_size, cfg.train.partition_method, ds, layout)
         print(json.dumps(report, indent=2) if args.json else render_text(report))
@@ -426,6 +464,9 @@ def _tool_config(args, flags: tuple[str, ...]):
     overrides = _overrides(args, flags)
     overrides.setdefault("pipe_parallel_size", world)
     cfg = load_config(args.model, overrides)
+    if cfg.train.pipe_parallel_size == 0:
+        raise ConfigError("--pipe-parallel-size 0: this tool measures the pipeline engine; give it 1 or more "
+                          "stages (the no-pipeline mode trains through launch/pretrain.py)")
     if world % cfg.train.pipe_parallel_size:
         raise ConfigError(f"--pipe-parallel-size {cfg.train.pipe_parallel_size} does not divide the {world} "
                           f"processes launched")

@@ -90,7 +90,9 @@ class TrainConfig:
     seed: int = 1234
     """Seeds layer initialization (per layer index), data order and dropout."""
     pipe_parallel_size: int = 2
-    """Pipeline stages; the data-parallel size is world size / this."""
+    """Pipeline stages; the data-parallel size is world size / this. 0: no pipeline, the
+    whole model as one module under DeepSpeed's plain engine, data parallel over every
+    rank (the mode for ZeRO-2 and ZeRO-3)."""
     partition_method: str = "parameters"
     """How layers are split over stages: DeepSpeed's parameters, uniform or type:REGEX, or
     compute (balances estimated FLOPs per layer: the head weighs more, embeddings nothing)."""
@@ -360,10 +362,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr: must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
     for key in ("warmup_iters", "eval_interval", "save_interval", "exit_interval", "seed",
                 "activation_checkpoint_interval", "sample_tokens", "keep_checkpoints",
-                "max_skipped_at_min_scale"):
+                "max_skipped_at_min_scale", "pipe_parallel_size"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-    for key in ("eval_iters", "log_interval", "pipe_parallel_size"):
+    for key in ("eval_iters", "log_interval"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
     if t.dist_timeout < 1:

@@ -86,13 +86,16 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
     mb = mb or 1
     gas = gas or 1
 
-    zero = cfg.get("zero_optimization", {}) or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    if stage not in (0, 1):
-        # One stage is still DeepSpeed's pipeline engine, which refuses ZeRO-2/3 with a traceback.
-        raise ConfigError(f"{path}: zero_optimization.stage {stage} cannot be combined with pipeline parallelism "
-                          f"(gptx always trains through DeepSpeed's pipeline engine, also with "
-                          f"--pipe-parallel-size {pipe_size}); use stage 0 or 1")
+    stage = zero_stage(cfg)
+    zero = cfg.get("zero_optimization") or {}
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage in (2, 3) and pipe_size > 0:
+        # DeepSpeed's pipeline engine refuses them (with a traceback), also for one stage.
+        raise ConfigError(f"{path}: zero_optimization.stage {stage} does not work with pipeline parallelism "
+                          f"(DeepSpeed's pipeline engine takes ZeRO 0 and 1); add --pipe-parallel-size 0 to train "
+                          f"the model as one module, data parallel over every rank")
+    _check_offload(cfg, zero, stage, pipe_size, path)
     fp16 = (cfg.get("fp16") or {}).get("enabled", False)
     bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
     if fp16 and bf16:
@@ -104,7 +107,12 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
     if fp16 and (cfg["fp16"].get("loss_scale", 0) or 0) == 0 and cfg["fp16"].get("initial_scale_power", 16) > 24:
         raise ConfigError(f"{path}: fp16.initial_scale_power {cfg['fp16']['initial_scale_power']} starts the loss "
                           f"scale so high that the first steps are all skipped; use 16 or less")
-    if bf16 and (stage != 1 or (cfg.get("data_types") or {}).get("grad_accum_dtype") != "fp32"):
+    if fp16 and pipe_size == 0 and stage == 0:
+        raise ConfigError(f"{path}: fp16 with --pipe-parallel-size 0 needs zero_optimization.stage 1, 2 or 3 "
+                          f"(DeepSpeed's fp16 optimizers without ZeRO are only corrected for the pipeline)")
+    if bf16 and pipe_size == 0 and stage == 0:
+        raise ConfigError(f"{path}: bf16 with --pipe-parallel-size 0 needs zero_optimization.stage 1, 2 or 3")
+    if bf16 and pipe_size > 0 and (stage != 1 or (cfg.get("data_types") or {}).get("grad_accum_dtype") != "fp32"):
         # Under the pipeline engine DeepSpeed 0.19 picks its BF16 optimizer either way, but only
         # this combination writes optimizer checkpoints it can read back.
         raise ConfigError(f"{path}: bf16 needs \"zero_optimization\": {{\"stage\": 1}} and "
@@ -120,6 +128,44 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
         raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
                           f"--pipe-parallel-size and --partition-method instead")
     return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
+
+
+def zero_stage(cfg: dict) -> int:
+    zero = cfg.get("zero_optimization") or {}
+    return zero.get("stage", 0) if isinstance(zero, dict) else 0
+
+
+def offload_devices(cfg: dict) -> tuple[str, str]:
+    """(optimizer, parameters) offload devices: "none", "cpu" or "nvme"."""
+    zero = cfg.get("zero_optimization") or {}
+    return tuple(((zero.get(key) or {}).get("device") or "none") for key in ("offload_optimizer", "offload_param"))
+
+
+def _check_offload(cfg: dict, zero: dict, stage: int, pipe_size: int, path) -> None:
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{path}: zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}")
+    optimizer, params = offload_devices(cfg)
+    for key, device in (("offload_optimizer", optimizer), ("offload_param", params)):
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.device must be cpu, nvme or none, got {device!r}")
+    if optimizer != "none" and stage == 0:
+        raise ConfigError(f"{path}: zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    if optimizer == "nvme" and stage != 3:
+        raise ConfigError(f"{path}: offload_optimizer to nvme needs ZeRO stage 3 (DeepSpeed's ZeRO-Infinity), "
+                          f"so --pipe-parallel-size 0; with stage {stage} offload to cpu")
+    if params != "none" and stage != 3:
+        raise ConfigError(f"{path}: zero_optimization.offload_param needs ZeRO stage 3 (--pipe-parallel-size 0); "
+                          f"with stage {stage} offload only the optimizer (offload_optimizer)")
+    for key, device in (("offload_optimizer", optimizer), ("offload_param", params)):
+        if device == "nvme" and not (zero.get(key) or {}).get("nvme_path"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.nvme_path: name a directory on the NVMe drive")
+    opt_params = (cfg.get("optimizer") or {}).get("params") or {}
+    if optimizer != "none" and (opt_params.get("torch_adam") or "fused" in opt_params):
+        # DeepSpeed would run torch's AdamW on the host copies instead of its vectorized CPU Adam.
+        raise ConfigError(f"{path}: remove optimizer.params.torch_adam (and fused) with offload_optimizer: DeepSpeed "
+                          f"then steps the host copies with its own DeepSpeedCPUAdam (see ds_configs/cpu_offload.json)")
 
 
 def precision(cfg: dict) -> str:

@@ -80,16 +80,21 @@ def allow_cpu_fp16() -> None:
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
     """Weight decay on matrices and embeddings only, not on biases and norm gains."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    def is_matrix(p):  # ZeRO-3 leaves an empty shard in p; ds_shape is the parameter's own shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+    decay = [p for p in module.parameters() if p.requires_grad and is_matrix(p)]
+    no_decay = [p for p in module.parameters() if p.requires_grad and not is_matrix(p)]
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = False):
-    """This rank's stage of the pipeline inside DeepSpeed's engine, with gptx's LR schedule."""
+    """This rank's stage of the pipeline inside DeepSpeed's engine, with gptx's LR schedule;
+    with pipe_parallel_size 0, the whole model in DeepSpeed's plain engine (gptx/sequential.py)."""
     import deepspeed
     from gptx.pipeline import build_pipeline
     allow_cpu_fp16()
+    if cfg.train.pipe_parallel_size == 0:
+        return _build_data_parallel_engine(cfg, ds_config, show_deepspeed_prints)
     with deepspeed_prints(show_deepspeed_prints):
         with torch.no_grad():  # defect 7: PipelineModule's constructor broadcasts the tied weights
             model = build_pipeline(cfg)
@@ -110,6 +115,17 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
         # gradient into buckets and copies it back: 2-3% of a CPU step, for nothing.
         engine.pipeline_enable_backward_allreduce = False
     return engine
+
+
+def _build_data_parallel_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool):
+    from gptx.sequential import build_data_parallel_engine
+    schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
+    with deepspeed_prints(show_deepspeed_prints), _arch_list_deepspeed_can_parse():
+        wrapped = build_data_parallel_engine(cfg, ds_config, schedule, param_groups)
+    engine = wrapped.engine
+    if engine.fp16_enabled():  # always with ZeRO here (gptx/ds_config.py): defects 2 and 3 do not arise
+        _fix_fp16_unscale_and_norm(engine)
+    return wrapped
 
 
 def _tied_weight_sync_without_autograd(module) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptx.config import Config, ModelConfig
-from gptx.ds_config import BatchLayout, precision as ds_precision
+from gptx.ds_config import BatchLayout, offload_devices, zero_stage, precision as ds_precision
 from gptx.flops import layer_flops_per_token
 from gptx.model import layer_specs
 from gptx.pipeline import count_layer_params, layer_name, partition
@@ -31,18 +31,25 @@ class MemoryModel:
     layout: BatchLayout
     zero_stage: int
     checkpoint_interval: int
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
 
     @property
     def act_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
 
 
-def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params: int, mem: MemoryModel) -> dict:
+def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params: int, mem: MemoryModel,
+                 layer_params: list[int] | None = None) -> dict:
     """Estimated bytes one rank of `stage` holds at its peak under the 1F1B schedule."""
     p = len(parts) - 1
     w, g, opt = PARAM_BYTES[mem.precision]
-    if mem.zero_stage >= 1:
-        opt = opt / mem.layout.dp_size
+    dp = mem.layout.dp_size
+    # ZeRO-1 shards the optimizer states over the data-parallel ranks, ZeRO-2 also the
+    # gradients, ZeRO-3 also the weights (gathering each layer's in full while it runs).
+    opt = opt / dp if mem.zero_stage >= 1 else opt
+    g = g / dp if mem.zero_stage >= 2 else g
+    w_held = w / dp if mem.zero_stage >= 3 else w
     b, T, C, V = mem.layout.micro_batch, model.seq_len, model.n_embd, model.vocab_size
     names = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])]
     n_blocks = names.count("Block")
@@ -63,15 +70,37 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     ckpt = stage_input + other + groups * btc
     recompute = min(interval, n_blocks) * per_block
     is_last = stage == p - 1
+    if mem.zero_stage >= 3:  # the layer running and the one prefetched, gathered in full
+        counts = layer_params or count_layer_params(specs)
+        held, seen = [], set()
+        for i in range(parts[stage], parts[stage + 1]):
+            key = getattr(specs[i], "key", i)  # a tied module is gathered once
+            if key not in seen:
+                seen.add(key)
+                held.append(counts[i])
+        largest = sorted(held)[-2:]
+        gathered = int(sum(largest) * w)
+    else:
+        gathered = 0
     # Logits in the model's dtype, their fp32 copy for the loss, and log-softmax saved for backward;
     # 1F1B runs the last stage's backward right after its forward, so one micro-batch at a time.
     logits = b * T * V * (mem.act_bytes + (4 if mem.act_bytes != 4 else 0) + 4) if is_last else 0
-    weights, grads, states = params * w, params * g, int(params * opt)
+    weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
+    host = 0
+    if mem.offload_optimizer != "none":
+        # The states, and the fp32 gradient shard DeepSpeed's CPU Adam reads, live on the host.
+        host += states + int(params * 4 / dp)
+        states = 0
+    if mem.offload_param != "none":
+        host += weights
+        weights = 0
+    weights += gathered
+    device = weights + grads + states + logits
     out = {"weights": weights, "gradients": grads, "optimizer_states": states,
            "activations": in_flight * full, "activations_checkpointed": in_flight * ckpt + recompute,
-           "logits": logits, "micro_batches_in_flight": in_flight}
-    out["total"] = weights + grads + states + out["activations"] + logits
-    out["total_checkpointed"] = weights + grads + states + out["activations_checkpointed"] + logits
+           "logits": logits, "micro_batches_in_flight": in_flight, "host": host}
+    out["total"] = device + out["activations"]
+    out["total_checkpointed"] = device + out["activations_checkpointed"]
     return out
 
 
@@ -97,27 +126,34 @@ def _stage_sums(weights: list[float], parts: list[int]) -> list[float]:
     return [sum(weights[parts[s]:parts[s + 1]]) for s in range(len(parts) - 1)]
 
 
-def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout) -> dict:
+def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout,
+                     layer_params: list[int] | None = None) -> dict:
+    """`layer_params`: count_layer_params of the model's specs, when the caller already has them."""
     m = cfg.model
     specs = layer_specs(m, seed=0)
-    params = count_layer_params(specs)
+    params = layer_params or count_layer_params(specs)
     flops = [layer_flops_per_token(spec, m) for spec in specs]
-    parts = partition(specs, method, pipe_size, flops)
-    zero = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval)
-    stage_params = [_stage_params(specs, params, parts, s) for s in range(pipe_size)]
+    pipelined = pipe_size > 0
+    # No pipeline: the whole list is one "stage", one micro-batch in flight.
+    parts = partition(specs, method, pipe_size, flops) if pipelined else [0, len(specs)]
+    n_stages = max(pipe_size, 1)
+    zero = zero_stage(ds_config)
+    offload_optimizer, offload_param = offload_devices(ds_config)
+    mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval,
+                      offload_optimizer, offload_param)
+    stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
     stages = []
-    for s in range(pipe_size):
+    for s in range(n_stages):
         layers = [{"index": i, "name": layer_name(specs[i]), "params": params[i], "flops_per_token": flops[i]}
                   for i in range(parts[s], parts[s + 1])]
         stages.append({"stage": s, "params": int(stage_params[s]), "layers": layers,
                        "flops_per_token": sum(flops[parts[s]:parts[s + 1]]),
-                       "memory_bytes": stage_memory(m, specs, parts, s, int(stage_params[s]), mem)})
+                       "memory_bytes": stage_memory(m, specs, parts, s, int(stage_params[s]), mem, params)})
     micro = layout.grad_accum
     methods = {}
-    for name in ("parameters", "compute"):
+    for name in ("parameters", "compute") if pipelined else ():
         alt = partition(specs, name, pipe_size, flops)
-        alt_params = [_stage_params(specs, params, alt, s) for s in range(pipe_size)]
+        alt_params = [_stage_params(specs, params, alt, s) for s in range(n_stages)]
         methods[name] = {"parts": alt, "params_max_over_mean": _max_over_mean(alt_params),
                          "compute_max_over_mean": _max_over_mean(_stage_sums(flops, alt))}
     total = sum(stage_params)
@@ -125,11 +161,12 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
     return {
         "model": cfg.name, "pipe_parallel_size": pipe_size, "data_parallel_size": layout.dp_size,
         "partition_method": method, "precision": mem.precision, "zero_stage": zero,
+        "offload_optimizer": offload_optimizer, "offload_param": offload_param,
         "micro_batch_size": layout.micro_batch, "micro_batches": micro, "seq_len": m.seq_len,
         "activation_checkpoint_interval": cfg.train.activation_checkpoint_interval,
         "parts": parts, "total_params": total, "unique_params": unique,
         "stages": stages,
-        "bubble_fraction": (pipe_size - 1) / (micro + pipe_size - 1),
+        "bubble_fraction": (n_stages - 1) / (micro + n_stages - 1),
         "balance": {"params_max_over_mean": _max_over_mean(stage_params),
                     "compute_max_over_mean": _max_over_mean([st["flops_per_token"] for st in stages])},
         "methods": methods,
@@ -141,8 +178,12 @@ def _bar(value: float, biggest: float, width: int = 30) -> str:
 
 
 def render_text(r: dict) -> str:
-    lines = [f"model {r['model']}: {r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, "
-             f"partition '{r['partition_method']}', {r['precision']}, ZeRO {r['zero_stage']}, "
+    layout = (f"{r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, partition "
+              f"'{r['partition_method']}'" if r["pipe_parallel_size"] else
+              f"no pipeline: the whole model x {r['data_parallel_size']} data-parallel")
+    offload = "".join(f", {what} offloaded to {r[key]}" for what, key in
+                      (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if r[key] != "none")
+    lines = [f"model {r['model']}: {layout}, {r['precision']}, ZeRO {r['zero_stage']}{offload}, "
              f"micro-batch {r['micro_batch_size']} x {r['micro_batches']} micro-batches of {r['seq_len']} tokens", ""]
     for st in r["stages"]:
         lines.append(f"stage={st['stage']} layers={len(st['layers'])}")
@@ -162,7 +203,9 @@ def render_text(r: dict) -> str:
     lines.append(f"balance (max/mean over stages): parameters {b['params_max_over_mean']:.3f}, "
                  f"compute {b['compute_max_over_mean']:.3f}")
     p, m = r["pipe_parallel_size"], r["micro_batches"]
-    lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = {100 * r['bubble_fraction']:.1f}%")
+    if p:
+        lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = "
+                     f"{100 * r['bubble_fraction']:.1f}%")
     lines.append("")
     ckpt = r["activation_checkpoint_interval"] or 1
     lines.append(f"memory per rank, GiB    weights     grads  optimizer  activations  (ckpt every {ckpt})"
@@ -172,7 +215,12 @@ def render_text(r: dict) -> str:
         lines.append(f"  stage {st['stage']:<3} ({mb['micro_batches_in_flight']} in flight)"
                      f"{mb['weights'] / GiB:>9.2f} {mb['gradients'] / GiB:>9.2f} {mb['optimizer_states'] / GiB:>10.2f}"
                      f" {mb['activations'] / GiB:>12.2f} {mb['activations_checkpointed'] / GiB:>18.2f}"
-                     f" {mb['logits'] / GiB:>9.2f} {mb['total'] / GiB:>9.2f} {mb['total_checkpointed'] / GiB:>7.2f}")
+                     f" {mb['logits'] / GiB:>9.2f} {mb['total'] / GiB:>9.2f} {mb['total_checkpointed'] / GiB:>7.2f}"
+                     + (f"   host {mb['host'] / GiB:.2f}" if mb["host"] else ""))
+    if any(st["memory_bytes"]["host"] for st in r["stages"]):
+        lines.append("  host: offloaded optimizer states, fp32 gradient shards and parameters, per rank")
+    if not r["methods"]:
+        return "\n".join(lines)
     lines.append("")
     lines.append("partition methods compared (max/mean over stages):")
     for name, alt in r["methods"].items():

@@ -93,12 +93,27 @@ def _partition(specs, method, num_stages, compute_weights):
 
 
 def count_layer_params(specs: list[LayerSpec]) -> list[int]:
-    counts = []
-    for spec in specs:
-        with torch.device("meta"):
-            module = spec.build()
-        counts.append(sum(p.numel() for p in module.parameters() if p.requires_grad))
-    return counts
+    return [_count_spec(spec) for spec in specs]
+
+
+_SPEC_COUNTS: dict = {}
+
+
+def _count_spec(spec: LayerSpec) -> int:
+    """Parameters of one spec, built on the meta device; equal specs (every block) are built once."""
+    try:
+        key = (spec.typename, spec.module_args, tuple(sorted(spec.module_kwargs.items())))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _SPEC_COUNTS:
+        return _SPEC_COUNTS[key]
+    with torch.device("meta"):
+        module = spec.build()
+    count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if key is not None:
+        _SPEC_COUNTS[key] = count
+    return count
 
 
 def layer_compute_weights(cfg: Config, specs: list[LayerSpec]) -> list[float]:

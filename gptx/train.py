@@ -21,7 +21,8 @@ from gptx import checkpoint
 from gptx.config import Config, describe_model
 from gptx.data import TokenWindows, default_data_dir, open_tokens
 from gptx.engine import build_engine, deepspeed_prints, loss_scale, release_shared_memory
-from gptx.ds_config import BatchLayout, check_ds_config, default_ds_config_path, precision, read_ds_config
+from gptx.ds_config import (BatchLayout, check_ds_config, default_ds_config_path, offload_devices, precision,
+                            read_ds_config, zero_stage)
 from gptx.errors import ConfigError, DataError, TrainingStopped
 from gptx.flops import mfu, peak_flops
 from gptx.guards import NumericsGuard, StopSignal, known_failure
@@ -87,14 +88,14 @@ class Plan:
 def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pp = cfg.train.pipe_parallel_size
-    if world % pp:
+    if pp and world % pp:
         raise ConfigError(f"--pipe-parallel-size {pp} does not divide the world size {world} "
                           f"(processes launched); launch a multiple of {pp} processes or change it")
     accelerator = _accelerator_name()
     ds_path = paths.deepspeed_config or str(default_ds_config_path(accelerator))
     ds_config = read_ds_config(ds_path)
-    layout = check_ds_config(ds_config, dp_size=world // pp, pipe_size=pp, accelerator_name=accelerator,
-                             path=ds_path)
+    layout = check_ds_config(ds_config, dp_size=data_parallel_size(world, pp), pipe_size=pp,
+                             accelerator_name=accelerator, path=ds_path)
     data = Path(paths.data) if paths.data else default_data_dir()
     if not data.exists():
         raise DataError(f"--data '{data}': not a directory (train.bin, val.bin, meta.json) or a mixture file (.yaml)")
@@ -122,6 +123,26 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
             if cfg.train.rampup_batch_size else None)
     warmup = SeqLenWarmup.parse(cfg.train.seq_len_warmup, cfg.model.seq_len) if cfg.train.seq_len_warmup else None
     return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, encoding, ramp, warmup)
+
+
+def data_parallel_size(world: int, pipe_size: int) -> int:
+    """Replicas: world / stages, or every rank without a pipeline (pipe_parallel_size 0)."""
+    return world // pipe_size if pipe_size else world
+
+
+def describe_layout(cfg: Config, plan: "Plan", threads: int) -> str:
+    t, layout, ds = cfg.train, plan.layout, plan.ds_config
+    zero = zero_stage(ds)
+    offload = [f"{what} offloaded to {device}" for what, device in zip(("optimizer", "parameters"),
+                                                                       offload_devices(ds)) if device != "none"]
+    parts = [f"ZeRO-{zero}"] + offload
+    if t.activation_checkpoint_interval:
+        parts.append(f"activation checkpointing every {t.activation_checkpoint_interval} block(s)")
+    if t.pipe_parallel_size == 0:
+        head = f"no pipeline: the whole model x {layout.dp_size} data-parallel"
+    else:
+        head = f"pipeline: {t.pipe_parallel_size} stage(s) x {layout.dp_size} data-parallel, partition '{t.partition_method}'"
+    return (f"{head}, {plan.accelerator}, {precision(ds)}, {', '.join(parts)}, {threads} thread(s)/rank")
 
 
 def _set_threads(accelerator: str) -> int:
@@ -175,14 +196,7 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
     from gptx.data import GPT2_EOT
     from gptx.generate import generate
     from gptx.model import GPT
-    module = engine.module
-    mine = {}
-    if engine.grid.get_data_parallel_rank() == 0:
-        for local, layer in enumerate(module.forward_funcs):
-            if hasattr(layer, "state_dict"):  # the tied head is a function of the embedding
-                mine[local + module._local_start] = {k: v.detach().float().cpu() for k, v in layer.state_dict().items()}
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    gathered = gather_layer_states(engine)
     if dist.get_rank() != 0:
         return None
     cfg = plan.cfg
@@ -195,6 +209,23 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
     ids = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40,
                    seed=cfg.train.seed + iteration, stop_token=GPT2_EOT if enc else None)
     return enc.decode(ids) if enc else " ".join(map(str, ids))
+
+
+def gather_layer_states(engine) -> list[dict] | None:
+    """Collective: at rank 0, a list of {layer index: state dict (fp32, host)} covering every layer."""
+    from gptx.sequential import DataParallelEngine, layer_states
+    if isinstance(engine, DataParallelEngine):
+        states = layer_states(engine)
+        return [{i: {k: v.float() for k, v in s.items()} for i, s in states.items()}] if states is not None else None
+    module = engine.module
+    mine = {}
+    if engine.grid.get_data_parallel_rank() == 0:
+        for local, layer in enumerate(module.forward_funcs):
+            if hasattr(layer, "state_dict"):  # the tied head is a function of the embedding
+                mine[local + module._local_start] = {k: v.detach().float().cpu() for k, v in layer.state_dict().items()}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
 
 
 def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int, int]:
@@ -239,8 +270,10 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds
 
     from gptx.pipeline import stage_param_counts, tied_weight_max_diff
+    from gptx.sequential import DataParallelEngine, parameter_count
     engine = build_engine(cfg, plan.ds_config, show_deepspeed_prints=show_ds)
     model = engine.module
+    pipelined = not isinstance(engine, DataParallelEngine)
     layout = plan.layout
     grid = engine.grid
     dp_rank = grid.get_data_parallel_rank()
@@ -257,13 +290,14 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     iteration, consumed, tokens = resume(engine, plan, paths) if plan.resume_tag else (0, 0, 0)
     first_iteration = iteration
 
-    stage_params = stage_param_counts(model)
-    parts = model.parts
     log(f"model '{cfg.name}': {describe_model(cfg.model)}")
-    log(f"pipeline: {t.pipe_parallel_size} stage(s) x {layout.dp_size} data-parallel, partition "
-        f"'{t.partition_method}', {plan.accelerator}, {precision(plan.ds_config)}, {threads} thread(s)/rank")
-    for s, n in enumerate(stage_params):
-        log(f"  stage {s}: layers {parts[s]}-{parts[s + 1] - 1}, {n:,} parameters")
+    log(describe_layout(cfg, plan, threads))
+    if pipelined:
+        stage_params, parts = stage_param_counts(model), model.parts
+        for s, n in enumerate(stage_params):
+            log(f"  stage {s}: layers {parts[s]}-{parts[s + 1] - 1}, {n:,} parameters")
+    else:
+        log(f"  layers 0-{len(model._forward_fns) - 1}, {parameter_count(engine):,} parameters")
     log(f"batch: {layout.micro_batch} x {layout.grad_accum} micro-batches x {layout.dp_size} = "
         f"{layout.global_batch} sequences of {cfg.model.seq_len} tokens"
         + (f", ramped up from {plan.ramp.start} over {plan.ramp.samples:,} samples" if plan.ramp else "")
@@ -307,7 +341,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                     "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size}
         folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
         saved_at = iteration
-        drift = tied_weight_max_diff(model)
+        drift = tied_weight_max_diff(model) if pipelined else 0.0  # one copy of the embedding
         metrics.write({"iter": iteration, "checkpoint": folder.name, "tied_weight_max_diff": drift})
         log(f"iter {iteration:6d} | saved checkpoint {folder} (tied weights max diff {drift:.3g})")
         if t.keep_checkpoints and dist.get_rank() == 0:

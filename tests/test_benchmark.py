@@ -42,6 +42,14 @@ def test_plain_comparison_needs_one_rank(files, capsys, monkeypatch):
     assert "--plain compares with a single-process loop" in capsys.readouterr().err
 
 
+def test_the_no_pipeline_mode_is_refused_in_one_line(files, capsys):
+    # Before: `world % 0` (a ZeroDivisionError traceback).
+    assert run_benchmark(["--model", str(files[1]), "--deepspeed_config", str(files[2]),
+                          "--pipe-parallel-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pipe-parallel-size 0: this tool measures the pipeline engine" in err[0]
+
+
 @pytest.mark.launcher
 def test_two_stage_breakdown_shows_the_pipeline(files):
     tmp, model, ds = files

@@ -24,7 +24,7 @@ def test_batch_arithmetic_is_derived_and_checked():
 
 
 @pytest.mark.parametrize("cfg,needle", [
-    ({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}, "cannot be combined with pipeline"),
+    ({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}, "--pipe-parallel-size 0"),
     ({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}}, "fp16 is not supported"),
     ({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1}}}, "optimizer.params.lr"),
     ({"train_micro_batch_size_per_gpu": 1, "scheduler": {"type": "WarmupLR"}}, "scheduler"),
@@ -55,8 +55,45 @@ def test_fp16_on_cpu_only_with_the_testing_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_2_and_3_are_refused_with_one_stage_too(stage):
+def test_zero_2_and_3_are_refused_with_one_stage_too_and_point_to_the_no_pipeline_mode(stage):
     # One stage still runs DeepSpeed's pipeline engine, which rejects them with a traceback per rank.
-    with pytest.raises(ConfigError, match=f"zero_optimization.stage {stage} cannot be combined.*also with "
-                                          f"--pipe-parallel-size 1"):
+    with pytest.raises(ConfigError, match=f"zero_optimization.stage {stage} does not work with pipeline.*"
+                                          f"add --pipe-parallel-size 0"):
         check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}, 2, 1, "cpu")
+    assert check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}},
+                           2, 0, "cpu").dp_size == 2
+
+
+OFFLOAD_CPU = {"device": "cpu"}
+
+
+@pytest.mark.parametrize("zero,pipe,optimizer,needle", [
+    ({"stage": 0, "offload_optimizer": OFFLOAD_CPU}, 2, None, "offload_optimizer needs ZeRO stage 1, 2 or 3"),
+    ({"stage": 1, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}, 2, None, "nvme needs ZeRO stage 3"),
+    ({"stage": 2, "offload_param": OFFLOAD_CPU}, 0, None, "offload_param needs ZeRO stage 3"),
+    ({"stage": 3, "offload_param": {"device": "nvme"}}, 0, None, "offload_param.nvme_path"),
+    ({"stage": 1, "offload_optimizer": {"device": "gpu"}}, 2, None, "must be cpu, nvme or none"),
+    ({"stage": 1, "offload_optimizer": "cpu"}, 2, None, "must be an object"),
+    ({"stage": 1, "offload_optimizer": OFFLOAD_CPU}, 2, {"torch_adam": True, "fused": True}, "remove optimizer.params.torch_adam"),
+    ({"stage": 4}, 0, None, "must be 0, 1, 2 or 3"),
+])
+def test_offload_combinations_deepspeed_cannot_run_are_one_line(zero, pipe, optimizer, needle):
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
+    if optimizer:
+        cfg["optimizer"] = {"type": "AdamW", "params": optimizer}
+    with pytest.raises(ConfigError, match=needle):
+        check_ds_config(cfg, 1, pipe, "cpu")
+
+
+def test_the_shipped_offload_config_is_accepted_with_the_pipeline():
+    cfg = read_ds_config(DS_CONFIG_DIR / "cpu_offload.json")
+    check_ds_config(cfg, 1, 2, "cpu")
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("precision_key", ["fp16", "bf16"])
+def test_half_precision_without_zero_is_refused_without_the_pipeline(precision_key, monkeypatch):
+    monkeypatch.setenv("GPTX_CPU_FP16", "1")
+    cfg = {"train_micro_batch_size_per_gpu": 1, precision_key: {"enabled": True}}
+    with pytest.raises(ConfigError, match=f"{precision_key} with --pipe-parallel-size 0 needs zero_optimization"):
+        check_ds_config(cfg, 1, 0, "cpu")

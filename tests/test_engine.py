@@ -375,3 +375,43 @@ def test_deepspeed_jit_builds_parse_an_arch_list_with_a_family_suffix(monkeypatc
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a 10.0f+PTX"
     with pytest.raises(ValueError, match="0a"):  # the defect is still there: the workaround is needed
         builder.compute_capability_args()
+
+
+# --- ZeRO-1 optimizer offload through the pipeline ------------------------------------------------
+
+def offload_ds(name: str, **kwargs) -> dict:
+    """precision_ds with the optimizer on the host: DeepSpeedCPUAdam (it compiles on first use)."""
+    ds = precision_ds(name, **kwargs)
+    ds["optimizer"]["params"].pop("torch_adam", None)
+    ds["zero_optimization"] = {"stage": 1, "offload_optimizer": {"device": "cpu"}}
+    return ds
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16-zero1-torch", "bf16"])
+def test_optimizer_offload_through_the_pipeline_follows_fp32(setup, fp32, name):
+    cfg, tokens, *_ = setup
+    trace = train_trace(cfg, offload_ds(name), tokens, ITERS)
+    tol = {"fp32": 1e-5, "bf16": BF16_LOSS_TOL}.get(name, LOSS_TOL)  # fp32: DeepSpeedCPUAdam is AdamW's math
+    assert max_loss_diff(fp32, trace) < tol, (fp32.losses, trace.losses)
+    assert trace.skipped[-1] == 0
+
+
+def test_an_offloaded_fp16_run_resumes_exactly_and_exports_its_master_weights(setup):
+    cfg, tokens, tmp, data = setup
+    ds = write_ds(tmp, "offload-ds", offload_ds("fp16-zero1-torch"))
+    full, part = tmp / "offload-full", tmp / "offload-part"
+    flags = ("--eval-interval", "0", "--log-interval", "1")
+    assert run_pretrain(pretrain_args(data, tmp / "model.yaml", ds, full, 1, 4, *flags)) == 0
+    assert run_pretrain(pretrain_args(data, tmp / "model.yaml", ds, part, 1, 4, *flags, "--exit-interval", "2")) == 0
+    assert run_pretrain(pretrain_args(data, tmp / "model.yaml", ds, part, 1, 4, *flags, "--load", str(part))) == 0
+    assert train_losses(part) == train_losses(full) and len(train_losses(full)) == 4
+    masters, _ = load_plain_model(full, master_weights=True)
+    halves, _ = load_plain_model(full)
+    for (key, m), (_, h) in zip(masters.state_dict().items(), halves.state_dict().items()):
+        assert torch.equal(m.half().float(), h), key  # the fp16 weights are the host masters, rounded
+    out = tmp / "offload-hf"
+    assert run_convert(["--load", str(full), "--to-hf", str(out), "--master-weights"]) == 0
+    from gptx.hf import read_safetensors
+    exported = read_safetensors(out / "model.safetensors")
+    assert torch.equal(exported["transformer.h.0.attn.c_attn.weight"],
+                       masters.state_dict()["layers.2.attn.c_attn.weight"].t())

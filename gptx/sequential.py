@@ -1,0 +1,231 @@
+"""No pipeline (--pipe-parallel-size 0): the LayerSpec model as one module under DeepSpeed's
+plain engine, data parallel over every rank. This is the mode for ZeRO-2 and ZeRO-3 (with
+optimizer and parameter offload), which DeepSpeed's pipeline engine refuses.
+
+The layers are the pipeline's: built from the same specs and seeds, so 1 stage, 2 stages
+and this mode start from identical weights, and a checkpoint of this mode holds the same
+per-layer files (`layer_XX-model_states.pt`, gathered from ZeRO-3's shards) that every
+tool reads. `DataParallelEngine` gives DeepSpeed's plain engine the few pipeline-engine
+methods the training loop calls (train_batch, eval_batch, grid, reset_activation_shape),
+so the loop, schedule, data, metrics, signals and checkpoints are shared with the pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gptx.config import Config
+from gptx.model import GPT, lm_loss
+from gptx.pipeline import _checkpoint
+
+
+class SequentialGPT(GPT):
+    """The single-device GPT with the pipeline's activation checkpointing: each chunk of
+    `checkpoint_interval` blocks keeps only its input and is recomputed in backward."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.model, seed=cfg.train.seed)
+        self.checkpoint_interval = cfg.train.activation_checkpoint_interval
+
+    def forward(self, idx: torch.Tensor, caches=None) -> torch.Tensor:
+        interval = self.checkpoint_interval
+        if caches is not None or not interval or not torch.is_grad_enabled():
+            return super().forward(idx, caches)
+        n = self.cfg.n_layer
+        fns = self._forward_fns
+        x = idx
+        for fn in fns[:2]:
+            x = fn(x)
+        blocks = fns[2:2 + n]
+        for start in range(0, n, interval):
+            x = _checkpoint(_run_chunk(blocks[start:start + interval]), x)
+        for fn in fns[2 + n:]:
+            x = fn(x)
+        return x
+
+
+def _run_chunk(fns):
+    def run(x):
+        for fn in fns:
+            x = fn(x)
+        return x
+    return run
+
+
+class DataParallelGrid:
+    """The answers of DeepSpeed's pipeline grid for a world with no pipeline: every rank is a replica."""
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size()
+
+    def get_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def get_pipe_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipe_parallel_world_size(self) -> int:
+        return 1
+
+
+class DataParallelEngine:
+    """DeepSpeed's plain engine with the pipeline engine's batch interface.
+
+    train_batch() runs one optimizer step over the accumulation steps: forward, loss,
+    DeepSpeed's backward (which scales for accumulation and, with ZeRO, for fp16) and step
+    (which applies the update at the accumulation boundary). Like the pipeline engine, it
+    returns the loss averaged over micro-batches and data-parallel ranks. Everything else
+    is the DeepSpeed engine's own.
+    """
+
+    pipelined = False
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.grid = DataParallelGrid()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _replica_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        mean = total / count
+        dist.all_reduce(mean)
+        return mean / dist.get_world_size()
+
+    def _micro_batch(self, data_iter):
+        inputs, labels = next(data_iter)
+        device = self.engine.device
+        return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def train_batch(self, data_iter) -> torch.Tensor:
+        engine = self.engine
+        engine.train()
+        steps = engine.gradient_accumulation_steps()
+        total = torch.zeros((), device=engine.device)
+        for _ in range(steps):
+            inputs, labels = self._micro_batch(data_iter)
+            loss = lm_loss(engine(inputs), labels)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        return self._replica_mean(total, steps)
+
+    @torch.no_grad()
+    def eval_batch(self, data_iter, num_micro_batches: int) -> torch.Tensor:
+        engine = self.engine
+        engine.eval()
+        total = torch.zeros((), device=engine.device)
+        for _ in range(num_micro_batches):
+            inputs, labels = self._micro_batch(data_iter)
+            total += lm_loss(engine(inputs), labels).float()
+        engine.train()
+        return self._replica_mean(total, num_micro_batches)
+
+    def reset_activation_shape(self) -> None:
+        """No pipeline buffers to resize: a new sequence length just runs."""
+
+
+def build_data_parallel_engine(cfg: Config, ds_config: dict, schedule, param_groups) -> DataParallelEngine:
+    import deepspeed
+    stage3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    # ZeRO-3 partitions each layer as it is built, so no rank ever holds the whole model.
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext()
+    with init:
+        model = SequentialGPT(cfg)
+    if stage3:
+        _initialize_under_zero3(model, cfg)
+    if stage3 and cfg.model.tie_embeddings:
+        # The tied head reads the embedding's weight outside the embedding's forward; ZeRO-3
+        # gathers it for the whole model's forward instead of only the embedding's.
+        deepspeed.zero.register_external_parameter(model, _embedding(model).wte.weight)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                           config=ds_config, lr_scheduler=schedule)
+    if not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
+        _keep_fp32_grad_norm(engine)
+    return DataParallelEngine(engine)
+
+
+def _initialize_under_zero3(model: SequentialGPT, cfg: Config) -> None:
+    """Give each layer the pipeline's initial weights. Under zero.Init a submodule's parameters
+    are partitioned as soon as it is built, so the in-place init its parent runs afterwards
+    lands on empty shards; here each layer is built again on the host, one at a time, and
+    copied in through a gather."""
+    from gptx.model import layer_specs
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    for name, layer in model.layers.items():
+        state = specs[int(name)].build().state_dict()
+        with _gathered(layer, modifier_rank=0):
+            layer.load_state_dict(state)
+
+
+def _embedding(model: GPT):
+    return model.layers["0"]
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 clipping without ZeRO is right without a pipeline but discards the
+    norm; the same clip here keeps it for the log, as gptx does for the pipeline."""
+    def clip():
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).pow(2).sum().sqrt()
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        engine._global_grad_norm = norm.item()
+    engine.clip_fp32_gradients = clip
+
+
+def _gathered(module: torch.nn.Module, modifier_rank: int | None = None):
+    """ZeRO-3: the module's full parameters for the duration of the block (collective); else nothing to do."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def layer_states(engine) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Collective: every layer's state, on the host, at rank 0 (None elsewhere)."""
+    model = engine.module
+    states = {}
+    for name, layer in model.layers.items():
+        with _gathered(layer):
+            if dist.get_rank() == 0:
+                states[int(name)] = {k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}
+    return states if dist.get_rank() == 0 else None
+
+
+def load_layer_states(engine, read_layer) -> None:
+    """Collective: each layer from `read_layer(index)` (a state dict), then the optimizer's
+    fp32 copies refreshed from the loaded weights."""
+    model = engine.module
+    for name, layer in model.layers.items():
+        state = read_layer(int(name))
+        with _gathered(layer, modifier_rank=0):
+            layer.load_state_dict(state)
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
+
+
+def parameter_count(engine) -> int:
+    """Parameters of the whole model (ZeRO-3 keeps only a shard's worth on each rank)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+def fp32_master_layers(folder: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Layer index -> fp32 master weights of a no-pipeline ZeRO checkpoint, through DeepSpeed's
+    own consolidation of the optimizer shards (zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with contextlib.redirect_stdout(None):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        _, idx, key = name.split(".", 2)  # layers.<index>.<key>
+        layers.setdefault(int(idx), {})[key] = tensor
+    return layers

@@ -1,0 +1,102 @@
+"""The no-pipeline mode (--pipe-parallel-size 0) in one process: DeepSpeed's plain engine with
+ZeRO 0-3 and offload trains the pipeline's model on the same batches with the pipeline's losses.
+
+fp32 must match the 1-stage pipeline to 1e-5 over 6 steps (ZeRO-0 and -2 match exactly here,
+ZeRO-3 with offload to 5e-7). Two mistakes this catches, both seen while building the mode:
+under zero.Init the layers' own init lands on empty shards (loss 21 instead of 5.5 at step 1),
+and ZeRO-3's empty shards made every parameter look like a vector, so no weight decayed
+(1.2e-4 off by step 6).
+"""
+import json
+
+import pytest
+import torch
+
+from gptx import checkpoint
+from gptx.config import load_config
+from gptx.data import open_tokens
+from gptx.precision_check import max_loss_diff, max_norm_rel_diff, train_trace
+from tests.conftest import MICRO_MODEL, make_token_dir, precision_ds
+from tests.test_engine import BF16_LOSS_TOL, LOSS_TOL, cpu_fp16  # noqa: F401 (a fixture)
+
+ITERS = 6
+PARITY_TOL = 1e-5
+
+
+def config(pipe: int, **train):
+    return load_config(None, dict(MICRO_MODEL, lr=3e-3, warmup_iters=1, train_iters=ITERS, pipe_parallel_size=pipe,
+                                  **train))
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    return open_tokens(make_token_dir(tmp_path_factory.mktemp("sequential") / "data"), "train")
+
+
+@pytest.fixture(scope="module")
+def pipeline_fp32(dist_world1, tokens):
+    return train_trace(config(1), precision_ds("fp32"), tokens, ITERS)
+
+
+def zero_ds(precision: str, stage: int, offload: bool = False) -> dict:
+    ds = precision_ds("fp16-zero1-torch" if precision == "fp16" else precision)
+    ds["zero_optimization"] = {"stage": stage}
+    if offload:  # DeepSpeedCPUAdam steps the host copies (gptx refuses torch_adam with offload)
+        ds["optimizer"]["params"].pop("torch_adam")
+        ds["zero_optimization"].update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    return ds
+
+
+@pytest.mark.parametrize("stage,offload", [(0, False), (2, False), (3, False), (3, True)],
+                         ids=["zero0", "zero2", "zero3", "zero3-offload"])
+def test_fp32_without_pipeline_matches_the_pipeline(dist_world1, tokens, pipeline_fp32, stage, offload):
+    trace = train_trace(config(0), zero_ds("fp32", stage, offload), tokens, ITERS)
+    assert max_loss_diff(pipeline_fp32, trace) < PARITY_TOL, (pipeline_fp32.losses, trace.losses)
+    assert max_norm_rel_diff(pipeline_fp32, trace) < 1e-5  # the norm is logged in every ZeRO stage
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 3), ("fp16", 2), ("fp16", 3)])
+def test_half_precision_without_pipeline_follows_fp32(dist_world1, cpu_fp16, tokens, pipeline_fp32, precision, stage):
+    trace = train_trace(config(0), zero_ds(precision, stage), tokens, ITERS)
+    assert trace.skipped[-1] == 0
+    tol = BF16_LOSS_TOL if precision == "bf16" else LOSS_TOL
+    assert max_loss_diff(pipeline_fp32, trace) < tol, (pipeline_fp32.losses, trace.losses)
+
+
+def test_activation_checkpointing_without_pipeline_changes_nothing(dist_world1, tokens, pipeline_fp32):
+    trace = train_trace(config(0, activation_checkpoint_interval=1), zero_ds("fp32", 3), tokens, ITERS)
+    assert max_loss_diff(pipeline_fp32, trace) < PARITY_TOL
+
+
+def test_a_zero3_checkpoint_gives_the_tools_its_layers_and_fp32_masters(dist_world1, tokens, tmp_path):
+    """gptx writes the per-layer files from ZeRO-3's shards; --master-weights reads the fp32
+    copies through DeepSpeed's own consolidation (zero_to_fp32)."""
+    cfg = config(0)
+    ds = zero_ds("bf16", 3)
+    saved = {}
+
+    def save(engine):
+        progress = {"iteration": ITERS, "consumed_samples": 0, "tokens": 0, "lr_steps": ITERS,
+                    "pipe_parallel_size": 0, "data_parallel_size": 1}
+        meta = {"config": cfg.to_dict(), "ds_config": ds, "pipe_parallel_size": 0, "data_parallel_size": 1}
+        checkpoint.save(engine, tmp_path, ITERS, progress, meta)
+        module = engine.module
+        with torch.no_grad():
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                saved["weights"] = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+            masters = engine.optimizer.fp32_partitioned_groups_flat  # this rank holds every shard (world 1)
+            saved["master_numel"] = sum(t.numel() for t in masters)
+
+    train_trace(cfg, ds, tokens, ITERS, on_done=save)
+    model, loaded_cfg = checkpoint.load_plain_model(tmp_path)
+    assert loaded_cfg.train.pipe_parallel_size == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved["weights"][key]), key  # the bf16 weights, exactly
+    masters, _ = checkpoint.load_plain_model(tmp_path, master_weights=True)
+    diffs = [(masters.state_dict()[k] - v).abs().max().item() for k, v in model.state_dict().items()]
+    # fp32 masters round to the bf16 weights: within bf16's half-ulp, and not all equal to them
+    assert max(diffs) < 2e-2 and any(d > 0 for d in diffs)
+    assert sum(p.numel() for p in masters.parameters()) <= saved["master_numel"]
+    meta = json.loads((checkpoint.resolve_checkpoint(tmp_path) / "gptx.json").read_text())
+    assert meta["pipe_parallel_size"] == 0
