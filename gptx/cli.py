@@ -444,6 +444,76 @@ def benchmark_parser() -> argparse.ArgumentParser:
     return p
 
 
+def strategies_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="tools/strategies.py",
+               description="One model under each memory strategy (pipeline ZeRO-1, + optimizer offload, no pipeline "
+                           "ZeRO-2, ZeRO-3, ZeRO-3 + offload; each with and without activation checkpointing), each "
+                           "in its own launch: time per iteration, peak memory per rank and the partition report's "
+                           "prediction side by side")
+    p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="base JSON: precision, optimizer, clipping (default: cpu_fp32.json on CPU, gpu_fp16.json on GPU)")
+    p.add_argument("--gpus", type=int, default=2, help="ranks per launch (default 2); the pipelines use that many stages")
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per micro-batch (default 2)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step without a pipeline (default 1)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    p.add_argument("--only", action="append", default=None,
+                   help="run only the strategy of this exact name, as the table writes it (repeatable)")
+    p.add_argument("--work", default="runs/strategies", help="where each launch writes (default runs/strategies)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    # Set by the driver for each launch.
+    p.add_argument("--pipe-parallel-size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--activation-checkpoint-interval", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_strategies(argv: list[str] | None = None) -> int:
+    def main():
+        import json
+        from pathlib import Path
+
+        from gptx.config import load_config
+        from gptx.ds_config import default_ds_config_path, read_ds_config
+        args = strategies_parser().parse_args(argv)
+        if args.worker_out:
+            return _strategy_worker(args)
+        for name in ("gpus", "micro_batch", "accum", "iters"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        from gptx.strategies import render_table, run_table
+        cfg = load_config(args.model, _overrides(args, ()))
+        accelerator = "cuda" if _cuda_present() else "cpu"
+        ds = read_ds_config(args.deepspeed_config or default_ds_config_path(accelerator))
+        model_args = (["--model", args.model] if args.model else []) + [f for kv in args.set for f in ("--set", kv)]
+        rows = run_table(cfg, model_args, ds, args.gpus, args.micro_batch, args.accum, args.iters, args.warmup,
+                         Path(args.work), args.only, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(rows, indent=2) if args.json else render_table(rows, args.gpus))
+        return 1 if any("error" in r for r in rows) else 0
+    return guarded(main)
+
+
+def _cuda_present() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _strategy_worker(args) -> int:
+    from pathlib import Path
+
+    from gptx.ds_config import read_ds_config
+    from gptx.strategies import measure_strategy
+    from gptx.train import _accelerator_name, _set_threads
+    cfg, _ = _tool_config(args, ("pipe_parallel_size", "activation_checkpoint_interval"), allow_no_pipeline=True)
+    ds = read_ds_config(args.deepspeed_config)
+    _set_threads(_accelerator_name())
+    _in_process_group(lambda: measure_strategy(cfg, ds, args.iters, args.warmup, Path(args.worker_out)))
+    return 0
+
+
 def _single_process_env() -> None:
     """Outside the launcher: be rank 0 of a world of one."""
     if "RANK" in os.environ:
@@ -456,7 +526,7 @@ def _single_process_env() -> None:
                       LOCAL_SIZE="1")
 
 
-def _tool_config(args, flags: tuple[str, ...]):
+def _tool_config(args, flags: tuple[str, ...], allow_no_pipeline: bool = False):
     """(Config, world size) for a tool that trains engines itself: one stage per rank by default."""
     from gptx.config import load_config
     _single_process_env()
@@ -464,10 +534,10 @@ def _tool_config(args, flags: tuple[str, ...]):
     overrides = _overrides(args, flags)
     overrides.setdefault("pipe_parallel_size", world)
     cfg = load_config(args.model, overrides)
-    if cfg.train.pipe_parallel_size == 0:
+    if cfg.train.pipe_parallel_size == 0 and not allow_no_pipeline:
         raise ConfigError("--pipe-parallel-size 0: this tool measures the pipeline engine; give it 1 or more "
                           "stages (the no-pipeline mode trains through launch/pretrain.py)")
-    if world % cfg.train.pipe_parallel_size:
+    if cfg.train.pipe_parallel_size and world % cfg.train.pipe_parallel_size:
         raise ConfigError(f"--pipe-parallel-size {cfg.train.pipe_parallel_size} does not divide the {world} "
                           f"processes launched")
     return cfg, world
@@ -601,7 +671,7 @@ def run_gpu_check(argv: list[str] | None = None) -> int:
 def guarded(main) -> int:
     """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
     try:
-        main()
+        result = main()
     except GptxError as e:
         if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -611,4 +681,4 @@ def guarded(main) -> int:
             import time
             time.sleep(3)
         return 2
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -33,6 +33,8 @@ class MemoryModel:
     checkpoint_interval: int
     offload_optimizer: str = "none"
     offload_param: str = "none"
+    reduce_bucket_size: int = 500_000_000
+    """zero_optimization.reduce_bucket_size (DeepSpeed's default)."""
 
     @property
     def act_bytes(self) -> int:
@@ -86,10 +88,17 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     # 1F1B runs the last stage's backward right after its forward, so one micro-batch at a time.
     logits = b * T * V * (mem.act_bytes + (4 if mem.act_bytes != 4 else 0) + 4) if is_last else 0
     weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
+    if mem.zero_stage >= 1:
+        # DeepSpeed's ZeRO optimizers step an fp32 shard of the weights (a copy also when the
+        # model is fp32; mixed precision counts it in its 12 bytes) from an fp32 gradient shard.
+        states += int(params * (4 if mem.precision == "fp32" else 0) / dp) + int(params * 4 / dp)
+    if mem.zero_stage == 3:
+        # Its gradient reduction double-buffers reduce_bucket_size elements of the gradients' type.
+        grads += 2 * min(mem.reduce_bucket_size, params) * mem.act_bytes
     host = 0
     if mem.offload_optimizer != "none":
-        # The states, and the fp32 gradient shard DeepSpeed's CPU Adam reads, live on the host.
-        host += states + int(params * 4 / dp)
+        # The states and the gradient shard DeepSpeed's CPU Adam reads live on the host.
+        host += states
         states = 0
     if mem.offload_param != "none":
         host += weights
@@ -139,8 +148,9 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
     n_stages = max(pipe_size, 1)
     zero = zero_stage(ds_config)
     offload_optimizer, offload_param = offload_devices(ds_config)
+    bucket = int((ds_config.get("zero_optimization") or {}).get("reduce_bucket_size", 500_000_000))
     mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval,
-                      offload_optimizer, offload_param)
+                      offload_optimizer, offload_param, bucket)
     stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
     stages = []
     for s in range(n_stages):

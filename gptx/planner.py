@@ -101,6 +101,7 @@ def layout_ds_config(base: dict, layout: Layout, micro_batch: int, grad_accum: i
         params.pop("fused", None)
     if layout.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    zero.update({k: v for k, v in (base.get("zero_optimization") or {}).items() if k != "stage" and not k.startswith("offload")})
     ds["zero_optimization"] = zero
     return ds
 

@@ -56,7 +56,8 @@ def test_zero1_divides_optimizer_states_and_checkpointing_saves_activations():
     one, four = report("gpt2-large", ds=ds, dp=1), report("gpt2-large", ds=ds, dp=4)
     m1, m4 = one["stages"][0]["memory_bytes"], four["stages"][0]["memory_bytes"]
     assert m1["optimizer_states"] == pytest.approx(4 * m4["optimizer_states"], rel=1e-6)
-    assert m1["optimizer_states"] == 12 * one["stages"][0]["params"]
+    # fp32 master + Adam's two moments (12 bytes) and ZeRO's fp32 gradient shard (4)
+    assert m1["optimizer_states"] == 16 * one["stages"][0]["params"]
     assert m1["activations_checkpointed"] < m1["activations"] / 4
     # 1F1B: stage s of p keeps up to p - s micro-batches
     r = report("gpt2-large", pipe=4, ds=ds)
@@ -142,3 +143,29 @@ def test_every_preset_reports_in_seconds():
         r = report(name, pipe=4)
         assert time.perf_counter() - start < 5, name
         assert r["total_params"] >= r["unique_params"] > 0
+
+
+def test_zero_2_3_and_offload_move_memory_as_their_formulas_say():
+    """Per rank, P parameters, D replicas, fp16: ZeRO-2 shards the gradients (2P/D), ZeRO-3 the
+    weights too (2P/D, plus the two largest layers gathered); optimizer offload moves the states
+    (16P/D) to the host, parameter offload the weight shard."""
+    base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "fp16": {"enabled": True}}
+
+    def mem(stage, **offload):
+        ds = dict(base, zero_optimization={"stage": stage, "reduce_bucket_size": 1000, **offload})
+        r = report("gpt2", pipe=0, ds=ds, dp=8)
+        assert len(r["stages"]) == 1 and r["pipe_parallel_size"] == 0
+        return r["stages"][0]["memory_bytes"], r["unique_params"]
+
+    m1, P = mem(1)
+    m2, _ = mem(2)
+    m3, _ = mem(3)
+    off, _ = mem(3, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    assert m1["gradients"] == 2 * P and m2["gradients"] == 2 * P // 8
+    assert m2["optimizer_states"] == m1["optimizer_states"] == 16 * P // 8
+    block, embedding = 7_087_872, 50257 * 768  # gpt2's largest layers, gathered in fp16
+    assert m3["weights"] == 2 * P // 8 + 2 * (embedding + block)
+    assert m3["gradients"] == 2 * P // 8 + 2 * 1000 * 2  # two reduce buckets of 1000 fp16 values
+    assert off["optimizer_states"] == 0 and off["host"] == 16 * P // 8 + 2 * P // 8
+    assert off["weights"] == 2 * (embedding + block) and off["total"] < m3["total"]
+    assert m1["host"] == m2["host"] == m3["host"] == 0

@@ -17,7 +17,10 @@ from gptx.config import load_config
 from gptx.data import open_tokens
 from gptx.precision_check import max_loss_diff, max_norm_rel_diff, train_trace
 from tests.conftest import MICRO_MODEL, make_token_dir, precision_ds
-from tests.test_engine import BF16_LOSS_TOL, LOSS_TOL, cpu_fp16  # noqa: F401 (a fixture)
+from tests.test_engine import BF16_LOSS_TOL, LOSS_TOL
+from tests.test_engine import cpu_fp16 as cpu_fp16_fixture
+
+cpu_fp16 = cpu_fp16_fixture  # the fixture that lets DeepSpeed's CPU accelerator run fp16
 
 ITERS = 6
 PARITY_TOL = 1e-5
@@ -100,3 +103,22 @@ def test_a_zero3_checkpoint_gives_the_tools_its_layers_and_fp32_masters(dist_wor
     assert sum(p.numel() for p in masters.parameters()) <= saved["master_numel"]
     meta = json.loads((checkpoint.resolve_checkpoint(tmp_path) / "gptx.json").read_text())
     assert meta["pipe_parallel_size"] == 0
+
+
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, True)], ids=["zero2", "zero3-offload"])
+def test_a_no_pipeline_run_stopped_and_resumed_repeats_the_uninterrupted_losses(dist_world1, tmp_path, stage,
+                                                                                 offload):
+    """launch/pretrain.py's loop in this process: full run vs --exit-interval 2 then --load."""
+    from gptx.cli import run_pretrain
+    from tests.conftest import make_token_dir, pretrain_args, train_losses, write_model_yaml
+    data = make_token_dir(tmp_path / "data")
+    model = write_model_yaml(tmp_path / "model.yaml")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(zero_ds("fp32", stage, offload)))
+    flags = ("--eval-interval", "0", "--log-interval", "1", "--set", "dropout=0.1")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_pretrain(pretrain_args(data, model, ds, full, 0, 4, *flags)) == 0
+    assert run_pretrain(pretrain_args(data, model, ds, part, 0, 4, *flags, "--exit-interval", "2")) == 0
+    assert max(train_losses(part)) == 2
+    assert run_pretrain(pretrain_args(data, model, ds, part, 0, 4, *flags, "--load", str(part))) == 0
+    assert train_losses(part) == train_losses(full) and len(train_losses(full)) == 4

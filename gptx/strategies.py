@@ -1,0 +1,163 @@
+"""One model under each memory strategy, side by side: time per iteration, measured peak memory
+per rank, and the planner's prediction for the same layout (tools/strategies.py).
+
+The strategies are the minGPT-DeepSpeed table's, in gptx's terms: the pipeline with ZeRO-1,
+the same with the optimizer offloaded, no pipeline with ZeRO-2, ZeRO-3, and ZeRO-3 with
+optimizer and parameter offload, each with and without activation checkpointing. Each runs
+in its own launch of the real DeepSpeed launcher (`measure_strategy` on every rank), on
+random tokens, so that one strategy's memory never counts in another's.
+
+Memory is what the strategy adds: on a GPU, the allocator's peak; on a CPU, where the
+"device" and the host are the same memory, the growth of the process's peak RSS over its RSS
+just before the engine is built. The prediction to compare it with is the partition report's
+device bytes for that layout, plus its host bytes on a CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from gptx.config import Config
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    pipe: int
+    zero: int
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    checkpoint: int = 0
+
+
+def strategies(pipe_stages: int) -> list[Strategy]:
+    base = [Strategy("pipeline, ZeRO-1", pipe_stages, 1),
+            Strategy("pipeline, ZeRO-1, optimizer offload", pipe_stages, 1, offload_optimizer=True),
+            Strategy("no pipeline, ZeRO-2", 0, 2),
+            Strategy("no pipeline, ZeRO-3", 0, 3),
+            Strategy("no pipeline, ZeRO-3, optimizer + parameter offload", 0, 3, True, True)]
+    return [s for b in base for s in (b, Strategy(b.name + ", checkpointing", b.pipe, b.zero, b.offload_optimizer,
+                                                  b.offload_param, 1))]
+
+
+def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out: Path) -> None:
+    """On every rank, under the launcher: build the engine, train on random tokens, write this rank's numbers."""
+    from gptx.benchmark import _current_rss, _peak_memory, _sync, random_batches
+    from gptx.engine import build_engine
+    from gptx.precision_check import release
+    before = _current_rss()
+    engine = build_engine(cfg, ds_config)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    batches = random_batches(cfg, micro, seed=cfg.train.seed + engine.grid.get_data_parallel_rank())
+    for _ in range(warmup):
+        engine.train_batch(batches)
+    _sync(engine.device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        loss = float(engine.train_batch(batches))
+    seconds = (time.perf_counter() - start) / iters
+    kind, peak = _peak_memory(engine.device)
+    record = {"rank": dist.get_rank(), "seconds_per_iteration": seconds, "loss": loss, "memory_kind": kind,
+              "peak_bytes": peak, "growth_bytes": peak - before if kind == "peak RSS" else peak,
+              "device": engine.device.type}
+    release(engine)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+
+
+def strategy_ds_config(base: dict, strategy: Strategy, micro: int, accum: int) -> dict:
+    from gptx.planner import Layout, layout_ds_config
+    layout = Layout(strategy.pipe, strategy.zero, strategy.offload_optimizer, strategy.offload_param,
+                    strategy.checkpoint)
+    return layout_ds_config(base, layout, micro, accum)
+
+
+def predicted_bytes(cfg: Config, strategy: Strategy, ds: dict, world: int, on_cpu: bool) -> int:
+    """The partition report's largest rank: device bytes, plus host bytes where both are one memory."""
+    from gptx.planner import Layout, predict
+    layout = Layout(strategy.pipe, strategy.zero, strategy.offload_optimizer, strategy.offload_param,
+                    strategy.checkpoint)
+    dp = world // strategy.pipe if strategy.pipe else world
+    pred = predict(cfg, layout, ds, ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], dp)
+    return pred["gpu_bytes"] + (pred["host_bytes_per_rank"] if on_cpu else 0)
+
+
+def run_table(cfg: Config, model_args: list[str], base_ds: dict, world: int, micro: int, accum: int, iters: int,
+              warmup: int, work: Path, only: list[str] | None = None, log=print) -> list[dict]:
+    """Launch every strategy in turn (`world` ranks each); return one row per strategy.
+
+    `model_args` are the --model/--set flags that give `cfg` to the workers."""
+    import dataclasses
+    rows = []
+    for strategy in strategies(world):
+        if only and strategy.name not in only:
+            continue
+        # A pipeline gets world times the micro-batches on world times fewer replicas: same global batch.
+        accum_here = accum * (strategy.pipe or 1)
+        ds = strategy_ds_config(base_ds, strategy, micro, accum_here)
+        folder = work / strategy.name.replace(", ", "_").replace(" ", "-").replace("+", "and")
+        folder.mkdir(parents=True, exist_ok=True)
+        ds_path = folder / "ds.json"
+        ds_path.write_text(json.dumps(ds, indent=2))
+        args = [*model_args, "--pipe-parallel-size", str(strategy.pipe), "--activation-checkpoint-interval",
+                str(strategy.checkpoint), "--deepspeed_config", str(ds_path), "--iters", str(iters),
+                "--warmup", str(warmup), "--worker-out", str(folder / "out")]
+        command = [_launcher(), "--num_gpus", str(world), "--master_port", str(_free_port()),
+                   str(Path(__file__).resolve().parent.parent / "tools" / "strategies.py"), *args]
+        log(f"{strategy.name}: launching {world} rank(s)")
+        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        ranks = sorted((folder / "out").glob("rank*.json"))
+        if result.returncode != 0 or len(ranks) != world:
+            tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+            rows.append({"strategy": strategy.name, "error": " / ".join(tail)})
+            continue
+        records = [json.loads(p.read_text()) for p in ranks]
+        on_cpu = records[0]["device"] == "cpu"
+        here = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pipe_parallel_size=strategy.pipe,
+                                                                  activation_checkpoint_interval=strategy.checkpoint))
+        predicted = predicted_bytes(here, strategy, ds, world, on_cpu)
+        measured = max(r["growth_bytes"] for r in records)
+        rows.append({"strategy": strategy.name, "seconds_per_iteration": max(r["seconds_per_iteration"] for r in records),
+                     "loss": records[0]["loss"], "memory_kind": records[0]["memory_kind"],
+                     "peak_bytes_per_rank": [r["peak_bytes"] for r in records],
+                     "measured_bytes": measured, "predicted_bytes": predicted,
+                     "prediction_error": (predicted - measured) / measured if measured else None})
+        row = rows[-1]
+        log(f"{strategy.name}: {row['seconds_per_iteration']:.3f} s/iteration, {row['memory_kind']} "
+            f"{measured / GiB:.3f} GiB per rank (predicted {predicted / GiB:.3f})")
+    return rows
+
+
+def render_table(rows: list[dict], world: int) -> str:
+    kind = next((r["memory_kind"] for r in rows if "memory_kind" in r), "peak memory")
+    what = "growth of peak RSS over RSS before the engine" if kind == "peak RSS" else "peak allocated"
+    lines = [f"{world} rank(s); memory per rank = {what}; prediction = the partition report's for that layout",
+             f"  {'strategy':<62} {'s/iter':>8} {'memory GiB':>11} {'predicted':>10} {'error':>7}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['strategy']:<62} failed: {r['error']}")
+            continue
+        lines.append(f"  {r['strategy']:<62} {r['seconds_per_iteration']:>8.3f} {r['measured_bytes'] / GiB:>11.3f} "
+                     f"{r['predicted_bytes'] / GiB:>10.3f} {100 * r['prediction_error']:>6.0f}%")
+    return "\n".join(lines)
+
+
+def _launcher() -> str:
+    beside = Path(sys.executable).parent / "deepspeed"
+    return str(beside) if beside.exists() else "deepspeed"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
