@@ -211,6 +211,10 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
     return enc.decode(ids) if enc else " ".join(map(str, ids))
 
 
+def _stages(pipe_size: int) -> str:
+    return "no pipeline" if pipe_size == 0 else f"{pipe_size} pipeline stage(s)"
+
+
 def gather_layer_states(engine) -> list[dict] | None:
     """Collective: at rank 0, a list of {layer index: state dict (fp32, host)} covering every layer."""
     from gptx.sequential import DataParallelEngine, layer_states
@@ -243,7 +247,7 @@ def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int, int]:
         checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
         state = plan.resume_meta
         engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
-        log(f"warning: the checkpoint has {saved_pp} pipeline stages and this run {t.pipe_parallel_size}: "
+        log(f"warning: the checkpoint has {_stages(saved_pp)} and this run {_stages(t.pipe_parallel_size)}: "
             f"weights, iteration, data position and LR schedule carry over exactly; the optimizer's "
             f"moments (per-stage state) restart from zero")
     iteration, consumed = state["iteration"], state["consumed_samples"]

@@ -122,3 +122,36 @@ def test_a_no_pipeline_run_stopped_and_resumed_repeats_the_uninterrupted_losses(
     assert max(train_losses(part)) == 2
     assert run_pretrain(pretrain_args(data, model, ds, part, 0, 4, *flags, "--load", str(part))) == 0
     assert train_losses(part) == train_losses(full) and len(train_losses(full)) == 4
+
+
+def test_a_pipeline_checkpoint_continues_without_pipeline_and_back(dist_world1, tmp_path, capsys):
+    """Layer files are per position in the LayerSpec list, so either layout reads the other's
+    (weights, iteration, data position, LR schedule; the optimizer restarts); the HF export
+    reads the no-pipeline checkpoint too."""
+    from gptx.cli import run_convert, run_pretrain
+    from tests.conftest import make_token_dir, pretrain_args, read_metrics, write_model_yaml
+    data = make_token_dir(tmp_path / "data")
+    model = write_model_yaml(tmp_path / "model.yaml")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(zero_ds("fp32", 2)))
+    flags = ("--eval-interval", "0", "--log-interval", "1")
+    piped, flat = tmp_path / "piped", tmp_path / "flat"
+    ds1 = tmp_path / "ds1.json"
+    ds1.write_text(json.dumps(precision_ds("fp32")))
+    assert run_pretrain(pretrain_args(data, model, ds1, piped, 1, 4, *flags, "--exit-interval", "2")) == 0
+    capsys.readouterr()
+    assert run_pretrain(pretrain_args(data, model, ds, flat, 0, 4, *flags, "--load", str(piped))) == 0
+    out = capsys.readouterr().out
+    assert "the checkpoint has 1 pipeline stage(s) and this run no pipeline" in out
+    assert [r["iter"] for r in read_metrics(flat) if "loss" in r] == [3, 4]
+    back = tmp_path / "back"
+    assert run_pretrain(pretrain_args(data, model, ds1, back, 1, 5, *flags, "--load", str(flat),
+                                      "--lr-decay-iters", "4")) == 0
+    assert "the checkpoint has no pipeline and this run 1 pipeline stage(s)" in capsys.readouterr().out
+    assert [r["iter"] for r in read_metrics(back) if "loss" in r] == [5]
+    a, _ = checkpoint.load_plain_model(flat)
+    out_dir = tmp_path / "hf"
+    assert run_convert(["--load", str(flat), "--to-hf", str(out_dir)]) == 0
+    from gptx.hf import read_safetensors
+    exported = read_safetensors(out_dir / "model.safetensors")
+    assert torch.equal(exported["transformer.h.0.attn.c_attn.weight"], a.state_dict()["layers.2.attn.c_attn.weight"].t())
