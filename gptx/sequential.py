@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from gptx.config import Config
+from gptx.ds_config import zero_stage
 from gptx.model import GPT, lm_loss
 from gptx.pipeline import _checkpoint
 
@@ -84,8 +85,6 @@ class DataParallelEngine:
     is the DeepSpeed engine's own.
     """
 
-    pipelined = False
-
     def __init__(self, engine):
         self.engine = engine
         self.grid = DataParallelGrid()
@@ -133,7 +132,7 @@ class DataParallelEngine:
 
 def build_data_parallel_engine(cfg: Config, ds_config: dict, schedule, param_groups) -> DataParallelEngine:
     import deepspeed
-    stage3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    stage3 = zero_stage(ds_config) == 3
     # ZeRO-3 partitions each layer as it is built, so no rank ever holds the whole model.
     init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext()
     with init:
