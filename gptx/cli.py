@@ -174,10 +174,11 @@ def _run_fit(args, cfg, ds: dict) -> str:
     for name in ("gpu_memory", "host_memory"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number of GiB, got {getattr(args, name)}")
-    micro = args.micro_batch or ds.get("train_micro_batch_size_per_gpu", 1)
-    accum = args.accum or ds.get("gradient_accumulation_steps", 1)
-    if micro < 1 or accum < 1:
-        raise ConfigError("--micro-batch and --accum: must be >= 1")
+    micro = args.micro_batch if args.micro_batch is not None else ds.get("train_micro_batch_size_per_gpu", 1)
+    accum = args.accum if args.accum is not None else ds.get("gradient_accumulation_steps", 1)
+    for flag, value in (("--micro-batch", micro), ("--accum", accum)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
     cluster = Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, host_memory_gib=args.host_memory,
                       gpus_per_node=args.gpus_per_node)
     rows = plan_layouts(cfg, cluster, ds, micro, accum)
@@ -484,7 +485,11 @@ def run_strategies(argv: list[str] | None = None) -> int:
         for name in ("gpus", "micro_batch", "accum", "iters"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-        from gptx.strategies import render_table, run_table
+        from gptx.strategies import render_table, run_table, strategies
+        names = [s.name for s in strategies(args.gpus)]
+        for name in args.only or ():
+            if name not in names:
+                raise ConfigError(f"--only '{name}': no such strategy; the names are: " + "; ".join(names))
         cfg = load_config(args.model, _overrides(args, ()))
         accelerator = "cuda" if _cuda_present() else "cpu"
         ds = read_ds_config(args.deepspeed_config or default_ds_config_path(accelerator))

@@ -90,8 +90,10 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
     if mem.zero_stage >= 1:
         # DeepSpeed's ZeRO optimizers step an fp32 shard of the weights (a copy also when the
-        # model is fp32; mixed precision counts it in its 12 bytes) from an fp32 gradient shard.
-        states += int(params * (4 if mem.precision == "fp32" else 0) / dp) + int(params * 4 / dp)
+        # model is fp32; mixed precision counts it in its 12 bytes) from an fp32 gradient shard
+        # (bf16's is a slice of its fp32 accumulation buffer, already in its gradient bytes).
+        states += int(params * (4 if mem.precision == "fp32" else 0) / dp)
+        states += int(params * 4 / dp) if mem.precision != "bf16" else 0
     if mem.zero_stage == 3:
         # Its gradient reduction double-buffers reduce_bucket_size elements of the gradients' type.
         grads += 2 * min(mem.reduce_bucket_size, params) * mem.act_bytes

@@ -1,15 +1,16 @@
 """What fits: every layout of a model on a cluster, its predicted memory and a rough time per step.
 
 `plan_layouts()` tries pipeline stages x data parallel (and no pipeline), ZeRO stage, optimizer
-and parameter offload and activation checkpointing, predicts each one's GPU memory per rank and
-host memory per node with the partition report's model (gptx/partition_report.py), keeps the
-ones that fit, and orders them by an estimated time per iteration. The estimate ranks layouts;
+offload (and parameter offload with it under ZeRO-3, to cpu) and activation checkpointing,
+predicts each one's GPU memory per rank and host memory per node with the partition report's
+model (gptx/partition_report.py), marks the ones that fit, and orders them, fitting first, by
+an estimated time per iteration. The estimate ranks layouts;
 it is not a measurement. It adds to the same compute for every layout:
 
 - the pipeline bubble, (p - 1) / (m + p - 1) of the step;
 - recomputation under activation checkpointing: one more forward, a third of the step's compute;
-- data-parallel traffic: 2 x the gradient bytes (all-reduce or reduce-scatter), plus 2 x the
-  weight bytes more under ZeRO-3 (gathered for forward and again for backward);
+- data-parallel traffic: 2 x the gradient bytes (all-reduce or reduce-scatter), plus under
+  ZeRO-3 2 x the weight bytes for every micro-batch (gathered for forward and for backward);
 - offload: optimizer offload moves each rank's gradient shard to the host and its updated
   weights back over PCIe, and the host steps Adam; parameter offload brings each rank's
   weight shard over PCIe for every micro-batch's forward and backward.
@@ -66,7 +67,8 @@ class Layout:
 
 
 def candidate_layouts(cfg: Config, gpus: int, precision: str) -> list[Layout]:
-    """Every layout gptx accepts for this model on `gpus` ranks."""
+    """The layouts the planner considers for this model on `gpus` ranks (all accepted by gptx;
+    offload is to cpu, and parameters are offloaded only together with the optimizer)."""
     stages = [0] + [p for p in range(1, min(gpus, n_pipeline_layers(cfg.model)) + 1) if gpus % p == 0]
     out = []
     for pipe in stages:

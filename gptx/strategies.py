@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from gptx.config import Config
 
-GiB = 1024 ** 3
+from gptx.partition_report import GiB
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,9 @@ def render_table(rows: list[dict], world: int) -> str:
         if "error" in r:
             lines.append(f"  {r['strategy']:<62} failed: {r['error']}")
             continue
+        error = "n/a" if r["prediction_error"] is None else f"{100 * r['prediction_error']:.0f}%"
         lines.append(f"  {r['strategy']:<62} {r['seconds_per_iteration']:>8.3f} {r['measured_bytes'] / GiB:>11.3f} "
-                     f"{r['predicted_bytes'] / GiB:>10.3f} {100 * r['prediction_error']:>6.0f}%")
+                     f"{r['predicted_bytes'] / GiB:>10.3f} {error:>7}")
     return "\n".join(lines)
 
 

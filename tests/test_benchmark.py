@@ -72,3 +72,18 @@ def test_mfu_of_fp32_on_a_gpu_uses_the_tf32_peak_when_tf32_is_on():
     assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16", tf32=True) == 989e12
     assert gpu_peak("Tesla V100-SXM2-16GB", "fp32", tf32=True) == 15.7e12  # no TF32 on Volta
     assert gpu_peak("an unknown card", "fp32", tf32=True) is None
+
+
+def test_peak_flops_reads_whether_torch_allows_tf32(monkeypatch):
+    import torch
+    from gptx.flops import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    matmul = torch.backends.cuda.matmul  # a module object monkeypatch cannot patch
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert peak_flops("cuda", "fp32") == 494.7e12
+        matmul.allow_tf32 = False
+        assert peak_flops("cuda", "fp32") == 67e12
+    finally:
+        matmul.allow_tf32 = before

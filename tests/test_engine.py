@@ -244,7 +244,9 @@ def test_master_weights_and_hf_export_from_a_real_fp16_checkpoint(setup, name):
     halves, _ = load_plain_model(run)
     folder = resolve_checkpoint(run)
     differ = total = 0
-    for (key, m), (_, h) in zip(masters.state_dict().items(), halves.state_dict().items()):
+    assert masters.state_dict().keys() == halves.state_dict().keys()
+    for key, m in masters.state_dict().items():
+        h = halves.state_dict()[key]
         assert torch.equal(m.half().float(), h), key  # the fp16 weights are the masters, rounded
         differ += int((m != h).sum())
         total += m.numel()
@@ -373,8 +375,12 @@ def test_deepspeed_jit_builds_parse_an_arch_list_with_a_family_suffix(monkeypatc
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
         builder.compute_capability_args()  # raises ValueError where the workaround is missing
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a 10.0f+PTX"
-    with pytest.raises(ValueError, match="0a"):  # the defect is still there: the workaround is needed
+    try:
         builder.compute_capability_args()
+    except ValueError as e:  # the defect is still there: the workaround is needed
+        assert "0a" in str(e)
+    else:
+        pytest.skip("this DeepSpeed parses architecture suffixes: defect 8's workaround can go")
 
 
 # --- ZeRO-1 optimizer offload through the pipeline ------------------------------------------------
@@ -407,7 +413,9 @@ def test_an_offloaded_fp16_run_resumes_exactly_and_exports_its_master_weights(se
     assert train_losses(part) == train_losses(full) and len(train_losses(full)) == 4
     masters, _ = load_plain_model(full, master_weights=True)
     halves, _ = load_plain_model(full)
-    for (key, m), (_, h) in zip(masters.state_dict().items(), halves.state_dict().items()):
+    assert masters.state_dict().keys() == halves.state_dict().keys()
+    for key, m in masters.state_dict().items():
+        h = halves.state_dict()[key]
         assert torch.equal(m.half().float(), h), key  # the fp16 weights are the host masters, rounded
     out = tmp / "offload-hf"
     assert run_convert(["--load", str(full), "--to-hf", str(out), "--master-weights"]) == 0

@@ -56,8 +56,9 @@ def test_zero1_divides_optimizer_states_and_checkpointing_saves_activations():
     one, four = report("gpt2-large", ds=ds, dp=1), report("gpt2-large", ds=ds, dp=4)
     m1, m4 = one["stages"][0]["memory_bytes"], four["stages"][0]["memory_bytes"]
     assert m1["optimizer_states"] == pytest.approx(4 * m4["optimizer_states"], rel=1e-6)
-    # fp32 master + Adam's two moments (12 bytes) and ZeRO's fp32 gradient shard (4)
-    assert m1["optimizer_states"] == 16 * one["stages"][0]["params"]
+    # fp32 master + Adam's two moments; bf16's fp32 gradient shard is part of its accumulation buffer
+    assert m1["optimizer_states"] == 12 * one["stages"][0]["params"]
+    assert m1["gradients"] == (2 + 4) * one["stages"][0]["params"]
     assert m1["activations_checkpointed"] < m1["activations"] / 4
     # 1F1B: stage s of p keeps up to p - s micro-batches
     r = report("gpt2-large", pipe=4, ds=ds)

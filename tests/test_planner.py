@@ -13,21 +13,23 @@ MINGPT_45B = {"n_layer": 56, "n_head": 16, "n_embd": 8192, "seq_len": 128, "voca
 MINGPT_1_7B = {"n_layer": 15, "n_head": 16, "n_embd": 3072, "seq_len": 128, "vocab_size": 65}
 
 
-def plan(model: dict, gpus=8, gpu_gib=40, host_gib=1024):
+def plan(model: dict, gpus=8, gpu_gib=40, host_gib=1024, ds_name="gpu_fp16.json"):
     cfg = load_config(None, dict(model))
-    ds = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+    ds = read_ds_config(DS_CONFIG_DIR / ds_name)
     return plan_layouts(cfg, Cluster(gpus, gpu_gib, host_gib), ds, micro_batch=1, grad_accum=1)
 
 
-def test_every_proposed_layout_passes_gptxs_own_checks():
-    for row in plan(MINGPT_1_7B):
+@pytest.mark.parametrize("ds_name", ["gpu_fp16.json", "gpu_bf16.json", "cpu_fp32.json"])
+def test_every_proposed_layout_passes_gptxs_own_checks(ds_name):
+    for row in plan(MINGPT_1_7B, ds_name=ds_name):
         layout = row["layout"]
         check_ds_config(row["ds_config"], row["data_parallel"], layout.pipe, "cuda")
         assert row["data_parallel"] * max(layout.pipe, 1) == 8
 
 
 def test_fits_agree_with_the_budget_and_come_first():
-    rows = plan(MINGPT_1_7B)
+    rows = plan(MINGPT_45B)
+    assert 0 < sum(r["fits"] for r in rows) < len(rows)  # a budget some layouts fit and others do not
     assert all(r["fits"] == (r["gpu_gib"] <= 40 - 2 and r["host_gib_per_node"] <= 1024) for r in rows)
     flags = [r["fits"] for r in rows]
     assert flags == sorted(flags, reverse=True)  # fitting rows first
@@ -56,7 +58,8 @@ def test_the_cli_prints_the_chosen_command_and_json(capsys):
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--gpus", "0", "--gpus: must be >= 1"),
-                                                ("--gpu-memory", "-4", "--gpu-memory: must be a positive")])
+                                                ("--gpu-memory", "-4", "--gpu-memory: must be a positive"),
+                                                ("--accum", "0", "--accum: must be >= 1, got 0")])
 def test_bad_budgets_are_one_line(capsys, flag, value, needle):
     assert run_partition_report(["--fit", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()

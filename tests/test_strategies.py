@@ -21,6 +21,13 @@ def test_the_ten_strategies_are_layouts_gptx_accepts():
             assert "torch_adam" not in ds["optimizer"]["params"] and "fused" not in ds["optimizer"]["params"]
 
 
+def test_an_unknown_strategy_name_is_one_line(capsys):
+    from gptx.cli import run_strategies
+    assert run_strategies(["--only", "pipeline ZeRO-1"]) == 2  # the comma is part of the name
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only 'pipeline ZeRO-1': no such strategy" in err[0] and "pipeline, ZeRO-1;" in err[0]
+
+
 @pytest.mark.launcher
 def test_one_strategy_launches_and_reports_measured_and_predicted_memory(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)

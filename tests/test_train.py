@@ -52,7 +52,7 @@ def test_two_stages_match_one_stage_and_loss_falls(one_stage, two_stages):
     assert b[ITERS] < b[1] - 0.1
     val_a = [r["val_loss"] for r in read_metrics(one_stage[0]) if "val_loss" in r]
     val_b = [r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r]
-    assert len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
+    assert len(val_a) == len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
 
 
 def test_two_data_parallel_ranks_match_one_stage(work, one_stage):
@@ -95,7 +95,7 @@ def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(work, two
     assert max_diff(train_losses(two_stages[0]), train_losses(part)) < PARITY_TOL
     val_a = [r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r]
     val_b = [r["val_loss"] for r in read_metrics(part) if "val_loss" in r]
-    assert len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
+    assert len(val_a) == len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
     # The tools read its checkpoint like a pipeline's: the layer files gathered from the shards.
     import torch
     from gptx.checkpoint import load_plain_model
