@@ -290,7 +290,11 @@ def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> Non
     from gptx.config import ModelConfig
     # Keys added since the checkpoint was written had their default then.
     saved = {**dataclasses.asdict(ModelConfig()), **meta.get("config", {}).get("model", {})}
-    current = cfg.to_dict()["model"]
+    try:
+        saved = dataclasses.asdict(ModelConfig(**saved).resolved())
+    except TypeError:  # keys this version does not know: compare as written, naming them
+        pass
+    current = dataclasses.asdict(cfg.model.resolved())
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
              for k in current if k != "dropout" and saved.get(k) != current[k]]
     if diffs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -182,10 +183,13 @@ def _run_fit(args, cfg, ds: dict) -> str:
     cluster = Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, host_memory_gib=args.host_memory,
                       gpus_per_node=args.gpus_per_node)
     rows = plan_layouts(cfg, cluster, ds, micro, accum)
+    # The model as the user named it, --set overrides included, so the printed command trains it.
+    model_flags = " ".join([f"--model {shlex.quote(args.model or cfg.name)}",
+                            *(f"--set {shlex.quote(item)}" for item in args.set)])
     if not args.json:
-        return render_plan(args.model or cfg.name, rows, cluster, args.top)
+        return render_plan(model_flags, rows, cluster, args.top)
     return json.dumps([{**{k: v for k, v in r.items() if k != "layout"}, "layout": r["layout"].__dict__,
-                        "command": command_for(args.model or cfg.name, r, cluster)} for r in rows], indent=2)
+                        "command": command_for(model_flags, r, cluster)} for r in rows], indent=2)
 
 
 def run_partition_report(argv: list[str] | None = None) -> int:

@@ -42,7 +42,22 @@ class ModelConfig:
     residual: str = "sequential"
     """sequential (GPT-2) or parallel (GPT-J: x + attn(ln(x)) + mlp(ln(x)))."""
     norm: str = "layernorm"
-    """layernorm (pre-LN blocks) or rezero (no norm in blocks; learned branch gates starting at 0)."""
+    """layernorm (pre-LN blocks), rmsnorm (pre-norm blocks with RMSNorm, as Llama), or rezero (no
+    norm in blocks; learned branch gates starting at 0)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the LayerNorms or RMSNorms (GPT-2 and Llama 2 use 1e-5)."""
+    mlp: str = "gelu"
+    """gelu (GPT-2's two-layer MLP) or swiglu (Llama's gated MLP: down(silu(gate(x)) * up(x)))."""
+    ffn_hidden_size: int | None = None
+    """Hidden width of the MLP; default 4 x n_embd for gelu, and for swiglu 8/3 x n_embd rounded
+    up to a multiple of ffn_multiple_of (the same parameters as a 4x GELU MLP, as Llama)."""
+    ffn_multiple_of: int = 256
+    """The default SwiGLU width is rounded up to a multiple of this."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention): must divide n_head; default n_head (plain
+    multi-head attention); 1 is multi-query attention."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position angles (position_embedding: rotary)."""
     macaron: bool = False
     """Half-step feed-forward before and after attention in each block."""
     residual_attention: bool = False
@@ -61,6 +76,25 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    def resolved(self) -> "ModelConfig":
+        """The same model with its defaults spelled out (MLP width, key/value heads), so that two
+        configs of one shape compare equal however they were written."""
+        return dataclasses.replace(self, ffn_hidden_size=self.ffn_hidden, n_kv_head=self.kv_heads,
+                                   ffn_multiple_of=ModelConfig.ffn_multiple_of)
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.mlp == "swiglu":
+            m = self.ffn_multiple_of
+            return -(-(8 * self.n_embd // 3) // m) * m
+        return 4 * self.n_embd
 
 
 @dataclass(frozen=True)
@@ -126,6 +160,7 @@ class TrainConfig:
 
 # Presets hold model keys plus an optional "train" mapping.
 GPT3_CONTEXT = 2048
+LLAMA_BLOCK = dict(norm="rmsnorm", mlp="swiglu", position_embedding="rotary", bias=False)
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train in a few minutes on 2 CPU cores.
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=64,
@@ -159,6 +194,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                          residual="parallel"),
     "gpt-star-303": dict(n_layer=20, n_head=8, n_embd=1024, seq_len=512, position_embedding="alibi",
                          residual="parallel"),
+    # Llama-style blocks (RMSNorm, SwiGLU, grouped-query attention, rotary, no biases). The small one
+    # keeps GPT-2 small's width, heads and vocabulary, with 4 key/value heads and 14 layers: 126.7M.
+    "llama-style-125m": dict(n_layer=14, n_head=12, n_kv_head=4, n_embd=768, **LLAMA_BLOCK,
+                             train=dict(lr=6e-4)),
+    # Published shapes, with their 32,000-token SentencePiece vocabulary and untied heads:
+    # TinyLlama 1.1B (Zhang et al. 2024) and Llama 2 7B (Touvron et al. 2023).
+    "tinyllama-1.1b": dict(n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, vocab_size=32000, seq_len=2048,
+                           **LLAMA_BLOCK, tie_embeddings=False, train=dict(lr=4e-4)),
+    "llama2-7b": dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=32000, seq_len=4096, **LLAMA_BLOCK,
+                      tie_embeddings=False, train=dict(lr=3e-4)),
 }
 DEFAULT_PRESET = "tiny"
 
@@ -175,8 +220,9 @@ class Config:
                 "train": dataclasses.asdict(self.train)}
 
 
-GPT2_ARCHITECTURE = dict(position_embedding="learned", residual="sequential", norm="layernorm", macaron=False,
-                         residual_attention=False, attention_topk=None, bias=True, tie_embeddings=True)
+GPT2_ARCHITECTURE = dict(position_embedding="learned", residual="sequential", norm="layernorm", mlp="gelu",
+                         macaron=False, residual_attention=False, attention_topk=None, bias=True,
+                         tie_embeddings=True)
 """The architecture keys as GPT-2 has them; any other value makes a variant."""
 
 
@@ -184,6 +230,12 @@ def describe_model(m: ModelConfig) -> str:
     """Shape and architecture in one line, for the start-up log: a variant names its keys."""
     padded = f" (table padded to {m.padded_vocab_size:,})" if m.padded_vocab_size != m.vocab_size else ""
     changed = [f"{k} {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items() if getattr(m, k) != v]
+    if m.kv_heads != m.n_head:
+        changed.append(f"{m.kv_heads} key/value heads")
+    if m.ffn_hidden != 4 * m.n_embd:
+        changed.append(f"MLP width {m.ffn_hidden}")
+    if m.position_embedding == "rotary" and m.rope_theta != 10000.0:
+        changed.append(f"rope_theta {m.rope_theta:g}")
     kind = ("variant: " + ", ".join(changed) + " (the rest as GPT-2)") if changed else "GPT-2 architecture"
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     return (f"{m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, context {m.seq_len}, vocabulary "
@@ -341,7 +393,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                           f"adjust one of them")
     choices = {"position_embedding": ("learned", "alibi", "rotary", "none"),
-               "residual": ("sequential", "parallel"), "norm": ("layernorm", "rezero")}
+               "residual": ("sequential", "parallel"), "norm": ("layernorm", "rmsnorm", "rezero"),
+               "mlp": ("gelu", "swiglu")}
     for key, allowed in choices.items():
         if getattr(m, key) not in allowed:
             raise ConfigError(f"model.{key}: expected one of {', '.join(allowed)}, got '{getattr(m, key)}'")
@@ -350,6 +403,17 @@ def validate(cfg: Config) -> None:
                           "before and after attention, which a parallel block does not order)")
     if m.position_embedding == "rotary" and m.head_dim % 2:
         raise ConfigError(f"model.position_embedding rotary needs an even head size; n_embd / n_head = {m.head_dim}")
+    if m.n_kv_head is not None and (m.n_kv_head < 1 or m.n_head % m.n_kv_head):
+        raise ConfigError(f"model.n_kv_head: must be a positive divisor of model.n_head ({m.n_head}), "
+                          f"got {m.n_kv_head}")
+    if m.ffn_hidden_size is not None and m.ffn_hidden_size < 1:
+        raise ConfigError(f"model.ffn_hidden_size: must be a positive integer or null, got {m.ffn_hidden_size}")
+    if m.ffn_multiple_of < 1:
+        raise ConfigError(f"model.ffn_multiple_of: must be a positive integer, got {m.ffn_multiple_of}")
+    if not 0 < m.norm_eps < 1:
+        raise ConfigError(f"model.norm_eps: must be in (0, 1), got {m.norm_eps}")
+    if m.rope_theta <= 1:
+        raise ConfigError(f"model.rope_theta: must be above 1, got {m.rope_theta}")
     if m.attention_topk is not None and m.attention_topk < 1:
         raise ConfigError(f"model.attention_topk: must be a positive integer or null, got {m.attention_topk}")
     if not 0.0 <= m.dropout < 1.0:

@@ -32,8 +32,8 @@ def gpu_peak(device_name: str, precision: str, tf32: bool) -> float | None:
 def layer_flops_per_token(spec, cfg: ModelConfig) -> float:
     """Training FLOPs per token (forward + backward) of one entry of the LayerSpec list.
 
-    Blocks: 6 x their matmul weights (12 C^2, or 20 C^2 with Macaron's second MLP) plus
-    12 C T for attention scores and values;
+    Blocks: 6 x their matmul weights (block_matmul_params) plus 12 C T for attention scores and
+    values (grouped-query attention shares keys and values, not the score FLOPs);
     the head: 6 V C for the logits. Embedding lookups and norms are memory-bound, ~0 FLOPs.
     """
     C, T, V = cfg.n_embd, cfg.seq_len, cfg.vocab_size
@@ -51,9 +51,12 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:
-    C = cfg.n_embd
+    """Matmul weights of one block: queries and output C^2 each, keys and values C x (kv heads x
+    head size) each, and per MLP 2 C H (GELU) or 3 C H (SwiGLU's gate, up and down)."""
+    C, H = cfg.n_embd, cfg.ffn_hidden
+    kv = cfg.kv_heads * cfg.head_dim
     mlps = 2 if cfg.macaron else 1
-    return 4 * C * C + mlps * 8 * C * C  # qkv 3C^2, attention out C^2, each MLP 8C^2
+    return 2 * C * C + 2 * C * kv + mlps * (3 if cfg.mlp == "swiglu" else 2) * C * H
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

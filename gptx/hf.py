@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 directories (config.json + model.safetensors) to and from gptx.
+"""Hugging Face directories (config.json + model.safetensors) to and from gptx: GPT-2 here, Llama
+through gptx.hf_llama (chosen by the model's architecture on export, by model_type on import).
 
 Safetensors is a small format (an 8-byte header length, a JSON header, raw little-endian
 tensor bytes), read and written here without the package. GPT-2 stores its projections as
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig
+from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig, validate
 from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE
 from gptx.errors import CheckpointError, ConfigError
+from gptx.hf_llama import from_llama, is_llama, llama_differences, to_llama_tensors, write_llama_config
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 EOT_TEXT = "<|endoftext|>"
@@ -59,14 +61,20 @@ def check_expressible(m: ModelConfig) -> None:
     # Untied embeddings convert (lm_head.weight); every other difference from GPT-2 does not.
     differs = [f"{k}: {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items()
                if k != "tie_embeddings" and getattr(m, k) != v]
+    differs += [f"{key}: {value}" for key, value, gpt2 in (
+        ("n_kv_head", m.kv_heads, m.n_head), ("ffn_hidden_size", m.ffn_hidden, 4 * m.n_embd),
+        ("norm_eps", m.norm_eps, 1e-5)) if value != gpt2]
     if differs:
-        raise ConfigError("Hugging Face GPT-2 cannot express this model (" + ", ".join(differs)
-                          + "); only the plain GPT-2 architecture converts")
+        raise ConfigError("Hugging Face cannot express this model as GPT-2 (" + ", ".join(differs)
+                          + ") nor as Llama (" + ", ".join(llama_differences(m)) + ")")
 
 
 def to_hf(model, cfg: Config, out: str | Path) -> Path:
-    """Write config.json and model.safetensors for transformers' GPT2LMHeadModel."""
+    """Write config.json and model.safetensors for transformers' LlamaForCausalLM (RMSNorm, SwiGLU and
+    rotary blocks) or GPT2LMHeadModel (GPT-2's architecture); refuse anything else in one line."""
     m = cfg.model
+    if is_llama(m):
+        return _to_llama(model, m, Path(out))
     check_expressible(m)
     L = m.n_layer
     sd = {}
@@ -92,12 +100,26 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
                  "eos_token_id": GPT2_EOT if gpt2_vocab else None,
                  "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if gpt2_vocab:
+    _tokenizer_files(out, m)
+    return out
+
+
+def _to_llama(model, m: ModelConfig, out: Path) -> Path:
+    layers = {int(name): module.state_dict() for name, module in model.layers.items()}
+    sd = to_llama_tensors(layers, m)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors({k: v.detach().float().contiguous() for k, v in sd.items()}, out / "model.safetensors")
+    write_llama_config(out, m, GPT2_EOT if m.vocab_size == GPT2_VOCAB_SIZE else None)
+    _tokenizer_files(out, m)
+    return out
+
+
+def _tokenizer_files(out: Path, m: ModelConfig) -> None:
+    if m.vocab_size == GPT2_VOCAB_SIZE:
         write_gpt2_tokenizer(out, m.seq_len)
     else:  # an earlier export's GPT-2 tokenizer would be read as this model's
         for name in TOKENIZER_FILES:
             (out / name).unlink(missing_ok=True)
-    return out
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -150,23 +172,37 @@ def write_gpt2_tokenizer(out: Path, max_length: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
+    if (src / "model.safetensors").exists():
+        return read_safetensors(src / "model.safetensors")
+    if (src / "model.safetensors.index.json").exists():  # sharded, as large models are published
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        sd = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(read_safetensors(src / shard))
+        return sd
+    if (src / "pytorch_model.bin").exists():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"--from-hf '{src}': none of model.safetensors, model.safetensors.index.json, "
+                          f"pytorch_model.bin")
+
+
 def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:
-    """A local HF GPT-2 directory -> per-layer-position state dicts and the gptx Config."""
+    """A local HF GPT-2 or Llama directory -> per-layer-position state dicts and the gptx Config."""
     src = Path(src)
     try:
         hf = json.loads((src / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise CheckpointError(f"--from-hf '{src}': no readable config.json") from None
+    if hf.get("model_type") == "llama":
+        layers, cfg = from_llama(src, hf, _read_tensors(src))
+        validate(cfg)
+        return layers, cfg
     if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+        raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2' or 'llama'")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"--from-hf '{src}': activation {hf['activation_function']} is not GPT-2's tanh GELU")
-    if (src / "model.safetensors").exists():
-        sd = read_safetensors(src / "model.safetensors")
-    elif (src / "pytorch_model.bin").exists():
-        sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"--from-hf '{src}': neither model.safetensors nor pytorch_model.bin")
+    sd = _read_tensors(src)
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
     tied = hf.get("tie_word_embeddings", True)
     m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],

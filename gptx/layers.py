@@ -101,13 +101,36 @@ def alibi_bias(slopes: torch.Tensor, T: int, S: int | None = None) -> torch.Tens
 
 
 def rotate(x: torch.Tensor, start: int = 0, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (Su et al. 2021) on (B, nh, T, hd) at positions start.., rotating halves of hd."""
+    """Rotary position embedding (Su et al. 2021) on (B, nh, T, hd) at positions start.., rotating halves of hd
+    (the layout Hugging Face's Llama uses). Angles are computed in fp32 whatever x's dtype."""
     T, hd = x.size(-2), x.size(-1)
     inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)  # (hd/2,)
     angles = torch.arange(start, start + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, hd/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight, no mean, no bias.
+    The statistic is taken in fp32 so that fp16/bf16 activations normalize as fp32 ones do."""
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm a block (and the final norm) uses; ReZero blocks have none but keep a final LayerNorm."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class KVCache:
@@ -138,12 +161,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C = cfg.n_embd
-        self.n_head = cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
         self.position = cfg.position_embedding
+        self.rope_theta = cfg.rope_theta
         self.topk = cfg.attention_topk
         self.residual_attention = cfg.residual_attention
-        self.c_attn = nn.Linear(C, 3 * C, bias=cfg.bias)
+        # Queries, then keys and values for n_kv_head heads each (fewer than n_head: grouped-query).
+        self.c_attn = nn.Linear(C, C + 2 * self.n_kv_head * self.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(C, C, bias=cfg.bias)
         self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -155,16 +180,18 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, prev_scores: torch.Tensor | None = None, cache: KVCache | None = None):
         B, T, C = x.size()
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         start = cache.length if cache is not None else 0  # tokens already seen (generation)
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        q, k, v = self.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.position == "rotary":
-            q, k = rotate(q, start), rotate(k, start)
+            q, k = rotate(q, start, self.rope_theta), rotate(k, start, self.rope_theta)
         if cache is not None:
-            k, v = cache.extend(k, v)  # (B, nh, start + T, hd)
+            k, v = cache.extend(k, v)  # (B, nkv, start + T, hd): the cache keeps only the kv heads
         S = k.size(2)
+        grouped = nkv != nh  # query head i reads key/value head i // (nh / nkv)
         # Query i sits at position start + i and may see keys 0 .. start + i.
         allowed = torch.arange(S, device=x.device)[None, :] <= torch.arange(start, S, device=x.device)[:, None]
         bias = alibi_bias(self.slopes, T, S).to(q.dtype) if self.position == "alibi" else None  # (nh, T, S)
@@ -172,13 +199,15 @@ class CausalSelfAttention(nn.Module):
         if self.topk is None and not self.residual_attention:
             p = self.dropout if self.training else 0.0
             if bias is None and start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=grouped)
             elif bias is None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, enable_gqa=grouped)
             else:
                 mask = bias.masked_fill(~allowed, float("-inf"))  # (nh, T, S)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=grouped)
         else:
+            if grouped:
+                k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if prev_scores is not None:
                 scores = scores + prev_scores
@@ -195,18 +224,27 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP, c_proj(gelu(c_fc(x))), or SwiGLU (Shazeer 2020), c_proj(silu(gate) * up), whose
+    gate and up projections are one matmul: c_fc's first H outputs are the gate, the next H up."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        C = cfg.n_embd
-        self.c_fc = nn.Linear(C, 4 * C, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * C, C, bias=cfg.bias)
+        C, H = cfg.n_embd, cfg.ffn_hidden
+        self.swiglu = cfg.mlp == "swiglu"
+        self.c_fc = nn.Linear(C, 2 * H if self.swiglu else H, bias=cfg.bias)
+        self.c_proj = nn.Linear(H, C, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         _init_linear(self.c_fc)
         _init_linear(self.c_proj, INIT_STD / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU.
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2 uses the tanh approximation
+        return self.drop(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -227,7 +265,7 @@ class Block(nn.Module):
         rezero = cfg.norm == "rezero"
 
         def norm() -> nn.Module:
-            return nn.Identity() if rezero else nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+            return nn.Identity() if rezero else make_norm(cfg)
 
         def gate() -> nn.Parameter | None:
             return nn.Parameter(torch.zeros(1)) if rezero else None
@@ -259,9 +297,9 @@ class Block(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, n_embd: int, bias: bool = True):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.ln_f = make_norm(cfg)
 
     def forward(self, x) -> torch.Tensor:
         if isinstance(x, tuple):  # (x, scores) from residual-attention blocks: scores end here

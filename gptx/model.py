@@ -68,7 +68,7 @@ def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:
     specs: list[LayerSpec] = [embed, positions]
     for i in range(cfg.n_layer):
         specs.append(SeededLayerSpec(seed + 2 + i, Block, cfg))
-    specs.append(SeededLayerSpec(seed + 2 + cfg.n_layer, FinalNorm, C, cfg.bias))
+    specs.append(SeededLayerSpec(seed + 2 + cfg.n_layer, FinalNorm, cfg))
     if cfg.tie_embeddings:
         # Same seed as position 0: both copies start equal even before DeepSpeed broadcasts.
         specs.append(SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, P,

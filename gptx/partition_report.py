@@ -19,10 +19,6 @@ GiB = 1024 ** 3
 # fp32: Adam's two moments. fp16: fp32 master copy + two moments. bf16 (ZeRO-1 with fp32
 # gradient accumulation, as gptx requires): the same plus an fp32 gradient buffer.
 PARAM_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2 + 4, 12)}
-# Activations a pre-LN block keeps for backward, in units of micro_batch x seq_len x n_embd
-# values: LN1 input, qkv input, q, k, v, attention output, projection input, LN2 input,
-# MLP input, GELU input (4 C) and GELU output (4 C). Fused attention keeps no T x T scores.
-BLOCK_ACTIVATIONS = 17
 
 
 @dataclass(frozen=True)
@@ -39,6 +35,32 @@ class MemoryModel:
     @property
     def act_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
+
+
+def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
+    """Bytes one decoder block keeps for backward per token of a micro-batch (fused attention,
+    which keeps no T x T scores; the explicit score path adds those in stage_memory).
+
+    Each norm keeps its input (RMSNorm: its fp32 copy and the normalized values, since it
+    normalizes in fp32); each branch keeps its input (the norm's output); attention keeps the
+    q/k/v projection (n_embd + 2 x kv heads x head size wide), rotary's rotated q and k and
+    its angle tables, its output, the output's copy that the projection reads (a kernel whose
+    output is already in that layout spares it) and a log-sum-exp per head; the MLP keeps GELU's input and output (2 H), or SwiGLU's gate
+    and up (2 H), silu(gate) and the product (4 H); ReZero gates keep their branch's output.
+    GPT-2's block: 17 x n_embd values."""
+    C, H, kv = model.n_embd, model.ffn_hidden, model.kv_heads * model.head_dim
+    rezero = model.norm == "rezero"
+    mlps = 2 if model.macaron else 1
+    branches = mlps + 1
+    norms = 0 if rezero else (1 if model.residual == "parallel" else branches)
+    norm = (4 * C + C * act_bytes) if model.norm == "rmsnorm" else C * act_bytes
+    inputs = (1 if model.residual == "parallel" else branches) * C * act_bytes
+    attention = (C + 2 * kv) * act_bytes + 2 * C * act_bytes + 4 * model.n_head
+    if model.position_embedding == "rotary":  # rotated q and k, and cos/sin tables (counted as if batch 1)
+        attention += (C + kv) * act_bytes + 2 * model.head_dim * act_bytes
+    mlp = (4 if model.mlp == "swiglu" else 2) * H * act_bytes
+    gates = branches * C * act_bytes if rezero else 0
+    return norms * norm + inputs + attention + mlps * mlp + gates
 
 
 def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params: int, mem: MemoryModel,
@@ -59,7 +81,7 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     btc = b * T * C * mem.act_bytes
     stage_input = b * T * 8 if stage == 0 else btc  # token ids, or the hidden states received
     other = btc * (len(names) - n_blocks)  # inputs kept by norms, position add and head
-    per_block = BLOCK_ACTIVATIONS * btc
+    per_block = int(b * T * block_activation_bytes(model, mem.act_bytes))
     if model.attention_topk is not None or model.residual_attention:
         # The explicit score path keeps T x T per head: fp32 probabilities, their cast, the scores.
         per_block += b * model.n_head * T * T * (4 + 2 * mem.act_bytes)

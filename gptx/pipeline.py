@@ -96,6 +96,12 @@ def count_layer_params(specs: list[LayerSpec]) -> list[int]:
     return [_count_spec(spec) for spec in specs]
 
 
+def unique_param_count(cfg) -> int:
+    """The model's parameters, a tied embedding counted once (ModelConfig in, meta device builds)."""
+    tied_copy = cfg.padded_vocab_size * cfg.n_embd if cfg.tie_embeddings else 0
+    return sum(count_layer_params(layer_specs(cfg, seed=0))) - tied_copy
+
+
 _SPEC_COUNTS: dict = {}
 
 

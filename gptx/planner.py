@@ -179,20 +179,21 @@ def plan_layouts(cfg: Config, cluster: Cluster, base_ds: dict, micro_batch: int,
     return rows
 
 
-def command_for(cfg_name: str, row: dict, cluster: Cluster, ds_path: str = "plan.json") -> str:
+def command_for(model_flags: str, row: dict, cluster: Cluster, ds_path: str = "plan.json") -> str:
+    """The launch line for a planned layout; `model_flags` names the model as the user did (--model, --set)."""
     layout = row["layout"]
     launcher = (f"deepspeed --num_gpus {cluster.gpus}" if cluster.gpus <= cluster.gpus_per_node
                 else "deepspeed --hostfile hostfile")
-    flags = [f"--model {cfg_name}", f"--pipe-parallel-size {layout.pipe}", f"--deepspeed_config {ds_path}"]
+    flags = [model_flags, f"--pipe-parallel-size {layout.pipe}", f"--deepspeed_config {ds_path}"]
     if layout.checkpoint:
         flags.append(f"--activation-checkpoint-interval {layout.checkpoint}")
     return f"{launcher} launch/pretrain.py " + " ".join(flags)
 
 
-def render_plan(cfg_name: str, rows: list[dict], cluster: Cluster, limit: int = 12) -> str:
+def render_plan(model_flags: str, rows: list[dict], cluster: Cluster, limit: int = 12) -> str:
     import json
     fitting = [r for r in rows if r["fits"]]
-    lines = [f"model {cfg_name} on {cluster.gpus} GPU(s) of {cluster.gpu_memory_gib:g} GiB, "
+    lines = [f"{model_flags} on {cluster.gpus} GPU(s) of {cluster.gpu_memory_gib:g} GiB, "
              f"{cluster.host_memory_gib:g} GiB of host memory per node of {min(cluster.gpus_per_node, cluster.gpus)}: "
              f"{len(fitting)} of {len(rows)} layouts fit (GPU: prediction + {cluster.reserve_gib:g} GiB reserve; "
              f"host: offloaded tensors + {cluster.host_reserve_gib:g} GiB per rank)", "",
@@ -206,6 +207,6 @@ def render_plan(cfg_name: str, rows: list[dict], cluster: Cluster, limit: int = 
         return "\n".join(lines)
     best = fitting[0]
     lines += ["", f"chosen: {best['layout'].describe()}",
-              f"  {command_for(cfg_name, best, cluster)}", "  plan.json:",
+              f"  {command_for(model_flags, best, cluster)}", "  plan.json:",
               "  " + json.dumps(best["ds_config"], indent=2).replace("\n", "\n  ")]
     return "\n".join(lines)

@@ -104,10 +104,11 @@ def flash_attention_available(cfg: Config, device, dtype) -> bool:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     m = cfg.model
-    q = torch.randn(1, m.n_head, m.seq_len, m.n_embd // m.n_head, device=device, dtype=dtype)
+    q = torch.randn(1, m.n_head, m.seq_len, m.head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, m.kv_heads, m.seq_len, m.head_dim, device=device, dtype=dtype)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=m.kv_heads != m.n_head)
         return True
     except RuntimeError:
         return False

@@ -1,6 +1,6 @@
 import pytest
 
-from gptx.config import PRESETS, load_config, parse_override
+from gptx.config import ModelConfig, PRESETS, load_config, parse_override
 from gptx.errors import ConfigError
 from gptx.model import layer_specs
 from gptx.pipeline import count_layer_params
@@ -28,6 +28,31 @@ def test_parameter_count_follows_the_closed_form():
     assert unique_params(cfg) == V * C + T * C + L * per_block + 2 * C
 
 
+@pytest.mark.parametrize("name,expected", [
+    # Hugging Face's parameter counts of TinyLlama/TinyLlama_v1.1 and meta-llama/Llama-2-7b-hf.
+    ("tinyllama-1.1b", 1_100_048_384), ("llama2-7b", 6_738_415_616),
+])
+def test_llama_presets_have_the_published_parameter_counts(name, expected):
+    assert unique_params(load_config(name)) == expected
+
+
+def test_llama_style_125m_follows_the_closed_form():
+    m = load_config("llama-style-125m").model
+    C, L, V = m.n_embd, m.n_layer, m.vocab_size
+    kv, H = 4 * (C // 12), 8 * C // 3  # 4 of 12 heads keep keys and values; 8/3 C is a multiple of 256 here
+    per_block = 2 * C * C + 2 * C * kv + 3 * C * H + 2 * C  # q, out; k, v; gate, up, down; two RMSNorm weights
+    assert unique_params(load_config("llama-style-125m")) == V * C + L * per_block + C == 126_700_032
+
+
+@pytest.mark.parametrize("n_embd,width", [(2048, 5632), (4096, 11008), (768, 2048), (100, 512)])
+def test_swiglu_width_defaults_to_eight_thirds_rounded_up_to_256(n_embd, width):
+    # 5632 and 11008 are TinyLlama's and Llama 2 7B's published intermediate sizes.
+    m = ModelConfig(n_embd=n_embd, n_head=4, mlp="swiglu")
+    assert m.ffn_hidden == width
+    assert ModelConfig(n_embd=n_embd, n_head=4, mlp="swiglu", ffn_hidden_size=7).ffn_hidden == 7
+    assert ModelConfig(n_embd=n_embd, n_head=4).ffn_hidden == 4 * n_embd
+
+
 def test_every_preset_is_valid_and_gpt3_uses_2048_context():
     for name in PRESETS:
         cfg = load_config(name)
@@ -53,6 +78,14 @@ def test_yaml_base_overrides_and_cli_precedence(tmp_path):
     ("train:\n  lrr: 1\n", "unknown training key 'train.lrr'"),
     ("n_layer: [1\n", "not valid YAML"),
     ("dropout: 1.5\n", "model.dropout"),
+    ("n_kv_head: 5\n", "model.n_kv_head: must be a positive divisor of model.n_head"),
+    ("n_kv_head: 0\n", "model.n_kv_head"),
+    ("mlp: relu\n", "model.mlp: expected one of gelu, swiglu"),
+    ("norm: batchnorm\n", "model.norm: expected one of layernorm, rmsnorm, rezero"),
+    ("norm_eps: 0\n", "model.norm_eps"),
+    ("rope_theta: 0.5\n", "model.rope_theta"),
+    ("ffn_hidden_size: 0\n", "model.ffn_hidden_size"),
+    ("ffn_multiple_of: 0\n", "model.ffn_multiple_of"),
 ])
 def test_bad_yaml_is_rejected_naming_the_field(tmp_path, body, needle):
     f = tmp_path / "bad.yaml"

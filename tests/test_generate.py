@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptx.config import ModelConfig
+from gptx.config import LLAMA_BLOCK, ModelConfig
 from gptx.generate import generate
 from gptx.model import GPT
 from gptx.variants import VARIANTS
@@ -9,9 +9,13 @@ from gptx.variants import VARIANTS
 SMALL = dict(vocab_size=97, seq_len=32, n_layer=3, n_head=4, n_embd=32)
 
 
-@pytest.mark.parametrize("name", [v for v in VARIANTS])
+CASES = dict(VARIANTS)
+CASES.update({f"llama_kv{kv}": dict(LLAMA_BLOCK, n_kv_head=kv) for kv in (1, 2, 4)})  # MQA, GQA, MHA
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_cached_generation_equals_full_recomputation(name):
-    model = GPT(ModelConfig(**{**SMALL, **VARIANTS[name]}), seed=0)
+    model = GPT(ModelConfig(**{**SMALL, **CASES[name]}), seed=0)
     for gate in (p for n, p in model.named_parameters() if "gate" in n):
         torch.nn.init.constant_(gate, 0.5)
     prompt = [5, 17, 3, 44]
@@ -23,6 +27,8 @@ def test_cached_generation_equals_full_recomputation(name):
     ids = torch.tensor([fast])
     step = torch.cat([model(ids[:, :10], caches)] + [model(ids[:, i:i + 1], caches) for i in range(10, 24)], dim=1)
     assert torch.allclose(step, model(ids), atol=1e-5)
+    kv_heads = model.cfg.kv_heads  # the cache keeps only the key/value heads
+    assert caches[0].k.shape == (1, kv_heads, 24, model.cfg.head_dim)
 
 
 def test_sampling_is_seeded_and_stops_at_the_stop_token():

@@ -77,7 +77,9 @@ def test_pytorch_model_bin_with_mask_buffers_imports(tmp_path):
 def test_variants_gpt2_cannot_express_are_refused(tmp_path, capsys):
     save_model(GPT(ModelConfig(**{**MICRO_MODEL, "position_embedding": "alibi"}), seed=0), tmp_path / "run")
     assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 2
-    assert "cannot express this model (position_embedding: alibi)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot express this model as GPT-2 (position_embedding: alibi) nor as Llama (norm: layernorm" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_training_continues_from_imported_weights(dist_world1, tmp_path):
@@ -172,3 +174,77 @@ def test_another_vocabulary_exports_without_tokenizer_files(tmp_path, capsys):
     assert "without tokenizer files (its 256-token vocabulary is not GPT-2's" in capsys.readouterr().out
     assert not (tmp_path / "hf" / "vocab.json").exists()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] is None
+
+
+LLAMA = dict(MICRO_MODEL, n_head=4, norm="rmsnorm", mlp="swiglu", position_embedding="rotary", bias=False,
+             ffn_multiple_of=16, norm_eps=1e-6, rope_theta=500000.0)
+
+
+def llama_model(seed=4, **keys):
+    model = GPT(ModelConfig(**{**LLAMA, **keys}), seed=seed).eval()
+    with torch.no_grad():  # norms start at 1: move them so that a swapped norm would show
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("keys", [dict(n_kv_head=2, tie_embeddings=False), dict(n_kv_head=1),
+                                  dict(n_kv_head=4, bias=True, vocab_size=250, pad_vocab_to_multiple=64)])
+def test_llama_round_trip_is_exact(tmp_path, keys):
+    model = llama_model(**keys)
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_cfg["model_type"], hf_cfg["num_key_value_heads"], hf_cfg["intermediate_size"]) == (
+        "llama", model.cfg.kv_heads, 96)
+    assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]) == 0
+    back, back_cfg = load_plain_model(tmp_path / "back")
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a[:model.cfg.vocab_size], b[:model.cfg.vocab_size]), name
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(model(idx), back.eval()(idx))
+    m = back_cfg.model
+    assert (m.kv_heads, m.ffn_hidden, m.rope_theta, m.norm_eps, m.bias, m.tie_embeddings) == (
+        model.cfg.kv_heads, 96, 500000.0, 1e-6, model.cfg.bias, model.cfg.tie_embeddings)
+
+
+@pytest.mark.parametrize("keys", [dict(n_kv_head=2, tie_embeddings=False), dict(n_kv_head=1), dict(bias=True)])
+def test_llama_export_loads_in_transformers_with_the_same_logits(tmp_path, keys):
+    transformers = pytest.importorskip("transformers")
+    model = llama_model(**keys)
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.num_parameters() == sum(p.numel() for p in model.parameters())
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, model(idx), atol=1e-5)
+
+
+def test_llama_import_refuses_rope_scaling_in_one_line(tmp_path, capsys):
+    save_model(llama_model(), tmp_path / "run")
+    run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")])
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf_cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_cfg))
+    assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert "rope scaling" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "back").exists()
+
+
+def test_an_imported_llama_resumes_under_a_config_that_leaves_widths_at_their_defaults(tmp_path):
+    from gptx.checkpoint import check_compatible
+    from gptx.config import load_config
+    from gptx.errors import CheckpointError
+    model = llama_model(n_kv_head=2, ffn_multiple_of=256, tie_embeddings=False)  # width 256: the default rounding
+    save_model(model, tmp_path / "run")
+    run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")])
+    run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")])
+    meta = json.loads(next((tmp_path / "back").glob("iter_*/gptx.json")).read_text())
+    keys = {k: v for k, v in LLAMA.items() if k != "ffn_multiple_of"}
+    check_compatible(meta, load_config(None, dict(keys, n_kv_head=2, tie_embeddings=False)), 1, "back")
+    with pytest.raises(CheckpointError, match="n_kv_head 2 \\(checkpoint\\) vs 1 \\(now\\)"):
+        check_compatible(meta, load_config(None, dict(keys, n_kv_head=1, tie_embeddings=False)), 1, "back")

@@ -1,11 +1,12 @@
 """The planner (tools/partition_report.py --fit): the layouts it proposes are ones gptx runs, its
 fits agree with its own budget, and what fits moves with the budget as it should."""
 import json
+import shlex
 
 import pytest
 
 from gptx.cli import run_partition_report
-from gptx.config import load_config
+from gptx.config import load_config, parse_override
 from gptx.ds_config import check_ds_config, read_ds_config, DS_CONFIG_DIR
 from gptx.planner import Cluster, plan_layouts
 
@@ -55,6 +56,11 @@ def test_the_cli_prints_the_chosen_command_and_json(capsys):
     assert run_partition_report(args + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["fits"] and rows[0]["command"].startswith("deepspeed --num_gpus 8")
+    # The command trains the planned model: its --model and --set flags give the same shape.
+    words = shlex.split(rows[0]["command"])
+    sets = dict(parse_override(words[i + 1]) for i, w in enumerate(words) if w == "--set")
+    model = words[words.index("--model") + 1]
+    assert load_config(model, sets).model == load_config(None, MINGPT_1_7B).model
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--gpus", "0", "--gpus: must be >= 1"),

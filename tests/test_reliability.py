@@ -203,8 +203,9 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(work):
     stopped_at = int(out.split("stopped by SIGINT at iteration ")[1].split(";")[0])
     assert stopped_at < ITERS and (run / "latest").read_text() == f"iter_{stopped_at:07d}"
     assert "rank 0: received SIGINT" in out and "rank 1: received SIGINT" in out
-    # DeepSpeed's runner dies of the signal with its own KeyboardInterrupt traceback (not gptx's code).
-    assert code == -signal.SIGINT, out[-3000:]
+    # Not gptx's code: DeepSpeed's runner dies of the signal (its own KeyboardInterrupt), or, when
+    # its child launcher exits first ("Main process received SIGINT, exiting"), passes on its 1.
+    assert code in (-signal.SIGINT, 1), out[-3000:]
 
 
 @pytest.mark.launcher

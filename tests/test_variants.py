@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from gptx.config import ModelConfig, load_config
+from gptx.config import LLAMA_BLOCK, ModelConfig, load_config
 from gptx.errors import ConfigError
 from gptx.layers import Block, CausalSelfAttention, alibi_slopes
 from gptx.model import GPT
@@ -13,7 +13,8 @@ from tests.conftest import MICRO_MODEL, launch, make_token_dir, precision_ds
 
 VARIANTS = {name: keys for name, keys in BASE_VARIANTS.items() if keys}  # every key, alone
 VARIANTS.update(gptx1b_like=dict(norm="rezero", attention_topk=4, tie_embeddings=False),
-                star_like=dict(position_embedding="alibi", residual="parallel", residual_attention=True))
+                star_like=dict(position_embedding="alibi", residual="parallel", residual_attention=True),
+                llama_like=dict(LLAMA_BLOCK, n_kv_head=1, tie_embeddings=False))
 SMALL = dict(vocab_size=97, seq_len=16, n_layer=3, n_head=4, n_embd=32)
 
 
@@ -137,3 +138,27 @@ def test_two_stages_match_one_stage_and_loss_falls(dist_world1, two_stage_losses
     assert len(one) == len(two) == ITERS
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert two[-1] < two[0]
+
+
+@pytest.mark.parametrize("layout", ["checkpointing", "no-pipeline-zero3"])
+def test_llama_blocks_train_the_same_with_checkpointing_and_without_the_pipeline(dist_world1, tmp_path, layout,
+                                                                                monkeypatch):
+    import dataclasses
+    import gptx.pipeline
+    calls = []
+    original = gptx.pipeline._checkpoint
+    monkeypatch.setattr(gptx.pipeline, "_checkpoint", lambda fn, *a: calls.append(1) or original(fn, *a))
+    from gptx.data import open_tokens
+    from gptx.precision_check import train_trace
+    tokens = open_tokens(make_token_dir(tmp_path / "data"), "train")
+    base = variant_config("llama_like", pipe=1)
+    ds = precision_ds("fp32")
+    if layout == "checkpointing":
+        other = dataclasses.replace(base, train=dataclasses.replace(base.train, activation_checkpoint_interval=1))
+    else:
+        other = dataclasses.replace(base, train=dataclasses.replace(base.train, pipe_parallel_size=0))
+        ds = dict(ds, zero_optimization={"stage": 3})
+    one = train_trace(base, precision_ds("fp32"), tokens, ITERS).losses
+    two = train_trace(other, ds, tokens, ITERS).losses
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    assert bool(calls) == (layout == "checkpointing")  # the blocks really were recomputed
