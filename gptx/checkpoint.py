@@ -288,15 +288,16 @@ def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> Non
     """Refuse, before any heavy work, a checkpoint of another model shape."""
     import dataclasses
     from gptx.config import ModelConfig
-    # Keys added since the checkpoint was written had their default then.
-    saved = {**dataclasses.asdict(ModelConfig()), **meta.get("config", {}).get("model", {})}
-    try:
-        saved = dataclasses.asdict(ModelConfig(**saved).resolved())
-    except TypeError:  # keys this version does not know: compare as written, naming them
-        pass
+    # Keys added since the checkpoint was written had their default then; keys this version does
+    # not know are left out, as before. Both sides are compared with their widths resolved, so a
+    # default and the value it stands for are the same shape.
+    written = meta.get("config", {}).get("model", {})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = dataclasses.asdict(ModelConfig(**{k: v for k, v in written.items() if k in known}).resolved())
     current = dataclasses.asdict(cfg.model.resolved())
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
              for k in current if k != "dropout" and saved.get(k) != current[k]]
+
     if diffs:
         raise CheckpointError(f"checkpoint '{where}' is of another model: " + "; ".join(diffs))
 

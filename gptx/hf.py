@@ -62,8 +62,7 @@ def check_expressible(m: ModelConfig) -> None:
     differs = [f"{k}: {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items()
                if k != "tie_embeddings" and getattr(m, k) != v]
     differs += [f"{key}: {value}" for key, value, gpt2 in (
-        ("n_kv_head", m.kv_heads, m.n_head), ("ffn_hidden_size", m.ffn_hidden, 4 * m.n_embd),
-        ("norm_eps", m.norm_eps, 1e-5)) if value != gpt2]
+        ("n_kv_head", m.kv_heads, m.n_head), ("ffn_hidden_size", m.ffn_hidden, 4 * m.n_embd)) if value != gpt2]
     if differs:
         raise ConfigError("Hugging Face cannot express this model as GPT-2 (" + ", ".join(differs)
                           + ") nor as Llama (" + ", ".join(llama_differences(m)) + ")")
@@ -94,7 +93,7 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
     gpt2_vocab = m.vocab_size == GPT2_VOCAB_SIZE
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
                  "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
-                 "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                 "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
                  "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
                  "tie_word_embeddings": m.tie_embeddings, "bos_token_id": GPT2_EOT if gpt2_vocab else None,
                  "eos_token_id": GPT2_EOT if gpt2_vocab else None,
@@ -172,6 +171,23 @@ def write_gpt2_tokenizer(out: Path, max_length: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def check_shapes(layers: dict[int, dict[str, torch.Tensor]], m: ModelConfig, src: Path) -> None:
+    """Refuse an import whose tensors do not fit the model its config.json describes (built on the
+    meta device): caught here, not at the first --load."""
+    from gptx.model import GPT
+    with torch.device("meta"):
+        model = GPT(m, seed=0)
+    for name, module in model.layers.items():
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in layers.get(int(name), {}).items()}
+        if int(name) not in layers and not expected:
+            continue
+        for key in sorted(set(expected) | set(got)):
+            if expected.get(key) != got.get(key):
+                raise CheckpointError(f"--from-hf '{src}': layer {name} {key}: config.json implies shape "
+                                      f"{expected.get(key)}, the file has {got.get(key)}")
+
+
 def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
     if (src / "model.safetensors").exists():
         return read_safetensors(src / "model.safetensors")
@@ -197,6 +213,7 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
     if hf.get("model_type") == "llama":
         layers, cfg = from_llama(src, hf, _read_tensors(src))
         validate(cfg)
+        check_shapes(layers, cfg.model, src)
         return layers, cfg
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2' or 'llama'")
@@ -206,7 +223,8 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
     tied = hf.get("tie_word_embeddings", True)
     m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
-                    n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied)
+                    n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied,
+                    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
     L = m.n_layer
     try:
         layers = {0: {"wte.weight": sd["wte.weight"]}, 1: {"wpe.weight": sd["wpe.weight"]},
@@ -221,4 +239,5 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
             layers[3 + L] = {"lm_head.weight": sd["lm_head.weight"]}
     except KeyError as e:
         raise CheckpointError(f"--from-hf '{src}': missing tensor {e.args[0]}") from None
+    check_shapes(layers, m, src)
     return layers, Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")

@@ -98,24 +98,34 @@ def from_llama(src: Path, hf: dict, sd: dict[str, torch.Tensor]) -> tuple[dict[i
     except KeyError as e:
         fail(f"config.json has no {e.args[0]}")
     L = m.n_layer
-    sd = {k: v.float() for k, v in sd.items()}
+    sd = {k: v.float() for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed, not learned
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        used.add(name)
+        return sd[name]
     try:
-        layers = {0: {"wte.weight": sd["model.embed_tokens.weight"]},
-                  1: {}, 2 + L: {"ln_f.weight": sd["model.norm.weight"]}}
+        layers = {0: {"wte.weight": take("model.embed_tokens.weight")},
+                  1: {}, 2 + L: {"ln_f.weight": take("model.norm.weight")}}
         for i in range(L):
             p = f"model.layers.{i}."
-            block = {"ln_1.weight": sd[p + "input_layernorm.weight"],
-                     "ln_2.weight": sd[p + "post_attention_layernorm.weight"]}
+            block = {"ln_1.weight": take(p + "input_layernorm.weight"),
+                     "ln_2.weight": take(p + "post_attention_layernorm.weight")}
             for suffix in (("weight", "bias") if bias else ("weight",)):
-                block[f"attn.c_attn.{suffix}"] = torch.cat([sd[p + f"self_attn.{x}_proj.{suffix}"] for x in "qkv"])
-                block[f"attn.c_proj.{suffix}"] = sd[p + f"self_attn.o_proj.{suffix}"]
-                block[f"mlp.c_fc.{suffix}"] = torch.cat([sd[p + f"mlp.{x}_proj.{suffix}"] for x in ("gate", "up")])
-                block[f"mlp.c_proj.{suffix}"] = sd[p + f"mlp.down_proj.{suffix}"]
+                block[f"attn.c_attn.{suffix}"] = torch.cat([take(p + f"self_attn.{x}_proj.{suffix}") for x in "qkv"])
+                block[f"attn.c_proj.{suffix}"] = take(p + f"self_attn.o_proj.{suffix}")
+                block[f"mlp.c_fc.{suffix}"] = torch.cat([take(p + f"mlp.{x}_proj.{suffix}") for x in ("gate", "up")])
+                block[f"mlp.c_proj.{suffix}"] = take(p + f"mlp.down_proj.{suffix}")
             layers[2 + i] = block
         if not m.tie_embeddings:
-            layers[3 + L] = {"lm_head.weight": sd["lm_head.weight"]}
+            layers[3 + L] = {"lm_head.weight": take("lm_head.weight")}
     except KeyError as e:
         fail(f"missing tensor {e.args[0]}")
+    except RuntimeError:  # torch.cat of pieces whose widths disagree
+        fail("the q/k/v or gate/up projections' shapes disagree with each other")
+    unused = sorted(set(sd) - used)
+    if unused:  # e.g. biases that config.json says are not there: dropping them would change the model
+        fail(f"{len(unused)} tensor(s) this config.json does not account for, first {unused[0]}")
     return layers, Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")
 
 

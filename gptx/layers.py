@@ -149,6 +149,14 @@ class KVCache:
         return self.k, self.v
 
 
+def shared_kv_kernel(q: torch.Tensor, causal_only: bool) -> bool:
+    """Whether scaled_dot_product_attention can read grouped keys and values in place (enable_gqa).
+    On CUDA only its flash and math kernels can, and flash needs fp16/bf16 and no mask: elsewhere
+    the math kernel would keep (B, nh, T, S) probabilities, so the caller repeats the key/value
+    heads instead and lets the memory-efficient kernel run. The CPU kernels handle it in place."""
+    return q.device.type != "cuda" or (q.dtype in (torch.float16, torch.bfloat16) and causal_only)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention with the position and score variants.
 
@@ -196,7 +204,11 @@ class CausalSelfAttention(nn.Module):
         allowed = torch.arange(S, device=x.device)[None, :] <= torch.arange(start, S, device=x.device)[:, None]
         bias = alibi_bias(self.slopes, T, S).to(q.dtype) if self.position == "alibi" else None  # (nh, T, S)
         scores = None
-        if self.topk is None and not self.residual_attention:
+        fused = self.topk is None and not self.residual_attention
+        if grouped and not (fused and shared_kv_kernel(q, bias is None and start == 0)):
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+            grouped = False
+        if fused:
             p = self.dropout if self.training else 0.0
             if bias is None and start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=grouped)
@@ -206,8 +218,6 @@ class CausalSelfAttention(nn.Module):
                 mask = bias.masked_fill(~allowed, float("-inf"))  # (nh, T, S)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=grouped)
         else:
-            if grouped:
-                k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if prev_scores is not None:
                 scores = scores + prev_scores

@@ -47,7 +47,9 @@ def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
     its angle tables, its output, the output's copy that the projection reads (a kernel whose
     output is already in that layout spares it) and a log-sum-exp per head; the MLP keeps GELU's input and output (2 H), or SwiGLU's gate
     and up (2 H), silu(gate) and the product (4 H); ReZero gates keep their branch's output.
-    GPT-2's block: 17 x n_embd values."""
+    GPT-2's block: 17 x n_embd values. Not counted: ALiBi's (n_head, T, T) mask and what the
+    attention kernel that takes it keeps, and, on a GPU in fp32 or under a mask, grouped-query
+    attention's keys and values repeated to n_head heads (gptx.layers.shared_kv_kernel)."""
     C, H, kv = model.n_embd, model.ffn_hidden, model.kv_heads * model.head_dim
     rezero = model.norm == "rezero"
     mlps = 2 if model.macaron else 1

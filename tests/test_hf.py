@@ -182,9 +182,9 @@ LLAMA = dict(MICRO_MODEL, n_head=4, norm="rmsnorm", mlp="swiglu", position_embed
 
 def llama_model(seed=4, **keys):
     model = GPT(ModelConfig(**{**LLAMA, **keys}), seed=seed).eval()
-    with torch.no_grad():  # norms start at 1: move them so that a swapped norm would show
+    with torch.no_grad():  # norms start at 1 and biases at 0: move them so that a swapped one would show
         for name, p in model.named_parameters():
-            if "ln_" in name:
+            if "ln_" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -248,3 +248,37 @@ def test_an_imported_llama_resumes_under_a_config_that_leaves_widths_at_their_de
     check_compatible(meta, load_config(None, dict(keys, n_kv_head=2, tie_embeddings=False)), 1, "back")
     with pytest.raises(CheckpointError, match="n_kv_head 2 \\(checkpoint\\) vs 1 \\(now\\)"):
         check_compatible(meta, load_config(None, dict(keys, n_kv_head=1, tie_embeddings=False)), 1, "back")
+
+
+def test_a_checkpoint_with_a_key_this_version_lacks_compares_on_the_keys_it_knows():
+    from gptx.checkpoint import check_compatible
+    from gptx.config import load_config
+    from gptx.errors import CheckpointError
+    cfg = load_config("tiny")
+    meta = {"config": {"model": {**cfg.to_dict()["model"], "qk_norm": False}}}  # written by a later gptx
+    check_compatible(meta, cfg, 2, "later")
+    meta["config"]["model"]["n_layer"] = 5
+    with pytest.raises(CheckpointError, match=r"^checkpoint 'later' is of another model: n_layer 5 \(checkpoint\) vs 4"):
+        check_compatible(meta, cfg, 2, "later")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda cfg, sd: cfg.update(num_key_value_heads=4), "config.json implies shape"),
+    (lambda cfg, sd: cfg.update(intermediate_size=64), "config.json implies shape"),
+    (lambda cfg, sd: sd.update({"model.layers.0.self_attn.q_proj.bias": torch.ones(32)}),
+     "1 tensor(s) this config.json does not account for, first model.layers.0.self_attn.q_proj.bias"),
+    (lambda cfg, sd: sd.pop("model.norm.weight"), "missing tensor model.norm.weight"),
+])
+def test_a_llama_import_that_does_not_fit_its_config_is_refused_in_one_line(tmp_path, capsys, edit, needle):
+    from gptx.hf import write_safetensors
+    save_model(llama_model(n_kv_head=2), tmp_path / "run")
+    run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")])
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    sd = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    edit(hf_cfg, sd)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_cfg))
+    write_safetensors(sd, tmp_path / "hf" / "model.safetensors")
+    assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "back").exists()

@@ -11,9 +11,15 @@ SMALL = dict(vocab_size=97, seq_len=16, n_layer=2, n_head=4, n_embd=32)
 @pytest.mark.parametrize("position", ["learned", "rotary", "alibi"])
 @pytest.mark.parametrize("kv", [1, 2])
 @pytest.mark.parametrize("explicit", [False, True])
-def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_values(kv, position, explicit):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_values(kv, position, explicit,
+                                                                                     in_place, monkeypatch):
     """Query head i reads key/value head i // (n_head / n_kv_head): the same as multi-head attention
-    whose key and value weights repeat each group's rows."""
+    whose key and value weights repeat each group's rows; whether the kernel reads the groups in
+    place (enable_gqa) or the heads are repeated first (as on GPUs where it cannot)."""
+    import gptx.layers
+    if not in_place:
+        monkeypatch.setattr(gptx.layers, "shared_kv_kernel", lambda q, causal_only: False)
     extra = dict(attention_topk=16) if explicit else {}  # top-16 of 16 keys: the explicit score path, same math
     gqa = CausalSelfAttention(ModelConfig(**SMALL, n_kv_head=kv, position_embedding=position, **extra)).eval()
     mha = CausalSelfAttention(ModelConfig(**SMALL, position_embedding=position, **extra)).eval()
@@ -24,6 +30,7 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_keys_and_va
     def repeat(t):  # (kv * hd, ...) -> (n_head * hd, ...), each kv head's rows once per query head in its group
         return t.view(kv, hd, *t.shape[1:]).repeat_interleave(group, dim=0).reshape(4 * hd, *t.shape[1:])
     with torch.no_grad():
+        gqa.c_attn.bias.normal_()  # biases start at 0: make them count
         mha.c_attn.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
         mha.c_attn.bias.copy_(torch.cat([bq, repeat(bk), repeat(bv)]))
         mha.c_proj.load_state_dict(gqa.c_proj.state_dict())
@@ -47,6 +54,9 @@ def test_rmsnorm_divides_by_the_root_mean_square_in_fp32():
 
 def test_swiglu_gates_the_up_projection_with_silu_of_the_first_half():
     mlp = MLP(ModelConfig(**SMALL, mlp="swiglu", ffn_hidden_size=12))
+    with torch.no_grad():  # biases start at 0: make a swapped gate/up bias show
+        mlp.c_fc.bias.normal_()
+        mlp.c_proj.bias.normal_()
     assert mlp.c_fc.weight.shape == (24, 32) and mlp.c_proj.weight.shape == (32, 12)
     x = torch.randn(3, 32)
     w_gate, w_up = mlp.c_fc.weight[:12], mlp.c_fc.weight[12:]
