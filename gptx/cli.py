@@ -444,6 +444,10 @@ def benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown-iters", type=int, default=2, help="iterations with per-instruction timers")
     p.add_argument("--plain", action="store_true",
                    help="also time the same training in a plain PyTorch loop (one rank only)")
+    p.add_argument("--reference", action="append", default=[], metavar="hf|PATH",
+                   help="also time another project's model of this shape in the plain loop, from gptx's initial "
+                        "weights: hf (transformers' GPT2LMHeadModel) or a nanoGPT-style model.py; repeatable "
+                        "(one rank only)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -515,10 +519,10 @@ def _strategy_worker(args) -> int:
 
     from gptx.ds_config import read_ds_config
     from gptx.strategies import measure_strategy
-    from gptx.train import _accelerator_name, _set_threads
+    from gptx.train import _accelerator_name, configure_host
     cfg, _ = _tool_config(args, ("pipe_parallel_size", "activation_checkpoint_interval"), allow_no_pipeline=True)
     ds = read_ds_config(args.deepspeed_config)
-    _set_threads(_accelerator_name())
+    configure_host(_accelerator_name())
     _in_process_group(lambda: measure_strategy(cfg, ds, args.iters, args.warmup, Path(args.worker_out)))
     return 0
 
@@ -583,7 +587,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
 
         from gptx.benchmark import BenchSettings, benchmark, render_text
         from gptx.ds_config import check_ds_config, default_ds_config_path, read_ds_config
-        from gptx.train import _accelerator_name, _set_threads
+        from gptx.train import _accelerator_name, configure_host
         args = benchmark_parser().parse_args(argv)
         cfg, world = _tool_config(args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval",
                                          "compile_blocks"))
@@ -591,16 +595,23 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         for name in ("iters", "warmup", "breakdown_iters"):
             if getattr(args, name) < (1 if name == "iters" else 0):
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= {1 if name == 'iters' else 0}")
-        if args.plain and world != 1:
-            raise ConfigError(f"--plain compares with a single-process loop: run it as one rank "
-                              f"(python tools/benchmark.py), not {world}")
+        if (args.plain or args.reference) and world != 1:
+            raise ConfigError(f"--{'plain' if args.plain else 'reference'} compares with a single-process loop: "
+                              f"run it as one rank (python tools/benchmark.py), not {world}")
         accelerator = _accelerator_name()
         ds_path = args.deepspeed_config or str(default_ds_config_path(accelerator))
         ds = read_ds_config(ds_path)
         layout = check_ds_config(ds, world // pp, pp, accelerator, ds_path)
-        _set_threads(accelerator)
+        configure_host(accelerator)
         settings = BenchSettings(iters=args.iters, warmup=args.warmup, breakdown_iters=args.breakdown_iters,
-                                 plain=args.plain)
+                                 plain=args.plain, references=tuple(args.reference))
+        if args.reference:  # a bad reference is one line before the engine is built, not after
+            import torch
+            from gptx.model import GPT
+            from gptx.references import load_reference
+            for reference in args.reference:
+                with torch.device("meta"):
+                    load_reference(reference, cfg, GPT(cfg.model, seed=0))
 
         def work():
             report = benchmark(cfg, ds, layout, settings, accelerator)
@@ -643,7 +654,7 @@ def run_gpu_check(argv: list[str] | None = None) -> int:
         from gptx.data import check_data, default_data_dir, open_tokens
         from gptx.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
         from gptx.precision_check import gpu_check, render_gpu_check
-        from gptx.train import _accelerator_name, _set_threads, log
+        from gptx.train import _accelerator_name, configure_host, log
         args = gpu_check_parser().parse_args(argv)
         set_log_level_from_string("warning")
         cfg, world = _tool_config(args, ("pipe_parallel_size",))
@@ -666,7 +677,7 @@ def run_gpu_check(argv: list[str] | None = None) -> int:
         if accelerator == "cuda":  # the fp32 reference as GPUs run it by default in practice
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        _set_threads(accelerator)
+        configure_host(accelerator)
 
         def work():
             report = gpu_check(cfg, configs, open_tokens(data_dir, "train"), args.iters, accelerator, log=log)

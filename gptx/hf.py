@@ -75,32 +75,40 @@ def to_hf(model, cfg: Config, out: str | Path) -> Path:
     if is_llama(m):
         return _to_llama(model, m, Path(out))
     check_expressible(m)
-    L = m.n_layer
-    sd = {}
-    V = m.vocab_size  # padding rows (pad_vocab_to_multiple) are not part of GPT-2's format
-    sd["transformer.wte.weight"] = model.layers["0"].wte.weight[:V]
-    sd["transformer.wpe.weight"] = model.layers["1"].wpe.weight
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = gpt2_tensors(model, m)
+    write_safetensors({k: v.detach().float().contiguous() for k, v in sd.items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(gpt2_config(m), indent=2) + "\n")
+    _tokenizer_files(out, m)
+    return out
+
+
+def gpt2_tensors(model, m: ModelConfig, conv1d: bool = True) -> dict[str, torch.Tensor]:
+    """gptx's GPT-2-architecture weights under Hugging Face's names (nanoGPT's too, which keeps
+    nn.Linear's (out, in) layout: conv1d=False). Padding rows are not part of the format."""
+    L, V = m.n_layer, m.vocab_size
+    sd = {"transformer.wte.weight": model.layers["0"].wte.weight[:V],
+          "transformer.wpe.weight": model.layers["1"].wpe.weight}
     for i in range(L):
         for name, t in model.layers[str(2 + i)].state_dict().items():
-            sd[f"transformer.h.{i}.{name}"] = t.t() if name in CONV1D else t
+            sd[f"transformer.h.{i}.{name}"] = t.t() if conv1d and name in CONV1D else t
     for name, t in model.layers[str(2 + L)].state_dict().items():
         sd["transformer." + name] = t  # ln_f
     if not m.tie_embeddings:
         sd["lm_head.weight"] = model.layers[str(3 + L)].lm_head.weight[:V]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors({k: v.detach().float().contiguous() for k, v in sd.items()}, out / "model.safetensors")
+    return sd
+
+
+def gpt2_config(m: ModelConfig) -> dict:
     gpt2_vocab = m.vocab_size == GPT2_VOCAB_SIZE
-    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
-                 "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
-                 "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
-                 "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
-                 "tie_word_embeddings": m.tie_embeddings, "bos_token_id": GPT2_EOT if gpt2_vocab else None,
-                 "eos_token_id": GPT2_EOT if gpt2_vocab else None,
-                 "torch_dtype": "float32"}
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    _tokenizer_files(out, m)
-    return out
+    L = m.n_layer
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
+            "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
+            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
+            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": GPT2_EOT if gpt2_vocab else None,
+            "eos_token_id": GPT2_EOT if gpt2_vocab else None, "torch_dtype": "float32"}
 
 
 def _to_llama(model, m: ModelConfig, out: Path) -> Path:

@@ -145,12 +145,37 @@ def describe_layout(cfg: Config, plan: "Plan", threads: int) -> str:
     return (f"{head}, {plan.accelerator}, {precision(ds)}, {', '.join(parts)}, {threads} thread(s)/rank")
 
 
-def _set_threads(accelerator: str) -> int:
-    # Ranks on one CPU share its cores; without this each would start a thread per core.
-    if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+def configure_host(accelerator: str) -> int:
+    """This process's settings for training on a CPU; returns its thread count."""
+    if accelerator == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one CPU share its cores; without this each would start a thread per core.
+            local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        keep_freed_memory()
     return torch.get_num_threads()
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed host memory in the process for the next iteration (glibc only).
+
+    glibc serves every allocation over 32 MiB with its own mmap and unmaps it when freed, so
+    each iteration faults the pages of its logits and activations in afresh, zeroed by the
+    kernel. Serving all allocations from the heap and trimming it only above 2 GiB free keeps
+    those pages; the process holds its peak memory instead of returning it between iterations.
+    Alternating both settings in one process on this project's 2-core CPU, the engine trained a
+    4 x 256 model with GPT-2's vocabulary at 1.27x the speed (README, "Performance").
+    GPTX_KEEP_FREED_MEMORY=0 opts out."""
+    import ctypes
+    if os.environ.get("GPTX_KEEP_FREED_MEMORY") == "0":  # opt out: return freed memory to the OS
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        set_option = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(set_option(M_MMAP_MAX, 0)) and bool(set_option(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -262,7 +287,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
 
     plan = plan_run(cfg, paths)
     t = cfg.train
-    threads = _set_threads(plan.accelerator)
+    threads = configure_host(plan.accelerator)
     from deepspeed.utils.logging import set_log_level_from_string
     set_log_level_from_string(paths.ds_log_level)
     owns_process_group = not dist.is_initialized()

@@ -1,5 +1,6 @@
 """tools/benchmark.py: the engine against a plain loop, and where a pipeline's time goes."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,30 @@ def test_peak_flops_reads_whether_torch_allows_tf32(monkeypatch):
         assert peak_flops("cuda", "fp32") == 67e12
     finally:
         matmul.allow_tf32 = before
+
+
+NANOGPT_STYLE = str(Path(__file__).resolve().parent / "nanogpt_style_model.py")
+
+
+def test_reference_models_start_from_gptxs_weights_and_train_the_same(dist_world1, files, capsys):
+    pytest.importorskip("transformers")
+    tmp, model, ds = files
+    assert run_benchmark(["--model", str(model), "--deepspeed_config", str(ds), "--iters", "3", "--warmup", "1",
+                          "--plain", "--reference", "hf", "--reference", NANOGPT_STYLE, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["references"]) == {"hf", NANOGPT_STYLE}
+    for name, ref in r["references"].items():
+        # Same weights, batches, optimizer and LR: only the arithmetic's order differs.
+        assert ref["losses"] == pytest.approx(r["plain"]["losses"], abs=1e-5), name
+        assert ref["engine_speedup"] == pytest.approx(r["engine"]["tokens_per_sec"] / ref["tokens_per_sec"])
+
+
+@pytest.mark.parametrize("reference,needle", [
+    ("nowhere/model.py", "--reference nowhere/model.py: expected 'hf' or the path of a nanoGPT-style model.py"),
+    (__file__, "cannot build GPT(GPTConfig(...)) from it (AttributeError"),
+])
+def test_a_bad_reference_is_one_line_before_anything_runs(files, capsys, reference, needle):
+    assert run_benchmark(["--model", str(files[1]), "--deepspeed_config", str(files[2]),
+                          "--reference", reference]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

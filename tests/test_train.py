@@ -1,7 +1,7 @@
 """Multi-process training under the real deepspeed launcher (CPU, gloo)."""
 import pytest
 
-from tests.conftest import launch, make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
+from tests.conftest import REPO, launch, make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
 
 pytestmark = pytest.mark.launcher
 ITERS = 6
@@ -132,3 +132,29 @@ def test_a_two_stage_run_keeps_deepspeeds_noise_off_the_console(two_stages):
     # DeepSpeed's start-up prints (shown with --ds-log-level info); gptx's lines say it with counts.
     assert "SEED_LAYERS" not in out and "Using topology" not in out and "built successfully" not in out
     assert "model.yaml': 4 layers, 2 heads, width 32, context 32, vocabulary 256; GPT-2 architecture" in out
+
+
+FAULTS_OF_A_REALLOCATION = """
+import resource, sys, torch
+if sys.argv[1] == "keep":
+    from gptx.train import keep_freed_memory
+    assert keep_freed_memory()
+def faults_of_a_100mb_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(25_000_000)  # 100 MB, written: every page touched
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print([faults_of_a_100mb_tensor() for _ in range(4)][-1])  # the heap settles over the first ones
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_kept_freed_memory_serves_the_next_iterations_tensors_without_page_faults(mode):
+    """The second 100 MB allocation reuses the first's pages under keep_freed_memory; by default
+    glibc unmaps them on free and the kernel faults in 24,000 fresh pages."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION, mode], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    faults = int(out.split()[-1])
+    assert faults < 1000 if mode == "keep" else faults > 20000, faults

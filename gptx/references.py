@@ -1,0 +1,89 @@
+"""Other projects' GPTs of a gptx model's shape, for the benchmark's reference loops.
+
+`hf`: transformers' GPT2LMHeadModel (its own attention, GELU and loss-free forward; gptx
+computes the same cross-entropy on its logits). A path: a nanoGPT-style `model.py` defining
+`GPTConfig` (block_size, vocab_size, n_layer, n_head, n_embd, dropout, bias) and `GPT(config)`
+whose `forward(idx, targets)` returns `(logits, loss)`, with nanoGPT's parameter names; it gets
+the padded vocabulary (as nanoGPT pads GPT-2's to 50,304) and computes its own loss.
+
+Both start from the gptx model's initial weights, so on the same batches their losses follow
+gptx's up to their arithmetic (a test checks it) and the benchmark compares speed alone.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gptx.config import Config
+from gptx.errors import ConfigError
+
+
+def load_reference(reference: str, cfg: Config, gptx_model) -> tuple[torch.nn.Module, object]:
+    """(model, loss_fn(x, y)) for `hf` or a nanoGPT-style model.py path."""
+    from gptx.hf import check_expressible
+    try:
+        check_expressible(cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"--reference {reference}: only a GPT-2-architecture model has references ({e})") from None
+    if reference == "hf":
+        return _hf(cfg, gptx_model)
+    return _nanogpt_style(Path(reference), cfg, gptx_model)
+
+
+def _hf(cfg: Config, gptx_model):
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("--reference hf needs transformers (pip install transformers, or gptx's [eval] extra)") from None
+    from gptx.hf import gpt2_config, gpt2_tensors
+    config = transformers.GPT2Config(**{k: v for k, v in gpt2_config(cfg.model).items() if k != "architectures"})
+    model = transformers.GPT2LMHeadModel(config)
+    model.load_state_dict(gpt2_tensors(gptx_model, cfg.model), strict=False)  # masks are buffers of its own
+    _check_all_set(model, gpt2_tensors(gptx_model, cfg.model), "--reference hf")
+
+    def loss_fn(x, y):
+        return F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
+    return model, loss_fn
+
+
+def _nanogpt_style(path: Path, cfg: Config, gptx_model):
+    m = cfg.model
+    if not path.is_file():
+        raise ConfigError(f"--reference {path}: expected 'hf' or the path of a nanoGPT-style model.py")
+    spec = importlib.util.spec_from_file_location(f"gptx_reference_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.GPTConfig(block_size=m.seq_len, vocab_size=m.padded_vocab_size, n_layer=m.n_layer,
+                                  n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+        model = module.GPT(config)
+    except Exception as e:  # someone else's file: whatever it raises, say where in one line
+        raise ConfigError(f"--reference {path}: cannot build GPT(GPTConfig(...)) from it "
+                          f"({type(e).__name__}: {e})") from None
+    if not m.tie_embeddings:
+        raise ConfigError(f"--reference {path}: nanoGPT ties its embeddings; this model does not")
+    sd = gpt2_style_tensors(gptx_model, m)
+    model.load_state_dict(sd, strict=False)
+    _check_all_set(model, sd, f"--reference {path}")
+
+    def loss_fn(x, y):
+        return model(x, y)[1]
+    return model, loss_fn
+
+
+def gpt2_style_tensors(gptx_model, m) -> dict[str, torch.Tensor]:
+    """nanoGPT's names and nn.Linear layout, with the padded table (its lm_head shares it)."""
+    from gptx.hf import gpt2_tensors
+    sd = gpt2_tensors(gptx_model, m, conv1d=False)
+    sd["transformer.wte.weight"] = gptx_model.layers["0"].wte.weight
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def _check_all_set(model: torch.nn.Module, sd: dict, where: str) -> None:
+    missing = [name for name, _ in model.named_parameters() if name not in sd]
+    if missing:
+        raise ConfigError(f"{where}: its parameter {missing[0]} has no gptx counterpart ({len(missing)} in all)")
