@@ -522,7 +522,7 @@ def _strategy_worker(args) -> int:
     from gptx.train import _accelerator_name, configure_host
     cfg, _ = _tool_config(args, ("pipe_parallel_size", "activation_checkpoint_interval"), allow_no_pipeline=True)
     ds = read_ds_config(args.deepspeed_config)
-    configure_host(_accelerator_name())
+    configure_host(_accelerator_name())  # no model: the allocator returns freed memory, so RSS is what tensors need
     _in_process_group(lambda: measure_strategy(cfg, ds, args.iters, args.warmup, Path(args.worker_out)))
     return 0
 
@@ -602,7 +602,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         ds_path = args.deepspeed_config or str(default_ds_config_path(accelerator))
         ds = read_ds_config(ds_path)
         layout = check_ds_config(ds, world // pp, pp, accelerator, ds_path)
-        configure_host(accelerator)
+        configure_host(accelerator, cfg.model, layout.micro_batch)
         settings = BenchSettings(iters=args.iters, warmup=args.warmup, breakdown_iters=args.breakdown_iters,
                                  plain=args.plain, references=tuple(args.reference))
         if args.reference:  # a bad reference is one line before the engine is built, not after

@@ -158,3 +158,17 @@ def test_kept_freed_memory_serves_the_next_iterations_tensors_without_page_fault
                          cwd=REPO, check=True).stdout
     faults = int(out.split()[-1])
     assert faults < 1000 if mode == "keep" else faults > 20000, faults
+
+
+def test_freed_memory_is_kept_only_where_iterations_would_map_tensors_afresh(monkeypatch):
+    import gptx.train
+    from gptx.config import load_config
+    calls = []
+    monkeypatch.setattr(gptx.train, "keep_freed_memory", lambda: calls.append(1) or True)
+    shape = dict(n_layer=4, n_embd=256, n_head=4, seq_len=256, vocab_size=50257, pad_vocab_to_multiple=64)
+    gptx.train.configure_host("cpu", load_config(None, shape).model, 8)  # logits: 8 x 256 x 50304 x 4 = 393 MiB
+    assert calls == [1]
+    gptx.train.configure_host("cpu", load_config(None, dict(shape, vocab_size=8192)).model, 2)  # 16 MiB
+    gptx.train.configure_host("cpu")  # tools that measure memory pass no model
+    gptx.train.configure_host("cuda", load_config(None, shape).model, 8)
+    assert calls == [1]
