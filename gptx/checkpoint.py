@@ -297,7 +297,6 @@ def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> Non
     current = dataclasses.asdict(cfg.model.resolved())
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
              for k in current if k != "dropout" and saved.get(k) != current[k]]
-
     if diffs:
         raise CheckpointError(f"checkpoint '{where}' is of another model: " + "; ".join(diffs))
 
