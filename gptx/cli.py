@@ -453,6 +453,65 @@ def benchmark_parser() -> argparse.ArgumentParser:
     return p
 
 
+def nanogpt_run_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="tools/nanogpt_run.py",
+               description="Train a nanoGPT-style model.py of a gptx model's shape the way nanoGPT's train.py does "
+                           "(one process, fp32, no compile) and print its tokens/s: the reference side of a "
+                           "separate-process comparison with launch/pretrain.py")
+    p.add_argument("model_py", help="the path of a nanoGPT-style model.py (GPTConfig; GPT(config)(idx, targets))")
+    p.add_argument("--model", default=None, help="gptx preset name (default: tiny) or a YAML file, for the shape")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
+    p.add_argument("--data", default=None, help="prepared data directory (default: the embedded corpus)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--iters", type=int, default=30, help="iterations (default 30)")
+    p.add_argument("--skip", type=int, default=5, help="first iterations left out of tokens/s (default 5)")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="PyTorch's fused AdamW (nanoGPT uses it on GPUs only), as ds_configs/cpu_fp32.json does")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed host memory as gptx does for large tensors (see README, Performance)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def run_nanogpt_run(argv: list[str] | None = None) -> int:
+    out = sys.stdout
+
+    def main():
+        import json
+        from pathlib import Path
+
+        import torch
+
+        from gptx.config import load_config
+        from gptx.data import default_data_dir
+        from gptx.references import nanogpt_run
+        from gptx.train import keep_freed_memory
+        args = nanogpt_run_parser().parse_args(argv)
+        for name in ("batch_size", "iters"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        if not 0 <= args.skip < args.iters:
+            raise ConfigError(f"--skip: must be at least 0 and less than --iters ({args.iters}), got {args.skip}")
+        cfg = load_config(args.model, _overrides(args, ()))
+        data = Path(args.data) if args.data else default_data_dir()
+        kept = keep_freed_memory() if args.keep_freed_memory else False
+        log = (lambda msg: None) if args.json else print
+        r = nanogpt_run(Path(args.model_py), cfg, data, args.batch_size, args.iters, args.lr, args.weight_decay,
+                        args.fused_adamw, log=log)
+        timed = r["seconds"][args.skip:]
+        r.update(tokens_per_sec=r["tokens_per_iteration"] * len(timed) / sum(timed), skip=args.skip,
+                 kept_freed_memory=kept, torch=torch.__version__)
+        adamw = "fused AdamW" if args.fused_adamw else "the model's AdamW"
+        print(json.dumps(r) if args.json else
+              f"{r['tokens_per_sec']:,.0f} tokens/s over iterations {args.skip + 1}-{args.iters} "
+              f"({r['device']}, {r['threads']} threads, {adamw}, freed memory {'kept' if kept else 'returned'})",
+              file=out)
+    with _stdout_for_json(argv):  # the model file's own prints go to stderr
+        return guarded(main)
+
+
 def strategies_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tools/strategies.py",
                description="One model under each memory strategy (pipeline ZeRO-1, + optimizer offload, no pipeline "

@@ -109,7 +109,8 @@ class GPT(nn.Module):
                 self._forward_fns.append(self.layers[str(idx)])
 
     def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, V) logits. With `caches` (one per block, from new_caches()),
+        """(B, T) token ids -> (B, T, V) logits, V the table's rows: with pad_vocab_to_multiple the
+        padding columns are there, at -inf. With `caches` (one per block, from new_caches()),
         idx holds only the tokens after those already cached."""
         if caches is None:
             x = idx

@@ -76,7 +76,8 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     opt = opt / dp if mem.zero_stage >= 1 else opt
     g = g / dp if mem.zero_stage >= 2 else g
     w_held = w / dp if mem.zero_stage >= 3 else w
-    b, T, C, V = mem.layout.micro_batch, model.seq_len, model.n_embd, model.vocab_size
+    # The logits are as wide as the table (padding columns included).
+    b, T, C, V = mem.layout.micro_batch, model.seq_len, model.n_embd, model.padded_vocab_size
     names = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])]
     n_blocks = names.count("Block")
     in_flight = min(p - stage, mem.layout.grad_accum)  # stage s of p holds up to p - s micro-batches

@@ -53,16 +53,7 @@ def _nanogpt_style(path: Path, cfg: Config, gptx_model):
     m = cfg.model
     if not path.is_file():
         raise ConfigError(f"--reference {path}: expected 'hf' or the path of a nanoGPT-style model.py")
-    spec = importlib.util.spec_from_file_location(f"gptx_reference_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        config = module.GPTConfig(block_size=m.seq_len, vocab_size=m.padded_vocab_size, n_layer=m.n_layer,
-                                  n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
-        model = module.GPT(config)
-    except Exception as e:  # someone else's file: whatever it raises, say where in one line
-        raise ConfigError(f"--reference {path}: cannot build GPT(GPTConfig(...)) from it "
-                          f"({type(e).__name__}: {e})") from None
+    model = build_nanogpt_style(path, cfg)
     if not m.tie_embeddings:
         raise ConfigError(f"--reference {path}: nanoGPT ties its embeddings; this model does not")
     sd = gpt2_style_tensors(gptx_model, m)
@@ -72,6 +63,79 @@ def _nanogpt_style(path: Path, cfg: Config, gptx_model):
     def loss_fn(x, y):
         return model(x, y)[1]
     return model, loss_fn
+
+
+def build_nanogpt_style(path: Path, cfg: Config, where: str = "--reference"):
+    """GPT(GPTConfig(...)) of the model's shape from a nanoGPT-style model.py, with its own init."""
+    m = cfg.model
+    if not path.is_file():
+        raise ConfigError(f"{where} {path}: expected the path of a nanoGPT-style model.py")
+    spec = importlib.util.spec_from_file_location(f"gptx_reference_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.GPTConfig(block_size=m.seq_len, vocab_size=m.padded_vocab_size, n_layer=m.n_layer,
+                                  n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+        return module.GPT(config)
+    except Exception as e:  # someone else's file: whatever it raises, say where in one line
+        raise ConfigError(f"{where} {path}: cannot build GPT(GPTConfig(...)) from it "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters: int, lr: float = 6e-4,
+                weight_decay: float = 0.0, fused_adamw: bool = False, grad_clip: float = 1.0,
+                log=lambda msg: None) -> dict:
+    """A nanoGPT-style model.py trained the way nanoGPT's train.py trains it, in this process (one
+    CPU or GPU, fp32, no compile): random windows of train.bin drawn with torch.randint, forward,
+    the next batch, backward, clipping, AdamW (the model's configure_optimizers when it has one:
+    nanoGPT's decay/no-decay groups, for-loop AdamW on a CPU; `fused_adamw` builds the same groups
+    with PyTorch's fused AdamW), zero_grad(set_to_none=True), the loss read back every step.
+    The other side of the README's separate-process comparison with `launch/pretrain.py`."""
+    import time
+
+    import numpy as np
+
+    from gptx.data import read_meta
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(1337)
+    data = np.memmap(data_dir / "train.bin", dtype=np.dtype(read_meta(data_dir)["dtype"]), mode="r")
+    T = cfg.model.seq_len
+    if len(data) <= T + 1:
+        raise ConfigError(f"--data {data_dir}: train.bin holds {len(data)} tokens, fewer than one window of {T + 1}")
+    model = build_nanogpt_style(path, cfg, "nanogpt_run").to(device)
+
+    def get_batch():
+        ix = torch.randint(len(data) - T, (batch_size,))
+        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        return x.to(device), y.to(device)
+
+    betas = (0.9, 0.95)
+    if fused_adamw or not hasattr(model, "configure_optimizers"):
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused_adamw else {}))
+    else:
+        optimizer = model.configure_optimizers(weight_decay, lr, betas, device.type)
+    seconds, losses = [], []
+    x, y = get_batch()
+    t0 = time.perf_counter()
+    for it in range(iters):
+        _, loss = model(x, y)
+        x, y = get_batch()
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronizes a GPU, as nanoGPT's per-step log line does
+        t1 = time.perf_counter()
+        seconds.append(t1 - t0)
+        t0 = t1
+        log(f"iter {it + 1}: loss {losses[-1]:.4f}, {seconds[-1] * 1e3:.1f} ms")
+    return {"seconds": seconds, "losses": losses, "tokens_per_iteration": batch_size * T,
+            "threads": torch.get_num_threads(), "device": device.type, "fused_adamw": fused_adamw}
 
 
 def gpt2_style_tensors(gptx_model, m) -> dict[str, torch.Tensor]:

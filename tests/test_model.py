@@ -62,6 +62,13 @@ def test_padded_vocabulary_computes_the_same_model():
                     p.normal_()
                 p[:q.shape[0]].copy_(q)
         idx = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len))
+        labels = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len))
         logits = padded(idx)
-        assert logits.shape == (2, CFG.seq_len, CFG.vocab_size)  # the loss never sees the padding
-        assert torch.equal(logits, plain(idx))
+        assert logits.shape == (2, CFG.seq_len, 128)
+        assert torch.equal(logits[..., :CFG.vocab_size], plain(idx))
+        assert torch.all(logits[..., CFG.vocab_size:] == float("-inf"))  # never a token
+        loss = lm_loss(logits, labels)
+        assert torch.equal(loss, lm_loss(plain(idx), labels))
+        loss.backward()
+        table = padded.layers["0"].wte.weight if tied else padded.layers[str(len(padded.layers) - 1)].lm_head.weight
+        assert table.grad[CFG.vocab_size:].abs().max() == 0 and table.grad[:CFG.vocab_size].abs().max() > 0
