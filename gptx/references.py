@@ -98,6 +98,9 @@ def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters:
     from gptx.data import read_meta
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(1337)
+    if not (data_dir / "train.bin").is_file():
+        raise ConfigError(f"--data {data_dir}: expected a prepared data directory with train.bin "
+                          f"(tools/prepare_data.py writes one)")
     data = np.memmap(data_dir / "train.bin", dtype=np.dtype(read_meta(data_dir)["dtype"]), mode="r")
     T = cfg.model.seq_len
     if len(data) <= T + 1:

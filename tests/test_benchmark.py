@@ -147,10 +147,11 @@ def test_nanogpt_run_trains_a_nanogpt_style_model_and_times_every_step(files, tm
     (["nowhere/model.py"], "nanogpt_run nowhere/model.py: expected the path of a nanoGPT-style model.py"),
     ([NANOGPT_STYLE, "--iters", "5", "--skip", "5"], "--skip: must be at least 0 and less than --iters (5)"),
     ([NANOGPT_STYLE, "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    ([NANOGPT_STYLE, "--data", "nowhere"], "--data nowhere: expected a prepared data directory with train.bin"),
 ])
 def test_nanogpt_run_refuses_bad_input_in_one_line(files, tmp_path, capsys, args, needle):
     from gptx.cli import run_nanogpt_run
-    data = _counting_data(tmp_path / "data", 256)
-    assert run_nanogpt_run([*args, "--model", str(files[1]), "--data", str(data)]) == 2
+    data = _counting_data(tmp_path / "data", 256) if "--data" not in args else None
+    assert run_nanogpt_run([*args, "--model", str(files[1]), *(["--data", str(data)] if data else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
