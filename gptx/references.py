@@ -95,16 +95,12 @@ def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters:
 
     import numpy as np
 
-    from gptx.data import read_meta
+    from gptx.data import check_data, open_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(1337)
-    if not (data_dir / "train.bin").is_file():
-        raise ConfigError(f"--data {data_dir}: expected a prepared data directory with train.bin "
-                          f"(tools/prepare_data.py writes one)")
-    data = np.memmap(data_dir / "train.bin", dtype=np.dtype(read_meta(data_dir)["dtype"]), mode="r")
     T = cfg.model.seq_len
-    if len(data) <= T + 1:
-        raise ConfigError(f"--data {data_dir}: train.bin holds {len(data)} tokens, fewer than one window of {T + 1}")
+    check_data(data_dir, cfg.model.vocab_size, T)  # the same checks a gptx run makes, one line each
+    data = open_tokens(data_dir, "train")
     model = build_nanogpt_style(path, cfg, "nanogpt_run").to(device)
 
     def get_batch():

@@ -121,7 +121,8 @@ def _counting_data(path: Path, vocab: int) -> Path:
     """A stream that counts 0..49 over and over: one window predicts the next token exactly."""
     import numpy as np
     path.mkdir()
-    np.tile(np.arange(50, dtype=np.uint16), 200).tofile(path / "train.bin")
+    for split in ("train", "val"):
+        np.tile(np.arange(50, dtype=np.uint16), 200).tofile(path / f"{split}.bin")
     (path / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": "uint16"}))
     return path
 
@@ -147,7 +148,8 @@ def test_nanogpt_run_trains_a_nanogpt_style_model_and_times_every_step(files, tm
     (["nowhere/model.py"], "nanogpt_run nowhere/model.py: expected the path of a nanoGPT-style model.py"),
     ([NANOGPT_STYLE, "--iters", "5", "--skip", "5"], "--skip: must be at least 0 and less than --iters (5)"),
     ([NANOGPT_STYLE, "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
-    ([NANOGPT_STYLE, "--data", "nowhere"], "--data nowhere: expected a prepared data directory with train.bin"),
+    ([NANOGPT_STYLE, "--data", "nowhere"], "--data 'nowhere': not a directory"),
+    ([NANOGPT_STYLE, "--set", "vocab_size=40"], "tokenized with a 256-token vocabulary, but model.vocab_size is 40"),
 ])
 def test_nanogpt_run_refuses_bad_input_in_one_line(files, tmp_path, capsys, args, needle):
     from gptx.cli import run_nanogpt_run
