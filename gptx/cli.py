@@ -453,12 +453,14 @@ def benchmark_parser() -> argparse.ArgumentParser:
     return p
 
 
-def nanogpt_run_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="tools/nanogpt_run.py",
-               description="Train a nanoGPT-style model.py of a gptx model's shape the way nanoGPT's train.py does "
-                           "(one process, fp32, no compile) and print its tokens/s: the reference side of a "
-                           "separate-process comparison with launch/pretrain.py")
-    p.add_argument("model_py", help="the path of a nanoGPT-style model.py (GPTConfig; GPT(config)(idx, targets))")
+def reference_run_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="tools/reference_run.py",
+               description="Train transformers' GPT2LMHeadModel or a nanoGPT-style model.py of a gptx model's shape "
+                           "the way nanoGPT's train.py does (one process, fp32, no compile) and print its tokens/s: "
+                           "the reference side of a separate-process comparison with launch/pretrain.py")
+    p.add_argument("reference", metavar="hf|PATH",
+                   help="hf (transformers' GPT2LMHeadModel) or the path of a nanoGPT-style model.py "
+                        "(GPTConfig; GPT(config)(idx, targets))")
     p.add_argument("--model", default=None, help="gptx preset name (default: tiny) or a YAML file, for the shape")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
     p.add_argument("--data", default=None, help="prepared data directory (default: the embedded corpus)")
@@ -475,7 +477,7 @@ def nanogpt_run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_nanogpt_run(argv: list[str] | None = None) -> int:
+def run_reference_run(argv: list[str] | None = None) -> int:
     out = sys.stdout
 
     def main():
@@ -486,9 +488,9 @@ def run_nanogpt_run(argv: list[str] | None = None) -> int:
 
         from gptx.config import load_config
         from gptx.data import default_data_dir
-        from gptx.references import nanogpt_run
+        from gptx.references import reference_run
         from gptx.train import keep_freed_memory
-        args = nanogpt_run_parser().parse_args(argv)
+        args = reference_run_parser().parse_args(argv)
         for name in ("batch_size", "iters"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -498,12 +500,12 @@ def run_nanogpt_run(argv: list[str] | None = None) -> int:
         data = Path(args.data) if args.data else default_data_dir()
         kept = keep_freed_memory() if args.keep_freed_memory else False
         log = (lambda msg: None) if args.json else print
-        r = nanogpt_run(Path(args.model_py), cfg, data, args.batch_size, args.iters, args.lr, args.weight_decay,
-                        args.fused_adamw, log=log)
+        r = reference_run(args.reference, cfg, data, args.batch_size, args.iters, args.lr, args.weight_decay,
+                          args.fused_adamw, log=log)
         timed = r["seconds"][args.skip:]
-        r.update(tokens_per_sec=r["tokens_per_iteration"] * len(timed) / sum(timed), skip=args.skip,
-                 kept_freed_memory=kept, torch=torch.__version__)
-        adamw = "fused AdamW" if args.fused_adamw else "the model's AdamW"
+        r.update(reference=args.reference, tokens_per_sec=r["tokens_per_iteration"] * len(timed) / sum(timed),
+                 skip=args.skip, kept_freed_memory=kept, torch=torch.__version__)
+        adamw = "fused AdamW" if args.fused_adamw else "for-loop AdamW"
         print(json.dumps(r) if args.json else
               f"{r['tokens_per_sec']:,.0f} tokens/s over iterations {args.skip + 1}-{args.iters} "
               f"({r['device']}, {r['threads']} threads, {adamw}, freed memory {'kept' if kept else 'returned'})",

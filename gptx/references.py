@@ -1,13 +1,15 @@
-"""Other projects' GPTs of a gptx model's shape, for the benchmark's reference loops.
+"""Other projects' GPTs of a gptx model's shape: the benchmark's reference loops and the
+separate-process runs of tools/reference_run.py.
 
 `hf`: transformers' GPT2LMHeadModel (its own attention, GELU and loss-free forward; gptx
 computes the same cross-entropy on its logits). A path: a nanoGPT-style `model.py` defining
 `GPTConfig` (block_size, vocab_size, n_layer, n_head, n_embd, dropout, bias) and `GPT(config)`
-whose `forward(idx, targets)` returns `(logits, loss)`, with nanoGPT's parameter names; it gets
-the padded vocabulary (as nanoGPT pads GPT-2's to 50,304) and computes its own loss.
+whose `forward(idx, targets)` returns `(logits, loss)`, with nanoGPT's parameter names; it
+computes its own loss. Both get the padded vocabulary (as nanoGPT pads GPT-2's to 50,304), so
+all three multiply matrices of the same shapes.
 
-Both start from the gptx model's initial weights, so on the same batches their losses follow
-gptx's up to their arithmetic (a test checks it) and the benchmark compares speed alone.
+In the benchmark both start from the gptx model's initial weights, so on the same batches their
+losses follow gptx's up to their arithmetic (a test checks it) and it compares speed alone.
 """
 from __future__ import annotations
 
@@ -22,54 +24,56 @@ from gptx.errors import ConfigError
 
 
 def load_reference(reference: str, cfg: Config, gptx_model) -> tuple[torch.nn.Module, object]:
-    """(model, loss_fn(x, y)) for `hf` or a nanoGPT-style model.py path."""
+    """(model, loss_fn(x, y)) for `hf` or a nanoGPT-style model.py path, with gptx_model's weights."""
+    model, loss_fn = build_reference(reference, cfg, "--reference")
+    if reference == "hf":
+        sd = gpt2_padded_tensors(gptx_model, cfg.model, conv1d=True)
+    else:
+        if not cfg.model.tie_embeddings:
+            raise ConfigError(f"--reference {reference}: nanoGPT ties its embeddings; this model does not")
+        sd = gpt2_padded_tensors(gptx_model, cfg.model, conv1d=False)
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    model.load_state_dict(sd, strict=False)  # HF's masks are buffers of its own
+    _check_all_set(model, sd, f"--reference {reference}")
+    return model, loss_fn
+
+
+def build_reference(reference: str, cfg: Config, where: str) -> tuple[torch.nn.Module, object]:
+    """(model, loss_fn(x, y)) of the model's shape with the reference's own initialization."""
     from gptx.hf import check_expressible
     try:
         check_expressible(cfg.model)
     except ConfigError as e:
-        raise ConfigError(f"--reference {reference}: only a GPT-2-architecture model has references ({e})") from None
+        raise ConfigError(f"{where} {reference}: only a GPT-2-architecture model has references ({e})") from None
     if reference == "hf":
-        return _hf(cfg, gptx_model)
-    return _nanogpt_style(Path(reference), cfg, gptx_model)
+        model = _hf_model(cfg, where)
 
-
-def _hf(cfg: Config, gptx_model):
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("--reference hf needs transformers (pip install transformers, or gptx's [eval] extra)") from None
-    from gptx.hf import gpt2_config, gpt2_tensors
-    config = transformers.GPT2Config(**{k: v for k, v in gpt2_config(cfg.model).items() if k != "architectures"})
-    model = transformers.GPT2LMHeadModel(config)
-    model.load_state_dict(gpt2_tensors(gptx_model, cfg.model), strict=False)  # masks are buffers of its own
-    _check_all_set(model, gpt2_tensors(gptx_model, cfg.model), "--reference hf")
-
-    def loss_fn(x, y):
-        return F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
-    return model, loss_fn
-
-
-def _nanogpt_style(path: Path, cfg: Config, gptx_model):
-    m = cfg.model
-    if not path.is_file():
-        raise ConfigError(f"--reference {path}: expected 'hf' or the path of a nanoGPT-style model.py")
-    model = build_nanogpt_style(path, cfg)
-    if not m.tie_embeddings:
-        raise ConfigError(f"--reference {path}: nanoGPT ties its embeddings; this model does not")
-    sd = gpt2_style_tensors(gptx_model, m)
-    model.load_state_dict(sd, strict=False)
-    _check_all_set(model, sd, f"--reference {path}")
+        def loss_fn(x, y):
+            return F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
+        return model, loss_fn
+    model = build_nanogpt_style(Path(reference), cfg, where)
 
     def loss_fn(x, y):
         return model(x, y)[1]
     return model, loss_fn
 
 
+def _hf_model(cfg: Config, where: str):
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"{where} hf needs transformers (pip install transformers, or gptx's [eval] extra)") from None
+    from gptx.hf import gpt2_config
+    settings = {k: v for k, v in gpt2_config(cfg.model).items() if k != "architectures"}
+    settings.update(vocab_size=cfg.model.padded_vocab_size, bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))
+
+
 def build_nanogpt_style(path: Path, cfg: Config, where: str = "--reference"):
     """GPT(GPTConfig(...)) of the model's shape from a nanoGPT-style model.py, with its own init."""
     m = cfg.model
     if not path.is_file():
-        raise ConfigError(f"{where} {path}: expected the path of a nanoGPT-style model.py")
+        raise ConfigError(f"{where} {path}: expected 'hf' or the path of a nanoGPT-style model.py")
     spec = importlib.util.spec_from_file_location(f"gptx_reference_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -82,14 +86,15 @@ def build_nanogpt_style(path: Path, cfg: Config, where: str = "--reference"):
                           f"({type(e).__name__}: {e})") from None
 
 
-def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters: int, lr: float = 6e-4,
-                weight_decay: float = 0.0, fused_adamw: bool = False, grad_clip: float = 1.0,
-                log=lambda msg: None) -> dict:
-    """A nanoGPT-style model.py trained the way nanoGPT's train.py trains it, in this process (one
-    CPU or GPU, fp32, no compile): random windows of train.bin drawn with torch.randint, forward,
-    the next batch, backward, clipping, AdamW (the model's configure_optimizers when it has one:
-    nanoGPT's decay/no-decay groups, for-loop AdamW on a CPU; `fused_adamw` builds the same groups
-    with PyTorch's fused AdamW), zero_grad(set_to_none=True), the loss read back every step.
+def reference_run(reference: str, cfg: Config, data_dir: Path, batch_size: int, iters: int, lr: float = 6e-4,
+                  weight_decay: float = 0.0, fused_adamw: bool = False, grad_clip: float = 1.0,
+                  log=lambda msg: None) -> dict:
+    """`hf` or a nanoGPT-style model.py trained the way nanoGPT's train.py trains its model, in this
+    process (one CPU or GPU, fp32, no compile): random windows of train.bin drawn with
+    torch.randint, forward, the next batch, backward, clipping, AdamW (the model's
+    configure_optimizers when it has one: nanoGPT's decay/no-decay groups, for-loop AdamW on a
+    CPU; otherwise the same groups in PyTorch's default AdamW; `fused_adamw` builds them with
+    PyTorch's fused AdamW), zero_grad(set_to_none=True), the loss read back every step.
     The other side of the README's separate-process comparison with `launch/pretrain.py`."""
     import time
 
@@ -101,7 +106,8 @@ def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters:
     T = cfg.model.seq_len
     check_data(data_dir, cfg.model.vocab_size, T)  # the same checks a gptx run makes, one line each
     data = open_tokens(data_dir, "train")
-    model = build_nanogpt_style(path, cfg, "nanogpt_run").to(device)
+    model, loss_fn = build_reference(reference, cfg, "reference_run")
+    model.to(device)
 
     def get_batch():
         ix = torch.randint(len(data) - T, (batch_size,))
@@ -121,7 +127,7 @@ def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters:
     x, y = get_batch()
     t0 = time.perf_counter()
     for it in range(iters):
-        _, loss = model(x, y)
+        loss = loss_fn(x, y)
         x, y = get_batch()
         loss.backward()
         if grad_clip:
@@ -137,12 +143,13 @@ def nanogpt_run(path: Path, cfg: Config, data_dir: Path, batch_size: int, iters:
             "threads": torch.get_num_threads(), "device": device.type, "fused_adamw": fused_adamw}
 
 
-def gpt2_style_tensors(gptx_model, m) -> dict[str, torch.Tensor]:
-    """nanoGPT's names and nn.Linear layout, with the padded table (its lm_head shares it)."""
+def gpt2_padded_tensors(gptx_model, m, conv1d: bool) -> dict[str, torch.Tensor]:
+    """GPT-2's names (nn.Linear's layout for nanoGPT: conv1d=False) with the whole padded table."""
     from gptx.hf import gpt2_tensors
-    sd = gpt2_tensors(gptx_model, m, conv1d=False)
+    sd = gpt2_tensors(gptx_model, m, conv1d=conv1d)
     sd["transformer.wte.weight"] = gptx_model.layers["0"].wte.weight
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if not m.tie_embeddings:
+        sd["lm_head.weight"] = gptx_model.layers[str(3 + m.n_layer)].lm_head.weight
     return sd
 
 

@@ -127,33 +127,38 @@ def _counting_data(path: Path, vocab: int) -> Path:
     return path
 
 
-def test_nanogpt_run_trains_a_nanogpt_style_model_and_times_every_step(files, tmp_path, capsys):
+@pytest.mark.parametrize("reference", [NANOGPT_STYLE, "hf"])
+def test_reference_run_trains_the_reference_on_the_data_and_times_every_step(files, tmp_path, capsys, reference):
     import math
-    from gptx.cli import run_nanogpt_run
+    from gptx.cli import run_reference_run
+    if reference == "hf":
+        pytest.importorskip("transformers")
     data = _counting_data(tmp_path / "data", 256)
     losses = []
     for fused in ([], ["--fused-adamw"]):
-        assert run_nanogpt_run([NANOGPT_STYLE, "--model", str(files[1]), "--data", str(data), "--iters", "16",
-                                "--skip", "2", "--lr", "1e-2", "--batch-size", "4", "--json", *fused]) == 0
+        assert run_reference_run([reference, "--model", str(files[1]), "--data", str(data), "--iters", "16",
+                                  "--skip", "2", "--lr", "1e-2", "--batch-size", "4", "--json", *fused]) == 0
         r = json.loads(capsys.readouterr().out)
         assert len(r["seconds"]) == len(r["losses"]) == 16 and r["tokens_per_iteration"] == 4 * 32
         assert r["tokens_per_sec"] == pytest.approx(4 * 32 * 14 / sum(r["seconds"][2:]))
-        # From ln 256 to the entropy of the 50 tokens the data holds: it reads train.bin's tokens.
-        assert r["losses"][0] > 5.3 and abs(sum(r["losses"][-4:]) / 4 - math.log(50)) < 0.15, r["losses"]
+        # From ln 256 to at most the entropy of the 50 tokens the data holds (below it once the model
+        # uses the order they come in): it reads train.bin's tokens.
+        assert r["losses"][0] > 5.3 and sum(r["losses"][-4:]) / 4 < math.log(50) + 0.15, r["losses"]
         losses.append(r["losses"])
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)  # fused AdamW: the same groups and update
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["nowhere/model.py"], "nanogpt_run nowhere/model.py: expected the path of a nanoGPT-style model.py"),
+    (["nowhere/model.py"], "reference_run nowhere/model.py: expected 'hf' or the path of a nanoGPT-style model.py"),
     ([NANOGPT_STYLE, "--iters", "5", "--skip", "5"], "--skip: must be at least 0 and less than --iters (5)"),
     ([NANOGPT_STYLE, "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     ([NANOGPT_STYLE, "--data", "nowhere"], "--data 'nowhere': not a directory"),
     ([NANOGPT_STYLE, "--set", "vocab_size=40"], "tokenized with a 256-token vocabulary, but model.vocab_size is 40"),
+    (["hf", "--set", "norm=rmsnorm"], "reference_run hf: only a GPT-2-architecture model has references"),
 ])
-def test_nanogpt_run_refuses_bad_input_in_one_line(files, tmp_path, capsys, args, needle):
-    from gptx.cli import run_nanogpt_run
+def test_reference_run_refuses_bad_input_in_one_line(files, tmp_path, capsys, args, needle):
+    from gptx.cli import run_reference_run
     data = _counting_data(tmp_path / "data", 256) if "--data" not in args else None
-    assert run_nanogpt_run([*args, "--model", str(files[1]), *(["--data", str(data)] if data else [])]) == 2
+    assert run_reference_run([*args, "--model", str(files[1]), *(["--data", str(data)] if data else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

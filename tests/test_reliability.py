@@ -125,8 +125,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_w
 ITERS = 12
 # Every launcher run below also goes through a sequence-length warmup (16 tokens, then 32 from
 # iteration 7) and a batch ramp (2 sequences, 4 from sample 16, iteration 9): the resumes land
-# inside both, on 2 stages, where the warmup needs the pipeline's buffers reset.
-CURRICULUM = ("--seq-len-warmup", "0:16,6:32", "--rampup-batch-size", "2,2,16")
+# inside both, on 2 stages, where the warmup needs the pipeline's buffers reset. Dropout is on,
+# so each rank's random streams must come back too, and evaluations at iterations 4, 8 and 12
+# (dropout off, then on again) come before and after the resume points.
+CURRICULUM = ("--seq-len-warmup", "0:16,6:32", "--rampup-batch-size", "2,2,16", "--set", "dropout=0.1",
+              "--eval-interval", "4", "--eval-iters", "1")
 
 
 def popen(work, run_args, env=None):

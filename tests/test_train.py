@@ -69,15 +69,13 @@ def test_each_stage_builds_only_its_layers_and_tied_weights_stay_equal(two_stage
     assert saves and all(r["tied_weight_max_diff"] == 0.0 for r in saves)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_is_exact(work, precision):
-    # fp32 with dropout (RNG state must come back); bf16 (its optimizer state lives in other files).
-    extra = ["--set", "dropout=0.1"] if precision == "fp32" else []
-    ds = BF16 if precision == "bf16" else None
-    full, _ = run(work, f"full_{precision}", 2, 2, 2, 2, *extra, ds_extra=ds)
-    part, _ = run(work, f"part_{precision}", 2, 2, 2, 2, *extra, "--exit-interval", "3", ds_extra=ds)
+def test_bf16_resume_is_exact(work):
+    # bf16's optimizer state lives in other files than fp32's. (fp32 with dropout resumes exactly
+    # after each fault of tests/test_reliability.py, on 2 stages too.)
+    full, _ = run(work, "full_bf16", 2, 2, 2, 2, ds_extra=BF16)
+    part, _ = run(work, "part_bf16", 2, 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)
     assert max(train_losses(part)) == 3
-    _, second = run(work, f"part_{precision}", 2, 2, 2, 2, *extra, "--load", str(part), ds_extra=ds)
+    _, second = run(work, "part_bf16", 2, 2, 2, 2, "--load", str(part), ds_extra=BF16)
     assert "resumed from" in second.stdout
     resumed = train_losses(part)
     assert resumed == train_losses(full), (resumed, train_losses(full))
