@@ -62,7 +62,7 @@ def _hf_model(cfg: Config, where: str):
     try:
         import transformers
     except ImportError:
-        raise ConfigError(f"{where} hf needs transformers (pip install transformers, or gptx's [eval] extra)") from None
+        raise ConfigError(f"{where} hf needs transformers (pip install transformers; gptx's [dev] extra has it)") from None
     from gptx.hf import gpt2_config
     settings = {k: v for k, v in gpt2_config(cfg.model).items() if k != "architectures"}
     settings.update(vocab_size=cfg.model.padded_vocab_size, bos_token_id=None, eos_token_id=None)

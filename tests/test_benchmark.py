@@ -162,3 +162,13 @@ def test_reference_run_refuses_bad_input_in_one_line(files, tmp_path, capsys, ar
     assert run_reference_run([*args, "--model", str(files[1]), *(["--data", str(data)] if data else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_the_hf_reference_without_transformers_is_one_line(files, tmp_path, capsys, monkeypatch):
+    import sys
+    from gptx.cli import run_reference_run
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without it imports
+    data = _counting_data(tmp_path / "data", 256)
+    assert run_reference_run(["hf", "--model", str(files[1]), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: reference_run hf needs transformers (pip install transformers; gptx's [dev] extra has it)"]
