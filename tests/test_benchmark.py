@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptx.cli import run_benchmark
 from tests.conftest import launch, write_ds_config, write_model_yaml
@@ -116,6 +117,28 @@ def test_a_bad_reference_is_one_line_before_anything_runs(files, capsys, referen
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
 
+
+
+@pytest.mark.parametrize("reference,tied", [(NANOGPT_STYLE, True), ("hf", True), ("hf", False)])
+def test_references_multiply_the_whole_padded_table_that_gptx_does(reference, tied):
+    """Same matmul shapes as gptx: the reference's head is the padded table, copied whole."""
+    from gptx.config import load_config
+    from gptx.model import GPT
+    from gptx.references import load_reference
+    if reference == "hf":
+        pytest.importorskip("transformers")
+    cfg = load_config(None, dict(vocab_size=250, pad_vocab_to_multiple=64, n_layer=2, n_head=2, n_embd=16,
+                                 seq_len=8, tie_embeddings=tied))
+    assert cfg.model.padded_vocab_size == 256
+    gptx_model = GPT(cfg.model, seed=0)
+    model, _ = load_reference(reference, cfg, gptx_model)
+    head = model.lm_head.weight
+    assert head.shape == (256, 16)
+    source = gptx_model.layers["0"].wte.weight if tied else gptx_model.layers[str(3 + 2)].lm_head.weight
+    assert torch.equal(head, source)  # the padding rows too
+    logits = model(torch.zeros(1, 8, dtype=torch.long))
+    logits = logits.logits if reference == "hf" else logits[0]
+    assert logits.shape[-1] == 256
 
 def _counting_data(path: Path, vocab: int) -> Path:
     """A stream that counts 0..49 over and over: one window predicts the next token exactly."""
