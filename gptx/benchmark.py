@@ -69,6 +69,38 @@ def _peak_memory(device: torch.device) -> tuple[str, int]:
     return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class AllocatedPeak:
+    """The most bytes that CPU tensors allocated inside the block held at once: on a CPU, what
+    torch.cuda.max_memory_allocated is on a GPU. An empty tensor counts whole, pages never
+    written included, as on a GPU. Tensors from before the block do not count (the profiler
+    reports no frees of blocks it did not see allocated).
+
+        with AllocatedPeak() as peak:
+            ...
+        peak.bytes
+    """
+
+    bytes = 0
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from torch._C._autograd import DeviceType
+        self._profile.__exit__(*exc)
+        # Each allocation and each free is a "[memory]" event with its signed size.
+        events = sorted((e.start_ns(), e.nbytes()) for e in self._profile.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+        live = 0
+        for _, change in events:
+            live += change
+            self.bytes = max(self.bytes, live)
+        return False
+
+
 def _current_rss() -> int:
     """This process's resident memory now (Linux), else its peak so far."""
     try:

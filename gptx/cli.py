@@ -528,7 +528,9 @@ def strategies_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per micro-batch (default 2)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step without a pipeline (default 1)")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed iterations first, whose memory is counted (default 2: ZeRO-3 keeps layers "
+                        "gathered from the second step on)")
     p.add_argument("--only", action="append", default=None,
                    help="run only the strategy of this exact name, as the table writes it (repeatable)")
     p.add_argument("--work", default="runs/strategies", help="where each launch writes (default runs/strategies)")
@@ -551,7 +553,7 @@ def run_strategies(argv: list[str] | None = None) -> int:
         args = strategies_parser().parse_args(argv)
         if args.worker_out:
             return _strategy_worker(args)
-        for name in ("gpus", "micro_batch", "accum", "iters"):
+        for name in ("gpus", "micro_batch", "accum", "iters", "warmup"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
         from gptx.strategies import render_table, run_table, strategies

@@ -12,12 +12,12 @@ from gptx.config import Config, ModelConfig
 from gptx.ds_config import BatchLayout, offload_devices, zero_stage, precision as ds_precision
 from gptx.flops import layer_flops_per_token
 from gptx.model import layer_specs
-from gptx.pipeline import count_layer_params, layer_name, partition
+from gptx.pipeline import count_layer_params, largest_layer_params, layer_name, partition
 
 GiB = 1024 ** 3
 # Bytes per parameter: (weights, gradients, optimizer states before ZeRO-1 sharding).
 # fp32: Adam's two moments. fp16: fp32 master copy + two moments. bf16 (ZeRO-1 with fp32
-# gradient accumulation, as gptx requires): the same plus an fp32 gradient buffer.
+# gradient accumulation, as gptx requires of the pipeline): the same plus an fp32 gradient buffer.
 PARAM_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2 + 4, 12)}
 
 
@@ -31,6 +31,19 @@ class MemoryModel:
     offload_param: str = "none"
     reduce_bucket_size: int = 500_000_000
     """zero_optimization.reduce_bucket_size (DeepSpeed's default)."""
+    pipeline: bool = True
+    """The pipeline engine (False: gptx's no-pipeline mode, DeepSpeed's plain engine)."""
+    overlap_comm: bool | None = None
+    """zero_optimization.overlap_comm; None is DeepSpeed's default (on for ZeRO-3 only)."""
+    grad_accum_fp32: bool = False
+    """data_types.grad_accum_dtype is fp32."""
+    max_reuse_distance: int = 1_000_000_000
+    """zero_optimization.stage3_max_reuse_distance (DeepSpeed's default)."""
+    prefetch_bucket_size: int = 50_000_000
+    """zero_optimization.stage3_prefetch_bucket_size (DeepSpeed's default)."""
+    touched_only: bool = False
+    """Count DeepSpeed's preallocated buckets only as far as they are written: what a CPU's
+    resident memory shows. A GPU's allocator (and the bytes allocated) count them whole."""
 
     @property
     def act_bytes(self) -> int:
@@ -66,10 +79,15 @@ def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
 
 
 def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params: int, mem: MemoryModel,
-                 layer_params: list[int] | None = None) -> dict:
-    """Estimated bytes one rank of `stage` holds at its peak under the 1F1B schedule."""
+                 layer_params: list[int] | None = None, largest_params: list[int] | None = None) -> dict:
+    """Estimated bytes one rank of `stage` holds at its peak under the 1F1B schedule.
+
+    The buffers are DeepSpeed 0.19.8's (runtime/zero/stage_1_and_2.py, stage3.py), read from
+    its source and checked against the bytes a CPU run allocates (gptx/strategies.py)."""
     p = len(parts) - 1
     w, g, opt = PARAM_BYTES[mem.precision]
+    if mem.precision == "bf16" and not mem.grad_accum_fp32:
+        g = 2  # gradients accumulate in bf16: no fp32 buffer
     dp = mem.layout.dp_size
     # ZeRO-1 shards the optimizer states over the data-parallel ranks, ZeRO-2 also the
     # gradients, ZeRO-3 also the weights (gathering each layer's in full while it runs).
@@ -97,46 +115,79 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     ckpt = stage_input + other + groups * btc
     recompute = min(interval, n_blocks) * per_block
     is_last = stage == p - 1
-    if mem.zero_stage >= 3:  # the layer running and the one prefetched, gathered in full
-        counts = layer_params or count_layer_params(specs)
+    counts = layer_params or count_layer_params(specs)
+    largest = max((largest_params or largest_layer_params(specs))[parts[stage]:parts[stage + 1]], default=0)
+    if mem.zero_stage >= 3:
+        # Gathered in full while they run. DeepSpeed keeps a parameter gathered when its next use
+        # comes within stage3_max_reuse_distance elements, so a stage of under half that many stays
+        # gathered whole from forward to backward; a larger one keeps about that many. With one
+        # data-parallel rank the shard is the whole parameter and nothing is gathered.
         held, seen = [], set()
         for i in range(parts[stage], parts[stage + 1]):
             key = getattr(specs[i], "key", i)  # a tied module is gathered once
             if key not in seen:
                 seen.add(key)
                 held.append(counts[i])
-        largest = sorted(held)[-2:]
-        gathered = int(sum(largest) * w)
+        kept = min(sum(held), mem.max_reuse_distance // 2 + sum(sorted(held)[-2:]))
+        gathered = int(kept * w) if dp > 1 else 0
     else:
         gathered = 0
     # Logits in the model's dtype, their fp32 copy for the loss, and log-softmax saved for backward;
     # 1F1B runs the last stage's backward right after its forward, so one micro-batch at a time.
     logits = b * T * V * (mem.act_bytes + (4 if mem.act_bytes != 4 else 0) + 4) if is_last else 0
     weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
+    # bf16 with fp32 gradient accumulation under ZeRO-1 runs DeepSpeed's BF16_Optimizer, which
+    # keeps its own fp32 gradients (in PARAM_BYTES) and no reduction buckets.
+    bf16_optimizer = (mem.precision == "bf16" and mem.zero_stage == 1 and mem.grad_accum_fp32
+                      and mem.offload_optimizer == "none")
     if mem.zero_stage >= 1:
         # DeepSpeed's ZeRO optimizers step an fp32 shard of the weights (a copy also when the
         # model is fp32; mixed precision counts it in its 12 bytes) from an fp32 gradient shard
-        # (bf16's is a slice of its fp32 accumulation buffer, already in its gradient bytes).
+        # (BF16_Optimizer's is a slice of its fp32 accumulation buffer, already in its gradient bytes).
         states += int(params * (4 if mem.precision == "fp32" else 0) / dp)
-        states += int(params * 4 / dp) if mem.precision != "bf16" else 0
-    if mem.zero_stage == 3:
-        # Its gradient reduction double-buffers reduce_bucket_size elements of the gradients' type.
-        grads += 2 * min(mem.reduce_bucket_size, params) * mem.act_bytes
+        states += int(params * 4 / dp) if not bf16_optimizer else 0
+    # Gradient-reduction buckets: torch.empty(reduce_bucket_size) each, however small the model.
+    # ZeRO-1/2 allocate one at a step's first gradient and free it after the reduction (two
+    # with overlap_comm); the pipeline engine appends another for the reduction itself. ZeRO-3
+    # keeps one for the whole run.
+    bucket = min(mem.reduce_bucket_size, params) if mem.touched_only else mem.reduce_bucket_size
+    overlap = mem.overlap_comm if mem.overlap_comm is not None else mem.zero_stage == 3
+    in_backward = at_reduction = 0
+    if mem.zero_stage in (1, 2) and not bf16_optimizer:
+        width = 4 if mem.precision == "fp32" or (mem.zero_stage == 1 and mem.grad_accum_fp32) else 2
+        in_backward = bucket * width * (2 if overlap and not mem.pipeline else 1)
+        # (the pipeline's extra one is written to only through its first: allocated, never touched)
+        at_reduction = in_backward + (bucket * width if mem.pipeline and not mem.touched_only else 0)
+    elif mem.zero_stage == 3:
+        in_backward = at_reduction = bucket * mem.act_bytes
+        if dp > 1:  # a prefetch gathers up to prefetch_bucket_size elements into one flat buffer first
+            in_backward += int(min(mem.prefetch_bucket_size, params) * w)
     host = 0
     if mem.offload_optimizer != "none":
-        # The states and the gradient shard DeepSpeed's CPU Adam reads live on the host.
+        # The states and the fp32 gradient shard DeepSpeed's CPU Adam reads live on the host.
         host += states
         states = 0
+        if mem.zero_stage == 3:  # and its gradient accumulation buffer, a second copy of the shard
+            host += grads
+            grads = 0
+        else:
+            # A host copy of the 16-bit weight shard to send back, and two buffers the size of the
+            # largest parameter for gradients in transit (one on the device, an unused one on the host).
+            host += int(params * w / dp) + largest * w
+            in_backward += largest * w
+            at_reduction += largest * w
     if mem.offload_param != "none":
         host += weights
         weights = 0
     weights += gathered
     device = weights + grads + states + logits
-    out = {"weights": weights, "gradients": grads, "optimizer_states": states,
+    out = {"weights": weights, "gradients": grads, "optimizer_states": states, "buffers": at_reduction,
            "activations": in_flight * full, "activations_checkpointed": in_flight * ckpt + recompute,
            "logits": logits, "micro_batches_in_flight": in_flight, "host": host}
-    out["total"] = device + out["activations"]
-    out["total_checkpointed"] = device + out["activations_checkpointed"]
+    # The peak is in a step's forward and backward (activations, logits and the first bucket),
+    # or at its gradient reduction, after the activations are freed.
+    out["total"] = device + max(in_backward + out["activations"], at_reduction - logits)
+    out["total_checkpointed"] = device + max(in_backward + out["activations_checkpointed"], at_reduction - logits)
     return out
 
 
@@ -163,8 +214,9 @@ def _stage_sums(weights: list[float], parts: list[int]) -> list[float]:
 
 
 def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout,
-                     layer_params: list[int] | None = None) -> dict:
-    """`layer_params`: count_layer_params of the model's specs, when the caller already has them."""
+                     layer_params: list[int] | None = None, touched_only: bool = False) -> dict:
+    """`layer_params`: count_layer_params of the model's specs, when the caller already has them.
+    `touched_only`: see MemoryModel (a CPU run's resident memory)."""
     m = cfg.model
     specs = layer_specs(m, seed=0)
     params = layer_params or count_layer_params(specs)
@@ -175,9 +227,16 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
     n_stages = max(pipe_size, 1)
     zero = zero_stage(ds_config)
     offload_optimizer, offload_param = offload_devices(ds_config)
-    bucket = int((ds_config.get("zero_optimization") or {}).get("reduce_bucket_size", 500_000_000))
+    zero_section = ds_config.get("zero_optimization") or {}
     mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval,
-                      offload_optimizer, offload_param, bucket)
+                      offload_optimizer, offload_param,
+                      reduce_bucket_size=int(zero_section.get("reduce_bucket_size", 500_000_000)),
+                      pipeline=pipelined, overlap_comm=zero_section.get("overlap_comm"),
+                      grad_accum_fp32=(ds_config.get("data_types") or {}).get("grad_accum_dtype") == "fp32",
+                      max_reuse_distance=int(zero_section.get("stage3_max_reuse_distance", 1_000_000_000)),
+                      prefetch_bucket_size=int(zero_section.get("stage3_prefetch_bucket_size", 50_000_000)),
+                      touched_only=touched_only)
+    largest = largest_layer_params(specs)
     stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
     stages = []
     for s in range(n_stages):
@@ -185,7 +244,7 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
                   for i in range(parts[s], parts[s + 1])]
         stages.append({"stage": s, "params": int(stage_params[s]), "layers": layers,
                        "flops_per_token": sum(flops[parts[s]:parts[s + 1]]),
-                       "memory_bytes": stage_memory(m, specs, parts, s, int(stage_params[s]), mem, params)})
+                       "memory_bytes": stage_memory(m, specs, parts, s, int(stage_params[s]), mem, params, largest)})
     micro = layout.grad_accum
     methods = {}
     for name in ("parameters", "compute") if pipelined else ():
@@ -245,15 +304,19 @@ def render_text(r: dict) -> str:
                      f"{100 * r['bubble_fraction']:.1f}%")
     lines.append("")
     ckpt = r["activation_checkpoint_interval"] or 1
-    lines.append(f"memory per rank, GiB    weights     grads  optimizer  activations  (ckpt every {ckpt})"
+    lines.append(f"memory per rank, GiB    weights     grads  optimizer  buffers  activations  (ckpt every {ckpt})"
                  f"    logits     total  (ckpt)")
     for st in r["stages"]:
         mb = st["memory_bytes"]
         lines.append(f"  stage {st['stage']:<3} ({mb['micro_batches_in_flight']} in flight)"
                      f"{mb['weights'] / GiB:>9.2f} {mb['gradients'] / GiB:>9.2f} {mb['optimizer_states'] / GiB:>10.2f}"
-                     f" {mb['activations'] / GiB:>12.2f} {mb['activations_checkpointed'] / GiB:>18.2f}"
+                     f" {mb['buffers'] / GiB:>8.2f} {mb['activations'] / GiB:>12.2f}"
+                     f" {mb['activations_checkpointed'] / GiB:>18.2f}"
                      f" {mb['logits'] / GiB:>9.2f} {mb['total'] / GiB:>9.2f} {mb['total_checkpointed'] / GiB:>7.2f}"
                      + (f"   host {mb['host'] / GiB:.2f}" if mb["host"] else ""))
+    if any(st["memory_bytes"]["buffers"] for st in r["stages"]):
+        lines.append("  buffers: DeepSpeed's at the gradient reduction (buckets of zero_optimization.reduce_bucket_size"
+                     " elements, offload transfers), not all alive with the activations; total is the peak")
     if any(st["memory_bytes"]["host"] for st in r["stages"]):
         lines.append("  host: offloaded optimizer states, fp32 gradient shards and parameters, per rank")
     if not r["methods"]:

@@ -93,7 +93,12 @@ def _partition(specs, method, num_stages, compute_weights):
 
 
 def count_layer_params(specs: list[LayerSpec]) -> list[int]:
-    return [_count_spec(spec) for spec in specs]
+    return [_count_spec(spec)[0] for spec in specs]
+
+
+def largest_layer_params(specs: list[LayerSpec]) -> list[int]:
+    """Each layer's largest single parameter (numel): DeepSpeed sizes some buffers by it."""
+    return [_count_spec(spec)[1] for spec in specs]
 
 
 def unique_param_count(cfg) -> int:
@@ -105,8 +110,9 @@ def unique_param_count(cfg) -> int:
 _SPEC_COUNTS: dict = {}
 
 
-def _count_spec(spec: LayerSpec) -> int:
-    """Parameters of one spec, built on the meta device; equal specs (every block) are built once."""
+def _count_spec(spec: LayerSpec) -> tuple[int, int]:
+    """(parameters, largest parameter) of one spec, built on the meta device; equal specs
+    (every block) are built once."""
     try:
         key = (spec.typename, spec.module_args, tuple(sorted(spec.module_kwargs.items())))
         hash(key)
@@ -116,10 +122,11 @@ def _count_spec(spec: LayerSpec) -> int:
         return _SPEC_COUNTS[key]
     with torch.device("meta"):
         module = spec.build()
-    count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    sizes = [p.numel() for p in module.parameters() if p.requires_grad]
+    counts = (sum(sizes), max(sizes, default=0))
     if key is not None:
-        _SPEC_COUNTS[key] = count
-    return count
+        _SPEC_COUNTS[key] = counts
+    return counts
 
 
 def layer_compute_weights(cfg: Config, specs: list[LayerSpec]) -> list[float]:

@@ -109,14 +109,15 @@ def layout_ds_config(base: dict, layout: Layout, micro_batch: int, grad_accum: i
 
 
 def predict(cfg: Config, layout: Layout, base_ds: dict, micro_batch: int, grad_accum: int, dp: int,
-            layer_params: list[int] | None = None) -> dict:
-    """The partition report's memory for one layout: the largest rank's GPU bytes and host bytes per rank."""
+            layer_params: list[int] | None = None, touched_only: bool = False) -> dict:
+    """The partition report's memory for one layout: the largest rank's GPU bytes and host bytes
+    per rank (`touched_only`: DeepSpeed's buckets as far as written, see MemoryModel)."""
     import dataclasses
     ds = layout_ds_config(base_ds, layout, micro_batch, grad_accum)
     run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pipe_parallel_size=layout.pipe,
                                                               activation_checkpoint_interval=layout.checkpoint))
     report = partition_report(run, layout.pipe, run.train.partition_method, ds,
-                              BatchLayout(micro_batch, grad_accum, dp), layer_params)
+                              BatchLayout(micro_batch, grad_accum, dp), layer_params, touched_only)
     key = "total_checkpointed" if layout.checkpoint else "total"
     gpu = max(st["memory_bytes"][key] for st in report["stages"])
     host = max(st["memory_bytes"]["host"] for st in report["stages"])

@@ -7,10 +7,15 @@ optimizer and parameter offload, each with and without activation checkpointing.
 in its own launch of the real DeepSpeed launcher (`measure_strategy` on every rank), on
 random tokens, so that one strategy's memory never counts in another's.
 
-Memory is what the strategy adds: on a GPU, the allocator's peak; on a CPU, where the
-"device" and the host are the same memory, the growth of the process's peak RSS over its RSS
-just before the engine is built. The prediction to compare it with is the partition report's
-device bytes for that layout, plus its host bytes on a CPU.
+Memory is what the strategy adds, the peak of bytes allocated: on a GPU the allocator's
+(torch.cuda.max_memory_allocated), on a CPU the profiler's count over the engine's build and
+the warmup iterations (AllocatedPeak). Both count an empty buffer whole. The prediction to
+compare it with is the partition report's device bytes for that layout, plus its host bytes
+on a CPU, where the "device" and the host are the same memory. A CPU run also gives the
+growth of its peak RSS over its RSS just before the engine is built, beside the prediction of
+the tensors' resident bytes: an empty buffer's pages count only once written (touched_only).
+What RSS holds beyond that is the process's own memory (libraries, DeepSpeed's communication
+buffers, the profiler's records).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from gptx.config import Config
@@ -50,25 +56,38 @@ def strategies(pipe_stages: int) -> list[Strategy]:
 
 
 def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out: Path) -> None:
-    """On every rank, under the launcher: build the engine, train on random tokens, write this rank's numbers."""
-    from gptx.benchmark import _current_rss, _peak_memory, _sync, random_batches
+    """On every rank, under the launcher: build the engine, train on random tokens, write this rank's numbers.
+
+    On a CPU the engine's build and the warmup iterations run under AllocatedPeak, and freed
+    memory goes back to the OS at once (return_freed_memory), so their peak RSS follows the
+    live tensors rather than glibc's heap; the timed iterations run with glibc's usual threshold."""
+    import contextlib
+
+    from gptx.benchmark import AllocatedPeak, _current_rss, _peak_memory, _sync, random_batches
     from gptx.engine import build_engine
     from gptx.precision_check import release
+    from gptx.train import return_freed_memory
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        return_freed_memory()
     before = _current_rss()
-    engine = build_engine(cfg, ds_config)
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    batches = random_batches(cfg, micro, seed=cfg.train.seed + engine.grid.get_data_parallel_rank())
-    for _ in range(warmup):
-        engine.train_batch(batches)
+    with AllocatedPeak() if on_cpu else contextlib.nullcontext() as allocated:
+        engine = build_engine(cfg, ds_config)
+        micro = ds_config["train_micro_batch_size_per_gpu"]
+        batches = random_batches(cfg, micro, seed=cfg.train.seed + engine.grid.get_data_parallel_rank())
+        for _ in range(warmup):
+            engine.train_batch(batches)
     _sync(engine.device)
+    record = {"rank": dist.get_rank(), "device": engine.device.type}
+    if on_cpu:  # the peak is in the warmup (ZeRO-3 keeps layers gathered from its second step)
+        record.update(allocated_bytes=allocated.bytes, rss_growth_bytes=_peak_memory(engine.device)[1] - before)
+        return_freed_memory(promptly=False)
     start = time.perf_counter()
     for _ in range(iters):
         loss = float(engine.train_batch(batches))
-    seconds = (time.perf_counter() - start) / iters
-    kind, peak = _peak_memory(engine.device)
-    record = {"rank": dist.get_rank(), "seconds_per_iteration": seconds, "loss": loss, "memory_kind": kind,
-              "peak_bytes": peak, "growth_bytes": peak - before if kind == "peak RSS" else peak,
-              "device": engine.device.type}
+    record.update(seconds_per_iteration=(time.perf_counter() - start) / iters, loss=loss)
+    if not on_cpu:
+        record["allocated_bytes"] = _peak_memory(engine.device)[1]
     release(engine)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
@@ -81,13 +100,15 @@ def strategy_ds_config(base: dict, strategy: Strategy, micro: int, accum: int) -
     return layout_ds_config(base, layout, micro, accum)
 
 
-def predicted_bytes(cfg: Config, strategy: Strategy, ds: dict, world: int, on_cpu: bool) -> int:
+def predicted_bytes(cfg: Config, strategy: Strategy, ds: dict, world: int, on_cpu: bool,
+                    touched_only: bool = False) -> int:
     """The partition report's largest rank: device bytes, plus host bytes where both are one memory."""
     from gptx.planner import Layout, predict
     layout = Layout(strategy.pipe, strategy.zero, strategy.offload_optimizer, strategy.offload_param,
                     strategy.checkpoint)
     dp = world // strategy.pipe if strategy.pipe else world
-    pred = predict(cfg, layout, ds, ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], dp)
+    pred = predict(cfg, layout, ds, ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], dp,
+                   touched_only=touched_only)
     return pred["gpu_bytes"] + (pred["host_bytes_per_rank"] if on_cpu else 0)
 
 
@@ -125,30 +146,40 @@ def run_table(cfg: Config, model_args: list[str], base_ds: dict, world: int, mic
         here = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pipe_parallel_size=strategy.pipe,
                                                                   activation_checkpoint_interval=strategy.checkpoint))
         predicted = predicted_bytes(here, strategy, ds, world, on_cpu)
-        measured = max(r["growth_bytes"] for r in records)
-        rows.append({"strategy": strategy.name, "seconds_per_iteration": max(r["seconds_per_iteration"] for r in records),
-                     "loss": records[0]["loss"], "memory_kind": records[0]["memory_kind"],
-                     "peak_bytes_per_rank": [r["peak_bytes"] for r in records],
-                     "measured_bytes": measured, "predicted_bytes": predicted,
-                     "prediction_error": (predicted - measured) / measured if measured else None})
-        row = rows[-1]
-        log(f"{strategy.name}: {row['seconds_per_iteration']:.3f} s/iteration, {row['memory_kind']} "
-            f"{measured / GiB:.3f} GiB per rank (predicted {predicted / GiB:.3f})")
+        measured = max(r["allocated_bytes"] for r in records)
+        row = {"strategy": strategy.name, "seconds_per_iteration": max(r["seconds_per_iteration"] for r in records),
+               "loss": records[0]["loss"], "device": records[0]["device"],
+               "allocated_bytes": measured, "predicted_bytes": predicted,
+               "prediction_error": (predicted - measured) / measured}
+        if on_cpu:
+            row["rss_growth_bytes"] = max(r["rss_growth_bytes"] for r in records)
+            row["predicted_resident_bytes"] = predicted_bytes(here, strategy, ds, world, on_cpu, touched_only=True)
+        rows.append(row)
+        log(f"{strategy.name}: {row['seconds_per_iteration']:.3f} s/iteration, allocated {measured / GiB:.3f} GiB "
+            f"per rank (predicted {predicted / GiB:.3f})" + (
+                f", peak RSS growth {row['rss_growth_bytes'] / GiB:.3f} GiB (resident tensors predicted "
+                f"{row['predicted_resident_bytes'] / GiB:.3f})" if on_cpu else ""))
     return rows
 
 
 def render_table(rows: list[dict], world: int) -> str:
-    kind = next((r["memory_kind"] for r in rows if "memory_kind" in r), "peak memory")
-    what = "growth of peak RSS over RSS before the engine" if kind == "peak RSS" else "peak allocated"
-    lines = [f"{world} rank(s); memory per rank = {what}; prediction = the partition report's for that layout",
-             f"  {'strategy':<62} {'s/iter':>8} {'memory GiB':>11} {'predicted':>10} {'error':>7}"]
+    on_cpu = any(r.get("device") == "cpu" for r in rows)
+    lines = [f"{world} rank(s); memory per rank: the peak of bytes allocated (GPU: torch.cuda.max_memory_allocated; "
+             f"CPU: the profiler's allocation events), beside the partition report's prediction for that layout"
+             + ("; and the growth of peak RSS over RSS before the engine, beside the tensors predicted to be "
+                "resident (DeepSpeed's buckets as far as written)" if on_cpu else "") + "; GiB",
+             f"  {'strategy':<66} {'s/iter':>8} {'allocated':>10} {'predicted':>10} {'error':>6}"
+             + (f" {'RSS growth':>11} {'resident':>9} {'error':>6}" if on_cpu else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"  {r['strategy']:<62} failed: {r['error']}")
+            lines.append(f"  {r['strategy']:<66} failed: {r['error']}")
             continue
-        error = "n/a" if r["prediction_error"] is None else f"{100 * r['prediction_error']:.0f}%"
-        lines.append(f"  {r['strategy']:<62} {r['seconds_per_iteration']:>8.3f} {r['measured_bytes'] / GiB:>11.3f} "
-                     f"{r['predicted_bytes'] / GiB:>10.3f} {error:>7}")
+        line = (f"  {r['strategy']:<66} {r['seconds_per_iteration']:>8.3f} {r['allocated_bytes'] / GiB:>10.3f} "
+                f"{r['predicted_bytes'] / GiB:>10.3f} {100 * r['prediction_error']:>5.0f}%")
+        if "rss_growth_bytes" in r:
+            rss, resident = r["rss_growth_bytes"], r["predicted_resident_bytes"]
+            line += f" {rss / GiB:>11.3f} {resident / GiB:>9.3f} {100 * (resident - rss) / rss:>5.0f}%"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ def test_stage_compute_adds_up_to_the_model_flops():
 
 def test_zero1_divides_optimizer_states_and_checkpointing_saves_activations():
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8, "bf16": {"enabled": True},
-          "zero_optimization": {"stage": 1}}
+          "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
     one, four = report("gpt2-large", ds=ds, dp=1), report("gpt2-large", ds=ds, dp=4)
     m1, m4 = one["stages"][0]["memory_bytes"], four["stages"][0]["memory_bytes"]
     assert m1["optimizer_states"] == pytest.approx(4 * m4["optimizer_states"], rel=1e-6)
@@ -147,29 +147,56 @@ def test_every_preset_reports_in_seconds():
 
 
 def test_zero_2_3_and_offload_move_memory_as_their_formulas_say():
-    """Per rank, P parameters, D replicas, fp16: ZeRO-2 shards the gradients (2P/D), ZeRO-3 the
-    weights too (2P/D, plus the two largest layers gathered); optimizer offload moves the states
-    (16P/D) to the host, parameter offload the weight shard."""
+    """Per rank, P parameters, D replicas, fp16, the buffers DeepSpeed 0.19.8's source allocates:
+    ZeRO-2 shards the gradients (2P/D), ZeRO-3 the weights too (2P/D) and keeps the whole model
+    gathered (2P) while it is under half of stage3_max_reuse_distance, else about that many
+    elements; optimizer offload moves the states (16P/D) to the host, with ZeRO-1/2 a 16-bit
+    weight shard (2P/D) and two buffers of the largest parameter (2L each, one per side), with
+    ZeRO-3 its gradient accumulation shard (2P/D); parameter offload moves the weight shard.
+    The reduction buckets: one of reduce_bucket_size elements in the gradients' type, two
+    through the pipeline."""
     base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "fp16": {"enabled": True}}
+    bucket, block, embedding = 1000, 7_087_872, 50257 * 768  # gpt2's largest layers; the largest parameter
 
-    def mem(stage, **offload):
-        ds = dict(base, zero_optimization={"stage": stage, "reduce_bucket_size": 1000, **offload})
-        r = report("gpt2", pipe=0, ds=ds, dp=8)
-        assert len(r["stages"]) == 1 and r["pipe_parallel_size"] == 0
+    def mem(stage, pipe=0, **zero):
+        ds = dict(base, zero_optimization={"stage": stage, "reduce_bucket_size": bucket, **zero})
+        r = report("gpt2", pipe=pipe, ds=ds, dp=8)
+        assert len(r["stages"]) == 1 and r["pipe_parallel_size"] == pipe
         return r["stages"][0]["memory_bytes"], r["unique_params"]
 
     m1, P = mem(1)
     m2, _ = mem(2)
     m3, _ = mem(3)
+    near = lambda x: pytest.approx(x, abs=8)  # noqa: E731 (each term is rounded down on its own)
+    assert m1["gradients"] == 2 * P and m2["gradients"] == near(2 * P / 8)
+    assert m2["optimizer_states"] == m1["optimizer_states"] == near(16 * P / 8)
+    assert m1["buffers"] == m2["buffers"] == m3["buffers"] == 2 * bucket
+    assert mem(1, pipe=1)[0]["buffers"] == 2 * 2 * bucket
+    assert m3["weights"] == near(2 * P / 8 + 2 * P)
+    assert m3["gradients"] == near(2 * P / 8)
+    reuse = mem(3, stage3_max_reuse_distance=0)[0]
+    assert reuse["weights"] == near(2 * P / 8 + 2 * (embedding + block))
+    off1, _ = mem(1, offload_optimizer={"device": "cpu"})
+    assert off1["host"] == near(16 * P / 8 + 2 * P / 8 + 2 * embedding) and off1["optimizer_states"] == 0
+    assert off1["buffers"] == 2 * bucket + 2 * embedding
     off, _ = mem(3, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
-    assert m1["gradients"] == 2 * P and m2["gradients"] == 2 * P // 8
-    assert m2["optimizer_states"] == m1["optimizer_states"] == 16 * P // 8
-    block, embedding = 7_087_872, 50257 * 768  # gpt2's largest layers, gathered in fp16
-    assert m3["weights"] == 2 * P // 8 + 2 * (embedding + block)
-    assert m3["gradients"] == 2 * P // 8 + 2 * 1000 * 2  # two reduce buckets of 1000 fp16 values
-    assert off["optimizer_states"] == 0 and off["host"] == 16 * P // 8 + 2 * P // 8
-    assert off["weights"] == 2 * (embedding + block) and off["total"] < m3["total"]
+    assert off["optimizer_states"] == off["gradients"] == 0
+    assert off["host"] == near(16 * P / 8 + 2 * P / 8 + 2 * P / 8)
+    assert off["weights"] == 2 * P and off["total"] < m3["total"]
     assert m1["host"] == m2["host"] == m3["host"] == 0
+
+
+def test_buckets_count_whole_as_allocated_and_as_far_as_written_when_resident():
+    """DeepSpeed's default bucket is torch.empty(5e8) in the gradients' type: 2 GB allocated in
+    fp32 however small the model. A CPU's resident memory holds only the pages written: the
+    stage's gradients in the first bucket; the pipeline's second is never written."""
+    ds = {**FP32, "zero_optimization": {"stage": 1}}
+    allocated = report("tiny", pipe=2, ds=ds, **MICRO_MODEL)
+    params = allocated["stages"][0]["params"]
+    assert allocated["stages"][0]["memory_bytes"]["buffers"] == 2 * 500_000_000 * 4
+    resident = partition_report(load_config("tiny", {**MICRO_MODEL, "pipe_parallel_size": 2}), 2, "parameters",
+                                ds, BatchLayout(2, 2, 1), touched_only=True)
+    assert resident["stages"][0]["memory_bytes"]["buffers"] == params * 4
 
 
 def _saved_bytes_per_token(cfg, dtype) -> float:

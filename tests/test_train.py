@@ -1,6 +1,8 @@
 """Multi-process training under the real deepspeed launcher (CPU, gloo)."""
 import pytest
 
+from gptx.checkpoint import MANIFEST
+
 from tests.conftest import REPO, launch, make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
 
 pytestmark = pytest.mark.launcher
@@ -19,13 +21,13 @@ def work(tmp_path_factory):
 BF16 = dict(bf16={"enabled": True}, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"})
 
 
-def run(work, name, nprocs, pipe, micro, accum, *extra, expect_ok=True, ds_extra=None):
+def run(work, name, nprocs, pipe, micro, accum, *extra, expect_ok=True, ds_extra=None, env=None):
     tmp, data, model = work
     ds = write_ds_config(tmp / f"{name}.json", micro=micro, accum=accum, **(ds_extra or {}))
     args = ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(tmp / name),
             "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS), "--eval-interval", "3",
             "--eval-iters", "2", "--log-interval", "1", "--lr", "3e-3", "--warmup-iters", "2", *extra]
-    result = launch(nprocs, args, cwd=tmp)
+    result = launch(nprocs, args, cwd=tmp, env=env)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp / name, result
@@ -83,17 +85,22 @@ def test_bf16_resume_is_exact(work):
 
 def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(work, two_stages):
     """--pipe-parallel-size 0: the whole model under DeepSpeed's plain engine, 2 data-parallel
-    ranks with ZeRO-3 on the same global batches as 2 stages x 4 micro-batches."""
+    ranks with ZeRO-3 on the same global batches as 2 stages x 4 micro-batches. Rank 1 is
+    killed (SIGKILL) while it writes its ZeRO-3 shards at iteration 4: that checkpoint is never
+    loaded, and the run resumes from iteration 2."""
     zero3 = dict(zero_optimization={"stage": 3})
-    part, first = run(work, "zero3", 2, 0, 2, 2, "--exit-interval", "3", ds_extra=zero3)
-    assert max(train_losses(part)) == 3
+    part, first = run(work, "zero3", 2, 0, 2, 2, "--save-interval", "2", ds_extra=zero3, expect_ok=False,
+                      env={"GPTX_FAULT": "kill,save,4,1"})
+    assert first.returncode != 0 and (part / "latest").read_text() == "iter_0000002"
+    assert (part / "iter_0000004").is_dir() and not (part / "iter_0000004" / MANIFEST).exists()
     assert "no pipeline: the whole model x 2 data-parallel, cpu, fp32, ZeRO-3" in first.stdout
     _, second = run(work, "zero3", 2, 0, 2, 2, "--load", str(part), ds_extra=zero3)
-    assert "resumed from" in second.stdout
+    assert "iter_0000002: iteration 2" in second.stdout
     assert max_diff(train_losses(two_stages[0]), train_losses(part)) < PARITY_TOL
-    val_a = [r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r]
-    val_b = [r["val_loss"] for r in read_metrics(part) if "val_loss" in r]
-    assert len(val_a) == len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
+    # iteration 3's evaluation ran before the kill and again after the resume: the last one counts
+    val_a = {r["iter"]: r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r}
+    val_b = {r["iter"]: r["val_loss"] for r in read_metrics(part) if "val_loss" in r}
+    assert val_a.keys() == val_b.keys() == {3, 6} and max(abs(val_a[i] - val_b[i]) for i in val_a) < PARITY_TOL
     # The tools read its checkpoint like a pipeline's: the layer files gathered from the shards.
     import torch
     from gptx.checkpoint import load_plain_model
@@ -104,13 +111,16 @@ def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(work, two
 
 
 def test_two_stages_with_optimizer_offload_match_and_resume(work, two_stages):
-    """ZeRO-1 with the optimizer on the host (DeepSpeedCPUAdam) through 2 pipeline stages."""
+    """ZeRO-1 with the optimizer on the host (DeepSpeedCPUAdam) through 2 pipeline stages. Rank 1
+    is killed (SIGKILL) after iteration 3's step; the run resumes from its checkpoint of iteration 2."""
     offload = dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}},
                    optimizer={"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}})
-    part, first = run(work, "offload", 2, 2, 2, 4, "--exit-interval", "3", ds_extra=offload)
+    part, first = run(work, "offload", 2, 2, 2, 4, "--save-interval", "2", ds_extra=offload, expect_ok=False,
+                      env={"GPTX_FAULT": "kill,step,3,1"})
+    assert first.returncode != 0 and (part / "latest").read_text() == "iter_0000002"
     assert "ZeRO-1, optimizer offloaded to cpu" in first.stdout
     _, second = run(work, "offload", 2, 2, 2, 4, "--load", str(part), ds_extra=offload)
-    assert "resumed from" in second.stdout
+    assert "iter_0000002: iteration 2" in second.stdout
     assert max_diff(train_losses(two_stages[0]), train_losses(part)) < PARITY_TOL
 
 
