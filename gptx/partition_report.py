@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptx.config import Config, ModelConfig
+from gptx.errors import ConfigError
 from gptx.ds_config import BatchLayout, offload_devices, zero_stage, precision as ds_precision
 from gptx.flops import layer_flops_per_token
 from gptx.model import layer_specs
@@ -41,6 +42,8 @@ class MemoryModel:
     """zero_optimization.stage3_max_reuse_distance (DeepSpeed's default)."""
     prefetch_bucket_size: int = 50_000_000
     """zero_optimization.stage3_prefetch_bucket_size (DeepSpeed's default)."""
+    contiguous_gradients: bool = True
+    """zero_optimization.contiguous_gradients (DeepSpeed's default); without it, no buckets."""
     touched_only: bool = False
     """Count DeepSpeed's preallocated buckets only as far as they are written: what a CPU's
     resident memory shows. A GPU's allocator (and the bytes allocated) count them whole."""
@@ -129,7 +132,8 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
                 seen.add(key)
                 held.append(counts[i])
         kept = min(sum(held), mem.max_reuse_distance // 2 + sum(sorted(held)[-2:]))
-        gathered = int(kept * w) if dp > 1 else 0
+        # (offloaded parameters are copied to the device to run, even unsharded)
+        gathered = int(kept * w) if dp > 1 or mem.offload_param != "none" else 0
     else:
         gathered = 0
     # Logits in the model's dtype, their fp32 copy for the loss, and log-softmax saved for backward;
@@ -147,21 +151,24 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
         states += int(params * (4 if mem.precision == "fp32" else 0) / dp)
         states += int(params * 4 / dp) if not bf16_optimizer else 0
     # Gradient-reduction buckets: torch.empty(reduce_bucket_size) each, however small the model.
-    # ZeRO-1/2 allocate one at a step's first gradient and free it after the reduction (two
-    # with overlap_comm); the pipeline engine appends another for the reduction itself. ZeRO-3
-    # keeps one for the whole run.
+    # ZeRO-1/2 allocate one at a step's first gradient and free it after the reduction (a
+    # second with overlap_comm, written only once the first is full); the pipeline engine
+    # appends another, in the model's type, for the reduction itself. ZeRO-3 keeps one for
+    # the whole run. Without contiguous_gradients there are none.
     bucket = min(mem.reduce_bucket_size, params) if mem.touched_only else mem.reduce_bucket_size
+    spare = 0 if mem.touched_only else bucket  # allocated, but not written to for a stage below its size
     overlap = mem.overlap_comm if mem.overlap_comm is not None else mem.zero_stage == 3
     in_backward = at_reduction = 0
-    if mem.zero_stage in (1, 2) and not bf16_optimizer:
+    if not mem.contiguous_gradients:
+        pass
+    elif mem.zero_stage in (1, 2) and not bf16_optimizer:
         width = 4 if mem.precision == "fp32" or (mem.zero_stage == 1 and mem.grad_accum_fp32) else 2
-        in_backward = bucket * width * (2 if overlap and not mem.pipeline else 1)
-        # (the pipeline's extra one is written to only through its first: allocated, never touched)
-        at_reduction = in_backward + (bucket * width if mem.pipeline and not mem.touched_only else 0)
+        in_backward = bucket * width + (spare * width if overlap and not mem.pipeline else 0)
+        at_reduction = in_backward + (spare * mem.act_bytes if mem.pipeline else 0)
     elif mem.zero_stage == 3:
         in_backward = at_reduction = bucket * mem.act_bytes
-        if dp > 1:  # a prefetch gathers up to prefetch_bucket_size elements into one flat buffer first
-            in_backward += int(min(mem.prefetch_bucket_size, params) * w)
+    if mem.zero_stage == 3 and dp > 1:  # a prefetch gathers up to prefetch_bucket_size elements into one buffer
+        in_backward += int(min(mem.prefetch_bucket_size, params) * w)
     host = 0
     if mem.offload_optimizer != "none":
         # The states and the fp32 gradient shard DeepSpeed's CPU Adam reads live on the host.
@@ -213,6 +220,20 @@ def _stage_sums(weights: list[float], parts: list[int]) -> list[float]:
     return [sum(weights[parts[s]:parts[s + 1]]) for s in range(len(parts) - 1)]
 
 
+def _count(zero: dict, key: str, default: int) -> int:
+    value = zero.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"zero_optimization.{key}: expected a number of elements, got {value!r}")
+    return int(value)
+
+
+def _flag(zero: dict, key: str, default):
+    value = zero.get(key, default)
+    if value is not default and not isinstance(value, bool):
+        raise ConfigError(f"zero_optimization.{key}: expected true or false, got {value!r}")
+    return value
+
+
 def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout,
                      layer_params: list[int] | None = None, touched_only: bool = False) -> dict:
     """`layer_params`: count_layer_params of the model's specs, when the caller already has them.
@@ -228,13 +249,15 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
     zero = zero_stage(ds_config)
     offload_optimizer, offload_param = offload_devices(ds_config)
     zero_section = ds_config.get("zero_optimization") or {}
+    accum_dtype = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).removeprefix("torch.")
     mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval,
                       offload_optimizer, offload_param,
-                      reduce_bucket_size=int(zero_section.get("reduce_bucket_size", 500_000_000)),
-                      pipeline=pipelined, overlap_comm=zero_section.get("overlap_comm"),
-                      grad_accum_fp32=(ds_config.get("data_types") or {}).get("grad_accum_dtype") == "fp32",
-                      max_reuse_distance=int(zero_section.get("stage3_max_reuse_distance", 1_000_000_000)),
-                      prefetch_bucket_size=int(zero_section.get("stage3_prefetch_bucket_size", 50_000_000)),
+                      reduce_bucket_size=_count(zero_section, "reduce_bucket_size", 500_000_000),
+                      pipeline=pipelined, overlap_comm=_flag(zero_section, "overlap_comm", None),
+                      grad_accum_fp32=accum_dtype in ("fp32", "float32", "float"),
+                      max_reuse_distance=_count(zero_section, "stage3_max_reuse_distance", 1_000_000_000),
+                      prefetch_bucket_size=_count(zero_section, "stage3_prefetch_bucket_size", 50_000_000),
+                      contiguous_gradients=_flag(zero_section, "contiguous_gradients", True),
                       touched_only=touched_only)
     largest = largest_layer_params(specs)
     stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from gptx.config import Config
+from gptx.errors import ConfigError
 
 from gptx.partition_report import GiB
 
@@ -60,16 +60,19 @@ def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out:
 
     On a CPU the engine's build and the warmup iterations run under AllocatedPeak, and freed
     memory goes back to the OS at once (return_freed_memory), so their peak RSS follows the
-    live tensors rather than glibc's heap; the timed iterations run with glibc's usual threshold."""
+    live tensors rather than glibc's heap; the timed iterations run with blocks over 32 MiB
+    mapped on their own, where glibc's own (dynamic) threshold ends up."""
     import contextlib
 
     from gptx.benchmark import AllocatedPeak, _current_rss, _peak_memory, _sync, random_batches
     from gptx.engine import build_engine
     from gptx.precision_check import release
     from gptx.train import return_freed_memory
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        return_freed_memory()
+    from deepspeed.accelerator import get_accelerator
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and not return_freed_memory():
+        raise ConfigError("tools/strategies.py measures resident memory on a CPU through glibc's mallopt, "
+                          "which this system's C library lacks")
     before = _current_rss()
     with AllocatedPeak() if on_cpu else contextlib.nullcontext() as allocated:
         engine = build_engine(cfg, ds_config)
@@ -150,7 +153,7 @@ def run_table(cfg: Config, model_args: list[str], base_ds: dict, world: int, mic
         row = {"strategy": strategy.name, "seconds_per_iteration": max(r["seconds_per_iteration"] for r in records),
                "loss": records[0]["loss"], "device": records[0]["device"],
                "allocated_bytes": measured, "predicted_bytes": predicted,
-               "prediction_error": (predicted - measured) / measured}
+               "prediction_error": (predicted - measured) / measured if measured else None}
         if on_cpu:
             row["rss_growth_bytes"] = max(r["rss_growth_bytes"] for r in records)
             row["predicted_resident_bytes"] = predicted_bytes(here, strategy, ds, world, on_cpu, touched_only=True)
@@ -175,12 +178,16 @@ def render_table(rows: list[dict], world: int) -> str:
             lines.append(f"  {r['strategy']:<66} failed: {r['error']}")
             continue
         line = (f"  {r['strategy']:<66} {r['seconds_per_iteration']:>8.3f} {r['allocated_bytes'] / GiB:>10.3f} "
-                f"{r['predicted_bytes'] / GiB:>10.3f} {100 * r['prediction_error']:>5.0f}%")
+                f"{r['predicted_bytes'] / GiB:>10.3f} {_percent(r['prediction_error']):>6}")
         if "rss_growth_bytes" in r:
             rss, resident = r["rss_growth_bytes"], r["predicted_resident_bytes"]
-            line += f" {rss / GiB:>11.3f} {resident / GiB:>9.3f} {100 * (resident - rss) / rss:>5.0f}%"
+            line += f" {rss / GiB:>11.3f} {resident / GiB:>9.3f} {_percent((resident - rss) / rss if rss > 0 else None):>6}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _percent(error: float | None) -> str:
+    return "n/a" if error is None else f"{100 * error:.0f}%"
 
 
 def _launcher() -> str:

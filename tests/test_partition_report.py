@@ -95,6 +95,20 @@ def test_report_bad_input(capsys, argv, needle):
     assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("zero,needle", [
+    ({"reduce_bucket_size": "auto"}, "zero_optimization.reduce_bucket_size: expected a number of elements, got 'auto'"),
+    ({"stage": 3, "stage3_max_reuse_distance": -1}, "zero_optimization.stage3_max_reuse_distance"),
+    ({"overlap_comm": "false"}, "zero_optimization.overlap_comm: expected true or false, got 'false'"),
+])
+def test_settings_the_memory_model_reads_are_checked_in_one_line(capsys, tmp_path, zero, needle):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                              "zero_optimization": {"stage": 2, **zero}}))
+    assert run_partition_report(["--pipe-parallel-size", "0", "--deepspeed_config", str(ds)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1
+
+
 def test_memory_estimate_matches_the_tensors_the_engine_holds(dist_world1, tmp_path):
     import deepspeed
 
