@@ -15,6 +15,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from types import MethodType
 
 import torch
@@ -99,6 +100,27 @@ class AllocatedPeak:
             live += change
             self.bytes = max(self.bytes, live)
         return False
+
+
+def head_loss_peak(batch: int, seq_len: int, n_embd: int, vocab_rows: int, fused: bool, rows: int | None = None,
+                   seed: int = 0) -> int:
+    """Peak bytes (AllocatedPeak) of the head and the loss alone, forward and backward, fp32, on
+    random hidden states: the logits path unfused (vocab_logits, lm_loss) or gptx.fused_loss
+    with `rows` positions per chunk. The hidden states and the table are allocated before and do
+    not count; their gradients do."""
+    from gptx.fused_loss import linear_cross_entropy
+    from gptx.layers import vocab_logits
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, n_embd, generator=gen).requires_grad_()
+    weight = (torch.randn(vocab_rows, n_embd, generator=gen) * 0.02).requires_grad_()
+    labels = torch.randint(0, vocab_rows, (batch, seq_len), generator=gen)
+    with AllocatedPeak() as peak:
+        if fused:
+            loss = linear_cross_entropy(x, weight, labels, rows=rows)
+        else:
+            loss = lm_loss(vocab_logits(x, weight, vocab_rows), labels)
+        loss.backward()
+    return peak.bytes
 
 
 def _current_rss() -> int:
@@ -198,7 +220,22 @@ def plain_loop(cfg: Config, ds_config: dict, layout: BatchLayout, device: torch.
     if cfg.train.compile_blocks:
         from gptx.pipeline import compile_blocks
         compile_blocks(model.layers.values())
-    return PlainLoop(model, lambda x, y: lm_loss(model(x), y), cfg, ds_config, layout, device, seed)
+    loss_fn = fused_loss_fn(model) if cfg.train.fused_loss else (lambda x, y: lm_loss(model(x), y))
+    return PlainLoop(model, loss_fn, cfg, ds_config, layout, device, seed)
+
+
+def fused_loss_fn(model: GPT):
+    """`loss_fn(x, y)` of `model` with train.fused_loss: its layers up to the head, then the head
+    and the loss together over chunks of positions (gptx.fused_loss)."""
+    from gptx.fused_loss import FusedLMLoss, hidden_and_head_weight
+    fns = [*model._forward_fns[:-1], partial(hidden_and_head_weight, model.head())]
+    loss = FusedLMLoss(model.cfg.vocab_size)
+
+    def loss_fn(x, y):
+        for fn in fns:
+            x = fn(x)
+        return loss(x, y)
+    return loss_fn
 
 
 def reference_loop(reference: str, cfg: Config, ds_config: dict, layout: BatchLayout, device: torch.device,

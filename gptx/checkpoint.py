@@ -284,6 +284,24 @@ def check_save_dir(save: str | Path | None, load: str | Path | None) -> None:
                               f"(nothing was written)")
 
 
+def keep_saved_padding(meta: dict, cfg: Config, where: str) -> tuple[Config, str | None]:
+    """The config to resume `meta`'s checkpoint with, and a line for the log when it changed.
+
+    The GPT-2-vocabulary presets pad their table to a multiple of 64 since a later version:
+    a checkpoint saved before has its own row count, which it keeps unless the padding was
+    asked for by a file or the command line (then check_compatible refuses the other shape).
+    """
+    import dataclasses
+    saved = meta.get("config", {}).get("model", {}).get("pad_vocab_to_multiple", 1)
+    m = cfg.model
+    if not cfg.padding_from_preset or saved == m.pad_vocab_to_multiple:
+        return cfg, None
+    kept = dataclasses.replace(m, pad_vocab_to_multiple=saved)
+    line = (f"note: checkpoint '{where}' has a table of {kept.padded_vocab_size:,} rows where "
+            f"'{cfg.name}' now pads to {m.padded_vocab_size:,}: it keeps its {kept.padded_vocab_size:,} rows")
+    return dataclasses.replace(cfg, model=kept, padding_from_preset=False), line
+
+
 def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> None:
     """Refuse, before any heavy work, a checkpoint of another model shape."""
     import dataclasses

@@ -229,7 +229,7 @@ def _fix_fp32_clipping(engine) -> None:
         coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
         if params:
             torch._foreach_mul_([p.grad for p in params], coef.reshape(()))
-        engine._global_grad_norm = norm.item()
+        engine._global_grad_norm = norm.reshape(())  # a device tensor: the loop reads it once per step
     engine.clip_fp32_gradients = clip
 
 
@@ -248,27 +248,45 @@ def _ensure_loss_is_scaled(engine) -> None:
     gradient that arrives from the engine's backward, which is loss_scale / accumulation
     steps when DeepSpeed scaled it and 1 / accumulation steps when it did not. Only in the
     second case is it multiplied by the scale, so the loss is scaled exactly once, also
-    by a DeepSpeed that fixes this. Anything else stops the run rather than train wrong.
+    by a DeepSpeed that fixes this. Anything else skips the step and, at check_step()
+    after train_batch, stops the run rather than train wrong.
     """
     module = engine.module
     original = module.loss_fn
-    state = {"warned": engine.grid.get_data_parallel_rank() != 0}  # one note per pipeline is enough
+    # Per micro-batch nothing is read on the host: the hook chooses its answer on the device and
+    # counts what it saw there; check_step() reads the counts once per step.
+    state = {"seen": None, "warned": engine.grid.get_data_parallel_rank() != 0}
 
     def check_grad(grad: torch.Tensor):
         scale = loss_scale(engine)
-        arrived = float(grad) * engine.gradient_accumulation_steps()  # read each time: a batch ramp changes it
-        if math.isclose(arrived, scale, rel_tol=1e-3):
-            return None  # DeepSpeed scaled it
-        if math.isclose(arrived, 1.0, rel_tol=1e-3):
-            if not state["warned"]:
-                state["warned"] = True
-                print(f"rank {dist.get_rank()}: note: this DeepSpeed does not multiply the fp16 loss by the loss "
-                      f"scale without ZeRO; gptx does (see gptx/engine.py)", flush=True)
-            return grad * scale
-        raise LossScalingError(f"the fp16 loss received a gradient of {arrived:g} / accumulation steps from "
-                               f"DeepSpeed's backward, neither 1 nor the loss scale {scale:g}; this DeepSpeed "
-                               f"scales losses in a way gptx does not know, so it stopped rather than train "
-                               f"wrong; use bf16 (ds_configs/gpu_bf16.json)")
+        arrived = grad.detach().float() * engine.gradient_accumulation_steps()  # a batch ramp changes it
+        scaled = (arrived - scale).abs() <= 1e-3 * scale  # DeepSpeed scaled it
+        unscaled = (arrived - 1.0).abs() <= 1e-3
+        neither = ~(scaled | unscaled)
+        seen = torch.stack([unscaled.float(), neither.float(), arrived, torch.full_like(arrived, scale)])
+        before = state["seen"]
+        if before is not None:  # counts add up; the last odd gradient and its scale are kept for the message
+            seen = torch.cat([before[:2] + seen[:2], torch.where(neither, seen[2:], before[2:])])
+        state["seen"] = seen
+        # Neither: a NaN gradient makes DeepSpeed skip the step as an overflow, so nothing trains
+        # on it before check_step() stops the run.
+        return torch.where(unscaled, grad * scale, torch.where(scaled, grad, torch.full_like(grad, math.nan)))
+
+    def read_once_per_step():
+        seen, state["seen"] = state["seen"], None
+        if seen is None:
+            return
+        n_unscaled, n_neither, arrived, scale = seen.tolist()
+        if n_neither:
+            raise LossScalingError(f"the fp16 loss received a gradient of {arrived:g} / accumulation steps from "
+                                   f"DeepSpeed's backward, neither 1 nor the loss scale {scale:g}; this DeepSpeed "
+                                   f"scales losses in a way gptx does not know, so it stopped rather than train "
+                                   f"wrong; use bf16 (ds_configs/gpu_bf16.json)")
+        if n_unscaled and not state["warned"]:
+            state["warned"] = True
+            print(f"rank {dist.get_rank()}: note: this DeepSpeed does not multiply the fp16 loss by the loss "
+                  f"scale without ZeRO; gptx does (see gptx/engine.py)", flush=True)
+    engine._gptx_step_checks = getattr(engine, "_gptx_step_checks", []) + [read_once_per_step]
 
     def scaled_loss_fn(outputs, labels):
         loss = original(outputs, labels)
@@ -276,6 +294,13 @@ def _ensure_loss_is_scaled(engine) -> None:
             loss.register_hook(check_grad)
         return loss
     module.loss_fn = scaled_loss_fn
+
+
+def check_step(engine) -> None:
+    """Once per step, after train_batch: what gptx's workarounds saw during the step, read on the
+    host here rather than in the micro-batches (raises LossScalingError)."""
+    for check in getattr(engine, "_gptx_step_checks", ()):
+        check()
 
 
 def _undo_construction_step(engine) -> None:
@@ -322,16 +347,17 @@ def _fix_fp16_unscale_and_norm(engine) -> None:
     unfused = isinstance(opt, FP16_UnfusedOptimizer)
     step_state = {"scale": None, "norm": None}
 
-    def unfused_scaled_norm() -> float:
+    def unfused_scaled_norm() -> torch.Tensor:
         grads = [fp32.grad for group16, group32 in zip(opt.fp16_groups, opt.fp32_groups)
                  for fp16, fp32 in zip(group16, group32) if fp32.grad is not None and _owned(fp16)]
-        return _pipeline_sq_norm(engine, grads).sqrt().item()
+        return _pipeline_sq_norm(engine, grads).sqrt().reshape(())
 
     def unscale_and_clip(*args, **kwargs):
         args = list(args)
         if unfused:  # (total_norm, apply_scale=True)
             args[0] = unfused_scaled_norm()
-        step_state["norm"] = float(args[1] if not unfused else args[0])
+        # Kept as it came (a tensor under ZeRO): the loop reads the logged norm once per step.
+        step_state["norm"] = args[1] if not unfused else args[0]
         grown, holder.cur_scale = holder.cur_scale, step_state["scale"]
         try:
             return original_unscale(*args, **kwargs)

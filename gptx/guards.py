@@ -55,7 +55,8 @@ class StopSignal:
         """Collective: the signal's name if any rank received one."""
         flag = torch.tensor([self.received], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return self.names.get(int(flag.item()), str(int(flag.item()))) if flag.item() else None
+        received = int(flag.item())  # the one host read of this per-step check
+        return self.names.get(received, str(received)) if received else None
 
 
 class NumericsGuard:

@@ -61,6 +61,13 @@ def tied_logits(embedding: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
     return embedding.logits(x)
 
 
+def tied_hidden_and_weight(embedding: TokenEmbedding, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tied head with the fused loss (gptx.fused_loss): the loss multiplies by the table itself,
+    a chunk of positions at a time. The table goes through autograd, so its gradient reaches
+    this copy and, through DeepSpeed's tied-gradient all-reduce, the first stage's."""
+    return x, embedding.wte.weight
+
+
 class PositionEmbedding(nn.Module):
     """Adds learned absolute positions, then embedding dropout."""
 
@@ -330,13 +337,18 @@ class FinalNorm(nn.Module):
 
 
 class LMHead(nn.Module):
-    """The untied output head (GPT-2's lm_head has no bias)."""
+    """The untied output head (GPT-2's lm_head has no bias). With `fused` (gptx.fused_loss) it
+    returns (x, its weight) and the loss does the multiplication, a chunk of positions at a time;
+    the parameter and its name are the same either way, so checkpoints do not depend on it."""
 
-    def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int | None = None):
+    def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int | None = None, fused: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
+        self.fused = fused
         self.lm_head = nn.Linear(n_embd, padded_vocab_size or vocab_size, bias=False)
         _init_linear(self.lm_head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        if self.fused:
+            return x, self.lm_head.weight
         return vocab_logits(x, self.lm_head.weight, self.vocab_size)  # (B, T, C) -> (B, T, padded V)

@@ -23,7 +23,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from gptx.config import ModelConfig, n_pipeline_layers
 from gptx.layers import (Block, EmbeddingDropout, FinalNorm, KVCache, LMHead, PositionEmbedding, TokenEmbedding,
-                         tied_logits)
+                         tied_hidden_and_weight, tied_logits)
 
 EMBEDDING_KEY = "embed"
 
@@ -55,7 +55,9 @@ class SeededTiedLayerSpec(_SeededBuild, TiedLayerSpec):
         self.seed = seed
 
 
-def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:
+def layer_specs(cfg: ModelConfig, seed: int, fused_loss: bool = False) -> list[LayerSpec]:
+    """`fused_loss`: the head returns (hidden, weight) for gptx.fused_loss instead of logits (same
+    parameters, same files). Only the training engines ask for it (train.fused_loss)."""
     C, V, P = cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size
     if cfg.tie_embeddings:
         embed = SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, P, tied_weight_attr="wte.weight")
@@ -72,7 +74,10 @@ def layer_specs(cfg: ModelConfig, seed: int) -> list[LayerSpec]:
     if cfg.tie_embeddings:
         # Same seed as position 0: both copies start equal even before DeepSpeed broadcasts.
         specs.append(SeededTiedLayerSpec(seed, EMBEDDING_KEY, TokenEmbedding, V, C, P,
-                                         forward_fn=tied_logits, tied_weight_attr="wte.weight"))
+                                         forward_fn=tied_hidden_and_weight if fused_loss else tied_logits,
+                                         tied_weight_attr="wte.weight"))
+    elif fused_loss:
+        specs.append(SeededLayerSpec(seed + 3 + cfg.n_layer, LMHead, C, V, P, fused=True))
     else:
         specs.append(SeededLayerSpec(seed + 3 + cfg.n_layer, LMHead, C, V, P))
     assert len(specs) == n_pipeline_layers(cfg)
@@ -126,6 +131,10 @@ class GPT(nn.Module):
         for fn in self._forward_fns[2 + self.cfg.n_layer:]:
             x = fn(x)
         return x
+
+    def head(self) -> nn.Module:
+        """The module whose table makes the logits: the embedding when tied."""
+        return self.layers["0"] if self.cfg.tie_embeddings else self.layers[str(len(self._forward_fns) - 1)]
 
     def new_caches(self) -> list[KVCache]:
         return [KVCache() for _ in range(self.cfg.n_layer)]

@@ -12,6 +12,7 @@ from gptx.config import Config, ModelConfig
 from gptx.errors import ConfigError
 from gptx.ds_config import BatchLayout, offload_devices, zero_stage, precision as ds_precision
 from gptx.flops import layer_flops_per_token
+from gptx.fused_loss import chunk_positions
 from gptx.model import layer_specs
 from gptx.pipeline import count_layer_params, largest_layer_params, layer_name, partition
 
@@ -47,10 +48,24 @@ class MemoryModel:
     touched_only: bool = False
     """Count DeepSpeed's preallocated buckets only as far as they are written: what a CPU's
     resident memory shows. A GPU's allocator (and the bytes allocated) count them whole."""
+    fused_loss: bool = False
+    """train.fused_loss: the head and the loss in chunks of positions (gptx/fused_loss.py)."""
 
     @property
     def act_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
+
+
+def head_loss_bytes(positions: int, C: int, V: int, act_bytes: int, fused: bool) -> int:
+    """What the head and the loss hold of one micro-batch on the last stage. Unfused: the logits
+    in the model's dtype, their fp32 copy and the log-softmax saved for backward (1F1B runs the
+    last stage's backward right after its forward, so one micro-batch at a time). Fused
+    (gptx/fused_loss.py): one chunk's fp32 logits and, in 16-bit, its gradient's copy, plus the
+    fp32 gradients of the table and the hidden states, all made in forward."""
+    if not fused:
+        return positions * V * (act_bytes + (4 if act_bytes != 4 else 0) + 4)
+    rows = min(positions, chunk_positions(V))
+    return rows * V * (4 + (act_bytes if act_bytes != 4 else 0)) + V * C * 4 + positions * C * 4
 
 
 def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
@@ -136,9 +151,7 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
         gathered = int(kept * w) if dp > 1 or mem.offload_param != "none" else 0
     else:
         gathered = 0
-    # Logits in the model's dtype, their fp32 copy for the loss, and log-softmax saved for backward;
-    # 1F1B runs the last stage's backward right after its forward, so one micro-batch at a time.
-    logits = b * T * V * (mem.act_bytes + (4 if mem.act_bytes != 4 else 0) + 4) if is_last else 0
+    logits = head_loss_bytes(b * T, C, V, mem.act_bytes, mem.fused_loss) if is_last else 0
     weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
     # bf16 with fp32 gradient accumulation under ZeRO-1 runs DeepSpeed's BF16_Optimizer, which
     # keeps its own fp32 gradients (in PARAM_BYTES) and no reduction buckets.
@@ -258,7 +271,7 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
                       max_reuse_distance=_count(zero_section, "stage3_max_reuse_distance", 1_000_000_000),
                       prefetch_bucket_size=_count(zero_section, "stage3_prefetch_bucket_size", 50_000_000),
                       contiguous_gradients=_flag(zero_section, "contiguous_gradients", True),
-                      touched_only=touched_only)
+                      touched_only=touched_only, fused_loss=cfg.train.fused_loss)
     largest = largest_layer_params(specs)
     stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
     stages = []

@@ -6,6 +6,7 @@ the first stage after a load.
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -17,6 +18,7 @@ from deepspeed.runtime import utils as ds_utils
 from gptx.config import Config
 from gptx.errors import ConfigError
 from gptx.flops import layer_flops_per_token
+from gptx.fused_loss import FusedLMLoss
 from gptx.model import layer_specs, lm_loss
 
 # Only blocks are recomputed under activation checkpointing: the embedding's input
@@ -137,12 +139,14 @@ def layer_compute_weights(cfg: Config, specs: list[LayerSpec]) -> list[float]:
 def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     """The PipelineModule for this rank (torch.distributed must be initialized)."""
     t = cfg.train
-    specs = layer_specs(cfg.model, t.seed if seed is None else seed)
+    # Fused: the head hands (hidden, weight) to the loss, which DeepSpeed calls on the last stage
+    # with the last layer's outputs; those are never sent to another stage.
+    specs = layer_specs(cfg.model, t.seed if seed is None else seed, fused_loss=t.fused_loss)
     pipe = GPTPipe(
         layers=specs,
         compute_weights=layer_compute_weights(cfg, specs),
         num_stages=t.pipe_parallel_size,
-        loss_fn=lm_loss,
+        loss_fn=FusedLMLoss(cfg.model.vocab_size) if t.fused_loss else lm_loss,
         partition_method=t.partition_method,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         activation_checkpoint_func=_checkpoint,
@@ -153,12 +157,44 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     return pipe
 
 
-def compile_blocks(layers) -> None:
-    """torch.compile every Block in place; the other layers stay eager (small, or tied across stages)."""
+# The compiler compile_blocks uses: tests that only count graphs or check plumbing swap in a
+# backend that runs dynamo's graphs as captured, with the same tracing and guards, no codegen.
+COMPILE_BACKEND = "inductor"
+# Compiled entries are cached per code object, and every Block of every model in the process
+# shares Block.forward's. The guards do not tell two blocks of one model apart, so a run needs
+# only a handful of entries (README, "Performance"); the margin is for processes that build many
+# models (tests, notebooks, a benchmark's several engines) before dynamo would stop compiling.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(layers, backend=None) -> int:
+    """torch.compile every Block's forward in place; returns how many. The other layers stay
+    eager (small, or tied across stages).
+
+    The forward, not the module call, is compiled, so module hooks (ZeRO-3's parameter
+    gathering) run eagerly around the graph. fullgraph: a block that does not trace whole, or
+    that would need more entries than the limit, raises instead of running eager unnoticed.
+    """
     from gptx.layers import Block
+    options = dict(backend=backend or COMPILE_BACKEND, fullgraph=True)
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        options["recompile_limit"] = COMPILE_RECOMPILE_LIMIT
+    else:  # torch before 2.13 has only the process-wide setting (named cache_size_limit before 2.6)
+        dynamo = torch._dynamo.config
+        name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, name, max(getattr(dynamo, name), COMPILE_RECOMPILE_LIMIT))
+    count = 0
     for layer in layers:
         if isinstance(layer, Block):
-            layer.compile()
+            layer.forward = torch.compile(layer.forward, **options)
+            count += 1
+    return count
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (every torch.compile, not only blocks')."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def stage_param_counts(module: PipelineModule) -> list[int]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from gptx.config import Config
 from gptx.data import TokenWindows
 from gptx.ds_config import check_ds_config
-from gptx.engine import build_engine, loss_scale
+from gptx.engine import build_engine, check_step, loss_scale
 
 
 @dataclass
@@ -68,6 +68,7 @@ def train_trace(cfg: Config, ds_config: dict, tokens: np.ndarray, iters: int, be
             before_step(engine, it)
         start = time.perf_counter()
         loss = float(engine.train_batch(windows))  # a host copy: the step has finished
+        check_step(engine)
         trace.record(engine, loss, time.perf_counter() - start)
     if on_done:
         on_done(engine)

@@ -12,6 +12,7 @@ so the loop, schedule, data, metrics, signals and checkpoints are shared with th
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,30 +20,47 @@ import torch.distributed as dist
 
 from gptx.config import Config
 from gptx.ds_config import zero_stage
+from gptx.fused_loss import FusedLMLoss, hidden_and_head_weight
 from gptx.model import GPT, lm_loss
-from gptx.pipeline import _checkpoint
+from gptx.pipeline import _checkpoint, compile_blocks
 
 
 class SequentialGPT(GPT):
     """The single-device GPT with the pipeline's activation checkpointing: each chunk of
-    `checkpoint_interval` blocks keeps only its input and is recomputed in backward."""
+    `checkpoint_interval` blocks keeps only its input and is recomputed in backward. Given
+    labels, forward returns the training loss, with train.fused_loss through gptx.fused_loss;
+    without, logits, as GPT's."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg.model, seed=cfg.train.seed)
         self.checkpoint_interval = cfg.train.activation_checkpoint_interval
+        self.train_loss = FusedLMLoss(cfg.model.vocab_size) if cfg.train.fused_loss else lm_loss
+        self._loss_fns = list(self._forward_fns)
+        if cfg.train.fused_loss:
+            self._loss_fns[-1] = partial(hidden_and_head_weight, self.head())
 
-    def forward(self, idx: torch.Tensor, caches=None) -> torch.Tensor:
-        interval = self.checkpoint_interval
-        if caches is not None or not interval or not torch.is_grad_enabled():
+    def forward(self, idx: torch.Tensor, caches=None, labels: torch.Tensor | None = None):
+        # The loss is taken inside forward: ZeRO-3 holds the head's gathered weight only while the
+        # model's forward runs, and the fused loss multiplies by that weight itself.
+        if labels is not None:
+            return self.train_loss(self._through(self._loss_fns, idx), labels)
+        if caches is not None:
             return super().forward(idx, caches)
+        return self._through(self._forward_fns, idx)
+
+    def _through(self, fns, idx: torch.Tensor):
+        interval = self.checkpoint_interval
         n = self.cfg.n_layer
-        fns = self._forward_fns
         x = idx
         for fn in fns[:2]:
             x = fn(x)
         blocks = fns[2:2 + n]
-        for start in range(0, n, interval):
-            x = _checkpoint(_run_chunk(blocks[start:start + interval]), x)
+        if interval and torch.is_grad_enabled():
+            for start in range(0, n, interval):
+                x = _checkpoint(_run_chunk(blocks[start:start + interval]), x)
+        else:
+            for fn in blocks:
+                x = fn(x)
         for fn in fns[2 + n:]:
             x = fn(x)
         return x
@@ -109,7 +127,7 @@ class DataParallelEngine:
         total = torch.zeros((), device=engine.device)
         for _ in range(steps):
             inputs, labels = self._micro_batch(data_iter)
-            loss = lm_loss(engine(inputs), labels)
+            loss = engine(inputs, labels=labels)
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()
@@ -122,7 +140,7 @@ class DataParallelEngine:
         total = torch.zeros((), device=engine.device)
         for _ in range(num_micro_batches):
             inputs, labels = self._micro_batch(data_iter)
-            total += lm_loss(engine(inputs), labels).float()
+            total += engine(inputs, labels=labels).float()
         engine.train()
         return self._replica_mean(total, num_micro_batches)
 
@@ -139,15 +157,34 @@ def build_data_parallel_engine(cfg: Config, ds_config: dict, schedule, param_gro
         model = SequentialGPT(cfg)
     if stage3:
         _initialize_under_zero3(model, cfg)
+    if cfg.train.compile_blocks:
+        if stage3:
+            _gather_blocks_whole(model)
+        compile_blocks(model.layers.values())
     if stage3 and cfg.model.tie_embeddings:
         # The tied head reads the embedding's weight outside the embedding's forward; ZeRO-3
         # gathers it for the whole model's forward instead of only the embedding's.
         deepspeed.zero.register_external_parameter(model, _embedding(model).wte.weight)
+    elif stage3 and cfg.train.fused_loss:
+        # The fused loss reads the untied head's weight outside LMHead's forward, likewise.
+        deepspeed.zero.register_external_parameter(model, model.head().lm_head.weight)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                            config=ds_config, lr_scheduler=schedule)
     if not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
         _keep_fp32_grad_norm(engine)
     return DataParallelEngine(engine)
+
+
+def _gather_blocks_whole(model: SequentialGPT) -> None:
+    """ZeRO-3 gathers each compiled block's parameters at the block instead of at each of its
+    submodules: DeepSpeed's per-submodule hooks are compiler-disabled, so inside the block they
+    would break its graph (compile_blocks compiles whole graphs only). Costs one block's
+    parameters gathered at a time instead of one linear layer's."""
+    from deepspeed.utils import set_z3_leaf_module
+    from gptx.layers import Block
+    for layer in model.layers.values():
+        if isinstance(layer, Block):
+            set_z3_leaf_module(layer, True)
 
 
 def _initialize_under_zero3(model: SequentialGPT, cfg: Config) -> None:
@@ -175,7 +212,7 @@ def _keep_fp32_grad_norm(engine) -> None:
         norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).pow(2).sum().sqrt()
         coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
-        engine._global_grad_norm = norm.item()
+        engine._global_grad_norm = norm  # a device tensor: the loop reads it once per step
     engine.clip_fp32_gradients = clip
 
 

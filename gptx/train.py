@@ -20,7 +20,7 @@ import torch.distributed as dist
 from gptx import checkpoint
 from gptx.config import Config, ModelConfig, describe_model
 from gptx.data import TokenWindows, default_data_dir, open_tokens
-from gptx.engine import build_engine, deepspeed_prints, loss_scale, release_shared_memory
+from gptx.engine import build_engine, check_step, deepspeed_prints, loss_scale, release_shared_memory
 from gptx.ds_config import (BatchLayout, check_ds_config, default_ds_config_path, offload_devices, precision,
                             read_ds_config, zero_stage)
 from gptx.errors import ConfigError, DataError, TrainingStopped
@@ -106,6 +106,9 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     tag, meta = None, None
     if paths.load:
         tag, meta = checkpoint.find_latest(paths.load, warn=log)
+        cfg, note = checkpoint.keep_saved_padding(meta, cfg, str(Path(paths.load) / tag))
+        if note:
+            log(note)
         checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
         warning = checkpoint.check_schedule(meta, cfg, str(Path(paths.load) / tag), paths.override_lr_schedule)
         for line in (warning, resume_warning(meta.get("data_sources"), sources)):
@@ -321,6 +324,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     import deepspeed
 
     plan = plan_run(cfg, paths)
+    cfg = plan.cfg  # a resumed checkpoint may keep its own table size
     t = cfg.train
     threads = configure_host(plan.accelerator, cfg.model, plan.layout.micro_batch)
     from deepspeed.utils.logging import set_log_level_from_string
@@ -430,8 +434,11 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                 engine.reset_activation_shape()
                 shape = length
             t0 = time.perf_counter()
+            # The step's host reads, once each, after it: nothing in train_batch's micro-batches waits
+            # for the device (README, "Performance").
             loss = float(engine.train_batch(windows))
             dt = time.perf_counter() - t0
+            check_step(engine)
             iteration += 1
             consumed += batch
             tokens += batch * length

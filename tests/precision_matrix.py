@@ -3,6 +3,7 @@ pipeline stages and as 2 data-parallel replicas, on the same batches; writes the
 
     GPTX_CPU_FP16=1 deepspeed --num_gpus 2 tests/precision_matrix.py DATA_DIR OUT.json
 """
+import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -24,6 +25,7 @@ ITERS = 8
 GROWING = dict(initial_scale_power=12, loss_scale_window=2)
 PRECISIONS = {"fp32": {}, "bf16": {}, "fp16-zero0-torch": GROWING, "fp16-zero0-fused": {},
               "fp16-zero1-torch": GROWING, "fp16-zero1-fused": {}}
+FUSED = ("fp32", "fp16-zero0-torch")
 
 
 def main(data: str, out: str) -> None:
@@ -39,6 +41,11 @@ def main(data: str, out: str) -> None:
         for name, scaling in PRECISIONS.items():
             trace = train_trace(cfg, precision_ds(name, micro=2, accum=accum, **scaling), tokens, ITERS)
             results[f"pipe{pipe}/{name}"] = asdict(trace)
+        if pipe == 2:  # the fused head + loss (train.fused_loss): the tied table's gradient crosses stages
+            fused = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fused_loss=True))
+            for name in FUSED:
+                trace = train_trace(fused, precision_ds(name, micro=2, accum=accum, **PRECISIONS[name]), tokens, ITERS)
+                results[f"pipe2/{name}-fused"] = asdict(trace)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()

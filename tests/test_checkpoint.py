@@ -232,3 +232,37 @@ def test_a_sequence_length_warmup_trains_on_the_samples_first_tokens_and_resumes
     assert run_pretrain(args(work, part, 1, 6, *warmup, "--load", str(part))) == 0
     resumed = [r for r in read_metrics(part) if "loss" in r]
     assert train_losses(part) == train_losses(full) and resumed[-1]["tokens"] == records[-1]["tokens"]
+
+
+def test_a_checkpoint_saved_before_its_preset_padded_resumes_with_its_own_table(dist_world1, work, monkeypatch,
+                                                                                 capsys):
+    """The GPT-2-vocabulary presets pad to a multiple of 64; a run saved unpadded with one of them
+    keeps its table on --load unless padding is asked for explicitly. Here a small preset of the
+    same kind: 250 tokens, padded to 256 rows."""
+    import torch
+    from gptx import config
+    from tests.conftest import make_token_dir, MICRO_MODEL
+    monkeypatch.setitem(config.PRESETS, "micro-gpt2", dict(MICRO_MODEL, vocab_size=250, pad_vocab_to_multiple=64))
+    data = make_token_dir(work[0] / "data250", vocab_size=250)
+    old = lambda save, *extra: pretrain_args(data, "micro-gpt2", work[3], save, 1, 4, "--eval-interval", "0", *extra)
+    unpadded = ("--set", "pad_vocab_to_multiple=1")  # what the preset was before
+    full, part = work[0] / "unpadded_full", work[0] / "unpadded_part"
+    assert run_pretrain(old(full, *unpadded)) == 0
+    assert run_pretrain(old(part, *unpadded, "--exit-interval", "2")) == 0
+    rows = lambda run: load_plain_model(run)[0].layers["0"].wte.weight.shape[0]
+    assert rows(part) == 250
+    capsys.readouterr()
+    assert run_pretrain(old(part, "--set", "pad_vocab_to_multiple=64", "--load", str(part))) == 2  # asked for
+    assert "pad_vocab_to_multiple 1 (checkpoint) vs 64 (now)" in capsys.readouterr().err
+    assert run_pretrain(old(part, "--load", str(part))) == 0  # the preset's default: the checkpoint's table
+    out = capsys.readouterr().out
+    assert "has a table of 250 rows where 'micro-gpt2' now pads to 256: it keeps its 250 rows" in out
+    assert train_losses(part) == pytest.approx(train_losses(full), abs=1e-6) and rows(part) == 250
+    assert run_evaluate(["--load", str(part), "--data", str(data / "val.bin"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    fresh = work[0] / "padded"
+    assert run_pretrain(pretrain_args(data, "micro-gpt2", work[3], fresh, 1, 1, "--eval-interval", "0")) == 0
+    assert rows(fresh) == 256
+    model, cfg = load_plain_model(fresh)
+    with torch.no_grad():  # the padding rows are never predicted
+        assert torch.isinf(model(torch.zeros(1, 4, dtype=torch.long))[..., 250:]).all()

@@ -8,7 +8,7 @@ from gptx.pipeline import count_layer_params
 
 def unique_params(cfg):
     counts = count_layer_params(layer_specs(cfg.model, seed=0))
-    tied_copy = cfg.model.vocab_size * cfg.model.n_embd if cfg.model.tie_embeddings else 0
+    tied_copy = cfg.model.padded_vocab_size * cfg.model.n_embd if cfg.model.tie_embeddings else 0
     return sum(counts) - tied_copy
 
 
@@ -17,13 +17,17 @@ def unique_params(cfg):
     ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
 ])
 def test_gpt2_presets_have_the_published_parameter_counts(name, expected):
-    assert unique_params(load_config(name)) == expected
+    assert unique_params(load_config(name, {"pad_vocab_to_multiple": 1})) == expected
+    # The presets' table has 50,304 rows: 47 padding rows of n_embd each on top of the released count.
+    cfg = load_config(name)
+    assert cfg.model.vocab_size == 50257 and cfg.model.padded_vocab_size == 50304
+    assert unique_params(cfg) == expected + 47 * cfg.model.n_embd
 
 
 def test_parameter_count_follows_the_closed_form():
     cfg = load_config("gpt3-2.7b")
     m = cfg.model
-    C, L, V, T = m.n_embd, m.n_layer, m.vocab_size, m.seq_len
+    C, L, V, T = m.n_embd, m.n_layer, 50304, m.seq_len  # GPT-2's 50,257 tokens padded to a multiple of 64
     per_block = 12 * C * C + 13 * C  # qkv + proj + fc + proj weights and biases, two LayerNorms
     assert unique_params(cfg) == V * C + T * C + L * per_block + 2 * C
 
@@ -38,10 +42,10 @@ def test_llama_presets_have_the_published_parameter_counts(name, expected):
 
 def test_llama_style_125m_follows_the_closed_form():
     m = load_config("llama-style-125m").model
-    C, L, V = m.n_embd, m.n_layer, m.vocab_size
+    C, L, V = m.n_embd, m.n_layer, 50304  # GPT-2's vocabulary padded to a multiple of 64
     kv, H = 4 * (C // 12), 8 * C // 3  # 4 of 12 heads keep keys and values; 8/3 C is a multiple of 256 here
     per_block = 2 * C * C + 2 * C * kv + 3 * C * H + 2 * C  # q, out; k, v; gate, up, down; two RMSNorm weights
-    assert unique_params(load_config("llama-style-125m")) == V * C + L * per_block + C == 126_700_032
+    assert unique_params(load_config("llama-style-125m")) == V * C + L * per_block + C == 126_736_128
 
 
 @pytest.mark.parametrize("n_embd,width", [(2048, 5632), (4096, 11008), (768, 2048), (100, 512)])
@@ -113,3 +117,25 @@ def test_exponent_without_a_dot_is_a_number_and_words_are_not(tmp_path):
     assert load_config(str(tmp_path / "m.yaml")).train.lr == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
         load_config("tiny", dict([parse_override("lr=fast")]))
+
+
+GPT2_VOCAB_PRESETS = [n for n in PRESETS if n != "tiny" and load_config(n).model.vocab_size == 50257]
+
+
+def test_gpt2_vocabulary_presets_pad_to_64_and_the_others_keep_their_tables():
+    assert len(GPT2_VOCAB_PRESETS) == 15
+    for name in PRESETS:
+        m = load_config(name).model
+        assert m.padded_vocab_size == (50304 if name in GPT2_VOCAB_PRESETS else m.vocab_size), name
+    assert load_config("tiny").model.padded_vocab_size == 50257  # the README's quickstart numbers are tiny's
+
+
+def test_padding_remembers_whether_only_the_preset_asked_for_it(tmp_path):
+    based = tmp_path / "based.yaml"
+    based.write_text("base: gpt2\nn_layer: 2\n")
+    chosen = tmp_path / "chosen.yaml"
+    chosen.write_text("base: gpt2\npad_vocab_to_multiple: 64\n")
+    assert load_config("gpt2").padding_from_preset and load_config(str(based)).padding_from_preset
+    assert not load_config("gpt2", {"pad_vocab_to_multiple": 64}).padding_from_preset
+    assert not load_config(str(chosen)).padding_from_preset
+    assert not load_config("tiny").padding_from_preset  # nothing set it: the dataclass default

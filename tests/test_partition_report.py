@@ -24,8 +24,9 @@ def report(model="gpt2", pipe=2, method="parameters", ds=None, dp=1, **overrides
 
 def test_tied_embedding_counts_on_both_end_stages_and_once_in_unique():
     one, two = report(pipe=1), report(pipe=2)
-    V, C = 50257, 768
-    assert one["unique_params"] == two["unique_params"] == 124_439_808  # GPT-2 small as released
+    V, C = 50304, 768  # the preset pads GPT-2's 50,257 tokens to a multiple of 64
+    assert one["unique_params"] == two["unique_params"] == 124_439_808 + 47 * C  # GPT-2 small as released + padding
+    assert report(pipe=1, pad_vocab_to_multiple=1)["unique_params"] == 124_439_808
     assert one["total_params"] == one["unique_params"]
     assert two["total_params"] == two["unique_params"] + V * C
     assert sum(s["params"] for s in two["stages"]) == two["total_params"]
@@ -170,7 +171,7 @@ def test_zero_2_3_and_offload_move_memory_as_their_formulas_say():
     The reduction buckets: one of reduce_bucket_size elements in the gradients' type, two
     through the pipeline."""
     base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "fp16": {"enabled": True}}
-    bucket, block, embedding = 1000, 7_087_872, 50257 * 768  # gpt2's largest layers; the largest parameter
+    bucket, block, embedding = 1000, 7_087_872, 50304 * 768  # gpt2's largest layers; the largest parameter
 
     def mem(stage, pipe=0, **zero):
         ds = dict(base, zero_optimization={"stage": stage, "reduce_bucket_size": bucket, **zero})
@@ -245,3 +246,14 @@ def test_block_activation_bytes_match_what_autograd_keeps(keys, dtype):
     # Never below; above by at most the attention output's copy, which a kernel whose output
     # is already in the projection's layout does not make.
     assert measured <= predicted <= measured + 128 * dtype.itemsize + 1, (predicted, measured)
+
+
+def test_the_fused_loss_is_counted_as_the_bytes_it_allocates():
+    # The memory model's head-and-loss term against what the fused path really allocates
+    # (AllocatedPeak, forward and backward, fp32): in one chunk, and in GPT-2's table, whose
+    # 2,048 positions take four chunks.
+    from gptx.benchmark import head_loss_peak
+    from gptx.partition_report import head_loss_bytes
+    for B, T, C, V in ((2, 256, 32, 4096), (2, 1024, 16, 50304)):
+        measured = head_loss_peak(B, T, C, V, fused=True)
+        assert measured == pytest.approx(head_loss_bytes(B * T, C, V, 4, fused=True), rel=0.05), (B, T, C, V)

@@ -117,6 +117,11 @@ def variant_config(name: str, pipe: int):
                                   pipe_parallel_size=pipe, partition_method="uniform"))
 
 
+# Also trained with compiled blocks (inductor) in the 2-stage launch: RealFormer's (x, scores)
+# crossing the stage boundary, and Llama's blocks.
+COMPILED_VARIANTS = ["star_like", "llama_like"]
+
+
 @pytest.fixture(scope="module")
 def two_stage_losses(tmp_path_factory):
     """Every variant on 2 stages under the real launcher, in one launch (tests/variants_matrix.py)."""
@@ -138,6 +143,15 @@ def test_two_stages_match_one_stage_and_loss_falls(dist_world1, two_stage_losses
     assert len(one) == len(two) == ITERS
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert two[-1] < two[0]
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("name", COMPILED_VARIANTS)
+def test_compiled_blocks_on_two_stages_train_like_eager_ones(two_stage_losses, name):
+    from tests.test_compile import COMPILE_TOL
+    _, losses = two_stage_losses
+    eager, compiled = losses[name], losses[f"{name}+compiled"]
+    assert len(compiled) == ITERS and max(abs(a - b) for a, b in zip(eager, compiled)) < COMPILE_TOL["fp32"]
 
 
 @pytest.mark.parametrize("layout", ["checkpointing", "no-pipeline-zero3"])

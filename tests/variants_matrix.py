@@ -1,9 +1,10 @@
 """Run under the real launcher by tests/test_variants.py: every architecture variant trained on 2
-pipeline stages, one after another in one process group (one launch instead of one per variant);
-writes each variant's losses as JSON.
+pipeline stages (a few also with compiled blocks), one after another in one process group (one
+launch instead of one per variant); writes each variant's losses as JSON.
 
     deepspeed --num_gpus 2 tests/variants_matrix.py DATA_DIR OUT.json
 """
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from gptx.data import open_tokens  # noqa: E402
 from gptx.engine import release_shared_memory  # noqa: E402
 from gptx.precision_check import train_trace  # noqa: E402
 from tests.conftest import precision_ds  # noqa: E402
-from tests.test_variants import ITERS, VARIANTS, variant_config  # noqa: E402
+from tests.test_variants import COMPILED_VARIANTS, ITERS, VARIANTS, variant_config  # noqa: E402
 
 
 def main(data: str, out: str) -> None:
@@ -27,6 +28,10 @@ def main(data: str, out: str) -> None:
     tokens = open_tokens(data, "train")
     losses = {name: train_trace(variant_config(name, pipe=2), precision_ds("fp32"), tokens, ITERS).losses
               for name in VARIANTS}
+    for name in COMPILED_VARIANTS:
+        cfg = variant_config(name, pipe=2)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile_blocks=True))
+        losses[f"{name}+compiled"] = train_trace(cfg, precision_ds("fp32"), tokens, ITERS).losses
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(losses))
     dist.barrier()
