@@ -250,7 +250,7 @@ def reference_loop(reference: str, cfg: Config, ds_config: dict, layout: BatchLa
 def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: BenchSettings, accelerator: str,
               seed: int = 0) -> dict | None:
     """Collective. Returns the report on global rank 0, None elsewhere."""
-    from gptx.engine import build_engine
+    from gptx.engine import build_engine, check_step
     # On a CPU, RSS includes the interpreter and torch's libraries (0.4-0.5 GiB more with a
     # CUDA build of torch than with the CPU wheel): the growth from here is the training's own.
     before_engine = _current_rss() if accelerator == "cpu" else 0
@@ -262,7 +262,9 @@ def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: Bench
     tokens_per_iter = layout.global_batch * cfg.model.seq_len
 
     def engine_step() -> float:
-        return float(engine.train_batch(batches))
+        loss = float(engine.train_batch(batches))
+        check_step(engine)  # what the fp16 workaround saw: a wrongly scaled loss stops here, not timed
+        return loss
 
     warmup_lrs = []
     for _ in range(settings.warmup):

@@ -769,8 +769,9 @@ def gpu_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed iterations per row (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row first, compilation included "
                                                          "(default 3)")
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="start no further model group after this many seconds (default 420)")
+    p.add_argument("--deadline-s", type=float, default=420.0,
+                   help="no model group, row or timing round starts after this many seconds; every built row "
+                        "still gets two timed iterations (default 420)")
     p.add_argument("--out-dir", default="docs/benchmarks", help="where the .md and .json go (default docs/benchmarks)")
     return p
 
@@ -801,7 +802,7 @@ def run_gpu_bench(argv: list[str] | None = None) -> int:
             if value < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {value}")
         plan = plan_from_args(accelerator, precisions, levers, models, reference=args.reference, iters=args.iters,
-                              warmup=args.warmup, budget_s=args.budget_s)
+                              warmup=args.warmup, deadline_s=args.deadline_s)
         known = {g.model for g in plan_from_args(accelerator, precisions, levers, ()).groups}
         if not plan.groups or not set(models) <= known:
             raise ConfigError(f"--models: expected some of {', '.join(sorted(known))}, got '{args.models}'")

@@ -85,6 +85,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad = probs.div_(total)
                 grad.scatter_add_(1, target, torch.full_like(target_logit, -1.0))  # softmax - onehot
+                grad32 = grad
                 # In the compute dtype, as autocast's linear backward would: unscaled, |values| <= 1.
                 grad = grad.to(dtype)
                 # Ignored positions are dropped on the (r, C) side of each product rather than in the
@@ -99,9 +100,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     x_kept = xc[start:end] * keep  # (r, C)
                     if dtype == torch.float32:
                         grad_w.addmm_(grad.t(), x_kept)  # (V, r) x (r, C)
+                    elif dtype == torch.float16:
+                        # A chunk's sum over its positions, before the 1/N, can pass fp16's 65,504
+                        # (a token repeated next to large activations) where the unfused path,
+                        # which divides first, does not: this product is taken in fp32.
+                        grad_w.addmm_(grad32.t(), x_kept.float())
                     else:
                         grad_w += torch.mm(grad.t(), x_kept)
-                del probs, grad
+                del probs, grad, grad32
             inv_n = 1.0 / n_valid
             for g in (grad_x, grad_w):
                 if g is not None:

@@ -5,7 +5,9 @@
 them one iteration at a time in turn, starting one row further along each round, so that
 drift in the device's clocks lands on every row alike. It writes
 `docs/benchmarks/<date>-<device>.md` and a JSON beside it after every group, so a run cut
-short still leaves what it measured.
+short still leaves what it measured; a later run of other groups on the same day and device
+adds its rows to the same files (a device lease's calls are limited in time, so the groups
+can be split over calls).
 
 The levers, each measured on and off against the fastest setting:
   compile    torch.compile every decoder block (train.compile_blocks)
@@ -129,11 +131,16 @@ class Row:
 
 
 def build_engine_step(cfg: Config, ds: dict, accelerator: str, seed: int):
-    from gptx.engine import build_engine
+    from gptx.engine import build_engine, check_step
     check_ds_config(ds, 1, cfg.train.pipe_parallel_size, accelerator, "gpu_bench")
     engine = build_engine(cfg, ds)
     batches = random_batches(cfg, ds["train_micro_batch_size_per_gpu"], seed)
-    return lambda: float(engine.train_batch(batches)), engine
+
+    def step() -> float:
+        loss = float(engine.train_batch(batches))
+        check_step(engine)  # what the fp16 workaround saw: a wrongly scaled loss fails the row
+        return loss
+    return step, engine
 
 
 def build_reference_step(cfg: Config, ds: dict, device: torch.device, reference: str | None, compile_model: bool,
@@ -221,8 +228,22 @@ class BenchPlan:
     reference: str | None = None
     iters: int = 10
     warmup: int = 3
-    budget_s: float = 420.0
+    deadline_s: float = 420.0
+    """No group, row or timing round starts after this many seconds (each built row still gets
+    two timed iterations): a device lease's call is killed at its time limit."""
     seed: int = 0
+
+
+def drop(row: Row) -> None:
+    """Let go of a row's engine or model, so the next rows and groups get its memory."""
+    owner, row.step, row.owner = row.owner, None, None
+    if hasattr(owner, "destroy"):  # a DeepSpeed engine: its buffers and hooks
+        owner.destroy()
+
+
+def failure(e: BaseException) -> str:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def build_row(row: Row, plan: BenchPlan, dev: Device, accelerator: str, log) -> None:
@@ -230,6 +251,7 @@ def build_row(row: Row, plan: BenchPlan, dev: Device, accelerator: str, log) -> 
     micro_batch = row.micro_batch
     while True:
         before = dev.allocated()
+        error = out_of_memory = None
         try:
             cfg, ds = row.config(micro_batch)
             row.cfg, row.grad_accum, row.micro_batch = cfg, ds["gradient_accumulation_steps"], micro_batch
@@ -241,45 +263,53 @@ def build_row(row: Row, plan: BenchPlan, dev: Device, accelerator: str, log) -> 
             for _ in range(plan.warmup):
                 row.losses.append(row.step())
             dev.sync()
+        except Exception as e:  # one row's failure must not cost the rest of a short lease
+            error, out_of_memory = failure(e), dev.out_of_memory(e)
+        if error is None:
             dev.release()
             row.static_bytes = dev.allocated() - before
             return
-        except Exception as e:  # one row's failure must not cost the rest of a short lease
-            row.step = row.owner = None
-            row.losses.clear()
-            dev.release()
-            if dev.out_of_memory(e) and micro_batch > 1 and micro_batch * 4 > row.group.micro_batch:
-                log(f"{row.group.model} {row.precision} {row.setting}: out of memory at micro-batch "
-                    f"{micro_batch}, trying {micro_batch // 2}")
-                micro_batch //= 2
-                continue
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            log(f"{row.group.model} {row.precision} {row.setting}: {row.error}")
-            return
+        # Outside the except block: its traceback no longer holds the row's tensors.
+        drop(row)
+        row.losses.clear()
+        dev.release()
+        if out_of_memory and micro_batch > 1 and micro_batch * 4 > row.group.micro_batch:
+            log(f"{row.group.model} {row.precision} {row.setting}: out of memory at micro-batch "
+                f"{micro_batch}, trying {micro_batch // 2}")
+            micro_batch //= 2
+            continue
+        row.error = error
+        log(f"{row.group.model} {row.precision} {row.setting}: {row.error}")
+        return
 
 
-def time_rows(rows: list[Row], iters: int, dev: Device, log) -> None:
+def time_rows(rows: list[Row], iters: int, dev: Device, log, after_round=lambda: None,
+              deadline: float = float("inf")) -> None:
     """One iteration of each row in turn, starting one further along each round."""
     for i in range(iters):
         live = [r for r in rows if r.step is not None]
-        if not live:
+        if not live or (i >= 2 and time.perf_counter() > deadline):
             return
         for row in live[i % len(live):] + live[:i % len(live)]:
-            dev.sync()
-            start_bytes = dev.allocated()
-            dev.reset_peak()
-            t0 = time.perf_counter()
+            error = None
             try:
-                row.losses.append(row.step())
+                dev.sync()
+                start_bytes = dev.allocated()
+                dev.reset_peak()
+                t0 = time.perf_counter()
+                loss = row.step()
+                dev.sync()
+                row.seconds.append(time.perf_counter() - t0)
+                row.losses.append(loss)
+                row.transient_bytes = max(row.transient_bytes, dev.peak() - start_bytes)
             except Exception as e:
-                row.error = f"{type(e).__name__} while timing: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                row.step = row.owner = None
+                error = failure(e)
+            if error is not None:
+                row.error = f"while timing: {error}"
+                drop(row)
                 dev.release()
                 log(f"{row.group.model} {row.precision} {row.setting}: {row.error}")
-                continue
-            dev.sync()
-            row.seconds.append(time.perf_counter() - t0)
-            row.transient_bytes = max(row.transient_bytes, dev.peak() - start_bytes)
+        after_round()
 
 
 def row_record(row: Row, peak: float | None, accelerator: str) -> dict:
@@ -302,14 +332,17 @@ def group_rows(group: Group, levers: tuple[str, ...]) -> list[Row]:
     """The fastest setting in every precision. With ablations: in the first precision also each
     lever off in turn, in the others no lever at all, and in both; then the reference."""
     every = frozenset(levers)
-    rows = [Row(group, precision, "gptx", every, levers) for precision in group.precisions]
+    fastest = [Row(group, precision, "gptx", every, levers) for precision in group.precisions]
     if not group.ablations:
-        return rows
+        return fastest
+    # The reference right after the fastest row: rows past a deadline are not built, and the
+    # comparison with the reference matters most. It runs in bf16, build-nanogpt's precision.
     first = group.precisions[0]
+    reference = "bf16" if "bf16" in group.precisions else first
+    rows = fastest[:1] + [Row(group, reference, "reference", frozenset(), levers)] + fastest[1:]
     rows += [Row(group, first, "gptx", every - {lever}, levers) for lever in levers]
     if len(levers) > 1:
         rows += [Row(group, precision, "gptx", frozenset(), levers) for precision in group.precisions]
-    rows.append(Row(group, first, "reference", frozenset(), levers))
     return rows
 
 
@@ -331,24 +364,41 @@ def gpu_bench(plan: BenchPlan, accelerator: str, out_dir: Path, command: str, lo
               "reference": f"build-nanogpt's recipe ({'compiled' if 'compile' in plan.levers else 'eager'}) with "
                            f"{plan.reference or 'gptx layers as one module'}",
               "iters": plan.iters, "warmup": plan.warmup, "rows": [], "skipped": []}
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    if json_path.exists():  # a later call on the same day and device adds its groups (a rerun replaces them)
+        earlier = json.loads(json_path.read_text())
+        ours = {g.model for g in plan.groups}
+        report["rows"] = [r for r in earlier.get("rows", []) if r["model"] not in ours]
+        report["command"] = f"{earlier.get('command')}; {command}"
     start = time.perf_counter()
+    deadline = start + plan.deadline_s
     for group in plan.groups:
-        if time.perf_counter() - start > plan.budget_s:
-            report["skipped"].append(f"{group.model}: the {plan.budget_s:.0f} s budget was spent")
+        if time.perf_counter() > deadline:
+            report["skipped"].append(f"{group.model}: the {plan.deadline_s:.0f} s deadline had passed")
             log(report["skipped"][-1])
             continue
         rows = group_rows(group, plan.levers)
         log(f"{group.model}: building {len(rows)} rows")
         for row in rows:
+            if time.perf_counter() > deadline:
+                row.error = f"not built: the {plan.deadline_s:.0f} s deadline had passed"
+                continue
             build_row(row, plan, dev, accelerator, log)
-        time_rows(rows, plan.iters, dev, log)
-        report["rows"] += [row_record(row, peak, accelerator) for row in rows]
+        done = list(report["rows"])
+
+        def save():  # after every round: a run killed at its time limit keeps what it timed
+            report["rows"] = done + [row_record(row, peak, accelerator) for row in rows]
+            write_report(report, json_path, md_path)
+        time_rows(rows, plan.iters, dev, log, save, deadline=deadline)
+        save()
+        log(render_markdown(report))
         for row in rows:
-            row.step = row.owner = None
+            drop(row)
         dev.release()
-        write_report(report, out_dir / f"{stem}.json", out_dir / f"{stem}.md")
-    log(render_markdown(report))
-    return out_dir / f"{stem}.md"
+        torch._dynamo.reset()  # the next model's blocks get graphs of their own shapes, not dynamic ones
+    if not plan.groups or report["skipped"]:
+        write_report(report, json_path, md_path)
+    return md_path
 
 
 def write_report(report: dict, json_path: Path, md_path: Path) -> None:
@@ -375,7 +425,8 @@ def render_markdown(report: dict) -> str:
     for r in report["rows"]:
         ref = references.get(r["model"])
         ratio = f"{r['tokens_per_sec'] / ref:.2f}x" if ref and r["tokens_per_sec"] else "-"
-        tps = _fmt(r["tokens_per_sec"], ",.0f", missing=f"failed: {r['error']}" if r["error"] else "-")
+        error = (r["error"] or "").replace("|", "/")  # a table cell
+        tps = _fmt(r["tokens_per_sec"], ",.0f", missing=f"failed: {error}" if error else "-")
         lines.append(f"| {r['model']} | {r['precision']} | {r['loop']} | {r['setting']} | "
                      f"{r['micro_batch']} x {r['grad_accum']} | {tps} | "
                      f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "

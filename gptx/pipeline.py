@@ -179,7 +179,7 @@ def compile_blocks(layers, backend=None) -> int:
     options = dict(backend=backend or COMPILE_BACKEND, fullgraph=True)
     if "recompile_limit" in inspect.signature(torch.compile).parameters:
         options["recompile_limit"] = COMPILE_RECOMPILE_LIMIT
-    else:  # torch before 2.13 has only the process-wide setting (named cache_size_limit before 2.6)
+    else:  # where torch.compile takes no recompile_limit, only the process-wide setting exists
         dynamo = torch._dynamo.config
         name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
         setattr(dynamo, name, max(getattr(dynamo, name), COMPILE_RECOMPILE_LIMIT))

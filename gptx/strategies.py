@@ -65,7 +65,7 @@ def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out:
     import contextlib
 
     from gptx.benchmark import AllocatedPeak, _current_rss, _peak_memory, _sync, random_batches
-    from gptx.engine import build_engine
+    from gptx.engine import build_engine, check_step
     from gptx.precision_check import release
     from gptx.train import return_freed_memory
     from deepspeed.accelerator import get_accelerator
@@ -80,6 +80,7 @@ def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out:
         batches = random_batches(cfg, micro, seed=cfg.train.seed + engine.grid.get_data_parallel_rank())
         for _ in range(warmup):
             engine.train_batch(batches)
+            check_step(engine)
     _sync(engine.device)
     record = {"rank": dist.get_rank(), "device": engine.device.type}
     if on_cpu:  # the peak is in the warmup (ZeRO-3 keeps layers gathered from its second step)
@@ -88,6 +89,7 @@ def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out:
     start = time.perf_counter()
     for _ in range(iters):
         loss = float(engine.train_batch(batches))
+        check_step(engine)
     record.update(seconds_per_iteration=(time.perf_counter() - start) / iters, loss=loss)
     if not on_cpu:
         record["allocated_bytes"] = _peak_memory(engine.device)[1]

@@ -161,6 +161,19 @@ def test_ignored_labels_count_as_cross_entropy_counts_them():
     assert rel(got[1], ref[1]) < 1e-5 and rel(got[2], ref[2]) < 1e-5
 
 
+def test_an_fp16_chunk_of_one_repeated_token_does_not_overflow():
+    # A chunk sums its positions' share of the table's gradient before the 1/N: 700 positions of
+    # one target beside an activation of 100 pass fp16's 65,504 there, where the unfused path,
+    # which divides first, stays finite. Seen as -inf before that product was taken in fp32.
+    x, weight, labels = inputs(1, 700, 16, 97, 97, dtype=torch.float16, w_std=0.02)
+    x[..., 0] = 100.0
+    labels.fill_(3)
+    ref = loss_and_grads(unfused, x.float(), weight.float(), labels, 97)
+    got = loss_and_grads(fused(700), x, weight, labels, 97)
+    assert torch.isfinite(got[2]).all()
+    assert rel(got[2], ref[2]) < 2 ** -10
+
+
 def test_chunks_are_sized_by_bytes_of_fp32_logits():
     assert chunk_positions(50304) == 128 * 2 ** 20 // (4 * 50304)
     assert chunk_positions(10 ** 9) == 1

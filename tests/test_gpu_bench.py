@@ -59,6 +59,20 @@ def test_rows_train_the_same_model_on_the_same_batches(bench):
     assert all(len(r["losses"]) == 3 for r in small)  # one warm-up and two timed iterations each
 
 
+def test_a_later_call_adds_its_groups_to_the_same_file(bench, tmp_path):
+    # A device lease's calls are short, so the groups are split over calls: the second call's
+    # rows join the first's file, and a group run again replaces its own rows.
+    report, _, json_path = bench
+    (tmp_path / json_path.name).write_text(json_path.read_text())
+    assert run_gpu_bench(["--models", "gpt2-xl", "--levers", "pad", "--iters", "1", "--warmup", "1",
+                          "--out-dir", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / json_path.name).read_text())
+    assert [r for r in merged["rows"] if r["model"] == "gpt2"] == [r for r in report["rows"] if r["model"] == "gpt2"]
+    (xl,) = [r for r in merged["rows"] if r["model"] == "gpt2-xl"]
+    assert xl["levers"] == ["pad"] and len(xl["losses"]) == 2
+    assert merged["command"].count("python tools/gpu_bench.py") == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--levers", "pad,turbo"], "--levers: unknown lever 'turbo'"),
     (["--models", "gpt5"], "--models: expected some of"),

@@ -73,8 +73,9 @@ def tokens(tmp_path_factory):
 PRECISIONS = ["fp32", "fp16-zero0-torch", "fp16-zero0-fused", "fp16-zero1-torch"]
 
 
-def syncs_per_train_batch(counter, tokens, name: str, accum: int, steps: int = 2):
-    cfg = load_config(None, dict(MICRO_MODEL, lr=3e-3, warmup_iters=1, train_iters=10, pipe_parallel_size=1))
+def syncs_per_train_batch(counter, tokens, name: str, accum: int, steps: int = 2, **overrides):
+    cfg = load_config(None, {**MICRO_MODEL, "lr": 3e-3, "warmup_iters": 1, "train_iters": 10, "pipe_parallel_size": 1,
+                             **overrides})
     ds = precision_ds(name, micro=2, accum=accum)
     engine = build_engine(cfg, ds)
     try:
@@ -102,6 +103,17 @@ def test_train_batch_reads_nothing_on_the_host_from_gptx_and_no_more_with_more_m
     # pipeline's fp16 (defect 2) in one call, nothing in fp32.
     expected_after = {"gptx": 1} if name.startswith("fp16") else {}
     assert after_one[0] == after_four[0] == expected_after, (after_one, after_four)
+
+
+@pytest.mark.parametrize("overrides", [dict(fused_loss=True), dict(fused_loss=True, pipe_parallel_size=0)],
+                         ids=["fused loss", "fused loss, no pipeline"])
+def test_the_fused_loss_and_the_plain_engine_read_nothing_per_micro_batch(dist_world1, tokens, monkeypatch,
+                                                                          overrides):
+    counter = SyncCounter(monkeypatch)
+    (one, one_lines), _ = syncs_per_train_batch(counter, tokens, "fp32", accum=1, **overrides)
+    (four, four_lines), _ = syncs_per_train_batch(counter, tokens, "fp32", accum=4, **overrides)
+    assert one.get("gptx", 0) == four.get("gptx", 0) == 0, (one_lines, four_lines)
+    assert one == four, (one_lines, four_lines)
 
 
 def test_the_counter_sees_a_read_made_in_a_micro_batch(dist_world1, tokens, monkeypatch):

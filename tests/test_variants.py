@@ -117,7 +117,7 @@ def variant_config(name: str, pipe: int):
                                   pipe_parallel_size=pipe, partition_method="uniform"))
 
 
-# Also trained with compiled blocks (inductor) in the 2-stage launch: RealFormer's (x, scores)
+# Also trained with compiled blocks (dynamo, aot_eager) in the 2-stage launch: RealFormer's (x, scores)
 # crossing the stage boundary, and Llama's blocks.
 COMPILED_VARIANTS = ["star_like", "llama_like"]
 

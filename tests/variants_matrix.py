@@ -15,6 +15,7 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from gptx.data import open_tokens  # noqa: E402
+from gptx import pipeline  # noqa: E402
 from gptx.engine import release_shared_memory  # noqa: E402
 from gptx.precision_check import train_trace  # noqa: E402
 from tests.conftest import precision_ds  # noqa: E402
@@ -28,6 +29,9 @@ def main(data: str, out: str) -> None:
     tokens = open_tokens(data, "train")
     losses = {name: train_trace(variant_config(name, pipe=2), precision_ds("fp32"), tokens, ITERS).losses
               for name in VARIANTS}
+    # dynamo's tracing, guards and whole-graph capture across the stage boundary, without inductor's
+    # code generation (minutes on 2 cores): tests/test_compile.py checks inductor's numbers in process.
+    pipeline.COMPILE_BACKEND = "aot_eager"
     for name in COMPILED_VARIANTS:
         cfg = variant_config(name, pipe=2)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile_blocks=True))
