@@ -234,6 +234,47 @@ def find_latest(load_dir: str | Path, warn=_to_stderr) -> tuple[str, dict]:
     raise CheckpointError(f"--load '{load_dir}': no complete checkpoint; " + "; ".join(problems))
 
 
+def is_checkpoint_folder(path: str | Path) -> bool:
+    """RUN/iter_N (with its gptx.json), as opposed to a run directory."""
+    path = Path(path)
+    return path.name.startswith(TAG_PREFIX) and (path / META).is_file()
+
+
+def run_dir_of(load: str | Path) -> Path:
+    """The run directory that --load names: itself, or the parent of a checkpoint folder."""
+    load = Path(load)
+    return load.parent if is_checkpoint_folder(load) else load
+
+
+def resolve_load(load: str | Path, warn=_to_stderr) -> tuple[Path, str, dict]:
+    """--load as given -> (run directory, checkpoint tag, that checkpoint's gptx.json).
+
+    A run directory resumes from its newest complete checkpoint (find_latest). A checkpoint
+    folder, which every tool accepts too, resumes from that one if it is complete; when
+    `latest` names a later one, one line says so, and that this run's checkpoints go to the
+    same directory (where they replace the later ones as the run reaches them).
+    """
+    load = Path(load)
+    if not is_checkpoint_folder(load):
+        tag, meta = find_latest(load, warn)
+        return load, tag, meta
+    run_dir = load.parent
+    reason = _unusable(load)
+    if reason and _predates_manifests(load):
+        warn(f"warning: '{load}' has no {MANIFEST} (saved by an older gptx); loading it as asked")
+        reason = None
+    if reason:
+        raise CheckpointError(f"--load '{load}': an incomplete checkpoint ({reason}); pass the run directory "
+                              f"'{run_dir}' to resume from its newest complete one")
+    pointer = run_dir / LATEST
+    named = pointer.read_text().strip() if pointer.exists() else ""
+    if named[len(TAG_PREFIX):].isdigit() and int(named[len(TAG_PREFIX):]) > int(load.name[len(TAG_PREFIX):]):
+        warn(f"note: resuming from {load.name} as asked, though '{pointer}' names the later {named} (--load "
+             f"{run_dir} resumes from there); new checkpoints go to {run_dir} and replace later ones as the run "
+             f"reaches them: pass --save DIR to keep them")
+    return run_dir, load.name, json.loads((load / META).read_text())
+
+
 def _predates_manifests(folder: Path) -> bool:
     if (folder / MANIFEST).exists():
         return False
@@ -313,10 +354,49 @@ def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> Non
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     saved = dataclasses.asdict(ModelConfig(**{k: v for k, v in written.items() if k in known}).resolved())
     current = dataclasses.asdict(cfg.model.resolved())
-    diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)"
-             for k in current if k != "dropout" and saved.get(k) != current[k]]
-    if diffs:
-        raise CheckpointError(f"checkpoint '{where}' is of another model: " + "; ".join(diffs))
+    changed = [k for k in current if k != "dropout" and saved.get(k) != current[k]]
+    if changed:
+        diffs = "; ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {current[k]!r} (now)" for k in changed)
+        # --load takes the model from the checkpoint: a shape differs only when it was given again.
+        raise CheckpointError(f"checkpoint '{where}' is of another model: {diffs}; leave {', '.join(changed)} out "
+                              f"of --model/--set to resume with the checkpoint's (--load restores the model), "
+                              f"or train a new run without --load for another shape")
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def config_changes(meta: dict, cfg: Config) -> list[str]:
+    """'KEY OLD -> NEW' for each model or training key where `cfg` (the checkpoint's config with
+    what was given again on top) differs from the checkpoint's, for the start-up log.
+
+    Called after check_compatible, so the model keys left are those that keep the shape
+    (dropout). Training keys added since the checkpoint compare with their defaults. A
+    weights-only checkpoint (converted weights) starts a new run: its training keys are not
+    the run's, so only its model counts.
+    """
+    import dataclasses
+    from gptx.config import ModelConfig, TrainConfig
+    saved = meta.get("config") or {}
+    lines = []
+    if saved.get("name") and saved["name"] != cfg.name and not meta.get("weights_only"):
+        lines.append(f"model {saved['name']} -> {cfg.name}")
+    written = saved.get("model") or {}
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    old = dataclasses.asdict(ModelConfig(**{k: v for k, v in written.items() if k in known}).resolved())
+    new = dataclasses.asdict(cfg.model.resolved())
+    lines += [f"{k} {_shown(old[k])} -> {_shown(new[k])}" for k in new if k in written and old[k] != new[k]]
+    if saved.get("train") is not None and not meta.get("weights_only"):
+        for f in dataclasses.fields(TrainConfig):
+            before, after = saved["train"].get(f.name, f.default), getattr(cfg.train, f.name)
+            if before != after:
+                lines.append(f"{f.name} {_shown(before)} -> {_shown(after)}")
+    return lines
 
 
 SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--warmup-iters",

@@ -23,6 +23,19 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already says it or there is none to show
+    (argparse's ArgumentDefaultsHelpFormatter would add "(default: None)" to flags whose help
+    says what unset means)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.required or "default" in text
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _train_flag_help(name: str, doc: str) -> str:
     from gptx.config import DEFAULT_PRESET, PRESETS, TrainConfig
     default = TrainConfig.__dataclass_fields__[name].default
@@ -60,12 +73,16 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="launch/pretrain.py",
         description="Pipeline-parallel GPT pretraining. Run under the launcher: deepspeed --num_gpus N launch/pretrain.py")
-    p.add_argument("--model", default=None, help="preset name (default: tiny) or a YAML file")
+    p.add_argument("--model", default=None,
+                   help="preset name (default: tiny; with --load, the checkpoint's model) or a YAML file")
     p.add_argument("--data", default=None,
-                   help="directory with train.bin/val.bin (default: the embedded Python documentation corpus)")
+                   help="directory with train.bin/val.bin, or a mixture file (default: the embedded Python "
+                        "documentation corpus; with --load, the checkpoint's data)")
     p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: runs/NAME-TIME, "
                                                 "or the --load directory); refused if it holds another run")
-    p.add_argument("--load", default=None, help="resume from the latest checkpoint in this run directory")
+    p.add_argument("--load", default=None,
+                   help="continue a run: its directory (the latest checkpoint) or one checkpoint folder (RUN/iter_N). "
+                        "The model, training keys, data and DeepSpeed JSON are the checkpoint's unless given again")
     p.add_argument("--override-lr-schedule", action="store_true",
                    help="with --load: continue on this run's LR schedule where it differs from the checkpoint's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -86,9 +103,22 @@ def parse_pretrain_args(argv: list[str] | None = None):
     from gptx.train import RunPaths
 
     args = pretrain_parser().parse_args(argv)
-    cfg = load_config(args.model, _overrides(args, TRAIN_KEYS))
-    return cfg, RunPaths(data=args.data, save=args.save, load=args.load, deepspeed_config=args.deepspeed_config,
-                         ds_log_level=args.ds_log_level, override_lr_schedule=args.override_lr_schedule)
+    overrides = _overrides(args, TRAIN_KEYS)  # only what was given: flags default to None, --set to []
+    load, tag = args.load, None
+    if load is None:
+        cfg = load_config(args.model, overrides)
+    else:
+        # Resume the run as it was: the checkpoint's config is the layer under --model (if given
+        # again) and the overrides; data and DeepSpeed JSON follow in plan_run the same way.
+        from gptx import checkpoint
+        from gptx.train import log
+        checkpoint.check_save_dir(args.save, checkpoint.run_dir_of(load))  # before reading another run
+        run_dir, tag, meta = checkpoint.resolve_load(load, warn=log)
+        load = str(run_dir)
+        cfg = load_config(args.model, overrides, saved=meta.get("config"))
+    return cfg, RunPaths(data=args.data, save=args.save, load=load, load_tag=tag,
+                         deepspeed_config=args.deepspeed_config, ds_log_level=args.ds_log_level,
+                         override_lr_schedule=args.override_lr_schedule)
 
 
 def _overrides(args, flags) -> dict:
@@ -99,16 +129,35 @@ def _overrides(args, flags) -> dict:
     return overrides
 
 
-def run_pretrain(argv: list[str] | None = None) -> int:
+def run_pretrain(argv: list[str] | None = None, as_script: bool = False) -> int:
+    """launch/pretrain.py; `as_script`: this process is the script itself (not a test calling in),
+    so it may check the launcher's port and, without a launcher, make itself a world of one."""
     def main():
+        from gptx.launching import check_master_port, single_process_env, under_launcher
+        launched = under_launcher()
+        if as_script:
+            # First, before the heavy imports: a taken port stops rank 0 while the other ranks are still
+            # importing, so the launcher ends them before they reach the other run's rendezvous.
+            check_master_port()
+            single_process_env()  # `python launch/pretrain.py`: one process, as `deepspeed --num_gpus 1`
         from gptx.train import pretrain
         cfg, paths = parse_pretrain_args(argv)
+        check_stages_fit(cfg.train.pipe_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), launched)
         pretrain(cfg, paths)
     return guarded(main)
 
 
+def check_stages_fit(stages: int, world: int, launched: bool) -> None:
+    """More pipeline stages than processes: name the launcher line that starts them (a stage is a process)."""
+    if stages <= world:
+        return  # a count that does not divide the world is plan_run's error
+    started = f", {world} launched" if launched else ""
+    raise ConfigError(f"{stages} pipeline stages need {stages} processes{started}: run deepspeed --num_gpus {stages} "
+                      f"launch/pretrain.py, or --pipe-parallel-size {world}")
+
+
 def prepare_data_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="tools/prepare_data.py",
+    p = Parser(prog="tools/prepare_data.py", formatter_class=DefaultsHelpFormatter,
                description="Tokenize text with GPT-2 BPE into train.bin/val.bin/meta.json, on all cores")
     p.add_argument("inputs", nargs="+", help=".txt files (one document each), JSON lines (.jsonl, .jsonl.gz, "
                                              ".jsonl.zst: a text field per line), .parquet files (a text column), "
@@ -117,19 +166,27 @@ def prepare_data_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of tokens held out for val.bin")
     p.add_argument("--text-field", default="text", help="the JSON field or parquet column holding the text")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: this machine's cores)")
-    p.add_argument("--bpe-file", default=None, help="a local copy of r50k_base.tiktoken / whisper's gpt2.tiktoken")
+    p.add_argument("--bpe-file", default=None, help="a local copy of r50k_base.tiktoken / whisper's gpt2.tiktoken "
+                                                    "(default: the cached copy, else fetched once)")
+    p.add_argument("--strict-utf8", action="store_true",
+                   help="stop at the first byte that is not UTF-8, naming the file and offset (default: such bytes "
+                        "become U+FFFD, counted per file and reported at the end)")
     return p
 
 
 def run_prepare_data(argv: list[str] | None = None) -> int:
     def main():
         from gptx.data import gpt2_encoding
-        from gptx.prepare import Progress, default_workers, iter_documents, write_token_files
+        from gptx.prepare import InputReport, Progress, default_workers, iter_documents, write_token_files
         args = prepare_data_parser().parse_args(argv)
         workers = default_workers() if args.workers is None else args.workers
         start = time.perf_counter()
-        meta = write_token_files(iter_documents(args.inputs, args.text_field), args.out, gpt2_encoding(args.bpe_file),
-                                 args.val_fraction, workers=workers, progress=Progress())
+        progress = Progress()
+        report = InputReport(strict_utf8=args.strict_utf8, warn=progress.message)
+        meta = write_token_files(iter_documents(args.inputs, args.text_field, report), args.out,
+                                 gpt2_encoding(args.bpe_file), args.val_fraction, workers=workers, progress=progress)
+        for line in report.summary():
+            print(line, file=sys.stderr)
         seconds = time.perf_counter() - start
         print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
               f"from {meta['documents']:,} documents ({meta['dtype']}); {meta['text_bytes'] / 1e6:,.1f} MB of text "
@@ -162,6 +219,9 @@ def partition_report_parser() -> argparse.ArgumentParser:
                      help="micro-batches per step without a pipeline (a pipeline of p stages runs p times as "
                           "many on p times fewer replicas; default: the JSON's)")
     fit.add_argument("--top", type=int, default=12, help="rows to print (default 12)")
+    fit.add_argument("--write-plan", default=None, metavar="FILE",
+                     help="write the chosen layout's DeepSpeed JSON to FILE, which its printed command names "
+                          "(default: print it; nothing is written)")
     return p
 
 
@@ -186,10 +246,25 @@ def _run_fit(args, cfg, ds: dict) -> str:
     # The model as the user named it, --set overrides included, so the printed command trains it.
     model_flags = " ".join([f"--model {shlex.quote(args.model or cfg.name)}",
                             *(f"--set {shlex.quote(item)}" for item in args.set)])
+    best = next((r for r in rows if r["fits"]), None)
+    written = None
+    if args.write_plan and best is not None:
+        from gptx.atomic import atomic_write
+        try:
+            atomic_write(args.write_plan, (json.dumps(best["ds_config"], indent=2) + "\n").encode())
+        except OSError as e:
+            raise ConfigError(f"--write-plan '{args.write_plan}': cannot write it ({e.strerror})") from None
+        written = args.write_plan
     if not args.json:
-        return render_plan(model_flags, rows, cluster, args.top)
-    return json.dumps([{**{k: v for k, v in r.items() if k != "layout"}, "layout": r["layout"].__dict__,
-                        "command": command_for(model_flags, r, cluster)} for r in rows], indent=2)
+        text = render_plan(model_flags, rows, cluster, args.top, written)
+    else:
+        text = json.dumps([{**{k: v for k, v in r.items() if k != "layout"}, "layout": r["layout"].__dict__,
+                            "command": command_for(model_flags, r, cluster, written if r is best and written
+                                                   else "plan.json")} for r in rows], indent=2)
+    if args.write_plan and best is None:  # the table still shows how far over the budget each layout is
+        print(text)
+        raise ConfigError(f"--write-plan '{args.write_plan}': no layout fits, so no plan was written")
+    return text
 
 
 def run_partition_report(argv: list[str] | None = None) -> int:
@@ -212,6 +287,8 @@ def run_partition_report(argv: list[str] | None = None) -> int:
         if args.fit:
             print(_run_fit(args, cfg, ds))
             return
+        if args.write_plan:
+            raise ConfigError("--write-plan: only with --fit (it writes the DeepSpeed JSON of the layout --fit chooses)")
         layout = check_ds_config(ds, args.data_parallel_size, cfg.train.pipe_parallel_size, "cuda", ds_path)
         report = partition_report(cfg, cfg.train.pipe_parallel_size, cfg.train.partition_method, ds, layout)
         print(json.dumps(report, indent=2) if args.json else render_text(report))
@@ -314,8 +391,9 @@ def run_evaluate(argv: list[str] | None = None) -> int:
         import json
 
         from gptx.checkpoint import load_plain_model
-        from gptx.evaluate import context_table, evaluate_contexts, load_eval_tokens
+        from gptx.evaluate import check_checkpoint_path, context_table, evaluate_contexts, load_eval_tokens
         args = evaluate_parser().parse_args(argv)
+        check_checkpoint_path(args.load)
         try:
             lengths = [int(x) for x in args.seq_len.split(",")] if args.seq_len else []
         except ValueError:
@@ -592,14 +670,8 @@ def _strategy_worker(args) -> int:
 
 def _single_process_env() -> None:
     """Outside the launcher: be rank 0 of a world of one."""
-    if "RANK" in os.environ:
-        return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_SIZE="1")
+    from gptx.launching import single_process_env
+    single_process_env()
 
 
 def _tool_config(args, flags: tuple[str, ...], allow_no_pipeline: bool = False):
@@ -625,9 +697,16 @@ def _in_process_group(work) -> None:
     import deepspeed
     import torch.distributed as dist
     from gptx.engine import deepspeed_prints, release_shared_memory
+    from gptx.launching import port_in_use
     owns_process_group = not dist.is_initialized()
     with deepspeed_prints(False):
-        deepspeed.init_distributed(verbose=False)
+        try:
+            deepspeed.init_distributed(verbose=False)
+        except Exception as e:
+            failure = port_in_use(e)
+            if failure is None:
+                raise
+            raise failure from None
     work()
     if owns_process_group:
         dist.barrier()

@@ -283,6 +283,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"model config file '{path}': cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:  # a binary file given as --model
+        raise ConfigError(f"model config file '{path}': not UTF-8 text (byte offset {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -330,10 +332,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(model: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Resolve a preset name or YAML path plus CLI overrides into a validated Config."""
-    model = model or DEFAULT_PRESET
+def load_config(model: str | None = None, overrides: dict[str, Any] | None = None,
+                saved: dict[str, Any] | None = None) -> Config:
+    """Resolve a preset name or YAML path plus CLI overrides into a validated Config.
+
+    `saved` is a checkpoint's resolved config ({"name", "model", "train"}) on --load: the layer
+    under the others, so its keys hold unless `model` (a preset or file given again) or an
+    override sets them; without `model` no preset is read at all (the checkpoint's keys are
+    already resolved). Keys this version does not know are left out, as check_compatible does.
+    """
     layers: list[tuple[str, dict[str, Any]]] = []
+    if saved:
+        train = {k: v for k, v in (saved.get("train") or {}).items() if k in TRAIN_KEYS}
+        layers.append(("checkpoint", {**{k: v for k, v in (saved.get("model") or {}).items() if k in MODEL_KEYS},
+                                      "train": train}))
+        if model is None:
+            model = saved.get("name") or DEFAULT_PRESET
+            return _finish(model, layers, overrides)
+    model = model or DEFAULT_PRESET
     if model.endswith((".yaml", ".yml")) or os.path.sep in model or os.path.exists(model):
         data = _read_yaml(model)
         base = data.pop("base", None)
@@ -344,6 +360,10 @@ def load_config(model: str | None = None, overrides: dict[str, Any] | None = Non
         layers.append((f"model config file '{model}'", data))
     else:
         layers.append((f"preset '{model}'", _preset(model)))
+    return _finish(model, layers, overrides)
+
+
+def _finish(model: str, layers: list[tuple[str, dict[str, Any]]], overrides: dict[str, Any] | None) -> Config:
     if overrides:
         layers.append(("command line", dict(overrides)))
     model_kw, train_kw = _merge(layers)

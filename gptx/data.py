@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,32 @@ def _tiktoken_cache_path() -> Path:
     return Path(root) / hashlib.sha1(GPT2_RANKS_URL.encode()).hexdigest()
 
 
-def _ranks_from_whisper_sdist(log) -> bytes | None:
-    """Fetch the openai-whisper source distribution from the package index and take its copy."""
+def _whisper_download_command(dest: str) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "--dest", dest,
+            "openai-whisper"]
+
+
+def _ranks_from_whisper_sdist(log, progress_every: float = 15.0) -> bytes | None:
+    """Fetch the openai-whisper source distribution from the package index and take its copy.
+
+    It takes about a minute and pip is quiet, so the user is told why a speech package, where
+    the file will stay, and every `progress_every` seconds that it is still going.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        log("gptx: fetching the GPT-2 BPE ranks from the openai-whisper source distribution (package index)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "--dest", tmp, "openai-whisper"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        log(f"gptx: fetching GPT-2's BPE from the openai-whisper sdist on PyPI (it ships the vocabulary files); "
+            f"once, cached in {cache_dir()}")
+        start = time.monotonic()
+        with subprocess.Popen(_whisper_download_command(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            while True:
+                try:
+                    _, stderr = proc.communicate(timeout=progress_every)
+                    break
+                except subprocess.TimeoutExpired:  # retrying communicate() loses no output
+                    log(f"gptx: still fetching openai-whisper ({time.monotonic() - start:.0f} s)")
         archives = sorted(Path(tmp).glob("openai*whisper-*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            log(f"gptx: pip download openai-whisper failed: {result.stderr.strip().splitlines()[-1:]}")
+        if proc.returncode != 0 or not archives:
+            log(f"gptx: pip download openai-whisper failed: {stderr.strip().splitlines()[-1:]}")
             return None
         with tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
@@ -180,14 +197,20 @@ def read_meta(data_dir: Path) -> dict:
             return {"vocab_size": vocab, "dtype": "uint16", "tokenizer": f"nanoGPT {NANOGPT_META}"}
         return {"vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16", "tokenizer": "gpt2 (no meta.json: nanoGPT's layout)"}
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, OSError):
+        meta = json.loads(meta_path.read_bytes())
+    except (ValueError, OSError):  # ValueError: JSONDecodeError and bytes that are not UTF-8
         raise DataError(f"data file '{meta_path}': not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"data file '{meta_path}': expected a JSON object")
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise DataError(f"data file '{meta_path}': 'dtype' must be uint16 or uint32, got {meta.get('dtype')!r}")
     if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
         raise DataError(f"data file '{meta_path}': 'vocab_size' must be a positive integer, "
                         f"got {meta.get('vocab_size')!r}")
+    for split in SPLITS:  # optional (meta.json written by hand may leave them out); open_tokens checks them
+        count = meta.get(f"{split}_tokens")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise DataError(f"data file '{meta_path}': '{split}_tokens' must be a whole number, got {count!r}")
     return meta
 
 
@@ -215,11 +238,25 @@ def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
     path = data_dir / f"{split}.bin"
     if not path.exists():
         raise DataError(f"data directory '{data_dir}': missing {split}.bin (prepare it with tools/prepare_data.py)")
-    dtype = np.dtype(read_meta(data_dir)["dtype"])
-    if path.stat().st_size % dtype.itemsize:
-        raise DataError(f"data file '{path}': size is not a multiple of {dtype.itemsize} bytes ({dtype.name})")
-    if path.stat().st_size == 0:
+    meta = read_meta(data_dir)
+    dtype = np.dtype(meta["dtype"])
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(f"data file '{path}': {size:,} bytes is not a whole number of {dtype.name} tokens "
+                        f"({dtype.itemsize} bytes each, as meta.json says): the file was cut short or is not token "
+                        f"data; prepare the data again")
+    if size == 0:
         raise DataError(f"data file '{path}': empty")
+    # A file cut short (a copy that ran out of space, a truncated download) or swapped for
+    # another split still reads as tokens; only the count meta.json recorded tells.
+    expected = meta.get(f"{split}_tokens")
+    if expected is not None and size // dtype.itemsize != expected:
+        other = np.dtype(np.uint32 if dtype.itemsize == 2 else np.uint16)
+        why = (f"it holds {other.name} tokens where meta.json says {dtype.name}" if size == expected * other.itemsize
+               else "the file was cut short or replaced" if size // dtype.itemsize < expected
+               else "the file was replaced or appended to")
+        raise DataError(f"data file '{path}' holds {size // dtype.itemsize:,} tokens where meta.json says "
+                        f"{expected:,}: {why}; prepare the data again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 

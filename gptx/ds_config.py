@@ -37,6 +37,8 @@ def read_ds_config(path: str | Path) -> dict:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"--deepspeed_config '{path}': cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:  # a binary file given as the JSON
+        raise ConfigError(f"--deepspeed_config '{path}': not UTF-8 text (byte offset {e.start})") from None
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:

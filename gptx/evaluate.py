@@ -9,9 +9,27 @@ import torch
 import torch.nn.functional as F
 
 from gptx.data import GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, open_tokens, read_meta
-from gptx.errors import DataError
+from gptx.errors import CheckpointError, DataError
 from gptx.model import GPT
-from gptx.prepare import iter_documents
+from gptx.prepare import InputReport, iter_documents
+
+
+def check_checkpoint_path(path: str | Path) -> None:
+    """--load names something to evaluate: a run directory or a checkpoint folder.
+
+    checkpoint.find_latest's message for a folder without checkpoints is written for training
+    ("to resume from"); here one line says what was given instead and how evaluate.py is called.
+    """
+    from gptx.checkpoint import LATEST, META, TAG_PREFIX
+    path = Path(path)
+    if not path.is_dir() or (path / META).exists() or (path / LATEST).exists() or any(path.glob(f"{TAG_PREFIX}*")):
+        return  # missing, or a checkpoint or run: load_plain_model says the rest
+    if (path / "meta.json").exists() or any((path / f"{split}.bin").exists() for split in ("train", "val")):
+        raise CheckpointError(f"--load '{path}': a data directory (train.bin, val.bin, meta.json), not a model; "
+                              f"give --load a run directory or checkpoint folder and this one as --data: "
+                              f"tools/evaluate.py --load RUN --data {path}")
+    raise CheckpointError(f"--load '{path}': no checkpoint to evaluate in it (no {TAG_PREFIX}* folders, no {META}); "
+                          f"give a run directory or a checkpoint folder")
 
 
 def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int | None]:
@@ -28,7 +46,9 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
     if path.suffix == ".bin":
         meta = read_meta(path.parent)
         check_vocabulary(meta, vocab_size, f"--data '{path}'", allow_smaller=True)
-        tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        # A split of a prepared directory is checked against its meta.json (a file cut short is refused).
+        tokens = open_tokens(path.parent, path.stem) if path.stem in ("train", "val") else \
+            np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
         return tokens, _byte_count(tokens, meta)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"--data '{path}': expected a .txt, .jsonl or .bin file or a data directory")
@@ -36,10 +56,11 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
         raise DataError(f"--data '{path}': text is tokenized with GPT-2 BPE ({GPT2_VOCAB_SIZE} tokens), but the "
                         f"model's vocabulary has {vocab_size}; pass token files made with its own tokenizer")
     enc = gpt2_encoding()
+    strict = InputReport(strict_utf8=True)  # a measurement on text with U+FFFD in it would mislead: one line instead
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = "".join(iter_documents([str(path)], report=strict))
         return np.asarray(enc.encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8"))
-    docs = list(iter_documents([str(path)]))
+    docs = list(iter_documents([str(path)], report=strict))
     if not docs:
         raise DataError(f"--data '{path}': no documents in it")
     ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [GPT2_EOT]]

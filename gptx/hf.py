@@ -26,6 +26,11 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Read, not written: published files carry integer buffers too (e.g. position ids).
+READ_DTYPES = {**DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+               "U8": torch.uint8, "BOOL": torch.bool}
+INT_KEYS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -45,15 +50,51 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    raw = path.read_bytes()
+    """Every tensor of a .safetensors file; a file that is not one (garbage, cut short, a Git LFS
+    pointer) is a CheckpointError naming it, checked before any tensor is built."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"safetensors file '{path}': cannot read it ({e.strerror})") from None
+
+    def bad(what: str):
+        hint = ("it is a Git LFS pointer, not the weights: run git lfs pull in that directory"
+                if raw.startswith(b"version https://git-lfs") else "damaged, cut short or not a safetensors file")
+        raise CheckpointError(f"safetensors file '{path}': {what}; {hint}")
+    if len(raw) < 8:
+        bad(f"{len(raw)} bytes, shorter than its 8-byte header length")
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    if n > len(raw) - 8:
+        bad(f"a header of {n:,} bytes does not fit in its {len(raw):,}")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        bad("its header is not JSON")
+    if not isinstance(header, dict):
+        bad("its header is not a JSON object")
     header.pop("__metadata__", None)
+    data = len(raw) - 8 - n
     out = {}
     for name, info in header.items():
-        start, end = info["data_offsets"]
+        try:
+            dtype = READ_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            if isinstance(info, dict) and "dtype" in info and info["dtype"] not in READ_DTYPES:
+                raise CheckpointError(f"safetensors file '{path}': tensor {name} has dtype {info['dtype']}, "
+                                      f"not one of {', '.join(READ_DTYPES)}") from None
+            bad(f"tensor {name}: expected dtype, shape and data_offsets")
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - start != need or start < 0 or min(shape, default=0) < 0:
+            bad(f"tensor {name} ({info['dtype']} {shape}) needs {need:,} bytes, its header entry gives it "
+                f"bytes {start:,}..{end:,}")
+        if end > data:
+            bad(f"tensor {name} lies at bytes {start:,}..{end:,} after the header, which the file holds only "
+                f"{data:,} of")
         buf = np.frombuffer(raw, dtype=np.uint8, count=end - start, offset=8 + n + start).copy()
-        out[name] = torch.from_numpy(buf).view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[name] = torch.from_numpy(buf).view(dtype).reshape(shape)
     return out
 
 
@@ -199,25 +240,57 @@ def check_shapes(layers: dict[int, dict[str, torch.Tensor]], m: ModelConfig, src
 def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
     if (src / "model.safetensors").exists():
         return read_safetensors(src / "model.safetensors")
-    if (src / "model.safetensors.index.json").exists():  # sharded, as large models are published
-        index = json.loads((src / "model.safetensors.index.json").read_text())
+    index_path = src / "model.safetensors.index.json"
+    if index_path.exists():  # sharded, as large models are published
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"--from-hf: '{index_path}' has no 'weight_map' of tensor names to shard files")
         sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in sorted(set(weight_map.values())):
+            if not (src / shard).exists():
+                raise CheckpointError(f"--from-hf: shard '{src / shard}' named by '{index_path}' is missing")
             sd.update(read_safetensors(src / shard))
         return sd
     if (src / "pytorch_model.bin").exists():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # garbage or cut short: pickle, zip and torch errors alike (torch's own
+            # message for garbage suggests weights_only=False, which would run the file's code)
+            raise CheckpointError(f"--from-hf: '{src / 'pytorch_model.bin'}' cannot be read as PyTorch weights "
+                                  f"({type(e).__name__}): damaged, cut short or not a weights file") from None
     raise CheckpointError(f"--from-hf '{src}': none of model.safetensors, model.safetensors.index.json, "
                           f"pytorch_model.bin")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a Hugging Face directory's file, or one line naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"--from-hf: '{path}': cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"--from-hf: '{path}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except ValueError:  # bytes that are not text
+        raise CheckpointError(f"--from-hf: '{path}' is not valid JSON (not UTF-8 text)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"--from-hf: '{path}' is not a JSON object")
+    return data
 
 
 def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:
     """A local HF GPT-2 or Llama directory -> per-layer-position state dicts and the gptx Config."""
     src = Path(src)
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"--from-hf '{src}': no readable config.json") from None
+    if not src.is_dir():
+        raise CheckpointError(f"--from-hf '{src}': not a directory (expected config.json and model.safetensors)")
+    if not (src / "config.json").exists():
+        raise CheckpointError(f"--from-hf '{src}': no config.json")
+    hf = _read_json(src / "config.json")
+    for key in INT_KEYS:  # a wrong type would fail deep in the conversion with a traceback
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise CheckpointError(f"--from-hf: '{src / 'config.json'}': {key} must be a positive integer, "
+                                  f"got {value!r}")
     if hf.get("model_type") == "llama":
         layers, cfg = from_llama(src, hf, _read_tensors(src))
         validate(cfg)
@@ -230,9 +303,14 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
     sd = _read_tensors(src)
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
     tied = hf.get("tie_word_embeddings", True)
-    m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
-                    n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied,
-                    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    try:
+        m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied,
+                        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except KeyError as e:
+        raise CheckpointError(f"--from-hf: '{src / 'config.json'}' has no {e.args[0]}") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"--from-hf: '{src / 'config.json'}': layer_norm_epsilon is not a number") from None
     L = m.n_layer
     try:
         layers = {0: {"wte.weight": sd["wte.weight"]}, 1: {"wpe.weight": sd["wpe.weight"]},

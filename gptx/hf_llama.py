@@ -80,8 +80,13 @@ def from_llama(src: Path, hf: dict, sd: dict[str, torch.Tensor]) -> tuple[dict[i
     if hf.get("hidden_act", "silu") != "silu":
         fail(f"hidden_act {hf['hidden_act']!r} is not Llama's silu")
     rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        fail(f"rope_parameters {rope!r} is not an object")
     if (rope.get("rope_type") or rope.get("type") or "default") != "default" or hf.get("rope_scaling"):
         fail("rope scaling (rope_scaling / rope_parameters.rope_type other than 'default') is not supported")
+    for key in ("hidden_size", "num_attention_heads"):  # needed before the config is built
+        if key not in hf:
+            fail(f"config.json has no {key}")
     C, nh = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, C // nh):
         fail(f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads ({C // nh})")
@@ -97,6 +102,8 @@ def from_llama(src: Path, hf: dict, sd: dict[str, torch.Tensor]) -> tuple[dict[i
                         dropout=float(hf.get("attention_dropout", 0.0)), **LLAMA_ARCHITECTURE)
     except KeyError as e:
         fail(f"config.json has no {e.args[0]}")
+    except (TypeError, ValueError):  # float() of a string or a list
+        fail("config.json: rms_norm_eps, rope_theta and attention_dropout must be numbers")
     L = m.n_layer
     sd = {k: v.float() for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed, not learned
     used = set()

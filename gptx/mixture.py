@@ -45,6 +45,8 @@ def read_mixture(path: str | Path) -> list[Source]:
         spec = yaml.safe_load(path.read_text())
     except OSError as e:
         raise DataError(f"mixture file '{path}': cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:  # a binary file given as --data
+        raise DataError(f"mixture file '{path}': not UTF-8 text (byte offset {e.start})") from None
     except yaml.YAMLError:
         raise DataError(f"mixture file '{path}': not valid YAML") from None
     entries = spec.get("sources") if isinstance(spec, dict) else None

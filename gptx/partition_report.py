@@ -329,8 +329,9 @@ def render_text(r: dict) -> str:
     for st in r["stages"]:
         lines.append(f"  stage {st['stage']:<3} {st['params']:>16,}  {_bar(st['params'], biggest_p):<30}  "
                      f"{st['flops_per_token'] / 1e9:>8.2f} GFLOP/token  {_bar(st['flops_per_token'], biggest_f)}")
-    lines.append(f"parameters: total {r['total_params']:,} (a tied embedding counts on both end stages), "
-                 f"unique {r['unique_params']:,}")
+    # Totals differ only where a tied embedding sits on two stages; an untied head is its own table.
+    tied_note = " (a tied embedding counts on both end stages)" if r["total_params"] != r["unique_params"] else ""
+    lines.append(f"parameters: total {r['total_params']:,}{tied_note}, unique {r['unique_params']:,}")
     b = r["balance"]
     lines.append(f"balance (max/mean over stages): parameters {b['params_max_over_mean']:.3f}, "
                  f"compute {b['compute_max_over_mean']:.3f}")

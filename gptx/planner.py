@@ -191,7 +191,10 @@ def command_for(model_flags: str, row: dict, cluster: Cluster, ds_path: str = "p
     return f"{launcher} launch/pretrain.py " + " ".join(flags)
 
 
-def render_plan(model_flags: str, rows: list[dict], cluster: Cluster, limit: int = 12) -> str:
+def render_plan(model_flags: str, rows: list[dict], cluster: Cluster, limit: int = 12,
+                written: str | None = None) -> str:
+    """The table and the chosen layout's command; `written`: where its DeepSpeed JSON was saved
+    (None: the JSON is printed, and how to have it written is said)."""
     import json
     fitting = [r for r in rows if r["fits"]]
     lines = [f"{model_flags} on {cluster.gpus} GPU(s) of {cluster.gpu_memory_gib:g} GiB, "
@@ -208,6 +211,10 @@ def render_plan(model_flags: str, rows: list[dict], cluster: Cluster, limit: int
         return "\n".join(lines)
     best = fitting[0]
     lines += ["", f"chosen: {best['layout'].describe()}",
-              f"  {command_for(model_flags, best, cluster)}", "  plan.json:",
-              "  " + json.dumps(best["ds_config"], indent=2).replace("\n", "\n  ")]
+              f"  {command_for(model_flags, best, cluster, written or 'plan.json')}"]
+    if written:
+        lines.append(f"  wrote its DeepSpeed JSON to {written}")
+    else:  # the command names a file: say how to get it, rather than leave the user to copy it out
+        lines += ["  plan.json (add --write-plan plan.json to have it written):",
+                  "  " + json.dumps(best["ds_config"], indent=2).replace("\n", "\n  ")]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ def read_run(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise DataError(f"run '{run_dir}': no metrics.jsonl (expected a run directory written by launch/pretrain.py)")
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()  # a damaged byte fails that line's JSON, in one line
     train, val = {}, {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

@@ -26,8 +26,9 @@ from gptx.ds_config import (BatchLayout, check_ds_config, default_ds_config_path
 from gptx.errors import ConfigError, DataError, TrainingStopped
 from gptx.flops import mfu, peak_flops
 from gptx.guards import NumericsGuard, StopSignal, known_failure
+from gptx.launching import port_in_use
 from gptx.metrics import Metrics, console_line
-from gptx.mixture import REPEAT_WARNING, Source, as_record, check_sources, describe, resume_warning, sources_for
+from gptx.mixture import REPEAT_WARNING, Source, as_record, check_sources, describe, sources_for
 from gptx.schedule import BatchRamp, SeqLenWarmup
 
 
@@ -38,6 +39,10 @@ class RunPaths:
     data: str | None = None
     save: str | None = None
     load: str | None = None
+    """A run directory or one of its checkpoint folders (RUN/iter_N)."""
+    load_tag: str | None = None
+    """The checkpoint folder in `load` (a run directory) that the command line already chose; None:
+    plan_run chooses (find_latest) and warns as it does."""
     deepspeed_config: str | None = None
     ds_log_level: str = "warning"
     """DeepSpeed's own logger; 'info' shows its STAGE=... LAYERS=... STAGE_PARAMS=... start-up lines."""
@@ -74,6 +79,10 @@ class Plan:
     resume_tag: str | None
     accelerator: str
     resume_meta: dict | None = None
+    load_dir: Path | None = None
+    """The run directory resumed from (--load, or the parent of the checkpoint folder it names)."""
+    changes: tuple[str, ...] = ()
+    """'KEY OLD -> NEW' for what this resume changes since the checkpoint (logged at start-up)."""
     encoding: object | None = None
     """GPT-2 BPE for training-time samples (None: print ids, or samples off)."""
     ramp: BatchRamp | None = None
@@ -92,28 +101,61 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         raise ConfigError(f"--pipe-parallel-size {pp} does not divide the world size {world} "
                           f"(processes launched); launch a multiple of {pp} processes or change it")
     accelerator = _accelerator_name()
-    ds_path = paths.deepspeed_config or str(default_ds_config_path(accelerator))
-    ds_config = read_ds_config(ds_path)
+    load_dir, tag, meta = None, None, None
+    if paths.load:
+        checkpoint.check_save_dir(paths.save, checkpoint.run_dir_of(paths.load))
+        if paths.load_tag:  # parse_pretrain_args chose it (and said what it had to)
+            load_dir, tag = Path(paths.load), paths.load_tag
+            meta = json.loads((load_dir / tag / checkpoint.META).read_text())
+        else:
+            load_dir, tag, meta = checkpoint.resolve_load(paths.load, warn=log)
+    where = str(load_dir / tag) if tag else None
+    # What the checkpoint's run trained with, unless given again (a weights-only checkpoint is
+    # converted weights: a new run, with today's defaults for what it does not hold).
+    from_checkpoint = meta is not None and not meta.get("weights_only")
+    changes = []
+    if paths.deepspeed_config or not (from_checkpoint and isinstance(meta.get("ds_config"), dict)):
+        ds_path = paths.deepspeed_config or str(default_ds_config_path(accelerator))
+        ds_config, ds_where = read_ds_config(ds_path), ds_path
+        if from_checkpoint and isinstance(meta.get("ds_config"), dict) and ds_config != meta["ds_config"]:
+            keys = sorted(k for k in set(ds_config) | set(meta["ds_config"])
+                          if ds_config.get(k) != meta["ds_config"].get(k))
+            changes.append(f"deepspeed_config {meta.get('ds_config_path')} -> {ds_path} ({', '.join(keys)})")
+    else:  # the JSON as the run read it: the file may have changed or gone since
+        ds_path = meta.get("ds_config_path") or "ds_config"
+        ds_config, ds_where = json.loads(json.dumps(meta["ds_config"])), f"the DeepSpeed JSON in '{where}'"
     layout = check_ds_config(ds_config, dp_size=data_parallel_size(world, pp), pipe_size=pp,
-                             accelerator_name=accelerator, path=ds_path)
-    data = Path(paths.data) if paths.data else default_data_dir()
-    if not data.exists():
-        raise DataError(f"--data '{data}': not a directory (train.bin, val.bin, meta.json) or a mixture file (.yaml)")
-    sources = sources_for(data)
+                             accelerator_name=accelerator, path=ds_where)
+    if paths.data:
+        data = Path(paths.data)
+        if not data.exists():
+            raise DataError(f"--data '{data}': not a directory (train.bin, val.bin, meta.json) or a mixture file (.yaml)")
+        sources = sources_for(data)
+        if from_checkpoint:
+            changes += _data_change(meta, data, sources)
+    elif from_checkpoint and (meta.get("data_sources") or meta.get("data")):
+        data, sources = checkpoint_data(meta, where)
+    else:
+        data = default_data_dir()
+        sources = sources_for(data)
+        if from_checkpoint:
+            log(f"note: checkpoint '{where}' does not record its data (saved by an older gptx): training on the "
+                f"default corpus; pass --data DIR to train on the run's own data")
     # A resumed model keeps its table: one padded by hand (50304 rows for GPT-2 data) trains on.
     check_sources(sources, cfg.model.vocab_size, cfg.model.seq_len, allow_smaller_vocabulary=bool(paths.load))
-    checkpoint.check_save_dir(paths.save, paths.load)
-    tag, meta = None, None
-    if paths.load:
-        tag, meta = checkpoint.find_latest(paths.load, warn=log)
-        cfg, note = checkpoint.keep_saved_padding(meta, cfg, str(Path(paths.load) / tag))
+    if not paths.load:  # a resume checked it first, before reading its checkpoint
+        checkpoint.check_save_dir(paths.save, None)
+    if meta is not None:
+        cfg, note = checkpoint.keep_saved_padding(meta, cfg, where)
         if note:
             log(note)
-        checkpoint.check_compatible(meta, cfg, pp, str(Path(paths.load) / tag))
-        warning = checkpoint.check_schedule(meta, cfg, str(Path(paths.load) / tag), paths.override_lr_schedule)
-        for line in (warning, resume_warning(meta.get("data_sources"), sources)):
-            if line:
-                log(line)
+        checkpoint.check_compatible(meta, cfg, pp, where)
+        warning = checkpoint.check_schedule(meta, cfg, where, paths.override_lr_schedule)
+        if warning:
+            log(warning)
+        changes = checkpoint.config_changes(meta, cfg) + changes
+        for line in changes:  # every check passed: what this resume changes, once
+            log(f"changed since the checkpoint: {line}")
     encoding = None
     if cfg.train.sample_tokens:
         from gptx.data import GPT2_VOCAB_SIZE, gpt2_encoding
@@ -125,7 +167,46 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     ramp = (BatchRamp.parse(cfg.train.rampup_batch_size, layout.global_batch, layout.micro_batch * layout.dp_size)
             if cfg.train.rampup_batch_size else None)
     warmup = SeqLenWarmup.parse(cfg.train.seq_len_warmup, cfg.model.seq_len) if cfg.train.seq_len_warmup else None
-    return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, encoding, ramp, warmup)
+    return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, load_dir, tuple(changes),
+                encoding, ramp, warmup)
+
+
+def _describe_data(data, records: list[dict]) -> str:
+    """One directory as its path; a mixture as its file and each source's share."""
+    if len(records) == 1:
+        return records[0]["path"]
+    return f"{data} (" + ", ".join(f"{Path(r['path']).name} {r['weight']:.3f}" for r in records) + ")"
+
+
+def _data_change(meta: dict, data: Path, sources: list[Source]) -> list[str]:
+    """The 'changed' line for a --data given again that reads other data than the checkpoint's run."""
+    saved, now = meta.get("data_sources"), as_record(sources)
+    if saved is None:  # recorded before mixtures: the path as given then
+        if meta.get("data") is None or Path(meta["data"]).resolve() == data.resolve():
+            return []
+        return [f"data {meta['data']} -> {_describe_data(data, now)}"]
+    if saved == now:
+        return []
+    return [f"data {_describe_data(meta.get('data'), saved)} -> {_describe_data(data, now)}"]
+
+
+def checkpoint_data(meta: dict, where: str) -> tuple[Path, list[Source]]:
+    """The data the checkpoint's run trained on: its recorded sources (absolute directories and
+    shares, so an edited mixture file or another working directory changes nothing), or, for a
+    checkpoint saved before they were recorded, its --data path as given then."""
+    recorded = meta.get("data_sources")
+    if recorded:
+        sources = [Source(Path(r["path"]), float(r["weight"])) for r in recorded]
+        gone = [s.path for s in sources if not s.path.is_dir()]
+        if gone:
+            raise DataError(f"checkpoint '{where}' trained on '{gone[0]}', which is not there now; pass --data DIR "
+                            f"(or a mixture file) to resume on data that is")
+        return Path(meta.get("data") or sources[0].path), sources
+    data = Path(meta["data"])
+    if not data.exists():
+        raise DataError(f"checkpoint '{where}' trained on --data '{data}' (as given then, relative to where it "
+                        f"started), which is not there from here; pass --data DIR")
+    return data, sources_for(data)
 
 
 def data_parallel_size(world: int, pipe_size: int) -> int:
@@ -300,14 +381,14 @@ def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int, int]:
     t = plan.cfg.train
     saved_pp = plan.resume_meta.get("pipe_parallel_size")
     if plan.resume_meta.get("weights_only"):
-        checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
+        checkpoint.load_weights_only(engine, plan.load_dir, plan.resume_tag)
         state = plan.resume_meta
         log(f"starting from the weights of {plan.resume_meta.get('source', 'a weights-only checkpoint')}; "
             f"the optimizer starts fresh")
     elif saved_pp == t.pipe_parallel_size:
-        state = checkpoint.load(engine, paths.load, plan.resume_tag)
+        state = checkpoint.load(engine, plan.load_dir, plan.resume_tag)
     else:
-        checkpoint.load_weights_only(engine, paths.load, plan.resume_tag)
+        checkpoint.load_weights_only(engine, plan.load_dir, plan.resume_tag)
         state = plan.resume_meta
         engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
         log(f"warning: the checkpoint has {_stages(saved_pp)} and this run {_stages(t.pipe_parallel_size)}: "
@@ -315,7 +396,7 @@ def resume(engine, plan: Plan, paths: RunPaths) -> tuple[int, int, int]:
             f"moments (per-stage state) restart from zero")
     iteration, consumed = state["iteration"], state["consumed_samples"]
     tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
-    log(f"resumed from {Path(paths.load) / plan.resume_tag}: iteration {iteration}, {tokens:,} tokens seen")
+    log(f"resumed from {plan.load_dir / plan.resume_tag}: iteration {iteration}, {tokens:,} tokens seen")
     return iteration, consumed, tokens
 
 
@@ -333,7 +414,13 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     from datetime import timedelta
     show_ds = paths.ds_log_level in ("info", "debug")
     with deepspeed_prints(show_ds):
-        deepspeed.init_distributed(timeout=timedelta(seconds=t.dist_timeout))
+        try:
+            deepspeed.init_distributed(timeout=timedelta(seconds=t.dist_timeout))
+        except Exception as e:
+            failure = port_in_use(e)  # taken after launch/pretrain.py's early check
+            if failure is None:
+                raise
+            raise failure from None
     rank = dist.get_rank()
     torch.manual_seed(t.seed + rank)  # dropout streams; layer init has its own seeds
 
@@ -346,10 +433,11 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     grid = engine.grid
     dp_rank = grid.get_data_parallel_rank()
 
-    run_dir = Path(paths.save) if paths.save else (Path(paths.load) if paths.load else _new_run_dir(cfg))
+    run_dir = Path(paths.save) if paths.save else (plan.load_dir if plan.load_dir else _new_run_dir(cfg))
     meta = {"config": cfg.to_dict(), "ds_config": plan.ds_config, "ds_config_path": plan.ds_config_path,
             "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size,
-            "data": str(plan.data), "data_sources": as_record(plan.sources),
+            # Absolute, so that --load alone finds the data from any working directory.
+            "data": str(plan.data.resolve()), "data_sources": as_record(plan.sources),
             "code_version": checkpoint.code_version()}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -379,14 +467,14 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     if len(plan.sources) == 1:
         unused = len(train_splits[0]) - 1 - windows.n_windows * cfg.model.seq_len
         log(f"data: {windows.n_windows:,} windows of {cfg.model.seq_len} predictions per epoch, reshuffled each "
-            f"epoch; {unused} token(s) at the end of train.bin fill no window and are not used; resuming at sample "
-            f"{consumed:,} (epoch {consumed // windows.n_windows})")
+            f"epoch; {unused} token(s) at the end of train.bin fill no window and are not used"
+            + (f"; resuming at sample {consumed:,} (epoch {consumed // windows.n_windows})" if plan.resume_tag else ""))
     else:
         run_samples = plan.ramp.samples_over(t.train_iters) if plan.ramp else t.train_iters * layout.global_batch
         mixture = describe(plan.sources, cfg.model.seq_len, run_samples)
         metrics.write({"iter": iteration, "data": {"sources": mixture}})
-        log(f"data: a mixture of {len(mixture)} sources, shares of the training samples; resuming at sample "
-            f"{consumed:,}")
+        log(f"data: a mixture of {len(mixture)} sources, shares of the training samples"
+            + (f"; resuming at sample {consumed:,}" if plan.resume_tag else ""))  # a new run resumes nothing
         for m in mixture:
             repeat = f"  (warning: repeats {m['epochs']:.1f} times)" if m["epochs"] > REPEAT_WARNING else ""
             log(f"  {m['path']}: {m['windows']:,} windows, share {m['weight']:.3f}, {m['epochs']:.2f} epochs over "
@@ -460,7 +548,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             except TrainingStopped as e:
                 metrics.close()
                 where = (f"the last good checkpoint is {run_dir / checkpoint.tag_for(saved_at)}" if saved_at
-                         else f"the run has no checkpoint newer than {paths.load or 'its start'}")
+                         else f"the run has no checkpoint newer than {plan.load_dir or 'its start'}")
                 raise TrainingStopped(f"{e}. Stopped without saving; {where}") from None
             if warning:
                 log(warning)

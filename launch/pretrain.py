@@ -1,11 +1,14 @@
-"""Pipeline-parallel GPT pretraining: deepspeed --num_gpus 2 launch/pretrain.py [--help]"""
+"""Pipeline-parallel GPT pretraining: deepspeed --num_gpus 2 launch/pretrain.py [--help]
+
+Without the launcher, `python launch/pretrain.py --pipe-parallel-size 1` trains in one process.
+"""
 import os
 import sys
 
 from gptx.cli import run_pretrain
 
 if __name__ == "__main__":
-    code = run_pretrain()
+    code = run_pretrain(as_script=True)
     sys.stdout.flush()
     sys.stderr.flush()
     # Everything is saved and the process group is gone. Skip interpreter teardown: a gloo or

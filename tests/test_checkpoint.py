@@ -140,9 +140,11 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_told_which(dist_world
     # Keeping the checkpoint's schedule: after its end the LR stays at min_lr, no jump.
     assert run_pretrain(args(work, run, 1, 4, "--load", str(run), "--lr-decay-iters", "3")) == 0
     assert lrs()[4] == pytest.approx(3e-4) and lrs()[4] <= lrs()[3]
-    # Or the new one, on request, with a warning.
+    # Or the new one, on request, with a warning. The checkpoint now holds --lr-decay-iters 3, which
+    # a resume keeps unless given again.
     capsys.readouterr()
-    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--override-lr-schedule")) == 0
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--lr-decay-iters", "6",
+                             "--override-lr-schedule")) == 0
     assert "warning: the learning-rate schedule changes at this resume (decay_iters 3 (checkpoint) vs 6 (now))" \
         in capsys.readouterr().out
     assert lrs()[5] > lrs()[4]

@@ -35,9 +35,17 @@ def test_unknown_override_key(setup, capsys):
     fails_with(capsys, base + ["--set", "n_layerz=3"], "unknown key 'n_layerz'")
 
 
-def test_stages_must_divide_world_size(setup, capsys):
+def test_stages_must_divide_world_size(setup, capsys, monkeypatch):
     tmp, base = setup
-    fails_with(capsys, base + ["--pipe-parallel-size", "3"], "--pipe-parallel-size 3 does not divide the world size 2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    fails_with(capsys, base + ["--pipe-parallel-size", "3"], "--pipe-parallel-size 3 does not divide the world size 4")
+
+
+def test_more_stages_than_processes_names_the_launcher(setup, capsys):
+    tmp, base = setup
+    fails_with(capsys, base + ["--pipe-parallel-size", "3"], "3 pipeline stages need 3 processes, 2 launched: run "
+                                                             "deepspeed --num_gpus 3 launch/pretrain.py, or "
+                                                             "--pipe-parallel-size 2")
 
 
 def test_zero2_with_pipeline(setup, capsys):

@@ -140,3 +140,68 @@ def test_a_resumed_model_padded_by_hand_keeps_training_on_its_data(tmp_path):
     check_data(d, vocab_size=320, seq_len=32, allow_smaller_vocabulary=True)  # an existing model (resume)
     with pytest.raises(DataError, match="tokenized with a 256-token vocabulary"):
         check_data(d, vocab_size=200, seq_len=32, allow_smaller_vocabulary=True)  # larger data never fits
+
+
+# ---- token files checked against their meta.json (issue 26 item 3)
+
+def prepared_dir(path, n_train=5000, n_val=600, dtype="uint16"):
+    """A directory as tools/prepare_data.py writes it: meta.json records each split's token count."""
+    make_token_dir(path, n_train=n_train, n_val=n_val, dtype=dtype)
+    (path / "meta.json").write_text(json.dumps({"format": "gptx-tokens-v1", "vocab_size": 256, "dtype": dtype,
+                                                "train_tokens": n_train, "val_tokens": n_val}))
+    return path
+
+
+def test_a_split_cut_short_or_replaced_is_refused_naming_the_file_and_both_counts(tmp_path):
+    d = prepared_dir(tmp_path / "d")
+    check_data(d, vocab_size=256, seq_len=32)
+    train = d / "train.bin"
+    train.write_bytes(train.read_bytes()[:2 * 1000])  # a copy that ran out of space
+    with pytest.raises(DataError) as e:
+        check_data(d, vocab_size=256, seq_len=32)
+    assert str(e.value) == (f"data file '{train}' holds 1,000 tokens where meta.json says 5,000: the file was cut "
+                            f"short or replaced; prepare the data again")
+    (d / "val.bin").write_bytes((d / "val.bin").read_bytes() + b"\0\0" * 300)
+    with pytest.raises(DataError, match=r"val.bin' holds 900 tokens where meta.json says 600: the file was "
+                                        r"replaced or appended to"):
+        open_tokens(d, "val")
+
+
+def test_a_split_of_the_wrong_width_or_of_a_partial_token_is_refused(tmp_path):
+    d = prepared_dir(tmp_path / "d")
+    np.zeros(5000, dtype=np.uint32).tofile(d / "train.bin")  # written as uint32, meta.json says uint16
+    with pytest.raises(DataError, match="holds 10,000 tokens where meta.json says 5,000: it holds uint32 tokens "
+                                        "where meta.json says uint16"):
+        open_tokens(d, "train")
+    (d / "train.bin").write_bytes(b"\0" * 10_001)
+    with pytest.raises(DataError, match=r"10,001 bytes is not a whole number of uint16 tokens \(2 bytes each"):
+        open_tokens(d, "train")
+
+
+def test_a_meta_json_that_is_not_json_or_holds_a_bad_count_is_one_line(tmp_path):
+    d = prepared_dir(tmp_path / "d")
+    (d / "meta.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(DataError, match=r"meta.json': not valid JSON$"):
+        check_data(d, vocab_size=256, seq_len=32)
+    (d / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        check_data(d, vocab_size=256, seq_len=32)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 256, "dtype": "uint16", "train_tokens": "many"}))
+    with pytest.raises(DataError, match="'train_tokens' must be a whole number, got 'many'"):
+        check_data(d, vocab_size=256, seq_len=32)
+
+
+def test_a_garbage_meta_pkl_is_one_line(tmp_path):
+    d = make_token_dir(tmp_path / "d", vocab_size=95)
+    (d / "meta.json").unlink()
+    (d / "meta.pkl").write_bytes(b"\x80\x04garbage, or a pickle cut short")
+    with pytest.raises(DataError, match="not a nanoGPT meta.pkl"):
+        check_data(d, vocab_size=95, seq_len=32)
+
+
+def test_evaluate_checks_a_split_file_against_meta_json(tmp_path):
+    from gptx.evaluate import load_eval_tokens
+    d = prepared_dir(tmp_path / "d")
+    (d / "val.bin").write_bytes((d / "val.bin").read_bytes()[:200])
+    with pytest.raises(DataError, match="holds 100 tokens where meta.json says 600"):
+        load_eval_tokens(d / "val.bin", 256)

@@ -282,3 +282,83 @@ def test_a_llama_import_that_does_not_fit_its_config_is_refused_in_one_line(tmp_
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "back").exists()
+
+
+# ---- corrupt foreign files are one line naming them (issue 26 item 7)
+
+def _exported(tmp_path):
+    save_model(GPT(CFG, seed=2), tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
+    return tmp_path / "hf"
+
+
+def _cut(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda hf: (hf / "model.safetensors").write_bytes(bytes(range(256)) * 8),
+     "model.safetensors': a header of"),
+    (lambda hf: _cut(hf / "model.safetensors", (hf / "model.safetensors").stat().st_size - 100),
+     "which the file holds only"),
+    (lambda hf: _cut(hf / "model.safetensors", 5), "5 bytes, shorter than its 8-byte header length"),
+    (lambda hf: (hf / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                                       b"00\nsize 1234\n"), "a Git LFS pointer, not the weights"),
+    (lambda hf: (hf / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{\"a\": [1, 2]}   "),
+     "tensor a: expected dtype, shape and data_offsets"),
+    (lambda hf: (hf / "config.json").write_text("{\"model_type\": \"gpt2\",,}"),
+     "config.json' is not valid JSON (line 1: Expecting property name"),
+    (lambda hf: (hf / "config.json").write_bytes(b"\xff\xfe\0garbage"), "config.json' is not valid JSON"),
+    (lambda hf: (hf / "config.json").write_text("[]"), "config.json' is not a JSON object"),
+    (lambda hf: (hf / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
+                                                            "n_layer": "two"})),
+     "n_layer must be a positive integer, got 'two'"),
+    (lambda hf: (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"})), "config.json' has no"),
+    (lambda hf: (hf / "config.json").write_text(json.dumps({"model_type": "llama"})),
+     "config.json has no hidden_size"),
+    (lambda hf: ((hf / "model.safetensors").unlink(), (hf / "pytorch_model.bin").write_bytes(b"PK\x03\x04junk" * 9)),
+     "pytorch_model.bin' cannot be read as PyTorch weights"),
+    (lambda hf: ((hf / "model.safetensors").unlink(), (hf / "model.safetensors.index.json").write_text("{")),
+     "model.safetensors.index.json' is not valid JSON"),
+    (lambda hf: ((hf / "model.safetensors").rename(hf / "model-00001-of-00002.safetensors"),
+                 (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                     "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))),
+     "model-00002-of-00002.safetensors' named by"),
+])
+def test_a_corrupt_hugging_face_directory_is_one_line_naming_the_file(tmp_path, capsys, damage, needle):
+    hf = _exported(tmp_path)
+    capsys.readouterr()
+    damage(hf)
+    assert run_convert(["--from-hf", str(hf), "--save", str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert str(hf) in err
+    assert not (tmp_path / "back").exists()
+
+
+def test_a_safetensors_file_with_integer_buffers_reads(tmp_path):
+    from gptx.hf import write_safetensors
+    write_safetensors({"w": torch.ones(2, 3)}, tmp_path / "a.safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["ids"] = {"dtype": "I64", "shape": [3], "data_offsets": [24, 48]}  # as position_ids buffers are stored
+    head = json.dumps(header).encode()
+    (tmp_path / "b.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:]
+                                             + torch.arange(3).numpy().tobytes())
+    sd = read_safetensors(tmp_path / "b.safetensors")
+    assert torch.equal(sd["ids"], torch.arange(3)) and torch.equal(sd["w"], torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("which", ["model", "deepspeed", "mixture"])
+def test_a_binary_file_given_as_a_yaml_or_json_config_is_one_line(tmp_path, which):
+    from gptx.config import load_config
+    from gptx.ds_config import read_ds_config
+    from gptx.errors import GptxError
+    from gptx.mixture import read_mixture
+    bad = tmp_path / "conf.yaml"
+    bad.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00")
+    read = {"model": lambda: load_config(str(bad)), "deepspeed": lambda: read_ds_config(bad),
+            "mixture": lambda: read_mixture(bad)}[which]
+    with pytest.raises(GptxError, match=r"conf.yaml': not UTF-8 text \(byte offset 8\)"):
+        read()

@@ -122,4 +122,5 @@ def test_a_run_on_a_two_source_mixture_logs_shares_epochs_and_val_per_source_and
     mixture_file(tmp_path, {"path": "big", "weight": 1}, {"path": "small", "weight": 1})
     capsys.readouterr()
     assert run_pretrain(args(tmp_path / "part", 8, "--load", str(tmp_path / "part"), "--lr-decay-iters", "6")) == 0
-    assert "warning: the data differs from the checkpoint's (2 source(s): " in capsys.readouterr().out
+    assert (f"changed since the checkpoint: data {mix.resolve()} (big 0.750, small 0.250) -> {mix} (big 0.500, "
+            f"small 0.500)") in capsys.readouterr().out

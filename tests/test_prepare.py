@@ -146,3 +146,112 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path, enc):
     (stale / "all.bin").write_bytes(b"\0" * 1000)
     write_token_files(DOCS, tmp_path / "out", enc, 0.2, workers=1)
     assert not stale.exists()
+
+
+# ---- input that is not UTF-8 (issue 26 item 2)
+
+LATIN1 = "Crème brûlée, déjà vu, naïve façade.\n".encode("latin-1")
+
+
+def corpus_with_bad_files(folder):
+    """A folder as real corpora come: good text, a Latin-1 page, an executable saved as .txt."""
+    folder.mkdir(parents=True)
+    (folder / "a_good.txt").write_text("Plain text that is fine. " * 40, encoding="utf-8")
+    (folder / "b_latin1.txt").write_bytes(LATIN1)
+    (folder / "c_program.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    return folder
+
+
+def test_text_that_is_not_utf8_is_replaced_counted_and_reported_and_binary_files_skipped(tmp_path, enc, capsys):
+    folder = corpus_with_bad_files(tmp_path / "in")
+    assert run_prepare_data([str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0.1",
+                             "--workers", "2"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"warning: skipped '{folder / 'c_program.txt'}': it looks binary (a NUL byte in its first KiB), " \
+           f"not text" in err
+    bad = sum(b > 127 for b in LATIN1)  # each accented letter is one byte of its own in Latin-1
+    assert (f"warning: 1 input file(s) are not valid UTF-8: {bad} bad byte sequence(s) became U+FFFD "
+            f"('{folder / 'b_latin1.txt'}' {bad}); --strict-utf8 stops at the first instead") in err
+    text = enc.decode(stream_of(tmp_path / "out"))
+    assert text == ("Plain text that is fine. " * 40 + "<|endoftext|>"
+                    + LATIN1.decode("utf-8", "replace") + "<|endoftext|>")
+
+
+def test_strict_utf8_stops_at_the_first_bad_byte_naming_file_and_offset_and_leaves_no_out(tmp_path, capsys):
+    folder = corpus_with_bad_files(tmp_path / "in")
+    assert run_prepare_data([str(folder), "--out", str(tmp_path / "out"), "--strict-utf8", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: '{folder / 'b_latin1.txt'}': not valid UTF-8 at byte offset 2 (0xe8); without --strict-utf8 "
+        f"bad bytes become U+FFFD and are counted")
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty --out behind
+
+
+@pytest.mark.parametrize("kind", [".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"])
+def test_every_format_replaces_bad_utf8_or_names_its_place_under_strict(tmp_path, enc, kind):
+    from gptx.prepare import InputReport
+    good = "An ordinary first document. " * 10
+    raw = [good.encode(), b"caf\xe9 au lait", b"lone surrogate: \\ud800 here"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if kind == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        texts = pa.array([raw[0], raw[1]], type=pa.binary()).view(pa.string())  # parquet does not validate strings
+        pq.write_table(pa.table({"text": texts}), folder / "docs.parquet")
+        where = "row 2"
+    else:
+        body = b"".join(b'{"text": "' + r + b'"}\n' for r in raw)
+        if kind == ".jsonl.gz":
+            body = gzip.compress(body)
+        elif kind == ".jsonl.zst":
+            body = pytest.importorskip("zstandard").ZstdCompressor().compress(body)
+        (folder / f"docs{kind}").write_bytes(body)
+        where = "line 2"
+    path = next(folder.iterdir())
+    report = InputReport()
+    docs = list(iter_documents([str(folder)], report=report))
+    assert docs[:2] == [good, "caf\ufffd au lait"]
+    expected = 1 if kind == ".parquet" else 2  # the bad byte, and in JSON the lone surrogate escape
+    assert report.replacements == {str(path): expected}
+    if kind != ".parquet":
+        assert docs[2] == "lone surrogate: \ufffd here"
+    write_token_files(docs, tmp_path / "out", enc, 0.2, workers=2)  # the workers take the repaired text
+    with pytest.raises(DataError, match=rf"^'{path}' {where}: not valid UTF-8 at byte offset "):
+        list(iter_documents([str(folder)], report=InputReport(strict_utf8=True)))
+    if kind != ".parquet":  # the offset counts the (decompressed) bytes before it
+        offset = len(b'{"text": "' + raw[0] + b'"}\n' + b'{"text": "caf')
+        with pytest.raises(DataError, match=rf"offset {offset:,} \(0xe9\)"):
+            list(iter_documents([str(folder)], report=InputReport(strict_utf8=True)))
+
+
+@pytest.mark.parametrize("kind", [".jsonl.gz", ".jsonl.zst", ".parquet"])
+def test_a_damaged_compressed_or_parquet_file_is_one_line_naming_it(tmp_path, capsys, kind):
+    folder = write_inputs(tmp_path / "in", kind)
+    path = next(folder.iterdir())
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])  # a download cut short
+    assert run_prepare_data([str(folder), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: ") and f"'{path}'" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_keeps_an_existing_out_as_it_was(tmp_path, enc, capsys):
+    out = tmp_path / "out"
+    write_token_files(DOCS, out, enc, 0.2, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "bad.txt").write_bytes(LATIN1)
+    assert run_prepare_data([str(tmp_path / "bad.txt"), "--out", str(out), "--strict-utf8"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_new_out_is_marked_while_it_is_written(tmp_path, enc):
+    out = tmp_path / "new" / "out"
+    seen = []
+
+    def docs():
+        seen.append(sorted(p.name for p in out.iterdir()))  # while reading the first document
+        yield from DOCS
+    write_token_files(docs(), out, enc, 0.2, workers=1)
+    assert "PREPARING" in seen[0]  # a run killed outright leaves a directory readers refuse, not an empty one
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
