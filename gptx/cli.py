@@ -142,7 +142,8 @@ def run_pretrain(argv: list[str] | None = None, as_script: bool = False) -> int:
             single_process_env()  # `python launch/pretrain.py`: one process, as `deepspeed --num_gpus 1`
         from gptx.train import pretrain
         cfg, paths = parse_pretrain_args(argv)
-        check_stages_fit(cfg.train.pipe_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), launched)
+        if "WORLD_SIZE" in os.environ:  # else DeepSpeed discovers the world (MPI): plan_run checks it then
+            check_stages_fit(cfg.train.pipe_parallel_size, int(os.environ["WORLD_SIZE"]), launched)
         pretrain(cfg, paths)
     return guarded(main)
 

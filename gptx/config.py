@@ -279,7 +279,7 @@ def _preset(name: str) -> dict[str, Any]:
 
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"model config file '{path}': cannot read it ({e.strerror})") from None

@@ -61,7 +61,7 @@ def _whisper_download_command(dest: str) -> list[str]:
 def _ranks_from_whisper_sdist(log, progress_every: float = 15.0) -> bytes | None:
     """Fetch the openai-whisper source distribution from the package index and take its copy.
 
-    It takes about a minute and pip is quiet, so the user is told why a speech package, where
+    The download is large and pip is quiet, so the user is told why a speech package, where
     the file will stay, and every `progress_every` seconds that it is still going.
     """
     with tempfile.TemporaryDirectory() as tmp:

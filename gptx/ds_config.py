@@ -34,7 +34,7 @@ class BatchLayout:
 
 def read_ds_config(path: str | Path) -> dict:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"--deepspeed_config '{path}': cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:  # a binary file given as the JSON

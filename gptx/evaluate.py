@@ -59,6 +59,8 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
     strict = InputReport(strict_utf8=True)  # a measurement on text with U+FFFD in it would mislead: one line instead
     if path.suffix == ".txt":
         text = "".join(iter_documents([str(path)], report=strict))
+        if not text:
+            raise DataError(f"--data '{path}': no text in it")
         return np.asarray(enc.encode_ordinary(text), dtype=np.int64), len(text.encode("utf-8"))
     docs = list(iter_documents([str(path)], report=strict))
     if not docs:

@@ -82,7 +82,7 @@ def check_master_port() -> None:
 
 
 def port_in_use(error: BaseException) -> PortInUse | None:
-    """torch's DistNetworkError for a taken master port (about 40 lines from every layer of the
+    """torch's DistNetworkError for a taken master port (a traceback through every layer of the
     rendezvous) as one line; None for any other error."""
     text = str(error)
     if "EADDRINUSE" not in text and "address already in use" not in text.lower():
@@ -92,9 +92,20 @@ def port_in_use(error: BaseException) -> PortInUse | None:
         f"the master port is in use (another run on this machine?): give the launcher --master_port N")
 
 
+# Set by MPI launchers (OpenMPI, MPICH/Intel PMI, PMIx, MVAPICH) and by the clusters whose
+# environment DeepSpeed's init_distributed reads (AzureML, SageMaker, DLTS): there DeepSpeed
+# discovers the world itself, though RANK is not set yet.
+WORLD_DISCOVERY_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
+                             "AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV", "DLTS_JOB_ID")
+
+
 def under_launcher() -> bool:
-    """Started by deepspeed, torchrun or an MPI/Slurm launcher that names this process's rank."""
-    return "RANK" in os.environ
+    """Started by deepspeed or torchrun (RANK set), by an MPI launcher or cluster DeepSpeed
+    discovers the world from, or as one of several Slurm tasks (srun)."""
+    if "RANK" in os.environ or any(v in os.environ for v in WORLD_DISCOVERY_VARIABLES):
+        return True
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    return tasks.isdigit() and int(tasks) > 1
 
 
 def single_process_env() -> None:

@@ -42,7 +42,7 @@ def read_mixture(path: str | Path) -> list[Source]:
     """A mixture YAML file -> its sources, weights normalised; one-line errors."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise DataError(f"mixture file '{path}': cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:  # a binary file given as --data
@@ -145,12 +145,3 @@ def describe(sources: list[Source], seq_len: int, run_samples: int) -> list[dict
 def as_record(sources: list[Source]) -> list[dict]:
     return [{"path": str(s.path.resolve()), "weight": s.weight} for s in sources]
 
-
-def resume_warning(saved: list[dict] | None, sources: list[Source]) -> str | None:
-    """A warning when a resume reads other data than the checkpoint's run did (None: the same,
-    or a checkpoint that did not record it)."""
-    if saved is None or saved == as_record(sources):
-        return None
-    return (f"warning: the data differs from the checkpoint's ({len(saved)} source(s): "
-            + ", ".join(f"{d['path']} {d['weight']:.3f}" for d in saved) + "); from here on the run reads "
-            "other samples than it would have")

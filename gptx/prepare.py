@@ -85,12 +85,14 @@ class _ZstdFrames(io.RawIOBase):
                 if self.mid_frame:
                     raise EOFError("the last zstd frame ends early")
                 return 0
+            pieces = []  # joined once: adding each frame's bytes to the last would copy them per frame
             while chunk:
-                self.pending += self.frame.decompress(chunk)
+                pieces.append(self.frame.decompress(chunk))
                 self.mid_frame = not self.frame.eof
                 chunk = self.frame.unused_data if self.frame.eof else b""
                 if self.frame.eof:  # the next frame starts in what is left
                     self.frame = self.decompressor.decompressobj()
+            self.pending = b"".join(pieces)
         n = min(len(buffer), len(self.pending) - self.pos)
         buffer[:n] = memoryview(self.pending)[self.pos:self.pos + n]  # no copy of the rest per read
         self.pos += n
@@ -186,7 +188,14 @@ def _valid_text(text: str, path: Path, report: InputReport, where: str) -> str:
 
 
 def _looks_binary(head: bytes) -> bool:
-    return b"\0" in head[:BINARY_SNIFF]
+    """A NUL byte early on, in bytes that are not UTF-8: valid text that holds a NUL is still text."""
+    if b"\0" not in head[:BINARY_SNIFF]:
+        return False
+    try:
+        head[:BINARY_SNIFF].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < BINARY_SNIFF - 3  # not only a character cut at the sniff's end
+    return False
 
 
 def _parquet_texts(path: Path, field: str, report: InputReport) -> Iterator[str]:
@@ -230,7 +239,11 @@ def _parquet_texts(path: Path, field: str, report: InputReport) -> Iterator[str]
 def _jsonl_texts(path: Path, kind: str, field: str, report: InputReport) -> Iterator[str]:
     offset = 0  # of the line in the (decompressed) file, for the strict message
     try:
-        with _open_jsonl(path, kind) as f:
+        opened = _open_jsonl(path, kind)
+    except OSError as e:
+        raise DataError(f"input '{path}': cannot read it ({_describe(e)})") from None
+    try:
+        with opened as f:
             for lineno, raw in enumerate(f, 1):
                 if lineno == 1 and _looks_binary(raw[:BINARY_SNIFF]):
                     report.skip(path, "it looks binary (a NUL byte in its first KiB), not JSON lines")
@@ -245,7 +258,9 @@ def _jsonl_texts(path: Path, kind: str, field: str, report: InputReport) -> Iter
                     raise DataError(f"'{path}' line {lineno}: not valid JSON") from None
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     raise DataError(f"'{path}' line {lineno}: expected an object with a string '{field}' field")
-                yield _valid_text(record[field], path, report, f" line {lineno:,}")
+                # Lone surrogates come only from \u escapes: other lines skip the check's extra encode.
+                text = record[field]
+                yield _valid_text(text, path, report, f" line {lineno:,}") if b"\\u" in raw else text
     except (OSError, EOFError, zlib.error) as e:  # gzip's BadGzipFile is an OSError; a cut-short one, EOFError
         raise DataError(f"'{path}': cannot read it after {offset:,} bytes ({_describe(e)}): damaged or cut short") \
             from None
@@ -265,9 +280,11 @@ def _txt_text(path: Path, report: InputReport) -> str | None:
     except OSError as e:
         raise DataError(f"input '{path}': cannot read it ({e.strerror})") from None
     if _looks_binary(data):
-        report.skip(path, "it looks binary (a NUL byte in its first KiB), not text")
+        report.skip(path, "it looks binary (a NUL byte in its first KiB, in bytes that are not UTF-8), not text")
         return None
-    return _decode(data, path, report)
+    # Line ends as Path.read_text() gave them before the bytes were decoded here: \r\n and \r
+    # become \n, so a file edited on Windows tokenizes as it always has.
+    return _decode(data, path, report).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def iter_documents(paths: Iterable[str], text_field: str = "text", report: InputReport | None = None) -> Iterator[str]:

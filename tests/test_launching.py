@@ -89,3 +89,25 @@ def test_python_launch_pretrain_with_two_stages_names_the_launcher(tmp_path):
                       "or --pipe-parallel-size 1"], out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("variables, launched", [
+    ({}, False),
+    ({"RANK": "0"}, True),  # deepspeed, torchrun
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, True),  # DeepSpeed's OpenMPI runner, mpirun
+    ({"PMI_SIZE": "4"}, True),  # MPICH / Intel MPI
+    ({"SLURM_NTASKS": "8"}, True),  # srun python launch/pretrain.py
+    ({"SLURM_NTASKS": "1"}, False),  # one Slurm task: a single process, as without Slurm
+])
+def test_a_process_started_by_mpi_or_slurm_is_not_made_a_world_of_one(monkeypatch, variables, launched):
+    # Without RANK, DeepSpeed discovers an MPI world itself; making such a process rank 0 of a
+    # world of one would start N separate runs writing to one --save.
+    from gptx.launching import WORLD_DISCOVERY_VARIABLES, single_process_env, under_launcher
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # single_process_env writes to it: a copy, restored after
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_NTASKS", *WORLD_DISCOVERY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert under_launcher() is launched
+    single_process_env()
+    assert ("WORLD_SIZE" in os.environ) is (not launched)

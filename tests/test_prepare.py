@@ -167,8 +167,8 @@ def test_text_that_is_not_utf8_is_replaced_counted_and_reported_and_binary_files
     assert run_prepare_data([str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0.1",
                              "--workers", "2"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert f"warning: skipped '{folder / 'c_program.txt'}': it looks binary (a NUL byte in its first KiB), " \
-           f"not text" in err
+    assert f"warning: skipped '{folder / 'c_program.txt'}': it looks binary (a NUL byte in its first KiB, in " \
+           f"bytes that are not UTF-8), not text" in err
     bad = sum(b > 127 for b in LATIN1)  # each accented letter is one byte of its own in Latin-1
     assert (f"warning: 1 input file(s) are not valid UTF-8: {bad} bad byte sequence(s) became U+FFFD "
             f"('{folder / 'b_latin1.txt'}' {bad}); --strict-utf8 stops at the first instead") in err
@@ -255,3 +255,23 @@ def test_a_new_out_is_marked_while_it_is_written(tmp_path, enc):
     write_token_files(docs(), out, enc, 0.2, workers=1)
     assert "PREPARING" in seen[0]  # a run killed outright leaves a directory readers refuse, not an empty one
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_valid_text_reads_as_read_text_read_it_crlf_and_nul_included(tmp_path):
+    # Decoding moved from Path.read_text() into gptx: valid UTF-8 must give the same documents as
+    # before (universal newlines: \r\n and \r become \n), and a NUL in valid text is text.
+    crlf = tmp_path / "windows.txt"
+    crlf.write_bytes("first line\r\nsecond \u00e9\rthird\n".encode("utf-8"))
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes("a\0b valid text\n".encode("utf-8"))
+    for path in (crlf, nul):
+        assert list(iter_documents([str(path)])) == [path.read_text(encoding="utf-8")]
+
+
+def test_a_zst_of_many_frames_reads_whole(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    lines = [json.dumps({"text": f"document {i}"}) + "\n" for i in range(20000)]
+    path = tmp_path / "frames.jsonl.zst"
+    compressor = zstandard.ZstdCompressor()
+    path.write_bytes(b"".join(compressor.compress(line.encode()) for line in lines))  # one frame a line
+    assert list(iter_documents([str(path)])) == [f"document {i}" for i in range(20000)]
