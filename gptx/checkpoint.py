@@ -82,30 +82,221 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+class SpaceWatch:
+    """What a run knows about its checkpoints' size, for the free-space checks around each save.
+
+    Before a save, a folder as large as the previous one that cannot fit stops the run at
+    once, with nothing written: the previous size is exact, so writing would only fill the
+    disk halfway (for other programs too) and fail. Before the first save only an estimate
+    exists (parameters x bytes per parameter; DeepSpeed's files vary with the optimizer and
+    ZeRO), so a shortfall is a warning and the save is tried. After a save, a warning, once,
+    when the next one will not fit.
+    """
+
+    def __init__(self):
+        self.previous: int | None = None  # rank 0: the size of this run's last checkpoint
+        self.estimated = False
+        self.warned = False
+
+
+def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict,
+         space: SpaceWatch | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    A write that fails on any rank (a full disk, a read-only or deleted directory) fails the
+    save on every rank, agreed through an all-reduce: the partial folder is removed (or, where
+    it cannot be, left without a manifest, so never loaded), `latest` keeps naming the last
+    complete checkpoint, and every rank raises CheckpointWriteError, whose one line rank 0
+    prints.
+    """
     run_dir = Path(run_dir)
     tag = tag_for(iteration)
     folder = run_dir / tag
     rank = dist.get_rank()
-    if rank == 0:  # rewriting a folder (after a fallback): it is incomplete until its new manifest
-        (folder / MANIFEST).unlink(missing_ok=True)
-    dist.barrier()
-    save_checkpoint(engine, run_dir, tag, dict(progress))
-    _write_layer_files_without_pipeline(engine, folder)
-    buf = _torch_bytes(_rng_state())
-    atomic_write(folder / f"rng_rank_{rank:05d}.pt", buf)
+    space = space or SpaceWatch()
+    estimate = None
+    if not space.estimated:  # on every rank alike: it is a collective
+        estimate, space.estimated = _estimate_bytes(engine), True
+    early, needed = 0, space.previous
     if rank == 0:
-        body = {**meta, **progress, "checkpoint_format": CHECKPOINT_FORMAT}
-        atomic_write(folder / META, (json.dumps(body, indent=2) + "\n").encode())
-    fault_point("save", progress["iteration"])
-    dist.barrier()
+        early, needed = _before_save(run_dir, folder, space, estimate)
+    _agree_or_raise(early, None, run_dir, folder, tag, needed, remove=False)
+    error = save_checkpoint(engine, run_dir, tag, dict(progress))
+    try:
+        _write_layer_files_without_pipeline(engine, folder)
+        buf = _torch_bytes(_rng_state())
+        atomic_write(folder / f"rng_rank_{rank:05d}.pt", buf)
+        if rank == 0:
+            body = {**meta, **progress, "checkpoint_format": CHECKPOINT_FORMAT}
+            atomic_write(folder / META, (json.dumps(body, indent=2) + "\n").encode())
+    except Exception as e:  # noqa: BLE001 -- sorted by _write_errno
+        error = error or e
+    fault_point("save", progress["iteration"], folder)
+    _agree_or_raise(*_write_errno(error, folder), run_dir, folder, tag, needed)
+    code, unexpected = 0, None
     if rank == 0:
-        _fsync_tree(folder)
-        _write_manifest(folder)
-        atomic_write(run_dir / LATEST, tag.encode())
-    dist.barrier()
+        try:
+            _fsync_tree(folder)
+            _write_manifest(folder)
+            atomic_write(run_dir / LATEST, tag.encode())
+        except Exception as e:  # noqa: BLE001
+            try:
+                (folder / MANIFEST).unlink(missing_ok=True)
+            except OSError:
+                pass  # the folder is removed below, or stays without a trusted manifest
+            code, unexpected = _write_errno(e, folder)
+    _agree_or_raise(code, unexpected, run_dir, folder, tag, needed)  # also the barrier before `latest` is read
+    if rank == 0:
+        space.previous = _tree_bytes(folder)
     return folder
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; every rank raises it, rank 0 prints it."""
+
+
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def _write_errno(error: Exception | None, where: Path) -> tuple[int, Exception | None]:
+    """(errno, None) for a write error, (0, None) for none. Any other error is a bug, not a full
+    disk: (EIO, the error), so that the other ranks still fail the save with this one instead of
+    waiting for it, and this rank raises it with its traceback. torch's zip writer reports a
+    full disk without an errno ("unexpected pos")."""
+    import errno
+    if error is None:
+        return 0, None
+    if isinstance(error, OSError) and error.errno:
+        return error.errno, None
+    if isinstance(error, RuntimeError) and any(t in str(error) for t in _TORCH_WRITE_FAILED):
+        return (errno.ENOSPC if _free_bytes(where) < 1 << 20 else errno.EIO), None
+    return errno.EIO, error
+
+
+def _agree_or_raise(code: int, unexpected: Exception | None, run_dir: Path, folder: Path, tag: str,
+                    needed: int | None, remove: bool = True) -> None:
+    """Collective: the largest errno any rank saw; non-zero fails the save on every rank."""
+    flag = torch.tensor([code], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    code = int(flag.item())
+    if not code:
+        return
+    if unexpected is not None:
+        raise unexpected
+    message = ""
+    if dist.get_rank() == 0:
+        message = _failure_line(code, run_dir, folder, tag, needed, remove)
+    raise CheckpointWriteError(message or f"could not write checkpoint {tag} to {run_dir}")
+
+
+def _failure_line(code: int, run_dir: Path, folder: Path, tag: str, needed: int | None, remove: bool) -> str:
+    import errno
+    import shutil
+    if remove:  # first: the free space then says what a retry would have
+        shutil.rmtree(folder, ignore_errors=True)
+    reason = os.strerror(code)
+    if code == errno.ENOSPC:
+        free = _free_bytes(run_dir)
+        reason += (f" ({needed:,} bytes needed, {free:,} free)" if needed else f" ({free:,} bytes free)")
+    elif code == errno.ENOENT:
+        reason += " (the directory was deleted while the run was writing to it)"
+    partial = (f"; the partial folder {folder.name} has no {MANIFEST} and is never loaded"
+               if folder.exists() and not (folder / MANIFEST).exists() else "")
+    try:
+        last = (run_dir / LATEST).read_text().strip()
+    except OSError:
+        last = ""
+    done = (f"the last complete checkpoint is {run_dir / last} (--load {run_dir} resumes from it)" if last
+            else f"no checkpoint was completed in {run_dir}")
+    return f"could not write checkpoint {tag} to {run_dir}: {reason}; {done}{partial}"
+
+
+def _before_save(run_dir: Path, folder: Path, space: SpaceWatch, estimate: int | None) -> tuple[int, int | None]:
+    """Rank 0: (errno that stops the save before anything is written, bytes needed)."""
+    import errno
+    if not run_dir.is_dir():  # DeepSpeed would silently make it again, without config.json and metrics
+        return errno.ENOENT, None
+    free = _free_bytes(run_dir)
+    if folder.exists():  # rewriting a folder (after a fallback): it is incomplete until its new manifest
+        try:
+            (folder / MANIFEST).unlink(missing_ok=True)
+        except OSError as e:
+            return e.errno or errno.EIO, None
+        free += _tree_bytes(folder)
+    if space.previous is not None:
+        return (errno.ENOSPC if free < space.previous else 0), space.previous
+    if estimate and free < estimate and not space.warned:
+        space.warned = True
+        print(f"warning: checkpoint {folder.name} needs about {estimate:,} bytes (parameters x bytes per "
+              f"parameter), {run_dir} has {free:,} free: the save will likely fail", flush=True)
+    return 0, estimate
+
+
+def check_next_fits(run_dir: Path, space: SpaceWatch) -> str | None:
+    """Rank 0, after a save (and any pruning): a warning, once, when the next checkpoint will not fit."""
+    if space.previous is None or space.warned:
+        return None
+    free = _free_bytes(run_dir)
+    if free >= space.previous:
+        return None
+    space.warned = True
+    return (f"warning: the next checkpoint will not fit: it needs about {space.previous:,} bytes (the size of the "
+            f"last one), {run_dir} has {free:,} free; free some space or pass --keep-checkpoints")
+
+
+def _estimate_bytes(engine) -> int:
+    """Collective: the whole model's checkpoint size from its parameters (weights, two Adam moments,
+    and fp32 master weights in half precision). Counted on the first data-parallel replica only:
+    the others hold the same parameters (whole, or as ZeRO shards of the same total)."""
+    local = 0
+    grid = getattr(engine, "grid", None)
+    if grid is None or grid.get_data_parallel_rank() == 0:
+        for p in engine.module.parameters():
+            size = p.element_size()
+            local += getattr(p, "ds_numel", p.numel()) * (size + 8 + (4 if size < 4 else 0))
+    total = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def _tree_bytes(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def prepare_run_dir(run_dir: Path, config_text: str | None) -> None:
+    """Collective, at start-up: rank 0 makes the run directory and writes config.json (and a probe
+    file) there; a read-only or unwritable --save stops every rank with one line, before training."""
+    import errno
+    code, reason = 0, ""
+    if dist.get_rank() == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".gptx-write-probe-{os.getpid()}"
+            probe.write_bytes(b"gptx")
+            probe.unlink()
+            if config_text is not None:
+                (run_dir / "config.json").write_text(config_text)
+        except OSError as e:
+            code, reason = e.errno or errno.EIO, e.strerror or str(e)
+    flag = torch.tensor([code], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag.item()):
+        raise CheckpointError(f"--save '{run_dir}' cannot be written: {reason or os.strerror(int(flag.item()))}; "
+                              f"choose a writable --save directory (nothing was trained)")
 
 
 def _write_layer_files_without_pipeline(engine, folder: Path) -> None:
@@ -125,10 +316,10 @@ def _write_manifest(folder: Path) -> None:
     atomic_write(folder / MANIFEST, (json.dumps(files, indent=1) + "\n").encode())
 
 
-def fault_point(where: str, iteration: int) -> None:
+def fault_point(where: str, iteration: int, folder: Path | None = None) -> None:
     """Fault injection for the reliability tests: GPTX_FAULT=ACTION,WHERE,ITERATION,RANK makes
-    that rank raise (ACTION raise), die by SIGKILL (kill) or stop responding (hang) there.
-    Unset, it does nothing."""
+    that rank raise (ACTION raise), die by SIGKILL (kill), stop responding (hang) or, in a
+    save, delete the folder being written (delete) there. Unset, it does nothing."""
     spec = os.environ.get("GPTX_FAULT")
     if not spec:
         return
@@ -138,6 +329,10 @@ def fault_point(where: str, iteration: int) -> None:
     if action == "kill":
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "delete" and folder is not None:
+        import shutil
+        shutil.rmtree(folder)
+        return
     if action == "hang":
         import time
         while True:

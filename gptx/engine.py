@@ -375,10 +375,52 @@ def _fix_fp16_unscale_and_norm(engine) -> None:
     opt.step = step
 
 
-def save_checkpoint(engine, run_dir: str | Path, tag: str, client_state: dict) -> None:
+def save_checkpoint(engine, run_dir: str | Path, tag: str, client_state: dict) -> Exception | None:
     """Defect 5: DeepSpeed 0.19 writes `latest` from rank 0 before the other ranks have
-    finished their files; gptx moves its own pointer after a barrier (gptx/checkpoint.py)."""
-    engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
+    finished their files; gptx moves its own pointer after a barrier (gptx/checkpoint.py).
+
+    Returns this rank's first write error (a full disk, a read-only or vanished directory)
+    instead of raising it. DeepSpeed's save has barriers between its writes: a rank that
+    raised out of the middle of it would leave the others waiting in a barrier it never
+    reaches, and the error would surface on them as a lost peer. Recording the error and
+    letting DeepSpeed go through its barriers keeps the ranks in step, so that gptx can
+    agree on the failure afterwards (gptx/checkpoint.py, `save`).
+    """
+    writer = getattr(engine, "checkpoint_engine", None)
+    errors: list[Exception] = []
+
+    def recording(write):
+        def wrapper(*args, **kwargs):
+            if errors:  # the rest of this folder is lost anyway: no second error on top
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 -- the caller decides which errors are write errors
+                errors.append(e)
+                return None
+        return wrapper
+
+    if writer is None:
+        try:
+            engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as e:  # noqa: BLE001
+            return e
+        return None
+    wrapped = [name for name in ("save", "makedirs") if hasattr(writer, name)]
+    own = {name: vars(writer)[name] for name in wrapped if name in vars(writer)}  # put back as they were
+    for name in wrapped:
+        setattr(writer, name, recording(getattr(writer, name)))
+    try:
+        engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as e:  # a write outside the checkpoint engine (DeepSpeed's own open())
+        errors.append(e)
+    finally:
+        for name in wrapped:
+            if name in own:
+                setattr(writer, name, own[name])
+            else:
+                delattr(writer, name)  # the class's method shows again
+    return errors[0] if errors else None
 
 
 def release_shared_memory(port: str | None = None) -> None:

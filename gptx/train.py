@@ -439,9 +439,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
             # Absolute, so that --load alone finds the data from any working directory.
             "data": str(plan.data.resolve()), "data_sources": as_record(plan.sources),
             "code_version": checkpoint.code_version()}
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    checkpoint.prepare_run_dir(run_dir, json.dumps(meta, indent=2) + "\n")
 
     iteration, consumed, tokens = resume(engine, plan, paths) if plan.resume_tag else (0, 0, 0)
     first_iteration = iteration
@@ -489,13 +487,14 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
     guard = NumericsGuard(cfg, engine.fp16_enabled(), fp16_cfg.get("min_loss_scale", 1) if fp16_cfg else None,
                           engine.skipped_steps)
     device = engine.device
+    space = checkpoint.SpaceWatch()
 
     def save(iteration: int) -> None:
         nonlocal saved_at
         progress = {"iteration": iteration, "consumed_samples": consumed,
                     "tokens": tokens, "lr_steps": engine.lr_scheduler.steps,
                     "pipe_parallel_size": t.pipe_parallel_size, "data_parallel_size": layout.dp_size}
-        folder = checkpoint.save(engine, run_dir, iteration, progress, meta)
+        folder = checkpoint.save(engine, run_dir, iteration, progress, meta, space)
         saved_at = iteration
         drift = tied_weight_max_diff(model) if pipelined else 0.0  # one copy of the embedding
         metrics.write({"iter": iteration, "checkpoint": folder.name, "tied_weight_max_diff": drift})
@@ -503,6 +502,10 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
         if t.keep_checkpoints and dist.get_rank() == 0:
             for old in checkpoint.prune(run_dir, t.keep_checkpoints):
                 log(f"iter {iteration:6d} | removed old checkpoint {old.name}")
+        if dist.get_rank() == 0:
+            warning = checkpoint.check_next_fits(run_dir, space)
+            if warning:
+                log(f"iter {iteration:6d} | {warning}")
 
     shape = cfg.model.seq_len  # the sequence length the pipeline's buffers were last used with
     try:
@@ -586,7 +589,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                     save(iteration)
                 log(f"stopped by {signal_name} at iteration {iteration}; --load {run_dir} continues from here")
                 break
-    except TrainingStopped:
+    except (TrainingStopped, checkpoint.CheckpointWriteError):
         if owns_process_group:  # every rank stops at the same iteration: tear down together
             dist.barrier()
             dist.destroy_process_group()

@@ -249,3 +249,86 @@ def test_a_hung_rank_times_out_the_others_instead_of_blocking_forever(work):
     assert "error: rank 0: a collective waited train.dist_timeout = 5 s for the other ranks" in out, out[-3000:]
     # 5 s of timeout, then DeepSpeed's launcher gives the hung rank 30 s to go before SIGKILL.
     assert time.time() - start < 100
+
+
+# --- write failures: a full disk, a read-only --save, a folder deleted mid-run -------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(name, kib, read_only) -> a tmpfs of that size: a full or read-only disk at no cost.
+    Needs root (or CAP_SYS_ADMIN); where mounting is not allowed the test is skipped."""
+    mounted = []
+
+    def mount(name, kib, read_only=False):
+        path = tmp_path / name
+        path.mkdir()
+        opts = f"size={kib}k" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): a full or read-only disk needs one")
+        mounted.append(path)
+        return path
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_read_only_save_is_one_line_before_training(dist_world1, work, small_fs, capsys):
+    # As root, chmod 0555 does not stop writes; a read-only mount does.
+    run = small_fs("ro", 256, read_only=True) / "run"
+    assert run_pretrain(args(work, run, 1, 2)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"error: --save '{run}' cannot be written: Read-only file system" in err and "nothing was trained" in err
+    assert "iter      1" not in captured.out
+
+
+def test_a_checkpoint_folder_deleted_while_written_is_one_line_and_resumes(dist_world1, work, monkeypatch, capsys):
+    run = work[0] / "deleted"
+    monkeypatch.setenv("GPTX_FAULT", "delete,save,2,0")
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1")) == 2
+    monkeypatch.delenv("GPTX_FAULT")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert (f"error: could not write checkpoint iter_0000002 to {run}: No such file or directory (the directory was "
+            f"deleted while the run was writing to it); the last complete checkpoint is {run / 'iter_0000001'}") in err
+    assert not (run / "iter_0000002").exists() and (run / "latest").read_text() == "iter_0000001"
+    first = train_losses(run)
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1", "--load", str(run))) == 0
+    assert "iter_0000001: iteration 1" in capsys.readouterr().out
+    assert [r["loss"] for r in read_metrics(run) if r.get("iter") == 2 and "loss" in r] == [first[2], first[2]]
+
+
+def test_a_checkpoint_that_will_not_fit_stops_before_writing_and_resumes(dist_world1, work, small_fs, capsys):
+    # Room for one checkpoint of this model (about 0.8 MB) and the run's small files, not for two.
+    run = small_fs("small", 1400) / "run"
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1")) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "warning: the next checkpoint will not fit" in captured.out
+    assert len(err.splitlines()) == 1, err
+    assert f"error: could not write checkpoint iter_0000002 to {run}: No space left on device (" in err
+    assert "bytes needed, " in err and f"the last complete checkpoint is {run / 'iter_0000001'}" in err
+    assert not (run / "iter_0000002").exists() and (run / "latest").read_text() == "iter_0000001"
+    elsewhere = work[0] / "after_full"
+    assert run_pretrain(args(work, elsewhere, 1, 3, "--save-interval", "1", "--load", str(run))) == 0
+    assert "iter_0000001: iteration 1" in capsys.readouterr().out and (elsewhere / "latest").read_text() == "iter_0000003"
+
+
+@pytest.mark.launcher
+def test_a_disk_that_fills_during_a_save_is_one_line_from_every_rank(work, small_fs):
+    # Room for the run's small files, not for a 2-stage checkpoint: the save fails halfway,
+    # inside torch's writer on both ranks.
+    run = small_fs("full", 400) / "run"
+    result = launch(2, args(work, run, 2, 2, "--save-interval", "2"), cwd=work[0])
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "warning: checkpoint iter_0000002 needs about" in out
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 1, out[-3000:]
+    assert (f"could not write checkpoint iter_0000002 to {run}: No space left on device" in errors[0]
+            and f"no checkpoint was completed in {run}" in errors[0] and "bytes needed, " in errors[0])
+    assert "Traceback" not in out and "unexpected pos" not in out, out[-3000:]
+    assert "exits with return code = 2" in out  # a rank's own exit, not the launcher's kill
+    assert not (run / "iter_0000002").exists() and not (run / "latest").exists()
