@@ -551,7 +551,7 @@ def reference_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-adamw", action="store_true",
                    help="PyTorch's fused AdamW (nanoGPT uses it on GPUs only), as ds_configs/cpu_fp32.json does")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="keep freed host memory as gptx does for large tensors (see README, Performance)")
+                   help="keep freed host memory as gptx does for large tensors (see docs/performance.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

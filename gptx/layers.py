@@ -46,7 +46,7 @@ def vocab_logits(x: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torc
     loss reads the logits as they are, without a copy of the real columns. On this project's
     2-core CPU the engine trained a 4 x 256 model with GPT-2's vocabulary padded to 50,304 in
     1,239 ms per iteration this way and 1,292 ms cutting the real columns out after the matmul;
-    multiplying only the real rows (an unaligned width) was slower still (README, "Performance")."""
+    multiplying only the real rows (an unaligned width) was slower still (docs/performance.md)."""
     logits = F.linear(x, weight)
     if weight.size(0) != vocab_size:
         # Outside autograd: recorded, its backward would copy the whole gradient to zero columns

@@ -162,7 +162,7 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
 COMPILE_BACKEND = "inductor"
 # Compiled entries are cached per code object, and every Block of every model in the process
 # shares Block.forward's. The guards do not tell two blocks of one model apart, so a run needs
-# only a handful of entries (README, "Performance"); the margin is for processes that build many
+# only a handful of entries (docs/performance.md); the margin is for processes that build many
 # models (tests, notebooks, a benchmark's several engines) before dynamo would stop compiling.
 COMPILE_RECOMPILE_LIMIT = 64
 

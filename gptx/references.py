@@ -95,7 +95,7 @@ def reference_run(reference: str, cfg: Config, data_dir: Path, batch_size: int, 
     configure_optimizers when it has one: nanoGPT's decay/no-decay groups, for-loop AdamW on a
     CPU; otherwise the same groups in PyTorch's default AdamW; `fused_adamw` builds them with
     PyTorch's fused AdamW), zero_grad(set_to_none=True), the loss read back every step.
-    The other side of the README's separate-process comparison with `launch/pretrain.py`."""
+    The other side of the separate-process comparison in docs/performance.md with `launch/pretrain.py`."""
     import time
 
     import numpy as np

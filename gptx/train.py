@@ -264,7 +264,7 @@ def keep_freed_memory() -> bool:
     models whose tensors stay under 32 MiB, where nothing is gained: configure_host leaves
     those alone).
     Alternating both settings in one process on this project's 2-core CPU, the engine trained a
-    4 x 256 model with GPT-2's vocabulary at 1.27x the speed (README, "Performance").
+    4 x 256 model with GPT-2's vocabulary at 1.27x the speed (docs/performance.md).
     GPTX_KEEP_FREED_MEMORY=0 opts out."""
     import ctypes
     if os.environ.get("GPTX_KEEP_FREED_MEMORY") == "0":  # opt out: return freed memory to the OS
@@ -283,7 +283,7 @@ def return_freed_memory(promptly: bool = True) -> bool:
     (glibc only), so this process's resident memory follows its live tensors: what
     tools/strategies.py measures. glibc's default keeps freed blocks of up to 32 MiB in its
     heap, and a ZeRO-3 step gathers and frees every layer: on this project's CPU its peak RSS
-    held 0.6 GiB more (README). The price is page faults on every allocation, so timing
+    held 0.6 GiB more (docs/parallelism-and-memory.md). The price is page faults on every allocation, so timing
     goes back to blocks over 32 MiB only (`promptly=False`), where glibc's own threshold settles."""
     import ctypes
     try:
@@ -526,7 +526,7 @@ def pretrain(cfg: Config, paths: RunPaths) -> Path:
                 shape = length
             t0 = time.perf_counter()
             # The step's host reads, once each, after it: nothing in train_batch's micro-batches waits
-            # for the device (README, "Performance").
+            # for the device (docs/performance.md).
             loss = float(engine.train_batch(windows))
             dt = time.perf_counter() - t0
             check_step(engine)
