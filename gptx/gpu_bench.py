@@ -41,6 +41,7 @@ import torch
 from gptx.benchmark import random_batches
 from gptx.config import Config, load_config
 from gptx.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+from gptx.ds_config import precision as ds_precision
 from gptx.flops import flops_per_token, mfu, peak_flops
 from gptx.model import GPT
 
@@ -183,11 +184,6 @@ def build_reference_step(cfg: Config, ds: dict, device: torch.device, reference:
         optimizer.zero_grad(set_to_none=True)
         return float(total)
     return step, model
-
-
-def ds_precision(ds: dict) -> str:
-    from gptx.ds_config import precision
-    return precision(ds)
 
 
 class Device:
