@@ -4,8 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptx.analysis.variants import VARIANTS, compare, markdown_table
 from gptx.errors import GptxError
-from gptx.variants import VARIANTS, compare, markdown_table
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     rows = compare(args.variants, args.model, args.iters, args.num_gpus, Path(args.out), extra)
     print(markdown_table(rows))
     try:
-        from gptx.plots import plot_runs
+        from gptx.analysis.plots import plot_runs
         print(f"curves: {plot_runs([Path(args.out) / r['variant'] for r in rows], Path(args.out) / 'variants.png')}")
     except GptxError as e:
         print(f"no plot: {e}")

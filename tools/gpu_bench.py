@@ -2,7 +2,7 @@
 (writes docs/benchmarks/DATE-DEVICE.md and .json; on a CPU, the same plan at tiny shapes)."""
 import sys
 
-from gptx.cli import run_gpu_bench
+from gptx.cli.gpu_bench import run_gpu_bench
 
 if __name__ == "__main__":
     sys.exit(run_gpu_bench())

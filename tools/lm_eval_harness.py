@@ -4,7 +4,7 @@ Every argument is lm-eval's own (`lm_eval --help`); this only registers the `gpt
 """
 import sys
 
-from gptx.cli import run_lm_eval
+from gptx.cli.lm_eval import run_lm_eval
 
 if __name__ == "__main__":
     sys.exit(run_lm_eval())

@@ -2,7 +2,7 @@
 side-by-side comparison in separate processes: python tools/reference_run.py hf|PATH/model.py --set n_layer=4 ..."""
 import sys
 
-from gptx.cli import run_reference_run
+from gptx.cli.reference_run import run_reference_run
 
 if __name__ == "__main__":
     sys.exit(run_reference_run())

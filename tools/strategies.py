@@ -2,7 +2,7 @@
 each with and without activation checkpointing): python tools/strategies.py [--model M] [--gpus 2]."""
 import sys
 
-from gptx.cli import run_strategies
+from gptx.cli.strategies import run_strategies
 
 if __name__ == "__main__":
     sys.exit(run_strategies())

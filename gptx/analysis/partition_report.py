@@ -1,0 +1,387 @@
+"""Plan a pipeline before launching it: layout, parameters, memory, bubble and balance per stage.
+
+Nothing is allocated: parameters are counted on the meta device and the rest is arithmetic,
+so every preset, 175B included, reports in seconds on a laptop. The layout comes from the
+same function and inputs as the engine's partitioning (`gptx.parallel.pipeline.partition`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptx.config import Config, ModelConfig
+from gptx.errors import ConfigError
+from gptx.model.flops import layer_flops_per_token
+from gptx.model.fused_loss import chunk_positions
+from gptx.model.gpt import layer_specs
+from gptx.parallel.ds_config import BatchLayout, offload_devices
+from gptx.parallel.ds_config import precision as ds_precision
+from gptx.parallel.ds_config import zero_stage
+from gptx.parallel.pipeline import count_layer_params, largest_layer_params, layer_name, partition
+
+GiB = 1024 ** 3
+# Bytes per parameter: (weights, gradients, optimizer states before ZeRO-1 sharding).
+# fp32: Adam's two moments. fp16: fp32 master copy + two moments. bf16 (ZeRO-1 with fp32
+# gradient accumulation, as gptx requires of the pipeline): the same plus an fp32 gradient buffer.
+PARAM_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2 + 4, 12)}
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    precision: str
+    layout: BatchLayout
+    zero_stage: int
+    checkpoint_interval: int
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    reduce_bucket_size: int = 500_000_000
+    """zero_optimization.reduce_bucket_size (DeepSpeed's default)."""
+    pipeline: bool = True
+    """The pipeline engine (False: gptx's no-pipeline mode, DeepSpeed's plain engine)."""
+    overlap_comm: bool | None = None
+    """zero_optimization.overlap_comm; None is DeepSpeed's default (on for ZeRO-3 only)."""
+    grad_accum_fp32: bool = False
+    """data_types.grad_accum_dtype is fp32."""
+    max_reuse_distance: int = 1_000_000_000
+    """zero_optimization.stage3_max_reuse_distance (DeepSpeed's default)."""
+    prefetch_bucket_size: int = 50_000_000
+    """zero_optimization.stage3_prefetch_bucket_size (DeepSpeed's default)."""
+    contiguous_gradients: bool = True
+    """zero_optimization.contiguous_gradients (DeepSpeed's default); without it, no buckets."""
+    touched_only: bool = False
+    """Count DeepSpeed's preallocated buckets only as far as they are written: what a CPU's
+    resident memory shows. A GPU's allocator (and the bytes allocated) count them whole."""
+    fused_loss: bool = False
+    """train.fused_loss: the head and the loss in chunks of positions (gptx/model/fused_loss.py)."""
+
+    @property
+    def act_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+
+def head_loss_bytes(positions: int, C: int, V: int, act_bytes: int, fused: bool) -> int:
+    """What the head and the loss hold of one micro-batch on the last stage. Unfused: the logits
+    in the model's dtype, their fp32 copy and the log-softmax saved for backward (1F1B runs the
+    last stage's backward right after its forward, so one micro-batch at a time). Fused
+    (gptx/model/fused_loss.py): one chunk's fp32 logits and, in 16-bit, its gradient's copy, plus the
+    fp32 gradients of the table and the hidden states, all made in forward."""
+    if not fused:
+        return positions * V * (act_bytes + (4 if act_bytes != 4 else 0) + 4)
+    rows = min(positions, chunk_positions(V))
+    return rows * V * (4 + (act_bytes if act_bytes != 4 else 0)) + V * C * 4 + positions * C * 4
+
+
+def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
+    """Bytes one decoder block keeps for backward per token of a micro-batch (fused attention,
+    which keeps no T x T scores; the explicit score path adds those in stage_memory).
+
+    Each norm keeps its input (RMSNorm: its fp32 copy and the normalized values, since it
+    normalizes in fp32); each branch keeps its input (the norm's output); attention keeps the
+    q/k/v projection (n_embd + 2 x kv heads x head size wide), rotary's rotated q and k and
+    its angle tables, its output, the output's copy that the projection reads (a kernel whose
+    output is already in that layout spares it) and a log-sum-exp per head; the MLP keeps GELU's input and output (2 H), or SwiGLU's gate
+    and up (2 H), silu(gate) and the product (4 H); ReZero gates keep their branch's output.
+    GPT-2's block: 17 x n_embd values. Not counted: ALiBi's (n_head, T, T) mask and what the
+    attention kernel that takes it keeps, and, on a GPU in fp32 or under a mask, grouped-query
+    attention's keys and values repeated to n_head heads (gptx.model.layers.shared_kv_kernel)."""
+    C, H, kv = model.n_embd, model.ffn_hidden, model.kv_heads * model.head_dim
+    rezero = model.norm == "rezero"
+    mlps = 2 if model.macaron else 1
+    branches = mlps + 1
+    norms = 0 if rezero else (1 if model.residual == "parallel" else branches)
+    norm = (4 * C + C * act_bytes) if model.norm == "rmsnorm" else C * act_bytes
+    inputs = (1 if model.residual == "parallel" else branches) * C * act_bytes
+    attention = (C + 2 * kv) * act_bytes + 2 * C * act_bytes + 4 * model.n_head
+    if model.position_embedding == "rotary":  # rotated q and k, and cos/sin tables (counted as if batch 1)
+        attention += (C + kv) * act_bytes + 2 * model.head_dim * act_bytes
+    mlp = (4 if model.mlp == "swiglu" else 2) * H * act_bytes
+    gates = branches * C * act_bytes if rezero else 0
+    return norms * norm + inputs + attention + mlps * mlp + gates
+
+
+def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params: int, mem: MemoryModel,
+                 layer_params: list[int] | None = None, largest_params: list[int] | None = None) -> dict:
+    """Estimated bytes one rank of `stage` holds at its peak under the 1F1B schedule.
+
+    The buffers are DeepSpeed 0.19.8's (runtime/zero/stage_1_and_2.py, stage3.py), read from
+    its source and checked against the bytes a CPU run allocates (gptx/analysis/strategies.py)."""
+    p = len(parts) - 1
+    w, g, opt = PARAM_BYTES[mem.precision]
+    if mem.precision == "bf16" and not mem.grad_accum_fp32:
+        g = 2  # gradients accumulate in bf16: no fp32 buffer
+    dp = mem.layout.dp_size
+    # ZeRO-1 shards the optimizer states over the data-parallel ranks, ZeRO-2 also the
+    # gradients, ZeRO-3 also the weights (gathering each layer's in full while it runs).
+    opt = opt / dp if mem.zero_stage >= 1 else opt
+    g = g / dp if mem.zero_stage >= 2 else g
+    w_held = w / dp if mem.zero_stage >= 3 else w
+    in_flight, full, ckpt, recompute = stage_activations(model, specs, parts, stage, mem)
+    counts = layer_params or count_layer_params(specs)
+    largest = max((largest_params or largest_layer_params(specs))[parts[stage]:parts[stage + 1]], default=0)
+    gathered = zero3_gathered_bytes(specs, parts, stage, counts, mem, w) if mem.zero_stage >= 3 else 0
+    # The logits are as wide as the table (padding columns included).
+    logits = (head_loss_bytes(mem.layout.micro_batch * model.seq_len, model.n_embd, model.padded_vocab_size,
+                              mem.act_bytes, mem.fused_loss) if stage == p - 1 else 0)
+    weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
+    # bf16 with fp32 gradient accumulation under ZeRO-1 runs DeepSpeed's BF16_Optimizer, which
+    # keeps its own fp32 gradients (in PARAM_BYTES) and no reduction buckets.
+    bf16_optimizer = (mem.precision == "bf16" and mem.zero_stage == 1 and mem.grad_accum_fp32
+                      and mem.offload_optimizer == "none")
+    if mem.zero_stage >= 1:
+        # DeepSpeed's ZeRO optimizers step an fp32 shard of the weights (a copy also when the
+        # model is fp32; mixed precision counts it in its 12 bytes) from an fp32 gradient shard
+        # (BF16_Optimizer's is a slice of its fp32 accumulation buffer, already in its gradient bytes).
+        states += int(params * (4 if mem.precision == "fp32" else 0) / dp)
+        states += int(params * 4 / dp) if not bf16_optimizer else 0
+    in_backward, at_reduction = reduction_buffer_bytes(mem, params, w, bf16_optimizer)
+    host = 0
+    if mem.offload_optimizer != "none":
+        # The states and the fp32 gradient shard DeepSpeed's CPU Adam reads live on the host.
+        host += states
+        states = 0
+        if mem.zero_stage == 3:  # and its gradient accumulation buffer, a second copy of the shard
+            host += grads
+            grads = 0
+        else:
+            # A host copy of the 16-bit weight shard to send back, and two buffers the size of the
+            # largest parameter for gradients in transit (one on the device, an unused one on the host).
+            host += int(params * w / dp) + largest * w
+            in_backward += largest * w
+            at_reduction += largest * w
+    if mem.offload_param != "none":
+        host += weights
+        weights = 0
+    weights += gathered
+    device = weights + grads + states + logits
+    out = {"weights": weights, "gradients": grads, "optimizer_states": states, "buffers": at_reduction,
+           "activations": in_flight * full, "activations_checkpointed": in_flight * ckpt + recompute,
+           "logits": logits, "micro_batches_in_flight": in_flight, "host": host}
+    # The peak is in a step's forward and backward (activations, logits and the first bucket),
+    # or at its gradient reduction, after the activations are freed.
+    out["total"] = device + max(in_backward + out["activations"], at_reduction - logits)
+    out["total_checkpointed"] = device + max(in_backward + out["activations_checkpointed"], at_reduction - logits)
+    return out
+
+
+def stage_activations(model: ModelConfig, specs, parts: list[int], stage: int,
+                      mem: MemoryModel) -> tuple[int, int, int, int]:
+    """(micro-batches in flight, activation bytes of one without and with checkpointing, bytes of
+    the one group recomputed at a time) on one rank of `stage` under 1F1B."""
+    p = len(parts) - 1
+    b, T, C = mem.layout.micro_batch, model.seq_len, model.n_embd
+    names = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])]
+    n_blocks = names.count("Block")
+    in_flight = min(p - stage, mem.layout.grad_accum)  # stage s of p holds up to p - s micro-batches
+    btc = b * T * C * mem.act_bytes
+    stage_input = b * T * 8 if stage == 0 else btc  # token ids, or the hidden states received
+    other = btc * (len(names) - n_blocks)  # inputs kept by norms, position add and head
+    per_block = int(b * T * block_activation_bytes(model, mem.act_bytes))
+    if model.attention_topk is not None or model.residual_attention:
+        # The explicit score path keeps T x T per head: fp32 probabilities, their cast, the scores.
+        per_block += b * model.n_head * T * T * (4 + 2 * mem.act_bytes)
+    if model.residual_attention and stage > 0:
+        stage_input += b * model.n_head * T * T * mem.act_bytes  # scores arrive with the hidden states
+    full = stage_input + other + n_blocks * per_block
+    interval = mem.checkpoint_interval or 1
+    # Checkpointed: blocks keep only each group's input; one group is recomputed at a time.
+    groups = -(-n_blocks // interval)
+    ckpt = stage_input + other + groups * btc
+    recompute = min(interval, n_blocks) * per_block
+    return in_flight, full, ckpt, recompute
+
+
+def zero3_gathered_bytes(specs, parts: list[int], stage: int, counts: list[int], mem: MemoryModel, w: float) -> int:
+    """Bytes of full weights that ZeRO-3 holds gathered on one rank of `stage`.
+
+    DeepSpeed keeps a parameter gathered when its next use comes within
+    stage3_max_reuse_distance elements, so a stage of under half that many stays gathered whole
+    from forward to backward; a larger one keeps about that many. With one data-parallel rank
+    the shard is the whole parameter and nothing is gathered, unless it is offloaded (copied to
+    the device to run, even unsharded)."""
+    held, seen = [], set()
+    for i in range(parts[stage], parts[stage + 1]):
+        key = getattr(specs[i], "key", i)  # a tied module is gathered once
+        if key not in seen:
+            seen.add(key)
+            held.append(counts[i])
+    kept = min(sum(held), mem.max_reuse_distance // 2 + sum(sorted(held)[-2:]))
+    return int(kept * w) if mem.layout.dp_size > 1 or mem.offload_param != "none" else 0
+
+
+def reduction_buffer_bytes(mem: MemoryModel, params: int, w: float, bf16_optimizer: bool) -> tuple[int, int]:
+    """Bytes of gradient-reduction buffers during backward and at the reduction.
+
+    Buckets are torch.empty(reduce_bucket_size) each, however small the model. ZeRO-1/2
+    allocate one at a step's first gradient and free it after the reduction (a second with
+    overlap_comm, written only once the first is full); the pipeline engine appends another, in
+    the model's type, for the reduction itself. ZeRO-3 keeps one for the whole run. Without
+    contiguous_gradients there are none."""
+    bucket = min(mem.reduce_bucket_size, params) if mem.touched_only else mem.reduce_bucket_size
+    spare = 0 if mem.touched_only else bucket  # allocated, but not written to for a stage below its size
+    overlap = mem.overlap_comm if mem.overlap_comm is not None else mem.zero_stage == 3
+    in_backward = at_reduction = 0
+    if not mem.contiguous_gradients:
+        pass
+    elif mem.zero_stage in (1, 2) and not bf16_optimizer:
+        width = 4 if mem.precision == "fp32" or (mem.zero_stage == 1 and mem.grad_accum_fp32) else 2
+        in_backward = bucket * width + (spare * width if overlap and not mem.pipeline else 0)
+        at_reduction = in_backward + (spare * mem.act_bytes if mem.pipeline else 0)
+    elif mem.zero_stage == 3:
+        in_backward = at_reduction = bucket * mem.act_bytes
+    if mem.zero_stage == 3 and mem.layout.dp_size > 1:  # a prefetch gathers up to prefetch_bucket_size elements
+        in_backward += int(min(mem.prefetch_bucket_size, params) * w)
+    return in_backward, at_reduction
+
+
+def _max_over_mean(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
+def _stage_params(specs, params: list[int], parts: list[int], stage: int) -> int:
+    """What one stage holds: a tied module appearing twice in the stage is held once."""
+    seen, total = set(), 0
+    for i in range(parts[stage], parts[stage + 1]):
+        key = getattr(specs[i], "key", None)
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        total += params[i]
+    return total
+
+
+def _stage_sums(weights: list[float], parts: list[int]) -> list[float]:
+    return [sum(weights[parts[s]:parts[s + 1]]) for s in range(len(parts) - 1)]
+
+
+def _count(zero: dict, key: str, default: int) -> int:
+    value = zero.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"zero_optimization.{key}: expected a number of elements, got {value!r}")
+    return int(value)
+
+
+def _flag(zero: dict, key: str, default):
+    value = zero.get(key, default)
+    if value is not default and not isinstance(value, bool):
+        raise ConfigError(f"zero_optimization.{key}: expected true or false, got {value!r}")
+    return value
+
+
+def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout,
+                     layer_params: list[int] | None = None, touched_only: bool = False) -> dict:
+    """`layer_params`: count_layer_params of the model's specs, when the caller already has them.
+    `touched_only`: see MemoryModel (a CPU run's resident memory)."""
+    m = cfg.model
+    specs = layer_specs(m, seed=0)
+    params = layer_params or count_layer_params(specs)
+    flops = [layer_flops_per_token(spec, m) for spec in specs]
+    pipelined = pipe_size > 0
+    # No pipeline: the whole list is one "stage", one micro-batch in flight.
+    parts = partition(specs, method, pipe_size, flops) if pipelined else [0, len(specs)]
+    n_stages = max(pipe_size, 1)
+    zero = zero_stage(ds_config)
+    offload_optimizer, offload_param = offload_devices(ds_config)
+    zero_section = ds_config.get("zero_optimization") or {}
+    accum_dtype = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).removeprefix("torch.")
+    mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval,
+                      offload_optimizer, offload_param,
+                      reduce_bucket_size=_count(zero_section, "reduce_bucket_size", 500_000_000),
+                      pipeline=pipelined, overlap_comm=_flag(zero_section, "overlap_comm", None),
+                      grad_accum_fp32=accum_dtype in ("fp32", "float32", "float"),
+                      max_reuse_distance=_count(zero_section, "stage3_max_reuse_distance", 1_000_000_000),
+                      prefetch_bucket_size=_count(zero_section, "stage3_prefetch_bucket_size", 50_000_000),
+                      contiguous_gradients=_flag(zero_section, "contiguous_gradients", True),
+                      touched_only=touched_only, fused_loss=cfg.train.fused_loss)
+    largest = largest_layer_params(specs)
+    stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
+    stages = []
+    for s in range(n_stages):
+        layers = [{"index": i, "name": layer_name(specs[i]), "params": params[i], "flops_per_token": flops[i]}
+                  for i in range(parts[s], parts[s + 1])]
+        stages.append({"stage": s, "params": int(stage_params[s]), "layers": layers,
+                       "flops_per_token": sum(flops[parts[s]:parts[s + 1]]),
+                       "memory_bytes": stage_memory(m, specs, parts, s, int(stage_params[s]), mem, params, largest)})
+    micro = layout.grad_accum
+    methods = {}
+    for name in ("parameters", "compute") if pipelined else ():
+        alt = partition(specs, name, pipe_size, flops)
+        alt_params = [_stage_params(specs, params, alt, s) for s in range(n_stages)]
+        methods[name] = {"parts": alt, "params_max_over_mean": _max_over_mean(alt_params),
+                         "compute_max_over_mean": _max_over_mean(_stage_sums(flops, alt))}
+    total = sum(stage_params)
+    unique = sum(params) - (m.padded_vocab_size * m.n_embd if m.tie_embeddings else 0)
+    return {
+        "model": cfg.name, "pipe_parallel_size": pipe_size, "data_parallel_size": layout.dp_size,
+        "partition_method": method, "precision": mem.precision, "zero_stage": zero,
+        "offload_optimizer": offload_optimizer, "offload_param": offload_param,
+        "micro_batch_size": layout.micro_batch, "micro_batches": micro, "seq_len": m.seq_len,
+        "activation_checkpoint_interval": cfg.train.activation_checkpoint_interval,
+        "parts": parts, "total_params": total, "unique_params": unique,
+        "stages": stages,
+        "bubble_fraction": (n_stages - 1) / (micro + n_stages - 1),
+        "balance": {"params_max_over_mean": _max_over_mean(stage_params),
+                    "compute_max_over_mean": _max_over_mean([st["flops_per_token"] for st in stages])},
+        "methods": methods,
+    }
+
+
+def _bar(value: float, biggest: float, width: int = 30) -> str:
+    return "#" * max(1, round(width * value / biggest)) if biggest else ""
+
+
+def render_text(r: dict) -> str:
+    layout = (f"{r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, partition "
+              f"'{r['partition_method']}'" if r["pipe_parallel_size"] else
+              f"no pipeline: the whole model x {r['data_parallel_size']} data-parallel")
+    offload = "".join(f", {what} offloaded to {r[key]}" for what, key in
+                      (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if r[key] != "none")
+    lines = [f"model {r['model']}: {layout}, {r['precision']}, ZeRO {r['zero_stage']}{offload}, "
+             f"micro-batch {r['micro_batch_size']} x {r['micro_batches']} micro-batches of {r['seq_len']} tokens", ""]
+    for st in r["stages"]:
+        lines.append(f"stage={st['stage']} layers={len(st['layers'])}")
+        for layer in st["layers"]:
+            lines.append(f"    {layer['index']:2d}: {layer['name']:<16} {layer['params']:>16,} params  "
+                         f"{layer['flops_per_token'] / 1e6:>12,.1f} MFLOP/token")
+    lines.append("")
+    biggest_p = max(st["params"] for st in r["stages"])
+    biggest_f = max(st["flops_per_token"] for st in r["stages"]) or 1
+    lines.append("per stage                params  (bar)                                   compute  (bar)")
+    for st in r["stages"]:
+        lines.append(f"  stage {st['stage']:<3} {st['params']:>16,}  {_bar(st['params'], biggest_p):<30}  "
+                     f"{st['flops_per_token'] / 1e9:>8.2f} GFLOP/token  {_bar(st['flops_per_token'], biggest_f)}")
+    # Totals differ only where a tied embedding sits on two stages; an untied head is its own table.
+    tied_note = " (a tied embedding counts on both end stages)" if r["total_params"] != r["unique_params"] else ""
+    lines.append(f"parameters: total {r['total_params']:,}{tied_note}, unique {r['unique_params']:,}")
+    b = r["balance"]
+    lines.append(f"balance (max/mean over stages): parameters {b['params_max_over_mean']:.3f}, "
+                 f"compute {b['compute_max_over_mean']:.3f}")
+    p, m = r["pipe_parallel_size"], r["micro_batches"]
+    if p:
+        lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = "
+                     f"{100 * r['bubble_fraction']:.1f}%")
+    lines.append("")
+    ckpt = r["activation_checkpoint_interval"] or 1
+    lines.append(f"memory per rank, GiB    weights     grads  optimizer  buffers  activations  (ckpt every {ckpt})"
+                 f"    logits     total  (ckpt)")
+    for st in r["stages"]:
+        mb = st["memory_bytes"]
+        lines.append(f"  stage {st['stage']:<3} ({mb['micro_batches_in_flight']} in flight)"
+                     f"{mb['weights'] / GiB:>9.2f} {mb['gradients'] / GiB:>9.2f} {mb['optimizer_states'] / GiB:>10.2f}"
+                     f" {mb['buffers'] / GiB:>8.2f} {mb['activations'] / GiB:>12.2f}"
+                     f" {mb['activations_checkpointed'] / GiB:>18.2f}"
+                     f" {mb['logits'] / GiB:>9.2f} {mb['total'] / GiB:>9.2f} {mb['total_checkpointed'] / GiB:>7.2f}"
+                     + (f"   host {mb['host'] / GiB:.2f}" if mb["host"] else ""))
+    if any(st["memory_bytes"]["buffers"] for st in r["stages"]):
+        lines.append("  buffers: DeepSpeed's at the gradient reduction (buckets of zero_optimization.reduce_bucket_size"
+                     " elements, offload transfers), not all alive with the activations; total is the peak")
+    if any(st["memory_bytes"]["host"] for st in r["stages"]):
+        lines.append("  host: offloaded optimizer states, fp32 gradient shards and parameters, per rank")
+    if not r["methods"]:
+        return "\n".join(lines)
+    lines.append("")
+    lines.append("partition methods compared (max/mean over stages):")
+    for name, alt in r["methods"].items():
+        lines.append(f"  {name:<11} stages start at {alt['parts'][:-1]}: parameters {alt['params_max_over_mean']:.3f}, "
+                     f"compute {alt['compute_max_over_mean']:.3f}")
+    return "\n".join(lines)

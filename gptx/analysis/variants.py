@@ -1,0 +1,67 @@
+"""Named architecture variants and a same-budget comparison of them through the real trainer."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from gptx.config import load_config
+from gptx.parallel.pipeline import unique_param_count
+
+# Model-key overrides on top of a preset; "gpt2" is the plain baseline.
+VARIANTS: dict[str, dict] = {
+    "gpt2": {},
+    "alibi": dict(position_embedding="alibi"),
+    "rotary": dict(position_embedding="rotary"),
+    "nopos": dict(position_embedding="none"),
+    "parallel": dict(residual="parallel"),
+    "rezero": dict(norm="rezero"),
+    "macaron": dict(macaron=True),
+    "realformer": dict(residual_attention=True),
+    "topk8": dict(attention_topk=8),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "swiglu": dict(mlp="swiglu", ffn_multiple_of=32),
+    "mqa": dict(n_kv_head=1),
+    # Llama's block with every head keeping its keys and values (as Llama 2 7B), valid for any
+    # head count. SwiGLU's width rounds to 32, not Llama's 256: at small widths 256 would give the
+    # MLP half again GPT-2's parameters instead of the same.
+    "llama": dict(norm="rmsnorm", mlp="swiglu", ffn_multiple_of=32, position_embedding="rotary", bias=False),
+}
+
+
+def compare(variants: list[str], model: str, iters: int, nprocs: int, out: Path, extra: list[str]) -> list[dict]:
+    """Train each variant for the same iterations (same data, seed, batch) and collect the results."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    rows = []
+    for name in variants:
+        run_dir = out / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        sets = [arg for key, value in VARIANTS[name].items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+        cmd = [str(launcher if launcher.exists() else "deepspeed"), "--num_gpus", str(nprocs),
+               "--module", "gptx.cli.pretrain", "--model", model,
+               "--train-iters", str(iters), "--eval-interval", str(iters), "--save", str(run_dir), *sets, *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"variant {name} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if "loss" in r]
+        timed = train[1:] or train  # the first iteration carries start-up costs
+        rows.append({"variant": name, "parameters": unique_param_count(load_config(model, VARIANTS[name]).model),
+                     "final_train_loss": train[-1]["loss"],
+                     "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
+                     "tokens": train[-1]["tokens"],
+                     "tokens_per_sec": sum(r["tokens_per_sec"] for r in timed) / len(timed)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| variant | keys | parameters | tokens | final train loss | val loss | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        keys = ", ".join(f"{k}: {v}" for k, v in VARIANTS[r["variant"]].items()) or "(GPT-2 defaults)"
+        lines.append(f"| {r['variant']} | {keys} | {r['parameters']:,} | {r['tokens']:,} | {r['final_train_loss']:.3f} | "
+                     f"{r['val_loss']:.3f} | {r['tokens_per_sec']:,.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""What every command shares: the argument parser whose errors are one line, the guard that turns a
+user error into that line and exit code 2, config overrides from flags, and the process group of a
+tool that trains engines itself."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gptx.errors import ConfigError, GptxError
+from gptx.parallel.launching import single_process_env
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose command-line errors are user errors: one line from rank 0, not a usage
+    message from every rank."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # a typo must not become another flag
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already says it or there is none to show
+    (argparse's ArgumentDefaultsHelpFormatter would add "(default: None)" to flags whose help
+    says what unset means)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.required or "default" in text
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def config_overrides(args, flags) -> dict:
+    """Config overrides from the command line: --set KEY=VALUE, then the named flags that were given."""
+    from gptx.config import parse_override
+    overrides = dict(parse_override(text) for text in args.set)
+    overrides.update({k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    return overrides
+
+
+def device_for(name: str | None) -> str:
+    import torch
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tool_config(args, flags: tuple[str, ...], allow_no_pipeline: bool = False):
+    """(Config, world size) for a tool that trains engines itself: one stage per rank by default."""
+    from gptx.config import load_config
+    single_process_env()
+    world = int(os.environ["WORLD_SIZE"])
+    overrides = config_overrides(args, flags)
+    overrides.setdefault("pipe_parallel_size", world)
+    cfg = load_config(args.model, overrides)
+    if cfg.train.pipe_parallel_size == 0 and not allow_no_pipeline:
+        raise ConfigError("--pipe-parallel-size 0: this tool measures the pipeline engine; give it 1 or more "
+                          "stages (the no-pipeline mode trains through launch/pretrain.py)")
+    if cfg.train.pipe_parallel_size and world % cfg.train.pipe_parallel_size:
+        raise ConfigError(f"--pipe-parallel-size {cfg.train.pipe_parallel_size} does not divide the {world} "
+                          f"processes launched")
+    return cfg, world
+
+
+def in_process_group(work) -> None:
+    """Run work() inside torch.distributed, which is started here (and torn down after) when
+    the tool runs as a plain process rather than under the launcher."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from gptx.parallel.engine import deepspeed_prints, release_shared_memory
+    from gptx.parallel.launching import port_in_use
+    owns_process_group = not dist.is_initialized()
+    with deepspeed_prints(False):
+        try:
+            deepspeed.init_distributed(verbose=False)
+        except Exception as e:
+            failure = port_in_use(e)
+            if failure is None:
+                raise
+            raise failure from None
+    work()
+    if owns_process_group:
+        dist.barrier()
+        dist.destroy_process_group()
+        release_shared_memory()
+
+
+def stdout_for_json(argv):
+    """DeepSpeed prints (and logs) on stdout; with --json, stdout carries only the one JSON object."""
+    import contextlib
+    quiet = "--json" in (sys.argv[1:] if argv is None else argv)
+    return contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
+
+
+def guarded(main) -> int:
+    """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
+    try:
+        result = main()
+    except GptxError as e:
+        if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            # DeepSpeed's launcher ends every rank once one exits non-zero: were this rank to
+            # exit first, rank 0 could be ended before it prints the line (seen once in CI).
+            import time
+            time.sleep(3)
+        return 2
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def require_at_least(args, minimum: int, *names: str) -> None:
+    """One line naming the first flag (by its dest) whose value is below `minimum`."""
+    for name in names:
+        value = getattr(args, name)
+        if value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= {minimum}, got {value}")

@@ -1,0 +1,70 @@
+"""tools/convert.py: a gptx checkpoint to a Hugging Face directory and back."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from gptx.cli.common import Parser, guarded
+from gptx.errors import ConfigError
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="tools/convert.py",
+               description="gptx checkpoint <-> Hugging Face GPT-2 directory (config.json, "
+                           "model.safetensors and, for GPT-2's vocabulary, its tokenizer files)")
+    p.add_argument("--load", help="gptx run directory or checkpoint folder to export")
+    p.add_argument("--to-hf", help="output directory for the Hugging Face model")
+    p.add_argument("--from-hf", help="local Hugging Face GPT-2 directory to import")
+    p.add_argument("--save", help="output gptx run directory (a weights-only checkpoint)")
+    p.add_argument("--master-weights", action="store_true",
+                   help="take a fp16/bf16 run's weights from the optimizer's fp32 master copies")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="precision of the exported weights; auto: the precision the run trained in "
+                        "(float32 with --master-weights)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="largest weight file of the export, e.g. 500MB, 2GiB or bytes; above it the weights "
+                        "are sharded with model.safetensors.index.json, as transformers does")
+    return p
+
+
+def shard_size(text: str) -> int:
+    """'5GB' (powers of 1000, as transformers reads them), '2GiB' (powers of 1024) or a byte count."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    unit = next((u for u in units if upper.endswith(u)), "")
+    try:
+        size = float(upper[:len(upper) - len(unit)]) * units.get(unit, 1)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 500MB, 2GiB or a byte count")
+    return int(size)
+
+
+def run_convert(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    def main():
+        from gptx.data.tokens import GPT2_VOCAB_SIZE
+        from gptx.interop.hf import from_hf, to_hf
+        from gptx.training.consolidate import load_plain_model, save_weights_only, trained_precision
+        from gptx.training.resume import check_save_dir
+        args = convert_parser().parse_args(argv)
+        if args.load and args.to_hf and not (args.from_hf or args.save):
+            model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
+            trained = "fp32" if args.master_weights else trained_precision(args.load)
+            dtype = args.dtype if args.dtype != "auto" else {"fp32": "float32", "bf16": "bfloat16",
+                                                             "fp16": "float16"}[trained]
+            files = to_hf(model, cfg, args.to_hf, dtype, args.max_shard_size)
+            tokenizer = ("with GPT-2's tokenizer files" if cfg.model.vocab_size == GPT2_VOCAB_SIZE else
+                         f"without tokenizer files (its {cfg.model.vocab_size}-token vocabulary is not GPT-2's: "
+                         f"add your tokenizer's)")
+            weights = "one weight file" if files == 1 else f"{files} weight shards and their index"
+            print(f"wrote {args.to_hf} ({dtype}, {weights}) {tokenizer}")
+        elif args.from_hf and args.save and not (args.load or args.to_hf):
+            check_save_dir(args.save, None)
+            layers, cfg = from_hf(args.from_hf)
+            print(f"wrote {save_weights_only(layers, cfg, args.save, source=str(args.from_hf))}")
+        else:
+            raise ConfigError("use either --load DIR --to-hf OUT, or --from-hf SRC --save DIR")
+    return guarded(main)

@@ -1,0 +1,38 @@
+"""Which source each sample of a mixture comes from (the rule is in gptx/data/mixture.py's docstring)."""
+from __future__ import annotations
+
+import numpy as np
+
+PERIOD = 10_000
+"""Samples per block; weights are realised to 1/PERIOD."""
+
+
+def quotas(weights: list[float], period: int = PERIOD) -> list[int]:
+    """Samples of each source per block: shares of `period` rounded by largest remainders."""
+    exact = [w * period for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[:period - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class Blend:
+    """Global sample index -> (source, index of the sample within that source)."""
+
+    def __init__(self, weights: list[float], seed: int, period: int = PERIOD):
+        self.seed = seed
+        self.quotas = quotas(weights, period) if len(weights) > 1 else [period]
+        self.period = period
+        self._block, self._order = -1, None
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        if len(self.quotas) == 1:
+            return 0, sample
+        block, offset = divmod(sample, self.period)
+        if block != self._block:
+            deck = np.repeat(np.arange(len(self.quotas)), self.quotas)
+            self._order = np.random.default_rng([self.seed, block, 7]).permutation(deck)
+            self._block = block
+        source = int(self._order[offset])
+        return source, block * self.quotas[source] + int(np.count_nonzero(self._order[:offset] == source))

@@ -1,0 +1,177 @@
+"""Text -> token files (train.bin, val.bin, meta.json) at any corpus size.
+
+Documents come from gptx.data.documents. Batches of about a megabyte of text are tokenized on
+`workers` processes and written in input order, with at most a few batches per worker in
+flight, so memory stays flat whatever the corpus size.
+Every output is staged in a temporary folder inside the output directory and moved in at
+the end; while they are being moved a PREPARING marker is there, and a directory with it is
+refused by the readers, so an interrupted run never leaves a mix of old and new files. A run
+that fails removes the output directory it created (and marks it PREPARING until it is done,
+in case it is killed), so no empty or half-written --out is left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from gptx.atomic import atomic_write
+from gptx.data.tokens import META_FILE, PREPARING, token_dtype
+from gptx.errors import DataError
+
+BATCH_CHARS = 1 << 20
+"""Text per tokenization task."""
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+_encoding = None  # each worker's tokenizer (set by _init_worker)
+
+
+def _init_worker(encoding) -> None:
+    global _encoding
+    _encoding = encoding
+
+
+def _encode(texts: list[str]) -> tuple[bytes, int, int]:
+    """(token bytes with end-of-text after each document, documents, UTF-8 bytes read)."""
+    dtype = token_dtype(_encoding.n_vocab)
+    eot = _encoding.eot_token
+    out = bytearray()
+    for ids in _encoding.encode_ordinary_batch(texts, num_threads=1):
+        ids.append(eot)
+        out += np.asarray(ids, dtype=dtype).tobytes()
+    return bytes(out), len(texts), sum(len(t.encode("utf-8")) for t in texts)
+
+
+def _encoded_in_order(documents: Iterable[str], encoding, workers: int) -> Iterator[tuple[bytes, int, int]]:
+    """_encode over batches of documents on `workers` processes, in input order, with at most
+    2 batches per worker waiting (the reader never runs far ahead of the writer)."""
+    if workers == 1:
+        _init_worker(encoding)
+        yield from map(_encode, _batches(documents))
+        return
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(encoding,)) as pool:
+        pending: deque = deque()
+        for batch in _batches(documents):
+            pending.append(pool.apply_async(_encode, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class Progress:
+    """MB read, MB/s, documents and tokens on one self-updating stderr line (tqdm's), on a terminal only."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr  # looked up now: a redirected stderr is honoured
+        live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(unit="B", unit_scale=True, unit_divisor=1000, file=self.stream, disable=not live,
+                        mininterval=0.5, dynamic_ncols=True)
+        self.documents = self.tokens = 0
+
+    def add(self, documents: int, n_bytes: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.documents:,} documents, {self.tokens:,} tokens", refresh=False)
+        self.bar.update(n_bytes)
+
+    def message(self, line: str) -> None:
+        """A line of its own (a warning), above the progress line while it is live."""
+        if self.bar.disable:
+            print(line, file=self.stream, flush=True)
+        else:
+            self.bar.write(line, file=self.stream)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, val_fraction: float,
+                      workers: int | None = None, progress: Progress | None = None) -> dict:
+    """Tokenize documents (end-of-text after each) into train.bin / val.bin / meta.json.
+
+    The stream is written once in order; the last `val_fraction` of it becomes val.bin.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction: expected a number between 0 and 1, got {val_fraction}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise DataError(f"--workers: must be at least 1, got {workers}")
+    out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if created:  # marked until done: a run killed outright leaves a directory the readers refuse, never an empty one
+        atomic_write(out / PREPARING, b"tools/prepare_data.py is writing this directory\n")
+    try:
+        return _write_token_files(documents, out, encoding, val_fraction, workers, progress)
+    except BaseException:
+        if created:  # nothing of ours is worth keeping; a directory that was there keeps its old files
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_token_files(documents: Iterable[str], out: Path, encoding, val_fraction: float, workers: int,
+                       progress: Progress | None) -> dict:
+    for stale in out.glob(".prepare-*"):  # a killed run's staging folder (as large as the corpus)
+        shutil.rmtree(stale, ignore_errors=True)
+    vocab = encoding.n_vocab
+    dtype = token_dtype(vocab)
+    n_docs = n_bytes = 0
+    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
+        stream_path = Path(tmp) / "all.bin"
+        with open(stream_path, "wb") as stream:
+            for tokens, docs, size in _encoded_in_order(documents, encoding, workers):
+                stream.write(tokens)
+                n_docs += docs
+                n_bytes += size
+                if progress:
+                    progress.add(docs, size, len(tokens) // dtype.itemsize)
+        if progress:
+            progress.close()
+        tokens = np.memmap(stream_path, dtype=dtype, mode="r") if stream_path.stat().st_size else np.zeros(0, dtype)
+        n = len(tokens)
+        n_val = max(1, int(round(n * val_fraction))) if n else 0
+        if n - n_val < 2 or n_val < 2:
+            raise DataError(f"the input holds only {n} tokens: too little to split into train and val")
+        meta = {"format": "gptx-tokens-v1", "tokenizer": encoding.name, "vocab_size": vocab,
+                "dtype": dtype.name, "eot_token": encoding.eot_token, "documents": n_docs, "text_bytes": n_bytes,
+                "train_tokens": n - n_val, "val_tokens": n_val}
+        for name, part in (("train", tokens[:n - n_val]), ("val", tokens[n - n_val:])):
+            with open(Path(tmp) / f"{name}.bin", "wb") as f:
+                for start in range(0, len(part), 1 << 24):
+                    f.write(np.ascontiguousarray(part[start:start + (1 << 24)]).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        del tokens
+        atomic_write(Path(tmp) / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        # The three files move in one after another: the marker makes the moment in between visible.
+        atomic_write(out / PREPARING, b"tools/prepare_data.py is writing this directory\n")
+        for name in ("train.bin", "val.bin", META_FILE):
+            os.replace(Path(tmp) / name, out / name)
+        (out / PREPARING).unlink()
+    return meta

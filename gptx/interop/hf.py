@@ -1,0 +1,378 @@
+"""Hugging Face directories (config.json + model.safetensors) to and from gptx: GPT-2 here, Llama
+through gptx.interop.hf_llama (chosen by the model's architecture on export, by model_type on import).
+
+Weights are written with the safetensors package, in the run's precision and in shards as
+transformers' save_pretrained writes them, and read through its memory map once the header
+has been checked here (so a damaged file is one line naming it). GPT-2 stores its projections
+as Conv1D, (in, out), where nn.Linear is (out, in): those weights are transposed.
+
+A GPT-2-vocabulary export also gets GPT-2's tokenizer files (vocab.json, merges.txt),
+derived from the offline BPE ranks gptx trains with, so the directory needs no download.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig, validate
+from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE
+from gptx.errors import CheckpointError, ConfigError
+from gptx.interop.hf_llama import from_llama, is_llama, llama_config_text, llama_differences, to_llama_tensors
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+EOT_TEXT = "<|endoftext|>"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# Published files carry integer buffers too (e.g. position ids).
+READ_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
+INT_KEYS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim")
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+"""transformers' save_pretrained default ("5GB")."""
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+def shard_names(tensors: dict[str, torch.Tensor], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, in order: a shard closes before the tensor that would take it past
+    `max_shard_bytes` (a tensor larger than that is a shard of its own), as transformers shards."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        n = t.numel() * itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def write_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtype,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, small_files: dict[str, bytes] | None = None) -> int:
+    """model.safetensors, or model-0000i-of-0000n.safetensors shards with model.safetensors.index.json
+    (transformers' layout), in `dtype`, one shard's copy in memory at a time, and `small_files`
+    (config.json, the tokenizer's) beside them. Returns the number of weight files."""
+    def own_storage(t):  # a row slice of a padded table would take the whole table's bytes with it
+        t = t.detach().to(dtype).contiguous()
+        return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = shard_names(tensors, itemsize, max_shard_bytes)
+    files = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                      for i in range(1, len(shards) + 1)]
+    index = {"metadata": {"total_size": sum(t.numel() * itemsize for t in tensors.values())},
+             "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
+    # Written under .partial names and swapped in only when all are complete, so a failed write
+    # (a full disk) leaves a previous export in this directory as it was.
+    written = []
+    try:
+        for name, data in (small_files or {}).items():
+            written.append(out / (name + ".partial"))
+            written[-1].write_bytes(data)
+        for file, names in zip(files, shards):
+            written.append(out / (file + ".partial"))
+            save_file({name: own_storage(tensors[name]) for name in names}, str(written[-1]),
+                      metadata={"format": "pt"})
+        if len(shards) > 1:
+            written.append(out / (INDEX_FILE + ".partial"))
+            written[-1].write_text(json.dumps(index, indent=2) + "\n")
+    except (OSError, SafetensorError) as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"--to-hf '{out}': could not write the export ({reason}); nothing in it was "
+                              f"replaced") from None
+    for old in [*out.glob("model-*-of-*.safetensors"), out / SINGLE_FILE, out / INDEX_FILE]:
+        old.unlink(missing_ok=True)  # a previous export's shards would not match the new index
+    for path in written:
+        path.replace(path.with_name(path.name[:-len(".partial")]))
+    return len(shards)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, read through a memory map; a file that is not one
+    (garbage, cut short, a Git LFS pointer) is a CheckpointError naming it, found from the header
+    before any tensor is read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(64)
+            n = struct.unpack("<Q", first[:8])[0] if len(first) >= 8 else 0
+            f.seek(8)
+            head = f.read(n) if 0 < n <= size - 8 else b""
+    except OSError as e:
+        raise CheckpointError(f"safetensors file '{path}': cannot read it ({e.strerror})") from None
+
+    def bad(what: str):
+        hint = ("it is a Git LFS pointer, not the weights: run git lfs pull in that directory"
+                if first.startswith(b"version https://git-lfs") else
+                "damaged, cut short or not a safetensors file")
+        raise CheckpointError(f"safetensors file '{path}': {what}; {hint}")
+    if size < 8:
+        bad(f"{size} bytes, shorter than its 8-byte header length")
+    if n > size - 8:
+        bad(f"a header of {n:,} bytes does not fit in its {size:,}")
+    try:
+        header = json.loads(head)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        bad("its header is not JSON")
+    if not isinstance(header, dict):
+        bad("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, info in header.items():
+        try:
+            dtype = READ_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            if isinstance(info, dict) and "dtype" in info and info["dtype"] not in READ_DTYPES:
+                raise CheckpointError(f"safetensors file '{path}': tensor {name} has dtype {info['dtype']}, "
+                                      f"not one of {', '.join(READ_DTYPES)}") from None
+            bad(f"tensor {name}: expected dtype, shape and data_offsets")
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - start != need or start < 0 or min(shape, default=0) < 0:
+            bad(f"tensor {name} ({info['dtype']} {shape}) needs {need:,} bytes, its header entry gives it "
+                f"bytes {start:,}..{end:,}")
+        if end > data:
+            bad(f"tensor {name} lies at bytes {start:,}..{end:,} after the header, which the file holds only "
+                f"{data:,} of")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:  # what the checks above do not cover, e.g. overlapping tensors
+        bad(str(e))
+
+
+def check_expressible(m: ModelConfig) -> None:
+    # Untied embeddings convert (lm_head.weight); every other difference from GPT-2 does not.
+    differs = [f"{k}: {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items()
+               if k != "tie_embeddings" and getattr(m, k) != v]
+    differs += [f"{key}: {value}" for key, value, gpt2 in (
+        ("n_kv_head", m.kv_heads, m.n_head), ("ffn_hidden_size", m.ffn_hidden, 4 * m.n_embd)) if value != gpt2]
+    if differs:
+        raise ConfigError("Hugging Face cannot express this model as GPT-2 (" + ", ".join(differs)
+                          + ") nor as Llama (" + ", ".join(llama_differences(m)) + ")")
+
+
+def to_hf(model, cfg: Config, out: str | Path, dtype: str = "float32",
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+    """Write config.json and the weights (in `dtype`, sharded above `max_shard_bytes`) for transformers'
+    LlamaForCausalLM (RMSNorm, SwiGLU and rotary blocks) or GPT2LMHeadModel (GPT-2's architecture);
+    refuse anything else in one line. Returns the number of weight files."""
+    m = cfg.model
+    out = Path(out)
+    if is_llama(m):
+        sd = to_llama_tensors({int(name): module.state_dict() for name, module in model.layers.items()}, m)
+    else:
+        check_expressible(m)
+        sd = gpt2_tensors(model, m)
+    if is_llama(m):
+        config = llama_config_text(m, GPT2_EOT if m.vocab_size == GPT2_VOCAB_SIZE else None, dtype)
+    else:
+        config = json.dumps(dict(gpt2_config(m), torch_dtype=dtype), indent=2) + "\n"
+    small_files = {"config.json": config.encode()}
+    if m.vocab_size == GPT2_VOCAB_SIZE:
+        small_files.update(gpt2_tokenizer_files(m.seq_len))
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_weights(sd, out, EXPORT_DTYPES[dtype], max_shard_bytes, small_files)
+    if m.vocab_size != GPT2_VOCAB_SIZE:  # an earlier export's GPT-2 tokenizer would be read as this model's
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
+    return files
+
+
+def gpt2_tensors(model, m: ModelConfig, conv1d: bool = True) -> dict[str, torch.Tensor]:
+    """gptx's GPT-2-architecture weights under Hugging Face's names (nanoGPT's too, which keeps
+    nn.Linear's (out, in) layout: conv1d=False). Padding rows are not part of the format."""
+    L, V = m.n_layer, m.vocab_size
+    sd = {"transformer.wte.weight": model.layers["0"].wte.weight[:V],
+          "transformer.wpe.weight": model.layers["1"].wpe.weight}
+    for i in range(L):
+        for name, t in model.layers[str(2 + i)].state_dict().items():
+            sd[f"transformer.h.{i}.{name}"] = t.t() if conv1d and name in CONV1D else t
+    for name, t in model.layers[str(2 + L)].state_dict().items():
+        sd["transformer." + name] = t  # ln_f
+    if not m.tie_embeddings:
+        sd["lm_head.weight"] = model.layers[str(3 + L)].lm_head.weight[:V]
+    return sd
+
+
+def gpt2_config(m: ModelConfig) -> dict:
+    gpt2_vocab = m.vocab_size == GPT2_VOCAB_SIZE
+    L = m.n_layer
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
+            "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
+            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
+            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": GPT2_EOT if gpt2_vocab else None,
+            "eos_token_id": GPT2_EOT if gpt2_vocab else None, "torch_dtype": "float32"}
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet, in which vocab.json and merges.txt spell tokens: printable
+    Latin-1 bytes stand for themselves, the other 68 take the characters from U+0100 on."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    alphabet, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + shifted)
+            shifted += 1
+    return alphabet
+
+
+def _merged_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two tokens whose merge made `token`: BPE on its bytes with only the older merges."""
+    newest = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, newest), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= newest:
+            raise AssertionError(f"BPE rank file: token {token!r} is not a merge of older tokens")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def gpt2_tokenizer_files(max_length: int) -> dict[str, bytes]:
+    """vocab.json, merges.txt and the tokenizer config transformers' GPT-2 tokenizers read, by file name."""
+    from gptx.data.tokens import gpt2_mergeable_ranks
+    ranks = gpt2_mergeable_ranks()
+    alphabet = _byte_alphabet()
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab[EOT_TEXT] = GPT2_EOT
+    merges = ["#version: 0.2"]
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
+        merges.append(" ".join(spell(part) for part in _merged_pair(token, ranks)))
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+              **special}
+    return {"vocab.json": (json.dumps(vocab, ensure_ascii=False) + "\n").encode("utf-8"),
+            "merges.txt": ("\n".join(merges) + "\n").encode("utf-8"),
+            "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode(),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+
+
+def check_shapes(layers: dict[int, dict[str, torch.Tensor]], m: ModelConfig, src: Path) -> None:
+    """Refuse an import whose tensors do not fit the model its config.json describes (built on the
+    meta device): caught here, not at the first --load."""
+    from gptx.model.gpt import GPT
+    with torch.device("meta"):
+        model = GPT(m, seed=0)
+    for name, module in model.layers.items():
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in layers.get(int(name), {}).items()}
+        if int(name) not in layers and not expected:
+            continue
+        for key in sorted(set(expected) | set(got)):
+            if expected.get(key) != got.get(key):
+                raise CheckpointError(f"--from-hf '{src}': layer {name} {key}: config.json implies shape "
+                                      f"{expected.get(key)}, the file has {got.get(key)}")
+
+
+def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
+    if (src / "model.safetensors").exists():
+        return read_safetensors(src / "model.safetensors")
+    index_path = src / "model.safetensors.index.json"
+    if index_path.exists():  # sharded, as large models are published
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"--from-hf: '{index_path}' has no 'weight_map' of tensor names to shard files")
+        sd = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (src / shard).exists():
+                raise CheckpointError(f"--from-hf: shard '{src / shard}' named by '{index_path}' is missing")
+            sd.update(read_safetensors(src / shard))
+        return sd
+    if (src / "pytorch_model.bin").exists():
+        try:
+            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # garbage or cut short: pickle, zip and torch errors alike (torch's own
+            # message for garbage suggests weights_only=False, which would run the file's code)
+            raise CheckpointError(f"--from-hf: '{src / 'pytorch_model.bin'}' cannot be read as PyTorch weights "
+                                  f"({type(e).__name__}): damaged, cut short or not a weights file") from None
+    raise CheckpointError(f"--from-hf '{src}': none of model.safetensors, model.safetensors.index.json, "
+                          f"pytorch_model.bin")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a Hugging Face directory's file, or one line naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"--from-hf: '{path}': cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"--from-hf: '{path}' is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except ValueError:  # bytes that are not text
+        raise CheckpointError(f"--from-hf: '{path}' is not valid JSON (not UTF-8 text)") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"--from-hf: '{path}' is not a JSON object")
+    return data
+
+
+def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:
+    """A local HF GPT-2 or Llama directory -> per-layer-position state dicts and the gptx Config."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"--from-hf '{src}': not a directory (expected config.json and model.safetensors)")
+    if not (src / "config.json").exists():
+        raise CheckpointError(f"--from-hf '{src}': no config.json")
+    hf = _read_json(src / "config.json")
+    for key in INT_KEYS:  # a wrong type would fail deep in the conversion with a traceback
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise CheckpointError(f"--from-hf: '{src / 'config.json'}': {key} must be a positive integer, "
+                                  f"got {value!r}")
+    if hf.get("model_type") == "llama":
+        layers, cfg = from_llama(src, hf, _read_tensors(src))
+        validate(cfg)
+        check_shapes(layers, cfg.model, src)
+        return layers, cfg
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2' or 'llama'")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"--from-hf '{src}': activation {hf['activation_function']} is not GPT-2's tanh GELU")
+    sd = _read_tensors(src)
+    sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
+    tied = hf.get("tie_word_embeddings", True)
+    try:
+        m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied,
+                        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except KeyError as e:
+        raise CheckpointError(f"--from-hf: '{src / 'config.json'}' has no {e.args[0]}") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"--from-hf: '{src / 'config.json'}': layer_norm_epsilon is not a number") from None
+    L = m.n_layer
+    try:
+        layers = {0: {"wte.weight": sd["wte.weight"]}, 1: {"wpe.weight": sd["wpe.weight"]},
+                  2 + L: {"ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}}
+        for i in range(L):
+            prefix = f"h.{i}."
+            block = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            for buffer in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of older files
+                block.pop(buffer, None)
+            layers[2 + i] = {k: (v.t().contiguous() if k in CONV1D else v) for k, v in block.items()}
+        if not tied:
+            layers[3 + L] = {"lm_head.weight": sd["lm_head.weight"]}
+    except KeyError as e:
+        raise CheckpointError(f"--from-hf '{src}': missing tensor {e.args[0]}") from None
+    check_shapes(layers, m, src)
+    return layers, Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")

@@ -1,0 +1,178 @@
+"""DeepSpeed's JSON config: pick a default, read it, and check what gptx depends on.
+
+DeepSpeed owns these keys (batch sizes, precision, optimizer, ZeRO, clipping); gptx only
+reads them. The learning rate is the exception: its schedule lives in the training config,
+so `optimizer.params.lr` must not be set here (two sources of truth would disagree).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptx.errors import ConfigError
+from gptx.testing import CPU_FP16_ENV, cpu_fp16_allowed
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"  # package data; ./ds_configs links here
+
+
+def default_ds_config_path(accelerator_name: str) -> Path:
+    """fp16 with dynamic loss scaling on GPUs, fp32 on CPUs (DeepSpeed's CPU accelerator refuses fp16)."""
+    return DS_CONFIG_DIR / ("gpu_fp16.json" if accelerator_name == "cuda" else "cpu_fp32.json")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    micro_batch: int
+    grad_accum: int
+    dp_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_size
+
+
+def read_ds_config(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--deepspeed_config '{path}': cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:  # a binary file given as the JSON
+        raise ConfigError(f"--deepspeed_config '{path}': not UTF-8 text (byte offset {e.start})") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config '{path}': not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config '{path}': expected a JSON object")
+    return cfg
+
+
+def _positive_int(cfg: dict, key: str, path) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: str, path="ds_config") -> BatchLayout:
+    """Validate the JSON for a run with this data-parallel size; return the batch layout."""
+    mb = _positive_int(cfg, "train_micro_batch_size_per_gpu", path)
+    gas = _positive_int(cfg, "gradient_accumulation_steps", path)
+    tb = _positive_int(cfg, "train_batch_size", path)
+    if mb is None and gas is None and tb is None:
+        raise ConfigError(f"{path}: set 'train_micro_batch_size_per_gpu' and 'gradient_accumulation_steps' "
+                          f"(the micro-batches per step)")
+    if tb is not None:
+        if mb is not None and gas is None:
+            gas, rem = divmod(tb, mb * dp_size)
+            if rem or gas == 0:
+                raise ConfigError(f"{path}: train_batch_size {tb} is not a multiple of train_micro_batch_size_per_gpu "
+                                  f"{mb} x data-parallel size {dp_size}")
+        elif gas is not None and mb is None:
+            mb, rem = divmod(tb, gas * dp_size)
+            if rem or mb == 0:
+                raise ConfigError(f"{path}: train_batch_size {tb} is not a multiple of gradient_accumulation_steps "
+                                  f"{gas} x data-parallel size {dp_size}")
+        elif mb is None and gas is None:
+            gas = 1
+            mb, rem = divmod(tb, dp_size)
+            if rem or mb == 0:
+                raise ConfigError(f"{path}: train_batch_size {tb} is not a multiple of the data-parallel size {dp_size}")
+        elif tb != mb * gas * dp_size:
+            raise ConfigError(f"{path}: train_batch_size {tb} must equal train_micro_batch_size_per_gpu {mb} x "
+                              f"gradient_accumulation_steps {gas} x data-parallel size {dp_size} = {mb * gas * dp_size}; "
+                              f"drop train_batch_size to let DeepSpeed derive it")
+    mb = mb or 1
+    gas = gas or 1
+
+    stage = zero_stage(cfg)
+    zero = cfg.get("zero_optimization") or {}
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage in (2, 3) and pipe_size > 0:
+        # DeepSpeed's pipeline engine refuses them (with a traceback), also for one stage.
+        raise ConfigError(f"{path}: zero_optimization.stage {stage} does not work with pipeline parallelism "
+                          f"(DeepSpeed's pipeline engine takes ZeRO 0 and 1); add --pipe-parallel-size 0 to train "
+                          f"the model as one module, data parallel over every rank")
+    _check_offload(cfg, zero, stage, pipe_size, path)
+    fp16 = (cfg.get("fp16") or {}).get("enabled", False)
+    bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
+    if fp16 and bf16:
+        raise ConfigError(f"{path}: fp16.enabled and bf16.enabled are both true; choose one precision")
+    if fp16 and accelerator_name == "cpu" and not cpu_fp16_allowed():
+        raise ConfigError(f"{path}: fp16 is not supported by DeepSpeed's CPU accelerator; use "
+                          f"ds_configs/cpu_fp32.json or a bf16 config on CPU ({CPU_FP16_ENV}=1 runs it anyway, "
+                          f"slowly, for tests)")
+    if fp16 and (cfg["fp16"].get("loss_scale", 0) or 0) == 0 and cfg["fp16"].get("initial_scale_power", 16) > 24:
+        raise ConfigError(f"{path}: fp16.initial_scale_power {cfg['fp16']['initial_scale_power']} starts the loss "
+                          f"scale so high that the first steps are all skipped; use 16 or less")
+    if fp16 and pipe_size == 0 and stage == 0:
+        raise ConfigError(f"{path}: fp16 with --pipe-parallel-size 0 needs zero_optimization.stage 1, 2 or 3 "
+                          f"(DeepSpeed's fp16 optimizers without ZeRO are only corrected for the pipeline)")
+    if bf16 and pipe_size == 0 and stage == 0:
+        raise ConfigError(f"{path}: bf16 with --pipe-parallel-size 0 needs zero_optimization.stage 1, 2 or 3")
+    if bf16 and pipe_size > 0 and (stage != 1 or (cfg.get("data_types") or {}).get("grad_accum_dtype") != "fp32"):
+        # Under the pipeline engine DeepSpeed 0.19 picks its BF16 optimizer either way, but only
+        # this combination writes optimizer checkpoints it can read back.
+        raise ConfigError(f"{path}: bf16 needs \"zero_optimization\": {{\"stage\": 1}} and "
+                          f"\"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (see ds_configs/gpu_bf16.json)")
+    params = ((cfg.get("optimizer") or {}).get("params") or {})
+    if "lr" in params:
+        raise ConfigError(f"{path}: remove optimizer.params.lr; the learning rate and its schedule are set by the "
+                          f"gptx training config (train.lr, train.min_lr, train.warmup_iters)")
+    if "scheduler" in cfg:
+        raise ConfigError(f"{path}: remove the 'scheduler' section; gptx runs the warmup + cosine schedule "
+                          f"from its training config")
+    if any(k in (cfg.get("pipeline") or {}) for k in ("stages", "partition")):
+        raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
+                          f"--pipe-parallel-size and --partition-method instead")
+    return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
+
+
+def zero_stage(cfg: dict) -> int:
+    zero = cfg.get("zero_optimization") or {}
+    return zero.get("stage", 0) if isinstance(zero, dict) else 0
+
+
+def offload_devices(cfg: dict) -> tuple[str, str]:
+    """(optimizer, parameters) offload devices: "none", "cpu" or "nvme"."""
+    zero = cfg.get("zero_optimization") or {}
+    return tuple(((zero.get(key) or {}).get("device") or "none") for key in ("offload_optimizer", "offload_param"))
+
+
+def _check_offload(cfg: dict, zero: dict, stage: int, pipe_size: int, path) -> None:
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{path}: zero_optimization.{key} must be an object like {{\"device\": \"cpu\"}}")
+    optimizer, params = offload_devices(cfg)
+    for key, device in (("offload_optimizer", optimizer), ("offload_param", params)):
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.device must be cpu, nvme or none, got {device!r}")
+    if optimizer != "none" and stage == 0:
+        raise ConfigError(f"{path}: zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3")
+    if optimizer == "nvme" and stage != 3:
+        raise ConfigError(f"{path}: offload_optimizer to nvme needs ZeRO stage 3 (DeepSpeed's ZeRO-Infinity), "
+                          f"so --pipe-parallel-size 0; with stage {stage} offload to cpu")
+    if params != "none" and stage != 3:
+        raise ConfigError(f"{path}: zero_optimization.offload_param needs ZeRO stage 3 (--pipe-parallel-size 0); "
+                          f"with stage {stage} offload only the optimizer (offload_optimizer)")
+    for key, device in (("offload_optimizer", optimizer), ("offload_param", params)):
+        if device == "nvme" and not (zero.get(key) or {}).get("nvme_path"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.nvme_path: name a directory on the NVMe drive")
+    opt_params = (cfg.get("optimizer") or {}).get("params") or {}
+    if optimizer != "none" and (opt_params.get("torch_adam") or "fused" in opt_params):
+        # DeepSpeed would run torch's AdamW on the host copies instead of its vectorized CPU Adam.
+        raise ConfigError(f"{path}: remove optimizer.params.torch_adam (and fused) with offload_optimizer: DeepSpeed "
+                          f"then steps the host copies with its own DeepSpeedCPUAdam (see ds_configs/cpu_offload.json)")
+
+
+def precision(cfg: dict) -> str:
+    if (cfg.get("fp16") or {}).get("enabled", False):
+        return "fp16"
+    if (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False):
+        return "bf16"
+    return "fp32"

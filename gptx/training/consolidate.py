@@ -1,0 +1,207 @@
+"""A checkpoint as one plain model, for the tools: any stage count or precision read into the
+single-device GPT (fp32 master weights on request, from the ZeRO or fp16 optimizer's files), and
+weights written back as a weights-only checkpoint (an import from Hugging Face)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gptx.atomic import atomic_write
+from gptx.config import Config
+from gptx.errors import CheckpointError
+from gptx.parallel.ds_config import precision
+from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, tag_for, torch_bytes,
+                                      write_manifest)
+from gptx.training.resume import find_latest
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest complete checkpoint) or a checkpoint folder -> the folder."""
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    tag, _ = find_latest(path)
+    return path / tag
+
+
+def config_from_meta(meta: dict) -> Config:
+    from gptx.config import ModelConfig, TrainConfig
+    saved = meta["config"]
+    return Config(model=ModelConfig(**saved["model"]), train=TrainConfig(**saved["train"]), name=saved["name"])
+
+
+def trained_precision(path: str | Path) -> str:
+    """fp32, bf16 or fp16: what the checkpoint's run trained in (fp32 for imported weights)."""
+    meta = json.loads((resolve_checkpoint(path) / META).read_text())
+    ds_config = meta.get("ds_config")
+    return precision(ds_config) if isinstance(ds_config, dict) else "fp32"
+
+
+def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32, master_weights: bool = False):
+    """A training checkpoint (any stage count or precision) as the single-device GPT, plus its Config.
+
+    Each pipeline position has one layer file whatever the layout; the tied head has none
+    (it is the embedding), which the plain model shares by construction. With
+    `master_weights`, a fp16/bf16 run's weights come from the optimizer's fp32 copies
+    instead of the half-precision layer files (a fp32 run's layer files already are them).
+    """
+    from gptx.model.gpt import GPT
+    folder = resolve_checkpoint(path)
+    meta = json.loads((folder / META).read_text())
+    cfg = config_from_meta(meta)
+    model = GPT(cfg.model, seed=cfg.train.seed)
+    masters = fp32_master_weights(folder, meta, cfg) if master_weights else None
+    for name, module in model.layers.items():
+        file = layer_file(folder, int(name))
+        if not file.exists():
+            raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if masters is not None:
+            state.update(masters.get(int(name), {}))  # layers without parameters have no masters
+        try:
+            module.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint file '{file}' does not fit layer {name} of the model in "
+                                  f"{META}: {str(e).splitlines()[-1].strip()}") from None
+    return model.to(dtype), cfg
+
+
+def _stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int, str, torch.Size]]]:
+    """(layer index, key in its layer file, shape) of one stage's parameters, per optimizer group.
+
+    The order DeepSpeed flattens them in: the stage module's parameters() (the tied
+    embedding's module first, then the other layers by index), split into gptx's two
+    param_groups (matrices, then vectors).
+    """
+    from deepspeed.pipe import TiedLayerSpec
+
+    from gptx.model.gpt import layer_specs
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    tied, rest = [], []
+    for idx in stage_layers:
+        spec = specs[idx]
+        with torch.device("meta"):
+            module = spec.build()
+        named = [(idx, k, p.shape) for k, p in module.named_parameters()]
+        if isinstance(spec, TiedLayerSpec):
+            tied = tied or [(0, k, shape) for _, k, shape in named]  # the head's weights are layer 0's
+        else:
+            rest += named
+    ordered = tied + rest
+    groups = [[x for x in ordered if len(x[2]) >= 2], [x for x in ordered if len(x[2]) < 2]]
+    return [g for g in groups if g]
+
+
+def _pipe_param_key(name: str) -> tuple[int, str]:
+    """A stage module's parameter name -> (layer index, key in its layer file)."""
+    if name.startswith("tied_modules."):
+        return 0, name.split(".", 2)[2]  # the tied embedding is layer 0's
+    idx, key = name.split(".", 1)
+    return int(idx), key
+
+
+def _zero_masters(files: list[Path]) -> dict[str, torch.Tensor]:
+    """A stage's fp32 masters from its ZeRO-1 / bf16 optimizer files (one per data-parallel rank).
+
+    Each rank holds a slice of every flat group; `param_slice_mappings` says where each
+    parameter's fragment starts in that rank's slice, which also covers DeepSpeed's
+    alignment padding and round-robin ordering.
+    """
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for g in range(len(states[0]["single_partition_of_fp32_groups"])):
+        base = 0
+        for sd in states:
+            part = sd["single_partition_of_fp32_groups"][g]
+            for name, frag in sd["param_slice_mappings"][g].items():
+                pieces.setdefault(name, []).append((base + frag.start, part[frag.start:frag.start + frag.numel]))
+            base += part.numel()
+    return {name: torch.cat([t for _, t in sorted(frags, key=lambda x: x[0])]) for name, frags in pieces.items()}
+
+
+def _fp16_masters(states: dict, order: list[list[tuple[int, str, torch.Size]]], where: str) -> dict:
+    """A stage's fp32 masters from DeepSpeed's fp16 optimizer without ZeRO: flat groups in parameter order."""
+    opt = states.get("optimizer") or {}
+    if "fp32_groups_flat" in opt:  # FP16_Optimizer (fused Adam)
+        flat = list(opt["fp32_groups_flat"])
+    elif "fp32_groups" in opt:  # FP16_UnfusedOptimizer: a list of tensors per group
+        flat = [torch.cat([t.reshape(-1) for t in group]) for group in opt["fp32_groups"]]
+    else:
+        raise CheckpointError(f"checkpoint '{where}': no fp32 master weights in DeepSpeed's optimizer state")
+    if len(flat) != len(order):
+        raise CheckpointError(f"checkpoint '{where}': {len(flat)} optimizer groups, gptx expects {len(order)}")
+    masters = {}
+    for group, entries in zip(flat, order):
+        if group.numel() != sum(shape.numel() for _, _, shape in entries):
+            raise CheckpointError(f"checkpoint '{where}': an optimizer group holds {group.numel()} values, "
+                                  f"the stage's parameters {sum(s.numel() for _, _, s in entries)}")
+        offset = 0
+        for idx, key, shape in entries:
+            masters[(idx, key)] = group[offset:offset + shape.numel()].view(shape).clone()
+            offset += shape.numel()
+    return masters
+
+
+def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Layer index -> state dict from the optimizer's fp32 master copies, or None when the run was fp32.
+
+    The tied embedding is taken from the first stage (its copies are kept equal).
+    """
+    from gptx.model.gpt import layer_specs
+    from gptx.parallel.pipeline import layer_compute_weights, partition
+    ds = meta.get("ds_config", {})
+    if not (ds.get("fp16", {}).get("enabled") or ds.get("bf16", {}).get("enabled")):
+        return None
+    pp, dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
+    if pp == 0 and dp:  # no pipeline: DeepSpeed's own consolidation reads its ZeRO shards
+        from gptx.parallel.data_parallel import fp32_master_layers
+        return fp32_master_layers(folder)
+    if not pp or not dp:
+        raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only): no master weights")
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    parts = partition(specs, cfg.train.partition_method, pp, layer_compute_weights(cfg, specs))
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for stage in range(pp):
+        order = _stage_param_order(cfg, range(parts[stage], parts[stage + 1]))
+        shapes = {(idx, key): shape for group in order for idx, key, shape in group}
+        zero = sorted(folder.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
+        if zero:
+            prefix = zero[0].name.split("zero_pp_rank_")[0]
+            files = [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp)]
+            masters = {_pipe_param_key(name): t for name, t in _zero_masters(files).items()}
+        else:
+            states = torch.load(folder / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu",
+                                weights_only=False)
+            masters = _fp16_masters(states, order, str(folder))
+        if masters.keys() != shapes.keys():
+            raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s optimizer holds other parameters than "
+                                  f"the model in {META}")
+        for (idx, key), tensor in masters.items():
+            if tensor.numel() != shapes[(idx, key)].numel():
+                raise CheckpointError(f"checkpoint '{folder}': master weight {idx}.{key} has {tensor.numel()} "
+                                      f"values, the model {shapes[(idx, key)].numel()}")
+            layers.setdefault(idx, {}).setdefault(key, tensor.view(shapes[(idx, key)]))
+    return layers
+
+
+def save_weights_only(layers: dict[int, dict[str, torch.Tensor]], cfg: Config, out: str | Path,
+                      source: str) -> Path:
+    """A checkpoint holding only layer files (e.g. converted weights) that --load starts from.
+
+    Training from it starts at iteration 0 with a fresh optimizer; tools read it like any other.
+    """
+    out = Path(out)
+    tag = tag_for(0)
+    folder = out / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    for idx, state in layers.items():
+        atomic_write(layer_file(folder, idx), torch_bytes({k: v.contiguous() for k, v in state.items()}))
+    meta = {"config": cfg.to_dict(), "weights_only": True, "checkpoint_format": CHECKPOINT_FORMAT, "source": source,
+            "pipe_parallel_size": None, "iteration": 0, "consumed_samples": 0, "tokens": 0, "lr_steps": 0,
+            "code_version": code_version()}
+    atomic_write(folder / META, (json.dumps(meta, indent=2) + "\n").encode())
+    write_manifest(folder)
+    atomic_write(out / LATEST, tag.encode())
+    return folder

@@ -1,0 +1,118 @@
+"""metrics.jsonl (and wandb, when asked for) from rank 0, and the console line of each step."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from gptx.config import Config
+
+
+def log(msg: str) -> None:
+    """Console output, from global rank 0 only (before torch.distributed starts too)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+class Metrics:
+    """metrics.jsonl in the run directory, one JSON object per line, written by rank 0."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.file = None
+        self.wandb = None
+        if dist.get_rank() != 0:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        if cfg.train.wandb_project:
+            import wandb
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc_text()
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), config=cfg.to_dict(),
+                                    mode="online" if has_key else "offline", name=run_dir.name)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+            except OSError as e:
+                # Metrics are a record, not the run: a full or vanished disk stops the file, not training
+                # (the next checkpoint save says in one line whether it can be written).
+                self.file = None
+                print(f"warning: could not write {self.path}: {e.strerror or e}; the rest of this run's metrics "
+                      f"go to the console only", flush=True)
+        if self.wandb:
+            # Not the mixture line: a list of sources (wandb logs numbers, text and dicts of them).
+            self.wandb.log({k: v for k, v in record.items() if k not in ("iter", "data") and v is not None},
+                           step=record["iter"])
+
+    def close(self) -> None:
+        if self.file:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # already said by write, or nothing left to flush that could be written
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _netrc_text() -> str:
+    try:
+        return (Path.home() / ".netrc").read_text()
+    except OSError:
+        return ""
+
+
+def console_line(r: dict) -> str:
+    parts = [f"iter {r['iter']:6d}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}"]
+    if r["grad_norm"] is not None:
+        parts.append(f"grad norm {r['grad_norm']:.3f}")
+    if r["loss_scale"] is not None:
+        parts.append(f"loss scale {r['loss_scale']:.0f} (skipped {r['skipped_steps']})")
+    parts.append(f"{r['tokens_per_sec']:,.0f} tok/s")
+    if r["mfu"] is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"{r['elapsed']:.0f} s")
+    if r.get("eta_s") is not None:
+        parts.append(f"ETA {duration(r['eta_s'])}")
+    return " | ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """A length of time as a person reads it: 45 s, 12 min, 3 h 05 min, 9 d 4 h."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+class RunClock:
+    """The time left in a run at its current pace.
+
+    The pace is wall time per iteration since the end of the first iteration this process ran (which holds
+    the compile and warm-up), so evaluations and saves are counted at their share. No estimate before
+    `settle` iterations have been timed.
+    """
+
+    def __init__(self, last_iteration: int, settle: int = 3):
+        self.last = last_iteration
+        self.settle = settle
+        self.start: tuple[int, float] | None = None  # (iteration, time) at the end of the first step
+
+    def eta(self, iteration: int, now: float) -> float | None:
+        if self.start is None:
+            self.start = (iteration, now)
+            return None
+        done = iteration - self.start[0]
+        if done < self.settle:
+            return None
+        return (now - self.start[1]) / done * (self.last - iteration)
+
+    def first_estimate(self, iteration: int) -> bool:
+        """True at the one iteration where the estimate for the whole run is printed."""
+        return self.start is not None and iteration - self.start[0] == self.settle

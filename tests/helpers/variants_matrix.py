@@ -1,0 +1,47 @@
+"""Run under the real launcher by tests/unit/model/test_variants.py: every architecture variant trained on 2
+pipeline stages (a few also with compiled blocks), one after another in one process group (one
+launch instead of one per variant); writes each variant's losses as JSON.
+
+    deepspeed --num_gpus 2 tests/helpers/variants_matrix.py DATA_DIR OUT.json
+"""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from gptx.analysis.precision_check import train_trace  # noqa: E402
+from gptx.data.tokens import open_tokens  # noqa: E402
+from gptx.parallel import pipeline  # noqa: E402
+from gptx.parallel.engine import release_shared_memory  # noqa: E402
+from tests.helpers.runs import precision_ds  # noqa: E402
+from tests.unit.model.test_variants import COMPILED_VARIANTS, ITERS, VARIANTS, variant_config  # noqa: E402
+
+
+def main(data: str, out: str) -> None:
+    from deepspeed.utils.logging import set_log_level_from_string
+    set_log_level_from_string("warning")
+    deepspeed.init_distributed(verbose=False)
+    tokens = open_tokens(data, "train")
+    losses = {name: train_trace(variant_config(name, pipe=2), precision_ds("fp32"), tokens, ITERS).losses
+              for name in VARIANTS}
+    # dynamo's tracing, guards and whole-graph capture across the stage boundary, without inductor's
+    # code generation (minutes on 2 cores): tests/unit/parallel/test_compile.py checks inductor's numbers in process.
+    pipeline.COMPILE_BACKEND = "aot_eager"
+    for name in COMPILED_VARIANTS:
+        cfg = variant_config(name, pipe=2)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile_blocks=True))
+        losses[f"{name}+compiled"] = train_trace(cfg, precision_ds("fp32"), tokens, ITERS).losses
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(losses))
+    dist.barrier()
+    dist.destroy_process_group()
+    release_shared_memory()
+
+
+if __name__ == "__main__":
+    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])

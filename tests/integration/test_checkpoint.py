@@ -1,0 +1,31 @@
+"""The launcher and subprocess half of tests.unit.training.test_checkpoint."""
+
+import pytest
+
+from gptx.cli.pretrain import run_pretrain
+from tests.helpers.runs import launch, read_metrics, train_losses
+from tests.unit.training.test_checkpoint import (args, assert_masters_round_to_the_layer_files,  # noqa: F401 (fixtures)
+                                                 bf16_config, one_stage_run, work)
+
+
+def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run):
+    run = work[0] / "relayout"
+    assert run_pretrain(args(work, run, 1, 6, "--exit-interval", "3")) == 0  # 1 stage, iterations 1-3
+    result = launch(2, args(work, run, 2, 6, "--load", str(run), "--exit-interval", "5"), cwd=work[0])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "optimizer's moments" in result.stdout  # the warning about what does not carry over
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run))) == 0  # back to 1 stage for iteration 6
+    full, resumed = train_losses(one_stage_run), train_losses(run)
+    assert resumed.keys() == full.keys()
+    # Iteration 4's loss is computed by the weights after step 3: exact across the change of layout.
+    assert resumed[4] == pytest.approx(full[4], abs=1e-5)
+    assert all(abs(resumed[i] - full[i]) < 0.1 for i in (5, 6))  # Adam restarts; the loss carries on
+    lrs = {r["iter"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    assert lrs == {r["iter"]: r["lr"] for r in read_metrics(one_stage_run) if "lr" in r}
+
+
+def test_master_weights_of_a_bf16_run_on_two_stages_and_two_data_parallel_ranks(work):
+    run = work[0] / "bf16_pp2_dp2"
+    result = launch(4, args(work, run, 2, 3, "--deepspeed_config", str(bf16_config(work[0]))), cwd=work[0])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_masters_round_to_the_layer_files(run)

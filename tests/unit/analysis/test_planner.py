@@ -1,0 +1,72 @@
+"""The planner (tools/partition_report.py --fit): the layouts it proposes are ones gptx runs, its
+fits agree with its own budget, and what fits moves with the budget as it should."""
+import json
+import shlex
+
+import pytest
+
+from gptx.analysis.planner import Cluster, plan_layouts
+from gptx.cli.partition_report import run_partition_report
+from gptx.config import load_config, parse_override
+from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+
+MINGPT_45B = {"n_layer": 56, "n_head": 16, "n_embd": 8192, "seq_len": 128, "vocab_size": 65}
+MINGPT_1_7B = {"n_layer": 15, "n_head": 16, "n_embd": 3072, "seq_len": 128, "vocab_size": 65}
+
+
+def plan(model: dict, gpus=8, gpu_gib=40, host_gib=1024, ds_name="gpu_fp16.json"):
+    cfg = load_config(None, dict(model))
+    ds = read_ds_config(DS_CONFIG_DIR / ds_name)
+    return plan_layouts(cfg, Cluster(gpus, gpu_gib, host_gib), ds, micro_batch=1, grad_accum=1)
+
+
+@pytest.mark.parametrize("ds_name", ["gpu_fp16.json", "gpu_bf16.json", "cpu_fp32.json"])
+def test_every_proposed_layout_passes_gptxs_own_checks(ds_name):
+    for row in plan(MINGPT_1_7B, ds_name=ds_name):
+        layout = row["layout"]
+        check_ds_config(row["ds_config"], row["data_parallel"], layout.pipe, "cuda")
+        assert row["data_parallel"] * max(layout.pipe, 1) == 8
+
+
+def test_fits_agree_with_the_budget_and_come_first():
+    rows = plan(MINGPT_45B)
+    assert 0 < sum(r["fits"] for r in rows) < len(rows)  # a budget some layouts fit and others do not
+    assert all(r["fits"] == (r["gpu_gib"] <= 40 - 2 and r["host_gib_per_node"] <= 1024) for r in rows)
+    flags = [r["fits"] for r in rows]
+    assert flags == sorted(flags, reverse=True)  # fitting rows first
+    fitting = [r["seconds"] for r in rows if r["fits"]]
+    assert fitting == sorted(fitting)
+
+
+def test_a_45b_model_on_8_gpus_of_40_gib_fits_only_with_offload_or_zero3():
+    rows = [r for r in plan(MINGPT_45B) if r["fits"]]
+    assert rows, "the 45B model must fit somehow with 1 TiB of host memory"
+    for r in rows:
+        assert r["layout"].offload_optimizer or r["layout"].zero == 3
+    # Without the host memory for the optimizer states nothing fits.
+    assert not any(r["fits"] for r in plan(MINGPT_45B, host_gib=64))
+
+
+def test_the_cli_prints_the_chosen_command_and_json(capsys):
+    args = ["--fit", "--gpus", "8", "--gpu-memory", "40", "--host-memory", "1024", "--micro-batch", "1",
+            "--accum", "1"] + [f for k, v in MINGPT_1_7B.items() for f in ("--set", f"{k}={v}")]
+    assert run_partition_report(args) == 0
+    out = capsys.readouterr().out
+    assert "layouts fit" in out and "chosen:" in out and "deepspeed --num_gpus 8 launch/pretrain.py" in out
+    assert run_partition_report(args + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["fits"] and rows[0]["command"].startswith("deepspeed --num_gpus 8")
+    # The command trains the planned model: its --model and --set flags give the same shape.
+    words = shlex.split(rows[0]["command"])
+    sets = dict(parse_override(words[i + 1]) for i, w in enumerate(words) if w == "--set")
+    model = words[words.index("--model") + 1]
+    assert load_config(model, sets).model == load_config(None, MINGPT_1_7B).model
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--gpus", "0", "--gpus: must be >= 1"),
+                                                ("--gpu-memory", "-4", "--gpu-memory: must be a positive"),
+                                                ("--accum", "0", "--accum: must be >= 1, got 0")])
+def test_bad_budgets_are_one_line(capsys, flag, value, needle):
+    assert run_partition_report(["--fit", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]

@@ -1,0 +1,99 @@
+import pytest
+
+from gptx.errors import ConfigError
+from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+
+
+def test_shipped_configs_are_valid():
+    cpu = check_ds_config(read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json"), 1, 2, "cpu")
+    assert cpu.global_batch == cpu.micro_batch * cpu.grad_accum
+    fp16 = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+    check_ds_config(fp16, 4, 2, "cuda")
+    scale = fp16["fp16"]
+    assert scale["loss_scale"] == 0 and scale["initial_scale_power"] <= 24 and scale["min_loss_scale"] >= 1
+    check_ds_config(read_ds_config(DS_CONFIG_DIR / "gpu_bf16.json"), 1, 1, "cuda")
+
+
+def test_batch_arithmetic_is_derived_and_checked():
+    assert check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, 2, 1, "cpu").grad_accum == 4
+    with pytest.raises(ConfigError, match="must equal train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2"):
+        check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+                         "gradient_accumulation_steps": 2}, 2, 1, "cpu")
+    with pytest.raises(ConfigError, match="not a multiple"):
+        check_ds_config({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, 2, 1, "cpu")
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    ({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}, "--pipe-parallel-size 0"),
+    ({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}}, "fp16 is not supported"),
+    ({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1}}}, "optimizer.params.lr"),
+    ({"train_micro_batch_size_per_gpu": 1, "scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
+    ({}, "train_micro_batch_size_per_gpu"),
+    ({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}, "bf16 needs"),
+    ({"train_micro_batch_size_per_gpu": 1, "pipeline": {"stages": 2}}, "ignored by DeepSpeed"),
+])
+def test_bad_ds_configs(cfg, needle):
+    with pytest.raises(ConfigError, match=needle):
+        check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+    with pytest.raises(ConfigError, match="ds.json.*not valid JSON"):
+        read_ds_config(f)
+
+
+def test_fp16_on_cpu_only_with_the_testing_switch(monkeypatch):
+    cfg = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+    monkeypatch.delenv("GPTX_CPU_FP16", raising=False)
+    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed's CPU accelerator.*GPTX_CPU_FP16=1"):
+        check_ds_config(cfg, 1, 2, "cpu")
+    monkeypatch.setenv("GPTX_CPU_FP16", "1")
+    assert check_ds_config(cfg, 1, 2, "cpu").grad_accum == 8
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_are_refused_with_one_stage_too_and_point_to_the_no_pipeline_mode(stage):
+    # One stage still runs DeepSpeed's pipeline engine, which rejects them with a traceback per rank.
+    with pytest.raises(ConfigError, match=f"zero_optimization.stage {stage} does not work with pipeline.*"
+                                          f"add --pipe-parallel-size 0"):
+        check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}, 2, 1, "cpu")
+    assert check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}},
+                           2, 0, "cpu").dp_size == 2
+
+
+OFFLOAD_CPU = {"device": "cpu"}
+
+
+@pytest.mark.parametrize("zero,pipe,optimizer,needle", [
+    ({"stage": 0, "offload_optimizer": OFFLOAD_CPU}, 2, None, "offload_optimizer needs ZeRO stage 1, 2 or 3"),
+    ({"stage": 1, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}, 2, None, "nvme needs ZeRO stage 3"),
+    ({"stage": 2, "offload_param": OFFLOAD_CPU}, 0, None, "offload_param needs ZeRO stage 3"),
+    ({"stage": 3, "offload_param": {"device": "nvme"}}, 0, None, "offload_param.nvme_path"),
+    ({"stage": 1, "offload_optimizer": {"device": "gpu"}}, 2, None, "must be cpu, nvme or none"),
+    ({"stage": 1, "offload_optimizer": "cpu"}, 2, None, "must be an object"),
+    ({"stage": 1, "offload_optimizer": OFFLOAD_CPU}, 2, {"torch_adam": True, "fused": True}, "remove optimizer.params.torch_adam"),
+    ({"stage": 4}, 0, None, "must be 0, 1, 2 or 3"),
+])
+def test_offload_combinations_deepspeed_cannot_run_are_one_line(zero, pipe, optimizer, needle):
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
+    if optimizer:
+        cfg["optimizer"] = {"type": "AdamW", "params": optimizer}
+    with pytest.raises(ConfigError, match=needle):
+        check_ds_config(cfg, 1, pipe, "cpu")
+
+
+def test_the_shipped_offload_config_is_accepted_with_the_pipeline():
+    cfg = read_ds_config(DS_CONFIG_DIR / "cpu_offload.json")
+    check_ds_config(cfg, 1, 2, "cpu")
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("precision_key", ["fp16", "bf16"])
+def test_half_precision_without_zero_is_refused_without_the_pipeline(precision_key, monkeypatch):
+    monkeypatch.setenv("GPTX_CPU_FP16", "1")
+    cfg = {"train_micro_batch_size_per_gpu": 1, precision_key: {"enabled": True}}
+    with pytest.raises(ConfigError, match=f"{precision_key} with --pipe-parallel-size 0 needs zero_optimization"):
+        check_ds_config(cfg, 1, 0, "cpu")

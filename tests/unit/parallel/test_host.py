@@ -1,0 +1,16 @@
+"""When gptx.parallel.host keeps freed host memory in the process (the subprocess check of what it
+keeps is in tests/integration/test_train.py)."""
+
+
+def test_freed_memory_is_kept_only_where_iterations_would_map_tensors_afresh(monkeypatch):
+    import gptx.parallel.host
+    from gptx.config import load_config
+    calls = []
+    monkeypatch.setattr(gptx.parallel.host, "keep_freed_memory", lambda: calls.append(1) or True)
+    shape = dict(n_layer=4, n_embd=256, n_head=4, seq_len=256, vocab_size=50257, pad_vocab_to_multiple=64)
+    gptx.parallel.host.configure_host("cpu", load_config(None, shape).model, 8)  # logits: 8 x 256 x 50304 x 4 = 393 MiB
+    assert calls == [1]
+    gptx.parallel.host.configure_host("cpu", load_config(None, dict(shape, vocab_size=8192)).model, 2)  # 16 MiB
+    gptx.parallel.host.configure_host("cpu")  # tools that measure memory pass no model
+    gptx.parallel.host.configure_host("cuda", load_config(None, shape).model, 8)
+    assert calls == [1]

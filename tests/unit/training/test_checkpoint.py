@@ -1,0 +1,248 @@
+"""Checkpoints leave the pipeline: the plain model, another stage count, the tools that read them."""
+import json
+
+import numpy as np
+import pytest
+
+from gptx.cli.evaluate import run_evaluate
+from gptx.cli.pretrain import run_pretrain
+from gptx.cli.sample import run_sample
+from gptx.data.tokens import open_tokens
+from gptx.interop.evaluate import evaluate_tokens
+from gptx.training.consolidate import load_plain_model
+from tests.helpers.runs import pretrain_args, read_metrics, run_files, train_losses, write_ds_config
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return run_files(tmp_path_factory.mktemp("ckpt"))
+
+
+def args(work, save, pipe, iters, *extra):
+    return pretrain_args(*work[1:], save, pipe, iters, "--eval-interval", "3", "--eval-iters", "2", *extra)
+
+
+@pytest.fixture(scope="module")
+def one_stage_run(dist_world1, work):
+    run = work[0] / "one"
+    assert run_pretrain(args(work, run, 1, 6)) == 0
+    return run
+
+
+def test_plain_model_reproduces_the_engines_val_loss(work, one_stage_run):
+    model, cfg = load_plain_model(one_stage_run)
+    val = open_tokens(work[1], "val")
+    n = 2 * 2 * 2  # eval_iters x micro-batches x micro-batch size windows, in order
+    result = evaluate_tokens(model, val[:n * 32 + 1], 32)
+    engine_val = [r["val_loss"] for r in read_metrics(one_stage_run) if "val_loss" in r][-1]
+    assert result["loss"] == pytest.approx(engine_val, abs=1e-5)
+    assert result["tokens"] == n * 32
+
+
+def test_evaluate_and_sample_tools(work, one_stage_run, capsys):
+    assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1] / "val.bin"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == len(open_tokens(work[1], "val")) - 1 and result["perplexity"] > 1
+    assert run_sample(["--load", str(one_stage_run), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                       "--greedy", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"][:3] == [1, 2, 3] and len(out["ids"]) == 8 and out["text"] is None  # 256-token vocabulary
+    assert run_sample(["--load", str(one_stage_run), "--prompt-ids", "1,999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_context_beyond_learned_positions(one_stage_run, work, capsys):
+    assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), "--seq-len", "64"]) == 2
+    assert "learned positions end at 32" in capsys.readouterr().err
+
+
+def assert_masters_round_to_the_layer_files(run):
+    import torch
+    half, _ = load_plain_model(run)
+    masters, _ = load_plain_model(run, master_weights=True)
+    differs = 0
+    for (name, h), (_, m) in zip(half.named_parameters(), masters.named_parameters()):
+        # The bf16 weights are the rounded fp32 masters, so a wrong slice or order shows here.
+        assert torch.equal(m.to(torch.bfloat16).float(), h), name
+        differs += int(not torch.equal(m, h))
+    assert differs > len(list(half.parameters())) // 2  # the masters hold more than bf16 does
+
+
+def bf16_config(tmp):
+    return write_ds_config(tmp / "bf16.json", micro=2, accum=2, bf16={"enabled": True},
+                           zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"})
+
+
+def test_master_weights_of_a_bf16_run(dist_world1, work):
+    run = work[0] / "bf16_one"  # ALiBi: position slot 1 holds no parameters, so no master weights either
+    assert run_pretrain(args(work, run, 1, 3, "--deepspeed_config", str(bf16_config(work[0])),
+                             "--set", "position_embedding=alibi")) == 0
+    assert_masters_round_to_the_layer_files(run)
+
+
+def test_master_weights_of_a_fp32_run_are_its_weights(one_stage_run):
+    a, _ = load_plain_model(one_stage_run)
+    b, _ = load_plain_model(one_stage_run, master_weights=True)
+    assert all(np.array_equal(x.detach().numpy(), y.detach().numpy())
+               for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_training_prints_a_sample_at_each_evaluation(dist_world1, work, capsys):
+    run = work[0] / "sampled"
+    assert run_pretrain(args(work, run, 1, 4, "--sample-tokens", "5")) == 0
+    samples = [r for r in read_metrics(run) if "sample" in r]
+    assert [r["iter"] for r in samples] == [3, 4]
+    ids = [int(t) for t in samples[0]["sample"].split()]
+    assert len(ids) == 6 and ids[0] == 0  # token 0 then 5 new ones (not GPT-2's vocabulary: ids, not text)
+    assert "sample: '0 " in capsys.readouterr().out
+    # The sample draws from its own generator: training continues exactly as without it.
+    plain = work[0] / "unsampled"
+    assert run_pretrain(args(work, plain, 1, 4)) == 0
+    assert train_losses(run) == train_losses(plain)
+    assert run_pretrain(args(work, work[0] / "bad_prompt", 1, 4, "--sample-tokens", "5", "--sample-prompt", "hi")) == 2
+    assert "train.sample_prompt is text for GPT-2 BPE" in capsys.readouterr().err
+
+
+def test_a_resume_on_another_lr_schedule_is_refused_unless_told_which(dist_world1, work, capsys):
+    run = work[0] / "extend"
+    assert run_pretrain(args(work, run, 1, 3)) == 0  # the schedule decays over 3 iterations
+    capsys.readouterr()
+    # Extending the run: lr_decay_iters follows train_iters, so the schedule would jump.
+    assert run_pretrain(args(work, run, 1, 5, "--load", str(run))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decay_iters 3 (checkpoint) vs 5 (now) (lr_decay_iters defaults to train_iters); " \
+        "pass --lr-decay-iters 3 to keep the checkpoint's, or --override-lr-schedule" in err[0]
+    assert max(train_losses(run)) == 3  # nothing was trained or written
+    lrs = lambda: {r["iter"]: r["lr"] for r in read_metrics(run) if "loss" in r}
+    # Keeping the checkpoint's schedule: after its end the LR stays at min_lr, no jump.
+    assert run_pretrain(args(work, run, 1, 4, "--load", str(run), "--lr-decay-iters", "3")) == 0
+    assert lrs()[4] == pytest.approx(3e-4) and lrs()[4] <= lrs()[3]
+    # Or the new one, on request, with a warning. The checkpoint now holds --lr-decay-iters 3, which
+    # a resume keeps unless given again.
+    capsys.readouterr()
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--lr-decay-iters", "6",
+                             "--override-lr-schedule")) == 0
+    assert "warning: the learning-rate schedule changes at this resume (decay_iters 3 (checkpoint) vs 6 (now))" \
+        in capsys.readouterr().out
+    assert lrs()[5] > lrs()[4]
+
+
+def test_evaluate_reports_progress_on_stderr_and_refuses_a_zero_context(work, one_stage_run, capsys):
+    assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), "--batch-size", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    windows = -(-(len(open_tokens(work[1], "val")) - 1) // 32)
+    progress = captured.err.strip().splitlines()
+    assert progress[-1] == f"evaluate (context 32): {windows:,}/{windows:,} windows (100%)" and 5 <= len(progress) <= 10
+    assert json.loads(captured.out)["seq_len"] == 32  # stdout holds the result alone
+    for flag, needle in (("--seq-len", "--seq-len: must be at least 1, got 0"),
+                         ("--batch-size", "--batch-size: must be at least 1, got 0")):
+        assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), flag, "0"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {needle}"
+
+
+def test_sample_says_when_the_output_outgrows_the_context(one_stage_run, capsys):
+    assert run_sample(["--load", str(one_stage_run), "--prompt-ids", "1,2,3", "--max-new-tokens", "40",
+                       "--greedy", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["ids"]) == 43
+    assert "longer than the model's context (32 tokens" in captured.err
+
+
+def test_evaluate_prints_a_context_length_table(work, one_stage_run, capsys):
+    base = ["--load", str(one_stage_run), "--data", str(work[1]), "--json"]
+    assert run_evaluate(base + ["--seq-len", "32"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert run_evaluate(base + ["--seq-len", "16,32,64"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["seq_len"] for r in rows] == [16, 32, 64]
+    assert rows[1] == single  # the same numbers as evaluating that length alone
+    assert rows[0]["loss"] > rows[1]["loss"]  # less context, harder predictions (the ramp in the data)
+    assert "learned positions end at 32" in rows[2]["refused"]
+    assert run_evaluate(base[:-1] + ["--seq-len", "16,32,64"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("context") and "(trained at 32, learned positions)" in table[0]
+    assert table[3] == "     64   refused: --seq-len 64: this model's learned positions end at 32"
+    assert run_evaluate(base + ["--seq-len", "16,x"]) == 2
+    assert "--seq-len '16,x': expected an integer or comma-separated integers" in capsys.readouterr().err
+    assert run_evaluate(base + ["--seq-len", "16,32", "--batch-size", "0"]) == 2  # an error, not a table row
+    assert "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_batch_ramp_trains_through_its_changes_and_resumes_exactly_inside_it(dist_world1, work, capsys):
+    # A JSON batch of 2 x 4 micro-batches = 8 sequences; the ramp starts at 4 (2 micro-batches) and
+    # adds 2 at even steps over the first 24 samples: 4, 4, 4, 6, 6, 8, 8 sequences.
+    ds = write_ds_config(work[0] / "ramp.json", micro=2, accum=4)
+    ramp = ["--rampup-batch-size", "4,2,24", "--eval-interval", "0", "--deepspeed_config", str(ds)]
+    full = work[0] / "ramp_full"
+    assert run_pretrain(args(work, full, 1, 7, *ramp)) == 0
+    out = capsys.readouterr().out
+    assert "ramped up from 4 over 24 samples" in out and "iter      4 | batch size 6 sequences (3 micro-batches)" in out
+    records = [r for r in read_metrics(full) if "loss" in r]
+    assert [r["batch_size"] for r in records] == [4, 4, 4, 6, 6, 8, 8]
+    assert [r["tokens"] for r in records] == [32 * n for n in (4, 8, 12, 18, 24, 32, 40)]
+    # Stopped after iteration 4 (inside the ramp) and resumed: the same samples, the same losses.
+    part = work[0] / "ramp_part"
+    assert run_pretrain(args(work, part, 1, 7, *ramp, "--exit-interval", "4")) == 0
+    assert run_pretrain(args(work, part, 1, 7, *ramp, "--load", str(part))) == 0
+    assert train_losses(part) == train_losses(full)
+
+
+def test_a_sequence_length_warmup_trains_on_the_samples_first_tokens_and_resumes_exactly_inside_it(
+        dist_world1, work, capsys):
+    warmup = ["--seq-len-warmup", "0:8,3:16,5:32", "--eval-interval", "4"]
+    full = work[0] / "warmup_full"
+    assert run_pretrain(args(work, full, 1, 6, *warmup)) == 0
+    out = capsys.readouterr().out
+    assert "iter      4 | sequence length 16" in out and "iter      6 | sequence length 32" in out
+    records = [r for r in read_metrics(full) if "loss" in r]
+    assert [r["seq_len"] for r in records] == [8, 8, 8, 16, 16, 32]
+    assert [r["tokens"] for r in records] == [4 * n for n in (8, 16, 24, 40, 56, 88)]  # 4 sequences per step
+    assert [r["iter"] for r in read_metrics(full) if "val_loss" in r] == [4, 6]  # at the full length
+    # The samples are the windows a run without warmup trains on, cut short.
+    from gptx.data.tokens import TokenWindows
+    tokens = open_tokens(work[1], "train")
+    full_rows, short = next(TokenWindows(tokens, 32, 2, seed=7)), TokenWindows(tokens, 32, 2, seed=7)
+    short.length = 8
+    x, y = next(short)
+    assert x.equal(full_rows[0][:, :8]) and y.equal(full_rows[1][:, :8])
+    # Stopped inside the warmup (after iteration 4) and resumed: the same losses, the same tokens.
+    part = work[0] / "warmup_part"
+    assert run_pretrain(args(work, part, 1, 6, *warmup, "--exit-interval", "4")) == 0
+    assert run_pretrain(args(work, part, 1, 6, *warmup, "--load", str(part))) == 0
+    resumed = [r for r in read_metrics(part) if "loss" in r]
+    assert train_losses(part) == train_losses(full) and resumed[-1]["tokens"] == records[-1]["tokens"]
+
+
+def test_a_checkpoint_saved_before_its_preset_padded_resumes_with_its_own_table(dist_world1, work, monkeypatch,
+                                                                                 capsys):
+    """The GPT-2-vocabulary presets pad to a multiple of 64; a run saved unpadded with one of them
+    keeps its table on --load unless padding is asked for explicitly. Here a small preset of the
+    same kind: 250 tokens, padded to 256 rows."""
+    import torch
+
+    from gptx import presets
+    from tests.helpers.runs import MICRO_MODEL, make_token_dir
+    monkeypatch.setitem(presets.PRESETS, "micro-gpt2", dict(MICRO_MODEL, vocab_size=250, pad_vocab_to_multiple=64))
+    data = make_token_dir(work[0] / "data250", vocab_size=250)
+    old = lambda save, *extra: pretrain_args(data, "micro-gpt2", work[3], save, 1, 4, "--eval-interval", "0", *extra)
+    unpadded = ("--set", "pad_vocab_to_multiple=1")  # what the preset was before
+    full, part = work[0] / "unpadded_full", work[0] / "unpadded_part"
+    assert run_pretrain(old(full, *unpadded)) == 0
+    assert run_pretrain(old(part, *unpadded, "--exit-interval", "2")) == 0
+    rows = lambda run: load_plain_model(run)[0].layers["0"].wte.weight.shape[0]
+    assert rows(part) == 250
+    capsys.readouterr()
+    assert run_pretrain(old(part, "--set", "pad_vocab_to_multiple=64", "--load", str(part))) == 2  # asked for
+    assert "pad_vocab_to_multiple 1 (checkpoint) vs 64 (now)" in capsys.readouterr().err
+    assert run_pretrain(old(part, "--load", str(part))) == 0  # the preset's default: the checkpoint's table
+    out = capsys.readouterr().out
+    assert "has a table of 250 rows where 'micro-gpt2' now pads to 256: it keeps its 250 rows" in out
+    assert train_losses(part) == pytest.approx(train_losses(full), abs=1e-6) and rows(part) == 250
+    assert run_evaluate(["--load", str(part), "--data", str(data / "val.bin"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    fresh = work[0] / "padded"
+    assert run_pretrain(pretrain_args(data, "micro-gpt2", work[3], fresh, 1, 1, "--eval-interval", "0")) == 0
+    assert rows(fresh) == 256
+    model, cfg = load_plain_model(fresh)
+    with torch.no_grad():  # the padding rows are never predicted
+        assert torch.isinf(model(torch.zeros(1, 4, dtype=torch.long))[..., 250:]).all()

@@ -1,0 +1,190 @@
+"""Faults injected into real runs: signals, kill -9, crashes, damaged checkpoints, numerical trouble."""
+import json
+import math
+import subprocess
+
+import pytest
+
+from gptx.cli.pretrain import run_pretrain
+from gptx.config import load_config
+from gptx.errors import TrainingStopped
+from gptx.training.checkpoint import MANIFEST
+from gptx.training.guards import NumericsGuard
+from gptx.training.resume import find_latest
+from tests.helpers.runs import pretrain_args, read_metrics, run_files, train_losses
+
+
+# --- the numerics guard on its own ---------------------------------------------------------------
+
+def guard(fp16=False, **train):
+    return NumericsGuard(load_config("tiny", train), fp16=fp16, min_scale=1.0 if fp16 else None)
+
+
+def test_non_finite_loss_stops_fp32_and_bf16():
+    g = guard()
+    assert g.check(1, 5.0, 0, None) is None
+    with pytest.raises(TrainingStopped, match="iteration 2: the loss is nan"):
+        g.check(2, float("nan"), 0, None)
+
+
+def test_fp16_stops_only_on_a_streak_of_skips_at_the_minimum_scale():
+    g = guard(fp16=True, max_skipped_at_min_scale=3)
+    skipped = 0
+    for it in range(1, 6):  # overflows while the scale is still coming down: not a streak
+        skipped += 1
+        g.check(it, float("inf"), skipped, 2.0 ** (6 - it))
+    g.check(6, float("inf"), skipped + 1, 1.0)
+    g.check(7, float("inf"), skipped + 2, 1.0)
+    g.check(8, 4.0, skipped + 2, 1.0)  # a step that went through resets the streak
+    g.check(9, float("inf"), skipped + 3, 1.0)
+    g.check(10, float("inf"), skipped + 4, 1.0)
+    with pytest.raises(TrainingStopped, match="3 fp16 steps in a row overflowed at the minimum loss scale 1"):
+        g.check(11, float("inf"), skipped + 5, 1.0)
+
+
+def test_spikes_are_reported_against_the_running_mean():
+    g = guard(spike_factor=2.0)
+    assert all(g.check(i, 3.0, 0, None) is None for i in range(1, 12))
+    assert "loss spike 9.0000, 3.0x its running mean 3.0000" in g.check(12, 9.0, 0, None)
+    off = guard()  # the default: no spike reports
+    assert all(off.check(i, 3.0, 0, None) is None for i in range(1, 12)) and off.check(12, 9.0, 0, None) is None
+
+
+def test_deepspeeds_zero_fp16_give_up_becomes_one_line():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from gptx.training.guards import known_failure
+    scaler = DynamicLossScaler(init_scale=1, scale_window=1000, min_scale=1, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    with pytest.raises(Exception) as raised:
+        scaler.update_scale(True)  # an overflow at the minimum scale
+    failure = known_failure(raised.value, rank=0, timeout=60)
+    assert isinstance(failure, TrainingStopped) and "use bf16" in str(failure)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return run_files(tmp_path_factory.mktemp("faults"))
+
+
+def args(work, save, pipe, iters, *extra):
+    return pretrain_args(*work[1:], save, pipe, iters, "--eval-interval", "0", "--log-interval", "1", *extra)
+
+
+def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, capsys):
+    run = work[0] / "keep"
+    assert run_pretrain(args(work, run, 1, 5, "--save-interval", "1", "--keep-checkpoints", "2")) == 0
+    assert sorted(f.name for f in run.glob("iter_*")) == ["iter_0000004", "iter_0000005"]
+    first = train_losses(run)
+    layer = run / "iter_0000005" / "layer_02-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:100])  # truncated, as by a full disk or an interrupted copy
+    capsys.readouterr()
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--lr-decay-iters", "5")) == 0
+    out = capsys.readouterr().out
+    assert "warning: 'latest' names 'iter_0000005' but 'iter_0000005': layer_02-model_states.pt has 100 bytes" in out
+    assert "resumed from" in out and "iter_0000004: iteration 4" in out
+    assert "done: 2 iterations in" in out and "(iterations 5-6)" in out  # this run's, not the total
+    redone = [r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] == 5]
+    assert redone == [first[5], first[5]]  # iteration 5 again, from iteration 4's checkpoint: the same loss
+
+
+def test_a_folder_without_manifest_is_skipped_unless_it_predates_manifests(dist_world1, work):
+    run = work[0] / "manifests"
+    assert run_pretrain(args(work, run, 1, 2, "--save-interval", "1")) == 0
+    (run / "iter_0000002" / MANIFEST).unlink()  # as if its writing had stopped halfway
+    warnings = []
+    assert find_latest(run, warn=warnings.append)[0] == "iter_0000001"
+    assert "'iter_0000002': no manifest.json (its writing never finished)" in warnings[0]
+    meta_file = run / "iter_0000002" / "gptx.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["checkpoint_format"]  # what a gptx from before manifests wrote
+    meta_file.write_text(json.dumps(meta))
+    warnings = []
+    assert find_latest(run, warn=warnings.append)[0] == "iter_0000002"
+    assert "saved by an older gptx" in warnings[0]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_world1, work, capsys):
+    run = work[0] / "nan"
+    assert run_pretrain(args(work, run, 1, 6, "--save-interval", "1", "--lr", "1e30")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(non-finite)" in err and "Stopped without saving" in err
+    losses = train_losses(run)
+    bad = max(losses)  # the iteration that stopped it: its loss is the first non-finite one
+    assert not math.isfinite(losses[bad]) and all(math.isfinite(losses[i]) for i in range(1, bad))
+    assert (run / "latest").read_text() == f"iter_{bad - 1:07d}" and f"iter_{bad - 1:07d}" in err
+
+
+ITERS = 12
+
+
+# Every launcher run below also goes through a sequence-length warmup (16 tokens, then 32 from
+# iteration 7) and a batch ramp (2 sequences, 4 from sample 16, iteration 9): the resumes land
+# inside both, on 2 stages, where the warmup needs the pipeline's buffers reset. Dropout is on,
+# so each rank's random streams must come back too, and evaluations at iterations 4, 8 and 12
+# (dropout off, then on again) come before and after the resume points.
+CURRICULUM = ("--seq-len-warmup", "0:16,6:32", "--rampup-batch-size", "2,2,16", "--set", "dropout=0.1",
+              "--eval-interval", "4", "--eval-iters", "1")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(name, kib, read_only) -> a tmpfs of that size: a full or read-only disk at no cost.
+    Needs root (or CAP_SYS_ADMIN); where mounting is not allowed the test is skipped."""
+    mounted = []
+
+    def mount(name, kib, read_only=False):
+        path = tmp_path / name
+        path.mkdir()
+        opts = f"size={kib}k" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): a full or read-only disk needs one")
+        mounted.append(path)
+        return path
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_read_only_save_is_one_line_before_training(dist_world1, work, small_fs, capsys):
+    # As root, chmod 0555 does not stop writes; a read-only mount does.
+    run = small_fs("ro", 256, read_only=True) / "run"
+    assert run_pretrain(args(work, run, 1, 2)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"error: --save '{run}' cannot be written: Read-only file system" in err and "nothing was trained" in err
+    assert "iter      1" not in captured.out
+
+
+def test_a_checkpoint_folder_deleted_while_written_is_one_line_and_resumes(dist_world1, work, monkeypatch, capsys):
+    run = work[0] / "deleted"
+    monkeypatch.setenv("GPTX_FAULT", "delete,save,2,0")
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1")) == 2
+    monkeypatch.delenv("GPTX_FAULT")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert (f"error: could not write checkpoint iter_0000002 to {run}: No such file or directory (the directory was "
+            f"deleted while the run was writing to it); the last complete checkpoint is {run / 'iter_0000001'}") in err
+    assert not (run / "iter_0000002").exists() and (run / "latest").read_text() == "iter_0000001"
+    first = train_losses(run)
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1", "--load", str(run))) == 0
+    assert "iter_0000001: iteration 1" in capsys.readouterr().out
+    assert [r["loss"] for r in read_metrics(run) if r.get("iter") == 2 and "loss" in r] == [first[2], first[2]]
+
+
+def test_a_checkpoint_that_will_not_fit_stops_before_writing_and_resumes(dist_world1, work, small_fs, capsys):
+    # Room for one checkpoint of this model (about 0.8 MB) and the run's small files, not for two.
+    run = small_fs("small", 1400) / "run"
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1")) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "warning: the next checkpoint will not fit" in captured.out
+    assert len(err.splitlines()) == 1, err
+    assert f"error: could not write checkpoint iter_0000002 to {run}: No space left on device (" in err
+    assert "bytes needed, " in err and f"the last complete checkpoint is {run / 'iter_0000001'}" in err
+    assert not (run / "iter_0000002").exists() and (run / "latest").read_text() == "iter_0000001"
+    elsewhere = work[0] / "after_full"
+    assert run_pretrain(args(work, elsewhere, 1, 3, "--save-interval", "1", "--load", str(run))) == 0
+    assert "iter_0000001: iteration 1" in capsys.readouterr().out and (elsewhere / "latest").read_text() == "iter_0000003"
