@@ -129,10 +129,10 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
         if rank == 0:
             body = {**meta, **progress, "checkpoint_format": CHECKPOINT_FORMAT}
             atomic_write(folder / META, (json.dumps(body, indent=2) + "\n").encode())
-    except Exception as e:  # noqa: BLE001 -- sorted by _write_errno
+    except Exception as e:  # noqa: BLE001 -- sorted by write_error_code
         error = error or e
     testing.fault_point("save", progress["iteration"], folder)
-    _agree_or_raise(*_write_errno(error, folder), run_dir, folder, tag, needed)
+    _agree_or_raise(*write_error_code(error, folder), run_dir, folder, tag, needed)
     code, unexpected = 0, None
     if rank == 0:
         try:
@@ -144,7 +144,7 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
                 (folder / MANIFEST).unlink(missing_ok=True)
             except OSError:
                 pass  # the folder is removed below, or stays without a trusted manifest
-            code, unexpected = _write_errno(e, folder)
+            code, unexpected = write_error_code(e, folder)
     _agree_or_raise(code, unexpected, run_dir, folder, tag, needed)  # also the barrier before `latest` is read
     if rank == 0:
         space.previous = _tree_bytes(folder)
@@ -155,10 +155,13 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written; every rank raises it, rank 0 prints it."""
 
 
-_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+# How torch's zip writer reports a full disk, by where the space runs out: inside a record, or
+# while it writes the archive's end (its ofstream's exception, with no path or errno).
+TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed",
+                      "basic_ios::clear")
 
 
-def _write_errno(error: Exception | None, where: Path) -> tuple[int, Exception | None]:
+def write_error_code(error: Exception | None, where: Path) -> tuple[int, Exception | None]:
     """(errno, None) for a write error, (0, None) for none. Any other error is a bug, not a full
     disk: (EIO, the error), so that the other ranks still fail the save with this one instead of
     waiting for it, and this rank raises it with its traceback. torch's zip writer reports a
@@ -168,7 +171,7 @@ def _write_errno(error: Exception | None, where: Path) -> tuple[int, Exception |
         return 0, None
     if isinstance(error, OSError) and error.errno:
         return error.errno, None
-    if isinstance(error, RuntimeError) and any(t in str(error) for t in _TORCH_WRITE_FAILED):
+    if isinstance(error, RuntimeError) and any(t in str(error) for t in TORCH_WRITE_FAILED):
         return (errno.ENOSPC if _free_bytes(where) < 1 << 20 else errno.EIO), None
     return errno.EIO, error
 

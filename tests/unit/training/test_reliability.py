@@ -8,7 +8,7 @@ import pytest
 from gptx.cli.pretrain import run_pretrain
 from gptx.config import load_config
 from gptx.errors import TrainingStopped
-from gptx.training.checkpoint import MANIFEST
+from gptx.training.checkpoint import MANIFEST, write_error_code
 from gptx.training.guards import NumericsGuard
 from gptx.training.resume import find_latest
 from tests.helpers.runs import pretrain_args, read_metrics, run_files, train_losses
@@ -145,6 +145,28 @@ def small_fs(tmp_path):
     yield mount
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_every_way_torch_reports_a_full_disk_is_a_full_disk(small_fs):
+    # torch.save fails differently by where the space runs out: inside a tensor's record, or in the
+    # archive's end. Sizes around the free space hit both; an unrecognised one would make that rank
+    # raise its own traceback while the others print the one line.
+    import errno
+    import os
+
+    import torch
+    disk = small_fs("fill", 256)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    seen = set()
+    for size in range(free - 4096, free + 1024, 64):
+        target = disk / "t.pt"
+        try:
+            torch.save(torch.zeros(size // 4, dtype=torch.float32), target)
+        except Exception as e:  # noqa: BLE001 -- each is classified below
+            assert write_error_code(e, disk) == (errno.ENOSPC, None), e
+            seen.add(str(e)[:40])
+        target.unlink(missing_ok=True)
+    assert len(seen) >= 2, seen  # both failure points were reached
 
 
 def test_read_only_save_is_one_line_before_training(dist_world1, work, small_fs, capsys):
