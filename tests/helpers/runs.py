@@ -116,3 +116,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def launch_sequence(nprocs: int, runs: list[dict], folder: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Several launch/pretrain.py runs ({"name", "argv", "env"}) in one launch, one after another
+    (tests/helpers/pretrain_sequence.py); sequence_output and sequence_code read each run's result."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps(runs))
+    return launch(nprocs, [str(plan)], cwd=folder, timeout=timeout, script="tests/helpers/pretrain_sequence.py")
+
+
+def sequence_output(folder: Path, name: str) -> str:
+    """A run's console output from a sequence, rank 0's then the others', as a launch would merge them."""
+    return "".join(p.read_text() for p in sorted(folder.glob(f"{name}.rank*.log")))
+
+
+def sequence_code(folder: Path, name: str) -> int | None:
+    """A run's exit code (the largest over its ranks), or None where a rank never finished it."""
+    codes = [int(p.read_text()) for p in folder.glob(f"{name}.rank*.code")]
+    return max(codes) if codes else None

@@ -1,9 +1,13 @@
 """Multi-process training under the real deepspeed launcher (CPU, gloo)."""
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
+from gptx.cli.pretrain import run_pretrain
 from gptx.training.checkpoint import MANIFEST
-from tests.helpers.runs import (REPO, launch, make_token_dir, read_metrics, train_losses, write_ds_config,
-                                write_model_yaml)
+from tests.helpers.runs import (REPO, launch, launch_sequence, make_token_dir, read_metrics, sequence_code,
+                                sequence_output, train_losses, write_ds_config, write_model_yaml)
 
 ITERS = 6
 PARITY_TOL = 1e-5
@@ -18,28 +22,76 @@ def work(tmp_path_factory):
 
 
 BF16 = dict(bf16={"enabled": True}, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"})
+ZERO3 = dict(zero_optimization={"stage": 3})
+OFFLOAD = dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}},
+               optimizer={"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}})
 
 
-def run(work, name, nprocs, pipe, micro, accum, *extra, expect_ok=True, ds_extra=None, env=None):
+def argv(work, name, pipe, micro, accum, *extra, ds_extra=None, save=None):
     tmp, data, model = work
     ds = write_ds_config(tmp / f"{name}.json", micro=micro, accum=accum, **(ds_extra or {}))
-    args = ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save", str(tmp / name),
-            "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS), "--eval-interval", "3",
-            "--eval-iters", "2", "--log-interval", "1", "--lr", "3e-3", "--warmup-iters", "2", *extra]
-    result = launch(nprocs, args, cwd=tmp, env=env)
-    if expect_ok:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp / name, result
+    return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds),
+            "--save", str(tmp / (save or name)), "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS),
+            "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1", "--lr", "3e-3", "--warmup-iters", "2",
+            *extra]
+
+
+@dataclass
+class Run:
+    dir: Path
+    out: str  # every rank's console output
+    code: int | None  # the largest of the ranks that finished it; None: none did
+    latest: str  # the `latest` pointer right after the launch
+    checkpoints: dict  # iter_* folder -> has its manifest, right after the launch
+
+
+def step(name, args, fault=None):
+    return {"name": name, "argv": args, "env": {"GPTX_FAULT": fault} if fault else {}}
 
 
 @pytest.fixture(scope="module")
-def one_stage(work):
-    return run(work, "one_stage", 1, 1, 2, 4)
+def runs(work):
+    """Every 2-rank run of this file in three launches (tests/helpers/pretrain_sequence.py): a run
+    whose rank is killed ends its launch, and its resume opens the next."""
+    tmp = work[0]
+    # The no-pipeline (ZeRO-3) runs come before any 2-stage one in their launch: DeepSpeed keeps the last
+    # pipeline engine's grid in a global (deepspeed.utils.groups.mpu), which a later plain engine in the
+    # same process would read as 2-way model parallelism.
+    launches = [
+        [step("two_dp", argv(work, "two_dp", 1, 2, 2)),  # same global batch: 2 x 2 x 2 ranks = 2 x 4
+         step("zero3", argv(work, "zero3", 0, 2, 2, "--save-interval", "2", ds_extra=ZERO3),
+              fault="kill,save,4,1")],
+        [step("zero3_resume", argv(work, "zero3", 0, 2, 2, "--load", str(tmp / "zero3"), ds_extra=ZERO3)),
+         step("two_stages", argv(work, "two_stages", 2, 2, 4)),
+         step("full_bf16", argv(work, "full_bf16", 2, 2, 2, ds_extra=BF16)),
+         step("part_bf16", argv(work, "part_bf16", 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)),
+         step("part_bf16_resume", argv(work, "part_bf16", 2, 2, 2, "--load", str(tmp / "part_bf16"), ds_extra=BF16)),
+         step("offload", argv(work, "offload", 2, 2, 4, "--save-interval", "2", ds_extra=OFFLOAD),
+              fault="kill,step,3,1")],
+        [step("offload_resume", argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"), ds_extra=OFFLOAD))],
+    ]
+    found = {}
+    for i, plan in enumerate(launches):
+        logs = tmp / "logs" / str(i)
+        result = launch_sequence(2, plan, logs)
+        killed = plan[-1]["env"]
+        assert (result.returncode != 0) == bool(killed), result.stdout[-3000:] + result.stderr[-3000:]
+        for s in plan:
+            run_dir = Path(s["argv"][s["argv"].index("--save") + 1])
+            # what a killed run left, before its resume (in the next launch) writes over it
+            left = {p.name: (p / MANIFEST).exists() for p in run_dir.glob("iter_*")}
+            found[s["name"]] = Run(run_dir, sequence_output(logs, s["name"]), sequence_code(logs, s["name"]),
+                                   (run_dir / "latest").read_text(), left)
+            if s is not plan[-1] or not killed:
+                assert found[s["name"]].code == 0, found[s["name"]].out[-3000:]
+    return found
 
 
 @pytest.fixture(scope="module")
-def two_stages(work):
-    return run(work, "two_stages", 2, 2, 2, 4)
+def one_stage(work, dist_world1):
+    """The reference: one stage in this process."""
+    assert run_pretrain(argv(work, "one_stage", 1, 2, 4)) == 0
+    return work[0] / "one_stage"
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -47,57 +99,52 @@ def max_diff(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) for k in a)
 
 
-def test_two_stages_match_one_stage_and_loss_falls(one_stage, two_stages):
-    a, b = train_losses(one_stage[0]), train_losses(two_stages[0])
+def test_two_stages_match_one_stage_and_loss_falls(one_stage, runs):
+    two_stages = runs["two_stages"].dir
+    a, b = train_losses(one_stage), train_losses(two_stages)
     assert max_diff(a, b) < PARITY_TOL
     assert b[ITERS] < b[1] - 0.1
-    val_a = [r["val_loss"] for r in read_metrics(one_stage[0]) if "val_loss" in r]
-    val_b = [r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r]
+    val_a = [r["val_loss"] for r in read_metrics(one_stage) if "val_loss" in r]
+    val_b = [r["val_loss"] for r in read_metrics(two_stages) if "val_loss" in r]
     assert len(val_a) == len(val_b) == 2 and max(abs(x - y) for x, y in zip(val_a, val_b)) < PARITY_TOL
 
 
-def test_two_data_parallel_ranks_match_one_stage(work, one_stage):
-    dp, _ = run(work, "two_dp", 2, 1, 2, 2)  # same global batch: 2 x 2 x 2 ranks = 2 x 4
-    assert max_diff(train_losses(one_stage[0]), train_losses(dp)) < PARITY_TOL
+def test_two_data_parallel_ranks_match_one_stage(one_stage, runs):
+    assert max_diff(train_losses(one_stage), train_losses(runs["two_dp"].dir)) < PARITY_TOL
 
 
-def test_each_stage_builds_only_its_layers_and_tied_weights_stay_equal(two_stages):
-    run_dir, result = two_stages
-    out = result.stdout
+def test_each_stage_builds_only_its_layers_and_tied_weights_stay_equal(runs):
+    run_dir, out = runs["two_stages"].dir, runs["two_stages"].out
     stage_lines = [line for line in out.splitlines() if line.strip().startswith("stage ") and "parameters" in line]
     assert len(stage_lines) == 2 and "stage 1: layers 4-7" in out
     saves = [r for r in read_metrics(run_dir) if "checkpoint" in r]
     assert saves and all(r["tied_weight_max_diff"] == 0.0 for r in saves)
 
 
-def test_bf16_resume_is_exact(work):
+def test_bf16_resume_is_exact(runs):
     # bf16's optimizer state lives in other files than fp32's. (fp32 with dropout resumes exactly
     # after each fault of tests/unit/training/test_reliability.py, on 2 stages too.)
-    full, _ = run(work, "full_bf16", 2, 2, 2, 2, ds_extra=BF16)
-    part, _ = run(work, "part_bf16", 2, 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)
-    assert max(train_losses(part)) == 3
-    _, second = run(work, "part_bf16", 2, 2, 2, 2, "--load", str(part), ds_extra=BF16)
-    assert "resumed from" in second.stdout
+    full, part = runs["full_bf16"].dir, runs["part_bf16"].dir
+    assert "exit interval 3 reached at iteration 3" in runs["part_bf16"].out
+    assert "resumed from" in runs["part_bf16_resume"].out
     resumed = train_losses(part)
     assert resumed == train_losses(full), (resumed, train_losses(full))
 
 
-def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(work, two_stages):
+def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(runs):
     """--pipe-parallel-size 0: the whole model under DeepSpeed's plain engine, 2 data-parallel
     ranks with ZeRO-3 on the same global batches as 2 stages x 4 micro-batches. Rank 1 is
     killed (SIGKILL) while it writes its ZeRO-3 shards at iteration 4: that checkpoint is never
     loaded, and the run resumes from iteration 2."""
-    zero3 = dict(zero_optimization={"stage": 3})
-    part, first = run(work, "zero3", 2, 0, 2, 2, "--save-interval", "2", ds_extra=zero3, expect_ok=False,
-                      env={"GPTX_FAULT": "kill,save,4,1"})
-    assert first.returncode != 0 and (part / "latest").read_text() == "iter_0000002"
-    assert (part / "iter_0000004").is_dir() and not (part / "iter_0000004" / MANIFEST).exists()
-    assert "no pipeline: the whole model x 2 data-parallel, cpu, fp32, ZeRO-3" in first.stdout
-    _, second = run(work, "zero3", 2, 0, 2, 2, "--load", str(part), ds_extra=zero3)
-    assert "iter_0000002: iteration 2" in second.stdout
-    assert max_diff(train_losses(two_stages[0]), train_losses(part)) < PARITY_TOL
+    two_stages, killed = runs["two_stages"].dir, runs["zero3"]
+    part = killed.dir
+    assert killed.code != 0 and killed.latest == "iter_0000002"
+    assert killed.checkpoints == {"iter_0000002": True, "iter_0000004": False}
+    assert "no pipeline: the whole model x 2 data-parallel, cpu, fp32, ZeRO-3" in killed.out
+    assert "iter_0000002: iteration 2" in runs["zero3_resume"].out
+    assert max_diff(train_losses(two_stages), train_losses(part)) < PARITY_TOL
     # iteration 3's evaluation ran before the kill and again after the resume: the last one counts
-    val_a = {r["iter"]: r["val_loss"] for r in read_metrics(two_stages[0]) if "val_loss" in r}
+    val_a = {r["iter"]: r["val_loss"] for r in read_metrics(two_stages) if "val_loss" in r}
     val_b = {r["iter"]: r["val_loss"] for r in read_metrics(part) if "val_loss" in r}
     assert val_a.keys() == val_b.keys() == {3, 6} and max(abs(val_a[i] - val_b[i]) for i in val_a) < PARITY_TOL
     # The tools read its checkpoint like a pipeline's: the layer files gathered from the shards.
@@ -105,27 +152,24 @@ def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(work, two
 
     from gptx.training.consolidate import load_plain_model
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    a, _ = load_plain_model(two_stages[0])
+    a, _ = load_plain_model(two_stages)
     b, _ = load_plain_model(part)
     assert (a(ids) - b(ids)).abs().max().item() < 1e-4
 
 
-def test_two_stages_with_optimizer_offload_match_and_resume(work, two_stages):
+def test_two_stages_with_optimizer_offload_match_and_resume(runs):
     """ZeRO-1 with the optimizer on the host (DeepSpeedCPUAdam) through 2 pipeline stages. Rank 1
     is killed (SIGKILL) after iteration 3's step; the run resumes from its checkpoint of iteration 2."""
-    offload = dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}},
-                   optimizer={"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}})
-    part, first = run(work, "offload", 2, 2, 2, 4, "--save-interval", "2", ds_extra=offload, expect_ok=False,
-                      env={"GPTX_FAULT": "kill,step,3,1"})
-    assert first.returncode != 0 and (part / "latest").read_text() == "iter_0000002"
-    assert "ZeRO-1, optimizer offloaded to cpu" in first.stdout
-    _, second = run(work, "offload", 2, 2, 2, 4, "--load", str(part), ds_extra=offload)
-    assert "iter_0000002: iteration 2" in second.stdout
-    assert max_diff(train_losses(two_stages[0]), train_losses(part)) < PARITY_TOL
+    killed = runs["offload"]
+    assert killed.code != 0 and killed.latest == "iter_0000002"
+    assert "ZeRO-1, optimizer offloaded to cpu" in killed.out
+    assert "iter_0000002: iteration 2" in runs["offload_resume"].out
+    assert max_diff(train_losses(runs["two_stages"].dir), train_losses(killed.dir)) < PARITY_TOL
 
 
 def test_launcher_reports_bad_input_in_one_line(work):
-    _, result = run(work, "bad", 2, 2, 2, 2, "--lr-decay", "5", expect_ok=False)  # a flag that does not exist
+    # launch/pretrain.py itself under the launcher, with a flag that does not exist
+    result = launch(2, argv(work, "bad", 2, 2, 2, "--lr-decay", "5"), cwd=work[0])
     assert result.returncode != 0
     out = result.stdout + result.stderr
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -133,8 +177,8 @@ def test_launcher_reports_bad_input_in_one_line(work):
     assert "Traceback" not in out and "usage:" not in out  # not argparse's usage once per rank
 
 
-def test_a_two_stage_run_keeps_deepspeeds_noise_off_the_console(two_stages):
-    out = two_stages[1].stdout + two_stages[1].stderr
+def test_a_two_stage_run_keeps_deepspeeds_noise_off_the_console(runs):
+    out = runs["two_stages"].out
     # gptx/parallel/engine.py, defect 7: without the workaround every rank prints torch's multi-line warning.
     assert "c10d::broadcast_" not in out
     # DeepSpeed's start-up prints (shown with --ds-log-level info); gptx's lines say it with counts.
@@ -142,9 +186,8 @@ def test_a_two_stage_run_keeps_deepspeeds_noise_off_the_console(two_stages):
     assert "model.yaml': 4 layers, 2 heads, width 32, context 32, vocabulary 256; GPT-2 architecture" in out
 
 
-def test_a_run_says_how_long_it_will_take(two_stages):
-    run_dir, result = two_stages
-    out = result.stdout
+def test_a_run_says_how_long_it_will_take(runs):
+    run_dir, out = runs["two_stages"].dir, runs["two_stages"].out
     # The pace is taken from iteration 1's end (its warm-up left out) over 3 iterations, so the estimate
     # appears at iteration 4, once, and the console line carries it from then on.
     assert out.count(f"estimated time to iteration {ITERS}:") == 1
