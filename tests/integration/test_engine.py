@@ -5,7 +5,8 @@ import yaml
 
 from gptx.analysis.precision_check import Trace, max_loss_diff, max_norm_rel_diff
 from gptx.testing import CPU_FP16_ENV
-from tests.helpers.runs import MICRO_MODEL, REPO, launch, make_token_dir, pretrain_args, read_metrics
+from tests.helpers.runs import (MICRO_MODEL, REPO, launch, launch_sequence, make_token_dir, pretrain_args, read_metrics,
+                                sequence_code, sequence_output)
 from tests.unit.parallel.test_engine import BF16_LOSS_TOL, BF16_NORM_TOL, LOSS_TOL, NORM_TOL, write_ds
 
 
@@ -39,15 +40,17 @@ def test_the_shipped_gpu_fp16_config_trains_like_fp32_on_two_stages(tmp_path):
     fp32_json = json.loads(shipped.read_text())
     del fp32_json["fp16"]
     fp32_path = write_ds(tmp_path, "fp32", fp32_json)
+    plan = [{"name": name, "env": {CPU_FP16_ENV: "1"},
+             "argv": pretrain_args(data, model, ds, tmp_path / name, 2, 6, "--eval-interval", "0", "--log-interval", "1")}
+            for name, ds in (("fp16", shipped), ("fp32", fp32_path))]
+    result = launch_sequence(2, plan, tmp_path / "logs")  # both runs in one launch
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = {}
-    for name, ds in (("fp16", shipped), ("fp32", fp32_path)):
-        result = launch(2, pretrain_args(data, model, ds, tmp_path / name, 2, 6, "--eval-interval", "0",
-                                         "--log-interval", "1"),
-                        cwd=tmp_path, env={CPU_FP16_ENV: "1"})
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("fp16", "fp32"):
+        assert sequence_code(tmp_path / "logs", name) == 0, sequence_output(tmp_path / "logs", name)[-3000:]
         runs[name] = [r for r in read_metrics(tmp_path / name) if "loss" in r]
-        if name == "fp16":
-            assert ", fp16, " in result.stdout and "gptx does (see gptx/parallel/engine.py)" in result.stdout
+    out = sequence_output(tmp_path / "logs", "fp16")
+    assert ", fp16, " in out and "gptx does (see gptx/parallel/engine.py)" in out
     fp16, fp32 = runs["fp16"], runs["fp32"]
     assert [r["iter"] for r in fp16] == [r["iter"] for r in fp32] == list(range(1, 7))
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(fp16, fp32)) < LOSS_TOL
