@@ -41,7 +41,8 @@ def test_the_shipped_gpu_fp16_config_trains_like_fp32_on_two_stages(tmp_path):
     del fp32_json["fp16"]
     fp32_path = write_ds(tmp_path, "fp32", fp32_json)
     plan = [{"name": name, "env": {CPU_FP16_ENV: "1"},
-             "argv": pretrain_args(data, model, ds, tmp_path / name, 2, 6, "--eval-interval", "0", "--log-interval", "1")}
+             "argv": pretrain_args(data, model, ds, tmp_path / name, 2, 6, "--eval-interval", "0",
+                                   "--log-interval", "1")}
             for name, ds in (("fp16", shipped), ("fp32", fp32_path))]
     result = launch_sequence(2, plan, tmp_path / "logs")  # both runs in one launch
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

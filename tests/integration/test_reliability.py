@@ -9,7 +9,7 @@ import pytest
 
 from gptx.parallel.engine import release_shared_memory
 from gptx.training.checkpoint import MANIFEST
-from tests.helpers.runs import launch, launcher_command, read_metrics, train_losses
+from tests.helpers.runs import launch, launch_sequence, launcher_command, sequence_code, sequence_output, train_losses
 from tests.unit.training.test_reliability import CURRICULUM, ITERS, args, small_fs, work  # noqa: F401 (fixtures)
 
 
@@ -41,24 +41,6 @@ def rank_pid(proc, local_rank: int) -> int:
     raise AssertionError("rank process not found")
 
 
-@pytest.fixture(scope="module")
-def full_run(work):
-    run = work[0] / "full"
-    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM), cwd=work[0])
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "iter      7 | sequence length 32" in result.stdout and "iter      9 | batch size 4 sequences" in result.stdout
-    return train_losses(run)
-
-
-def resume_and_compare(work, run, full_losses, expect_from: int):
-    result = launch(2, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, "--load", str(run)), cwd=work[0])
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert f"iter_{expect_from:07d}: iteration {expect_from}" in result.stdout
-    # The losses of the resumed iterations equal the uninterrupted run's.
-    resumed = {r["iter"]: r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] > expect_from}
-    assert resumed == {i: full_losses[i] for i in range(expect_from + 1, ITERS + 1)}
-
-
 def faulted_run(work, run, env=None, until=None, fault=None, extra=()) -> tuple[int, str]:
     """A 2-stage run under the real launcher; `fault(proc)` once a line containing `until` is out."""
     proc, port = popen(work, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, *extra), env)
@@ -72,14 +54,58 @@ def faulted_run(work, run, env=None, until=None, fault=None, extra=()) -> tuple[
         release_shared_memory(port)
 
 
-def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_exit_0(work, full_run):
-    run = work[0] / "sigterm"
-    code, out = faulted_run(work, run, until="iter      3 |",
-                            fault=lambda proc: os.kill(rank_pid(proc, 1), signal.SIGTERM))
+def run_step(work, name, run, *extra, fault=None):
+    return {"name": name, "argv": args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, *extra),
+            "env": {"GPTX_FAULT": fault} if fault else {}}
+
+
+@pytest.fixture(scope="module")
+def faults(work):
+    """The uninterrupted run, three faults and their three resumes, in five launches: the run and
+    the kill inside a checkpoint write (the last of its launch) together, SIGTERM and kill -9
+    each from outside, then the three resumes together (tests/helpers/pretrain_sequence.py).
+    What each fault left is recorded before the resumes write over it."""
+    tmp = work[0]
+    runs = {name: tmp / name for name in ("full", "kill_in_save", "sigterm", "kill9")}
+    first = launch_sequence(2, [run_step(work, "full", runs["full"]),
+                                run_step(work, "kill_in_save", runs["kill_in_save"], fault="kill,save,4,1")],
+                            tmp / "logs_first")
+    full_out = sequence_output(tmp / "logs_first", "full")
+    assert sequence_code(tmp / "logs_first", "full") == 0, full_out[-3000:]
+    assert "iter      7 | sequence length 32" in full_out and "iter      9 | batch size 4 sequences" in full_out
+    found = {"full": train_losses(runs["full"]),
+             "kill_in_save": dict(code=first.returncode, out=sequence_output(tmp / "logs_first", "kill_in_save"))}
+    found["sigterm"] = dict(zip(("code", "out"), faulted_run(
+        work, runs["sigterm"], until="iter      3 |", fault=lambda proc: os.kill(rank_pid(proc, 1), signal.SIGTERM))))
+    found["kill9"] = dict(zip(("code", "out"), faulted_run(
+        work, runs["kill9"], until="iter      5 |", fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))))
+    for name in ("kill_in_save", "sigterm", "kill9"):  # before the resumes write over it
+        found[name].update(latest=(runs[name] / "latest").read_text(),
+                           checkpoints={p.name: (p / MANIFEST).exists() for p in runs[name].glob("iter_*")})
+    faulted = ("kill_in_save", "sigterm", "kill9")
+    result = launch_sequence(2, [run_step(work, name, runs[name], "--load", str(runs[name])) for name in faulted],
+                             tmp / "logs_resumed")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in faulted:
+        out = sequence_output(tmp / "logs_resumed", name)
+        assert sequence_code(tmp / "logs_resumed", name) == 0, out[-3000:]
+        found[name].update(resumed_out=out, losses=train_losses(runs[name]))
+    return found
+
+
+def assert_resumed_exactly(faults, name, expect_from: int):
+    assert f"iter_{expect_from:07d}: iteration {expect_from}" in faults[name]["resumed_out"]
+    # The losses of the resumed iterations equal the uninterrupted run's.
+    resumed = {i: loss for i, loss in faults[name]["losses"].items() if i > expect_from}
+    assert resumed == {i: faults["full"][i] for i in range(expect_from + 1, ITERS + 1)}
+
+
+def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_exit_0(faults):
+    code, out = faults["sigterm"]["code"], faults["sigterm"]["out"]
     assert code == 0, out[-3000:]
     stopped_at = int(out.split("stopped by SIGTERM at iteration ")[1].split(";")[0])
-    assert stopped_at < ITERS and (run / "latest").read_text() == f"iter_{stopped_at:07d}"
-    resume_and_compare(work, run, full_run, stopped_at)
+    assert stopped_at < ITERS and faults["sigterm"]["latest"] == f"iter_{stopped_at:07d}"
+    assert_resumed_exactly(faults, "sigterm", stopped_at)
 
 
 def test_ctrl_c_stops_every_rank_with_a_checkpoint(work):
@@ -94,22 +120,19 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(work):
     assert code in (-signal.SIGINT, 1), out[-3000:]
 
 
-def test_kill_9_of_everything_loses_only_the_iterations_since_the_last_checkpoint(work, full_run):
-    run = work[0] / "kill9"
-    code, out = faulted_run(work, run, until="iter      5 |", fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))
-    assert code == -signal.SIGKILL
-    latest = int((run / "latest").read_text().split("_")[1])
+def test_kill_9_of_everything_loses_only_the_iterations_since_the_last_checkpoint(faults):
+    assert faults["kill9"]["code"] == -signal.SIGKILL
+    latest = int(faults["kill9"]["latest"].split("_")[1])
     assert latest >= 4
-    resume_and_compare(work, run, full_run, latest)
+    assert_resumed_exactly(faults, "kill9", latest)
 
 
-def test_kill_9_during_a_checkpoint_write_is_never_loaded(work, full_run):
-    run = work[0] / "kill_in_save"
-    code, out = faulted_run(work, run, env={"GPTX_FAULT": "kill,save,4,1"})
-    assert code != 0, out[-3000:]
-    assert (run / "iter_0000004").is_dir() and not (run / "iter_0000004" / MANIFEST).exists()
-    assert (run / "latest").read_text() == "iter_0000002"
-    resume_and_compare(work, run, full_run, 2)
+def test_kill_9_during_a_checkpoint_write_is_never_loaded(faults):
+    killed = faults["kill_in_save"]
+    assert killed["code"] != 0, killed["out"][-3000:]
+    assert killed["checkpoints"] == {"iter_0000002": True, "iter_0000004": False}
+    assert killed["latest"] == "iter_0000002"
+    assert_resumed_exactly(faults, "kill_in_save", 2)
 
 
 def test_a_rank_that_raises_ends_the_whole_run_quickly(work):
