@@ -6,7 +6,6 @@ tokens, against gptx's evaluator for perplexity, and (plain GPT-2 shape) against
 """
 import json
 import math
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -21,7 +20,6 @@ from gptx.errors import ConfigError
 from gptx.interop.evaluate import evaluate_tokens
 from gptx.model.gpt import GPT
 from gptx.training.consolidate import save_weights_only
-from tests.helpers.runs import REPO
 
 lm_eval = pytest.importorskip("lm_eval", reason="needs the eval extra: pip install -e '.[eval]'")
 
@@ -184,20 +182,22 @@ def test_lm_eval_gives_the_hf_models_numbers_on_the_export(setup):
     assert math.isfinite(ours["gptx_rolling"]["bits_per_byte,none"]) and ours["gptx_rolling"]["bits_per_byte,none"] > 0
 
 
-def test_a_variant_evaluates_through_the_command_line_beyond_its_training_context(setup, tmp_path):
+def test_a_variant_evaluates_through_the_command_line_beyond_its_training_context(setup, tmp_path, monkeypatch,
+                                                                                  capfd):
+    from gptx.cli.lm_eval import run_lm_eval
     tmp, runs = setup
     out = tmp_path / "results"
-    cmd = [sys.executable, str(REPO / "tools" / "lm_eval_harness.py"), "--model", "gptx",
-           "--model_args", f"load={runs['alibi']},max_length=64", "--batch_size", "4", "--device", "cpu",
-           "--tasks", "gptx_lastword,gptx_choice,gptx_rolling,gptx_generate",
-           "--include_path", str(tmp / "tasks"), "--output_path", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # lm-eval's command line reads sys.argv
+    code = run_lm_eval(["--model", "gptx", "--model_args", f"load={runs['alibi']},max_length=64", "--batch_size", "4",
+                        "--device", "cpu", "--tasks", "gptx_lastword,gptx_choice,gptx_rolling,gptx_generate",
+                        "--include_path", str(tmp / "tasks"), "--output_path", str(out)])
+    err = capfd.readouterr().err
+    assert code == 0, err[-3000:]
     (report,) = out.rglob("results_*.json")
     results = json.loads(report.read_text())["results"]
     assert set(results) == {"gptx_lastword", "gptx_choice", "gptx_rolling", "gptx_generate"}
     assert 0 <= results["gptx_choice"]["acc,none"] <= 1 and results["gptx_rolling"]["word_perplexity,none"] > 1
-    assert "gptx generate_until" in result.stderr  # the progress bars
+    assert "gptx generate_until" in err  # the progress bars
 
 
 def test_bad_model_args_are_one_line(setup, capsys):
