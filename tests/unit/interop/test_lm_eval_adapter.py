@@ -99,6 +99,17 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
 
 
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """lm-eval's command line indexes every built-in task's YAML (seconds) before it reads
+    --include_path; these tests' tasks are all local, so its TaskManager skips the built-ins."""
+    import functools
+
+    import lm_eval.tasks
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))
+
+
 def requests(*args):
     return [SimpleNamespace(args=a) for a in args]
 
@@ -170,7 +181,8 @@ def test_lm_eval_gives_the_hf_models_numbers_on_the_export(setup):
 
     def evaluate(model, model_args):
         out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, device="cpu",
-                                      task_manager=TaskManager(include_path=str(tmp / "tasks")), batch_size=2)
+                                      task_manager=TaskManager(include_path=str(tmp / "tasks"), include_defaults=False),
+                                      batch_size=2)
         return {t: {k: v for k, v in out["results"][t].items() if "," in k and "stderr" not in k} for t in tasks}
     ours = evaluate("gptx", f"load={runs['plain']}")
     hf = evaluate("hf", f"pretrained={tmp / 'hf'},dtype=float32")
@@ -183,7 +195,7 @@ def test_lm_eval_gives_the_hf_models_numbers_on_the_export(setup):
 
 
 def test_a_variant_evaluates_through_the_command_line_beyond_its_training_context(setup, tmp_path, monkeypatch,
-                                                                                  capfd):
+                                                                                  capfd, local_tasks_only):
     from gptx.cli.lm_eval import run_lm_eval
     tmp, runs = setup
     out = tmp_path / "results"
@@ -200,7 +212,7 @@ def test_a_variant_evaluates_through_the_command_line_beyond_its_training_contex
     assert "gptx generate_until" in err  # the progress bars
 
 
-def test_bad_model_args_are_one_line(setup, capsys):
+def test_bad_model_args_are_one_line(setup, capsys, local_tasks_only):
     from gptx.cli.lm_eval import run_lm_eval
     _, runs = setup
     assert run_lm_eval(["--model", "gptx", "--model_args", f"load={runs['plain']},max_length=64", "--device", "cpu",
