@@ -47,6 +47,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.launcher)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_group_for_a_world_of_one():
+    """In this process every world has one rank, so every group DeepSpeed makes (the pipeline
+    grid's, ZeRO's, a clone of the world) holds the same one rank as the world: it gets the
+    world group itself. Each new gloo group would otherwise keep a thread that polls its
+    sockets for the rest of the session, destroyed or not: a few hundred engines leave enough
+    of them to take both of CI's cores, and every later test, launcher tests included, runs at
+    a fraction of its speed."""
+    import torch.distributed as dist
+    make_group = dist.new_group
+
+    def new_group(ranks=None, *args, **kwargs):
+        if dist.is_initialized() and dist.get_world_size() == 1:
+            return dist.group.WORLD
+        return make_group(ranks, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dist, "new_group", new_group)
+        yield
+
+
 @pytest.fixture(scope="session")
 def dist_world1():
     """torch.distributed with one gloo rank in this process, as PipelineModule needs."""
