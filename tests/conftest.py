@@ -33,7 +33,7 @@ def _collect_then_freeze():
     """Each module starts by collecting this process's garbage once and moving every live object
     out of the collector's sight (gc.freeze). Every engine release (gptx's and DeepSpeed's own
     gc.collect calls) then scans only what the module made since, not the whole of pytest,
-    torch, DeepSpeed and every test before it: a third of an engine test's time otherwise."""
+    torch, DeepSpeed and every test before it."""
     import gc
     gc.unfreeze()
     gc.collect()

@@ -1,7 +1,6 @@
 """Model FLOPs per token and the hardware peak they are measured against (for MFU)."""
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
@@ -72,18 +71,22 @@ def mfu(tokens_per_sec: float, cfg: ModelConfig, peak_per_device: float | None, 
     return tokens_per_sec * flops_per_token(cfg) / (peak_per_device * devices)
 
 
+MEASURED_CPU_PEAKS: dict[int, float] = {}  # thread count -> FLOP/s, measured once per process
+
+
 def peak_flops(device: str, precision: str) -> float | None:
     """Peak FLOP/s of one device: a datasheet table for GPUs, a short measurement for CPUs."""
     if device == "cuda":
         return gpu_peak(torch.cuda.get_device_name(), precision, torch.backends.cuda.matmul.allow_tf32)
-    return measured_cpu_matmul_flops(torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if threads not in MEASURED_CPU_PEAKS:  # a property of the host and the thread count
+        MEASURED_CPU_PEAKS[threads] = measured_cpu_matmul_flops()
+    return MEASURED_CPU_PEAKS[threads]
 
 
-@functools.cache  # a property of the host and the thread count: measured once per process
-def measured_cpu_matmul_flops(threads: int, n: int = 1024, seconds: float = 0.15, trials: int = 4) -> float:
-    """Sustained fp32 matmul FLOP/s with `threads` threads (this process's count, which the
-    cache is keyed on): the best of a few short trials, since a busy neighbour only ever makes a
-    trial slower."""
+def measured_cpu_matmul_flops(n: int = 1024, seconds: float = 0.15, trials: int = 4) -> float:
+    """Sustained fp32 matmul FLOP/s with this process's thread count: the best of a few short
+    trials, since a busy neighbour only ever makes a trial slower."""
     with torch.random.fork_rng(devices=[]):  # leave the training RNG (dropout) untouched
         a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up

@@ -133,6 +133,6 @@ def sequence_output(folder: Path, name: str) -> str:
 
 
 def sequence_code(folder: Path, name: str) -> int | None:
-    """A run's exit code (the largest over its ranks), or None where a rank never finished it."""
+    """A run's exit code: the largest over the ranks that finished it, or None where none did."""
     codes = [int(p.read_text()) for p in folder.glob(f"{name}.rank*.code")]
     return max(codes) if codes else None

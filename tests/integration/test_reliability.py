@@ -61,7 +61,7 @@ def run_step(work, name, run, *extra, fault=None):
 
 @pytest.fixture(scope="module")
 def faults(work):
-    """The uninterrupted run, three faults and their three resumes, in five launches: the run and
+    """The uninterrupted run, three faults and their three resumes, in four launches: the run and
     the kill inside a checkpoint write (the last of its launch) together, SIGTERM and kill -9
     each from outside, then the three resumes together (tests/helpers/pretrain_sequence.py).
     What each fault left is recorded before the resumes write over it."""

@@ -27,11 +27,11 @@ OFFLOAD = dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "c
                optimizer={"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}})
 
 
-def argv(work, name, pipe, micro, accum, *extra, ds_extra=None, save=None):
+def argv(work, name, pipe, micro, accum, *extra, ds_extra=None):
     tmp, data, model = work
     ds = write_ds_config(tmp / f"{name}.json", micro=micro, accum=accum, **(ds_extra or {}))
     return ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds),
-            "--save", str(tmp / (save or name)), "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS),
+            "--save", str(tmp / name), "--pipe-parallel-size", str(pipe), "--train-iters", str(ITERS),
             "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1", "--lr", "3e-3", "--warmup-iters", "2",
             *extra]
 
