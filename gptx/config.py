@@ -131,6 +131,9 @@ class TrainConfig:
     partition_method: str = "parameters"
     """How layers are split over stages: DeepSpeed's parameters, uniform or type:REGEX, or
     compute (balances estimated FLOPs per layer: the head weighs more, embeddings nothing)."""
+    pipeline_schedule: str = "1f1b"
+    """The pipeline's training schedule: 1f1b (DeepSpeed's) or zb-h1 (zero bubble: weight gradients
+    deferred into idle time, gptx/parallel/zero_bubble.py)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every this many layers in backward (0: off)."""
     compile_blocks: bool = False
@@ -428,6 +431,11 @@ def validate(cfg: Config) -> None:
     if not (method in ("parameters", "uniform", "compute") or (method.startswith("type:") and len(method) > 5)):
         raise ConfigError(f"train.partition_method: expected parameters, uniform, compute or type:REGEX, "
                           f"got '{t.partition_method}'")
+    if t.pipeline_schedule not in ("1f1b", "zb-h1"):
+        raise ConfigError(f"train.pipeline_schedule: expected 1f1b or zb-h1, got '{t.pipeline_schedule}'")
+    if t.pipeline_schedule == "zb-h1" and (t.pipe_parallel_size == 0 or t.compile_blocks):
+        raise ConfigError("train.pipeline_schedule zb-h1 needs the pipeline engine (pipe_parallel_size >= 1) "
+                          "and eager blocks (compile_blocks: false)")
     n_specs = n_pipeline_layers(m)
     if t.pipe_parallel_size > n_specs:
         raise ConfigError(f"train.pipe_parallel_size ({t.pipe_parallel_size}) exceeds the {n_specs} pipeline "

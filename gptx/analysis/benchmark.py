@@ -32,7 +32,7 @@ CATEGORIES = {
     "ForwardPass": "forward", "BackwardPass": "backward", "OptimizerStep": "optimizer",
     "ReduceGrads": "grad all-reduce", "ReduceTiedGrads": "grad all-reduce", "LoadMicroBatch": "load batch",
     "SendActivation": "send/recv", "RecvActivation": "send/recv", "SendGrad": "send/recv",
-    "RecvGrad": "send/recv",
+    "RecvGrad": "send/recv", "WeightPass": "weight (W)",
 }
 
 

@@ -44,7 +44,7 @@ import io
 import math
 import os
 import sys
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from gptx.config import Config
 from gptx.errors import GptxError
+from gptx.parallel.zero_bubble import use_zero_bubble
 from gptx.testing import allow_cpu_fp16
 from gptx.training.schedule import WarmupCosine, schedule_of
 
@@ -72,6 +73,7 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
 
     from gptx.parallel.pipeline import build_pipeline
     allow_cpu_fp16()
+    _ask_py_cpuinfo_once()
     if cfg.train.pipe_parallel_size == 0:
         return _build_data_parallel_engine(cfg, ds_config, show_deepspeed_prints)
     with deepspeed_prints(show_deepspeed_prints):
@@ -82,6 +84,8 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
         with _arch_list_deepspeed_can_parse():
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                    config=ds_config, lr_scheduler=schedule)
+    if cfg.train.pipeline_schedule == "zb-h1":
+        use_zero_bubble(engine, model.weight_grad_store)
     if engine.fp16_enabled():
         _ensure_loss_is_scaled(engine)
         _undo_construction_step(engine)
@@ -116,6 +120,20 @@ def _tied_weight_sync_without_autograd(module) -> None:
         with torch.no_grad():
             sync()
     module._synchronize_tied_weights = sync_without_autograd
+
+
+def _ask_py_cpuinfo_once() -> None:
+    """Defect 9: py-cpuinfo's answer kept for the process (the CPU does not change under it);
+    each caller gets its own copy of the dict."""
+    import cpuinfo
+    if getattr(cpuinfo.get_cpu_info, "asks_once", False):
+        return
+    answer = cache(cpuinfo.get_cpu_info)
+
+    def get_cpu_info() -> dict:
+        return dict(answer())
+    get_cpu_info.asks_once = True
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 ARCH_LIST_ENV = "TORCH_CUDA_ARCH_LIST"

@@ -20,6 +20,7 @@ from gptx.errors import ConfigError
 from gptx.model.flops import layer_flops_per_token
 from gptx.model.fused_loss import FusedLMLoss
 from gptx.model.gpt import layer_specs, lm_loss
+from gptx.parallel.zero_bubble import WeightGradStore, defer_weight_grads
 
 # Only blocks are recomputed under activation checkpointing: the embedding's input
 # (token ids) has no gradient, and the head is cheap to keep.
@@ -154,6 +155,9 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     )
     if t.compile_blocks:
         compile_blocks(pipe.forward_funcs)
+    if t.pipeline_schedule == "zb-h1":
+        pipe.weight_grad_store = WeightGradStore()
+        defer_weight_grads(pipe.forward_funcs, pipe.weight_grad_store)
     return pipe
 
 

@@ -1,0 +1,157 @@
+"""1F1B against ZB-H1 on the same pipeline, measured side by side in one process group.
+
+For each number of micro-batches m, `compare_schedules()` builds the same model twice (same
+seeds, same random batches), once per schedule, and times their iterations alternately, each
+round starting with the other one, so that drift in the machine's speed hits both alike. An
+iteration's time is the slowest rank's (every rank starts it together). Then, per schedule and
+stage: the time in each pipeline instruction (idle is the time spent in send/recv, which holds
+the wait for the neighbour), and the most bytes the step allocated (AllocatedPeak on a CPU,
+torch's peak allocated on a GPU). The theory beside it is `gptx.parallel.zero_bubble.step_time`
+with the F, B and W the ZB-H1 engine measured (means over stages, per micro-batch) plus the
+optimizer and reduction time both schedules share.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from gptx.analysis.benchmark import AllocatedPeak, InstructionTimer, random_batches, sync_device
+from gptx.analysis.precision_check import release
+from gptx.config import Config
+from gptx.parallel.ds_config import BatchLayout
+from gptx.parallel.engine import build_engine, check_step
+from gptx.parallel.zero_bubble import SCHEDULES, step_time, trace
+
+SHARED = ("optimizer", "grad all-reduce")  # per step, the same work under either schedule
+
+
+def compare_schedules(cfg: Config, ds_config: dict, layout: BatchLayout, micro_batches: list[int], iters: int,
+                      warmup: int, breakdown_iters: int, seed: int = 0) -> dict | None:
+    """Collective. Returns the report on global rank 0, None elsewhere."""
+    results = []
+    for m in micro_batches:
+        ds = dict(ds_config, gradient_accumulation_steps=m, train_batch_size=layout.micro_batch * layout.dp_size * m)
+        engines, steps = {}, {}
+        for schedule in SCHEDULES:
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pipeline_schedule=schedule))
+            engine = engines[schedule] = build_engine(c, ds)
+            steps[schedule] = _stepper(engine, random_batches(cfg, layout.micro_batch,
+                                                              seed + engine.grid.get_data_parallel_rank()))
+        device = _device(engines["1f1b"])
+        for schedule in SCHEDULES:
+            for _ in range(warmup):
+                steps[schedule]()
+        times = {s: [] for s in SCHEDULES}
+        for i in range(iters):
+            for schedule in (SCHEDULES if i % 2 == 0 else SCHEDULES[::-1]):
+                dist.barrier()
+                sync_device(device)
+                start = time.perf_counter()
+                steps[schedule]()
+                sync_device(device)
+                times[schedule].append(time.perf_counter() - start)
+        mine = {"stage": engines["1f1b"].stage_id, "dp_rank": engines["1f1b"].grid.get_data_parallel_rank(),
+                "times": times, "seconds": {}, "peak": {}}
+        for schedule in SCHEDULES:
+            mine["peak"][schedule] = _step_peak(steps[schedule], device)
+            mine["seconds"][schedule] = _breakdown(engines[schedule], steps[schedule], breakdown_iters, device)
+        for engine in engines.values():
+            release(engine)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        results.append((m, gathered))
+    if dist.get_rank() != 0:
+        return None
+    stages = cfg.train.pipe_parallel_size
+    return {"model": cfg.name, "stages": stages, "data_parallel_size": layout.dp_size,
+            "micro_batch": layout.micro_batch, "seq_len": cfg.model.seq_len, "iters": iters,
+            "rows": [_row(m, gathered, stages) for m, gathered in results]}
+
+
+def _stepper(engine, batches):
+    def step() -> float:
+        loss = float(engine.train_batch(batches))
+        check_step(engine)
+        return loss
+    return step
+
+
+def _device(engine) -> torch.device:
+    return engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+
+
+def _step_peak(step, device) -> int:
+    """The most bytes one iteration allocated beyond what was held before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
+    with AllocatedPeak() as peak:
+        step()
+    return peak.bytes
+
+
+def _breakdown(engine, step, iters: int, device) -> dict[str, float]:
+    """Seconds per iteration in each instruction category, and in the whole iteration ("iteration")."""
+    timer = InstructionTimer(engine)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync_device(device)
+    wall = time.perf_counter() - start
+    timer.remove()
+    return {**{k: v / iters for k, v in timer.totals.items()}, "iteration": wall / iters}
+
+
+def _row(m: int, gathered: list[dict], stages: int) -> dict:
+    first = {s: min((g for g in gathered if g["stage"] == s), key=lambda g: g["dp_rank"]) for s in range(stages)}
+    zb = [first[s]["seconds"]["zb-h1"] for s in range(stages)]
+    f, b, w = (statistics.mean(x[k] for x in zb) / m for k in ("forward", "backward", "weight (W)"))
+    shared = statistics.mean(sum(first[s]["seconds"]["1f1b"][k] for k in SHARED) for s in range(stages))
+    row = {"micro_batches": m, "f_s": f, "b_s": b, "w_s": w, "shared_s": shared, "schedules": {}}
+    for schedule in SCHEDULES:
+        slowest = [max(g["times"][schedule][i] for g in gathered) for i in range(len(gathered[0]["times"][schedule]))]
+        pipeline = step_time(schedule, stages, m, f, b, w)
+        row["schedules"][schedule] = {
+            "step_s": statistics.median(slowest), "theory_s": pipeline + shared,
+            "idle": [first[s]["seconds"][schedule]["send/recv"] / first[s]["seconds"][schedule]["iteration"]
+                     for s in range(stages)],
+            "theory_idle": 1 - m * (f + b + w) / pipeline,
+            "peak_bytes": [max(g["peak"][schedule] for g in gathered if g["stage"] == s) for s in range(stages)]}
+    one, zero = row["schedules"]["1f1b"], row["schedules"]["zb-h1"]
+    row["speedup"] = one["step_s"] / zero["step_s"]
+    row["theory_speedup"] = one["theory_s"] / zero["theory_s"]
+    return row
+
+
+def render_text(r: dict, show_trace: bool = True) -> str:
+    mib = 2 ** 20
+    lines = [f"{r['model']}: {r['stages']} stages x {r['data_parallel_size']} data-parallel, micro-batch "
+             f"{r['micro_batch']} x {r['seq_len']} tokens; median of {r['iters']} alternated iterations, the "
+             f"slowest rank's; theory: F, B, W measured under ZB-H1 (per micro-batch, mean of the stages) + "
+             f"optimizer and reductions",
+             "   m  schedule  step ms  theory ms  " + "  ".join(f"stage {s} idle (theory)  peak MiB"
+                                                            for s in range(r["stages"]))]
+    for row in r["rows"]:
+        for schedule, x in row["schedules"].items():
+            cells = "  ".join(f"{100 * idle:5.1f}% ({100 * x['theory_idle']:4.1f}%)  {peak / mib:8.2f}"
+                              for idle, peak in zip(x["idle"], x["peak_bytes"]))
+            lines.append(f"{row['micro_batches']:4d}  {schedule:8s}  {x['step_s'] * 1e3:7.1f}  "
+                         f"{x['theory_s'] * 1e3:9.1f}  {cells}")
+        lines.append(f"      ZB-H1 {100 * (row['speedup'] - 1):+.1f}% faster than 1F1B (theory "
+                     f"{100 * (row['theory_speedup'] - 1):+.1f}%); F {row['f_s'] * 1e3:.1f} ms, B "
+                     f"{row['b_s'] * 1e3:.1f} ms, W {row['w_s'] * 1e3:.1f} ms per micro-batch")
+    if show_trace and r["rows"]:
+        row = r["rows"][min(1, len(r["rows"]) - 1)]
+        for schedule in SCHEDULES:
+            lines.append(f"{schedule} at m = {row['micro_batches']}, from the measured F, B and W "
+                         f"(one column per {1e3 * min(row['f_s'], row['b_s'], row['w_s']):.1f} ms):")
+            lines.append(trace(schedule, r["stages"], row["micro_batches"], row["f_s"], row["b_s"], row["w_s"]))
+    return "\n".join(lines)
