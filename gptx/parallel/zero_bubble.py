@@ -23,10 +23,13 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, OptimizerStep, PipeInstruction,
-                                             ReduceTiedGrads, SendActivation, SendGrad, TrainSchedule)
+                                             ReduceTiedGrads, SendActivation, SendGrad,
+                                             TrainSchedule)
 
 from gptx.model.layers import Block
 
@@ -59,13 +62,11 @@ class WeightGradStore:
     def pending(self) -> int:
         return len(self._waiting)
 
-    def take_oldest(self) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
-        """The weights of the oldest waiting micro-batch and their gradients, one per weight."""
-        grads: dict[nn.Parameter, torch.Tensor] = {}
+    def oldest(self):
+        """(weight, its gradient) for each linear layer of the oldest waiting micro-batch, computed one
+        at a time, so that only one layer's weight gradient exists before it is accumulated."""
         for weight, x, grad_y in self._waiting.popleft():
-            g = weight_grad(x, grad_y)
-            grads[weight] = grads[weight] + g if weight in grads else g
-        return list(grads), list(grads.values())
+            yield weight, weight_grad(x, grad_y)
 
 
 def weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,7 @@ class ZeroBubbleH1(TrainSchedule):
                 cmds[at:at] = [WeightPass() for _ in range(self.micro_batches - weights)]
                 yield cmds
                 continue
-            if owed:  # the previous step's backward: after its gradient has gone, before any wait
+            if owed:  # the previous step's backward: after this step's sends, before it waits for anything
                 at = 0
                 while at < len(cmds) and isinstance(cmds[at], (SendGrad, SendActivation)):
                     at += 1
@@ -150,9 +151,11 @@ def schedule_class(name: str) -> type[TrainSchedule]:
 
 
 def use_zero_bubble(engine: PipelineEngine, store: WeightGradStore) -> None:
-    """Train `engine` on ZB-H1: its backward passes defer the stores' weight gradients and the
-    W instruction computes them. The instruction map and the schedule are replaced on this engine
-    only; everything else (reductions, clipping, loss scaling, checkpoints) is DeepSpeed's."""
+    """Train `engine` on ZB-H1: its backward passes defer the store's weight gradients, the W
+    instruction computes them, and its sends do not wait for the receiver. The instruction map, the
+    schedule and `_exec_schedule` are replaced on this engine only; everything else (reductions,
+    clipping, loss scaling, checkpoints) is DeepSpeed's."""
+    in_flight: list = []  # (work, tensor) of sends not yet known to be complete
 
     def backward_input(eng, buffer_id):
         grad_layer = eng.grad_layer
@@ -165,7 +168,6 @@ def use_zero_bubble(engine: PipelineEngine, store: WeightGradStore) -> None:
         store.end_micro_batch()
 
     def weight_pass(eng):
-        weights, grads = store.take_oldest()
         bf16 = eng.using_bf16_optimizer
         if bf16:  # as DeepSpeed's own backward pass does around the autograd call
             eng.optimizer.clear_lp_grads()
@@ -173,13 +175,43 @@ def use_zero_bubble(engine: PipelineEngine, store: WeightGradStore) -> None:
         # (accumulated into .grad, DeepSpeed's gradient hooks run).
         eng._running_engine_backward = True
         try:
-            torch.autograd.backward(weights, grads)
+            for weight, grad in store.oldest():
+                torch.autograd.backward(weight, grad)
         finally:
             eng._running_engine_backward = False
         if bf16 and not eng._config.bfloat16_config.immediate_grad_update:
             eng.optimizer.update_hp_grads(clear_lp_grads=False)
 
-    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, BackwardPass: backward_input, WeightPass: weight_pass}
+    def without_waiting(send):
+        # DeepSpeed's p2p.send blocks until the neighbour receives (it refuses async_op): a stage
+        # would then wait, instead of running a W, for a neighbour that is still computing. Its send
+        # instructions run with p2p.send as an isend; the tensors are held until the sends complete.
+        def run(eng, buffer_id):
+            blocking = p2p.send
+
+            def isend(tensor, dest_stage, async_op=False):
+                in_flight.append((dist.isend(tensor, eng.grid.stage_to_global(dest_stage)), tensor))
+            p2p.send = isend
+            try:
+                send(eng, buffer_id)
+            finally:
+                p2p.send = blocking
+            in_flight[:] = [(work, t) for work, t in in_flight if not work.is_completed()]
+        return run
+
+    def exec_schedule(pipe_schedule):
+        try:
+            PipelineEngine._exec_schedule(engine, pipe_schedule)
+        finally:
+            for work, _ in in_flight:
+                work.wait()
+            in_flight.clear()
+
+    engine._INSTRUCTION_MAP = {
+        **engine._INSTRUCTION_MAP, BackwardPass: backward_input, WeightPass: weight_pass,
+        SendActivation: without_waiting(PipelineEngine._exec_send_activations),
+        SendGrad: without_waiting(PipelineEngine._exec_send_grads)}
+    engine._exec_schedule = exec_schedule
     engine._train_schedule = lambda: ZeroBubbleH1(micro_batches=engine.micro_batches, stages=engine.num_stages,
                                                   stage_id=engine.stage_id)
 

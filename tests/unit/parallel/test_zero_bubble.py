@@ -4,8 +4,8 @@ Several stages and data-parallel replicas: tests/integration/test_zero_bubble.py
 import pytest
 import torch
 import torch.nn as nn
-from deepspeed.runtime.pipe.schedule import (BackwardPass, OptimizerStep, ReduceGrads, ReduceTiedGrads,
-                                             SendGrad, TrainSchedule)
+from deepspeed.runtime.pipe.schedule import (BackwardPass, OptimizerStep, RecvActivation, RecvGrad, ReduceGrads,
+                                             ReduceTiedGrads, SendActivation, SendGrad, TrainSchedule)
 
 from gptx.analysis.precision_check import train_trace
 from gptx.config import ConfigError, load_config
@@ -32,7 +32,12 @@ def test_zb_h1_is_1f1b_with_one_w_per_micro_batch_before_the_reduction(stages, m
         reduce_at = next(i for i, c in enumerate(flat) if isinstance(c, ReduceTiedGrads))
         assert max(ws) < reduce_at < [i for i, c in enumerate(flat) if isinstance(c, ReduceGrads)][0]
         assert isinstance(flat[-1], OptimizerStep)
-        if stage > 0:  # a W never holds back the gradient the previous stage waits for
+        for step in ours[:-1]:  # a W comes after its step's sends and before its receives (the last step: after all)
+            at = [i for i, c in enumerate(step) if isinstance(c, WeightPass)]
+            if at:
+                assert all(i < at[0] for i, c in enumerate(step) if isinstance(c, (SendActivation, SendGrad))), step
+                assert all(i > at[-1] for i, c in enumerate(step) if isinstance(c, (RecvActivation, RecvGrad))), step
+        if stage > 0:  # in particular, the previous B's gradient has gone
             for w in ws:
                 b = max(i for i in backwards if i < w)
                 assert next(i for i, c in enumerate(flat) if i > b and isinstance(c, SendGrad)) < w
@@ -80,8 +85,8 @@ def test_deferred_weight_gradients_equal_autograds():
     assert linear.weight.grad is None  # left for W
     grad_y.fill_(1e3)
     assert torch.allclose(x.grad, expected[0], atol=1e-6) and torch.allclose(linear.bias.grad, expected[2], atol=1e-6)
-    weights, grads = store.take_oldest()
-    torch.autograd.backward(weights, grads)
+    for weight, grad in store.oldest():
+        torch.autograd.backward(weight, grad)
     assert torch.allclose(linear.weight.grad, expected[1], atol=1e-6)
     assert store.pending() == 0
 
@@ -105,8 +110,8 @@ def test_one_stage_trains_the_same_under_both_schedules(tokens, name, monkeypatc
     monkeypatch.setenv("GPTX_CPU_FP16", "1")
     runs = {}
     taken = []
-    take = WeightGradStore.take_oldest
-    monkeypatch.setattr(WeightGradStore, "take_oldest", lambda self: taken.append(1) or take(self))
+    oldest = WeightGradStore.oldest
+    monkeypatch.setattr(WeightGradStore, "oldest", lambda self: taken.append(1) or oldest(self))
     for schedule in ("1f1b", "zb-h1"):
         cfg = load_config(None, dict(MICRO_MODEL, lr=3e-3, warmup_iters=1, train_iters=4, pipe_parallel_size=1,
                                      pipeline_schedule=schedule))
@@ -141,9 +146,9 @@ def test_deferred_blocks_give_autograds_gradients_to_the_parameters_themselves(c
         if store is not None:
             store.deferring = False
             store.end_micro_batch()
-            weights, grads = store.take_oldest()
-            assert all(any(w is p for p in blocks.parameters()) for w in weights)
-            torch.autograd.backward(weights, grads)
+            for weight, grad in store.oldest():
+                assert any(weight is p for p in blocks.parameters())
+                torch.autograd.backward(weight, grad)
         return {n: p.grad.clone() for n, p in blocks.named_parameters()}
 
     expected = backward()
