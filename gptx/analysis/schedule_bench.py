@@ -45,17 +45,17 @@ def compare_schedules(cfg: Config, ds_config: dict, layout: BatchLayout, micro_b
         for schedule in SCHEDULES:
             for _ in range(warmup):
                 steps[schedule]()
-        times = {s: [] for s in SCHEDULES}
+        times, losses = {s: [] for s in SCHEDULES}, {s: [] for s in SCHEDULES}
         for i in range(iters):
             for schedule in (SCHEDULES if i % 2 == 0 else SCHEDULES[::-1]):
                 dist.barrier()
                 sync_device(device)
                 start = time.perf_counter()
-                steps[schedule]()
+                losses[schedule].append(steps[schedule]())
                 sync_device(device)
                 times[schedule].append(time.perf_counter() - start)
         mine = {"stage": engines["1f1b"].stage_id, "dp_rank": engines["1f1b"].grid.get_data_parallel_rank(),
-                "times": times, "seconds": {}, "peak": {}}
+                "times": times, "losses": losses, "seconds": {}, "peak": {}}
         for schedule in SCHEDULES:
             mine["peak"][schedule] = _step_peak(steps[schedule], device)
             mine["seconds"][schedule] = _breakdown(engines[schedule], steps[schedule], breakdown_iters, device)
@@ -124,7 +124,8 @@ def _row(m: int, gathered: list[dict], stages: int) -> dict:
             "idle": [first[s]["seconds"][schedule]["send/recv"] / first[s]["seconds"][schedule]["iteration"]
                      for s in range(stages)],
             "theory_idle": 1 - m * (f + b + w) / pipeline,
-            "peak_bytes": [max(g["peak"][schedule] for g in gathered if g["stage"] == s) for s in range(stages)]}
+            "peak_bytes": [max(g["peak"][schedule] for g in gathered if g["stage"] == s) for s in range(stages)],
+            "losses": first[0]["losses"][schedule]}
     one, zero = row["schedules"]["1f1b"], row["schedules"]["zb-h1"]
     row["speedup"] = one["step_s"] / zero["step_s"]
     row["theory_speedup"] = one["theory_s"] / zero["theory_s"]

@@ -119,12 +119,13 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def launch_sequence(nprocs: int, runs: list[dict], folder: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Several launch/pretrain.py runs ({"name", "argv", "env"}) in one launch, one after another
-    (tests/helpers/pretrain_sequence.py); sequence_output and sequence_code read each run's result."""
+    """Several gptx commands ({"name", "argv", "env"}, and "command" where it is not launch/pretrain.py's)
+    in one launch, one after another (tests/helpers/command_sequence.py); sequence_output and
+    sequence_code read each run's result."""
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / "plan.json"
     plan.write_text(json.dumps(runs))
-    return launch(nprocs, [str(plan)], cwd=folder, timeout=timeout, script="tests/helpers/pretrain_sequence.py")
+    return launch(nprocs, [str(plan)], cwd=folder, timeout=timeout, script="tests/helpers/command_sequence.py")
 
 
 def sequence_output(folder: Path, name: str) -> str:

@@ -3,9 +3,9 @@
 import pytest
 
 from gptx.cli.pretrain import run_pretrain
-from tests.helpers.runs import launch, read_metrics, train_losses
+from tests.helpers.runs import launch, read_metrics, sequence_code, sequence_output, train_losses
 from tests.unit.training.test_checkpoint import (args, assert_masters_round_to_the_layer_files,  # noqa: F401 (fixtures)
-                                                 bf16_config, one_stage_run, work)
+                                                 one_stage_run, work)
 
 
 def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run):
@@ -24,8 +24,8 @@ def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run):
     assert lrs == {r["iter"]: r["lr"] for r in read_metrics(one_stage_run) if "lr" in r}
 
 
-def test_master_weights_of_a_bf16_run_on_two_stages_and_two_data_parallel_ranks(work):
-    run = work[0] / "bf16_pp2_dp2"
-    result = launch(4, args(work, run, 2, 3, "--deepspeed_config", str(bf16_config(work[0]))), cwd=work[0])
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert_masters_round_to_the_layer_files(run)
+def test_master_weights_of_a_bf16_run_on_two_stages_and_two_data_parallel_ranks(four_ranks):
+    """A run of the shared 4-rank launch (tests/integration/conftest.py)."""
+    assert sequence_code(four_ranks / "logs", "bf16_pp2_dp2") == 0, sequence_output(four_ranks / "logs",
+                                                                                      "bf16_pp2_dp2")[-3000:]
+    assert_masters_round_to_the_layer_files(four_ranks / "bf16_pp2_dp2")

@@ -63,7 +63,7 @@ def run_step(work, name, run, *extra, fault=None):
 def faults(work):
     """The uninterrupted run, three faults and their three resumes, in four launches: the run and
     the kill inside a checkpoint write (the last of its launch) together, SIGTERM and kill -9
-    each from outside, then the three resumes together (tests/helpers/pretrain_sequence.py).
+    each from outside, then the three resumes together (tests/helpers/command_sequence.py).
     What each fault left is recorded before the resumes write over it."""
     tmp = work[0]
     runs = {name: tmp / name for name in ("full", "kill_in_save", "sigterm", "kill9")}

@@ -51,7 +51,7 @@ def step(name, args, fault=None):
 
 @pytest.fixture(scope="module")
 def runs(work):
-    """Every 2-rank run of this file in three launches (tests/helpers/pretrain_sequence.py): a run
+    """Every 2-rank run of this file in three launches (tests/helpers/command_sequence.py): a run
     whose rank is killed ends its launch, and its resume opens the next."""
     tmp = work[0]
     # The no-pipeline (ZeRO-3) runs come before any 2-stage one in their launch: DeepSpeed keeps the last

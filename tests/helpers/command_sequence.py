@@ -1,13 +1,15 @@
-"""Several launch/pretrain.py runs one after another in one launch: one process group, one set of imports.
+"""Several gptx commands one after another in one launch: one process group, one set of imports.
 
-    deepspeed --num_gpus 2 tests/helpers/pretrain_sequence.py PLAN.json
+    deepspeed --num_gpus 2 tests/helpers/command_sequence.py PLAN.json
 
-PLAN.json lists runs: {"name", "argv", "env"}. Each run is gptx's own entry (run_pretrain) with its
-argv and extra environment; its console output (every rank's, stdout and stderr, at the descriptor
-level so DeepSpeed's and torch's C++ prints count) goes to NAME.rank<R>.log beside PLAN.json, and its
-exit code to NAME.rank<R>.code. A run that kills its rank (a GPTX_FAULT) ends the launch, so it goes
-last. The tests read the logs as they read a launch's output (tests/helpers/runs.py, sequence_output).
+PLAN.json lists runs: {"name", "argv", "env", "command"}. Each run is one of gptx's commands (COMMANDS,
+by default "pretrain", launch/pretrain.py's entry) with its argv and extra environment; its console
+output (every rank's, stdout and stderr, at the descriptor level so DeepSpeed's and torch's C++ prints
+count) goes to NAME.rank<R>.log beside PLAN.json, and its exit code to NAME.rank<R>.code. A run that
+kills its rank (a GPTX_FAULT) ends the launch, so it goes last. The tests read the logs as they read a
+launch's output (tests/helpers/runs.py, sequence_output).
 """
+import importlib
 import json
 import os
 import sys
@@ -18,8 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from gptx.cli.pretrain import run_pretrain  # noqa: E402
 from gptx.parallel.engine import release_shared_memory  # noqa: E402
+
+# name -> "module:function" taking argv and returning an exit code
+COMMANDS = {"pretrain": "gptx.cli.pretrain:run_pretrain", "benchmark": "gptx.cli.benchmark:run_benchmark",
+            "schedule_bench": "gptx.cli.schedule_bench:run_schedule_bench",
+            "schedule_matrix": "tests.helpers.schedule_matrix:run_matrix"}
+
+
+def command(name: str):
+    module, function = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def run_one(folder: Path, run: dict, rank: int) -> None:
@@ -33,7 +44,7 @@ def run_one(folder: Path, run: dict, rank: int) -> None:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
         try:
-            code = run_pretrain(run["argv"])
+            code = command(run.get("command", "pretrain"))(run["argv"])
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -1,0 +1,52 @@
+"""Launches shared across this directory's files. A launch costs about 10 s before it trains anything
+(DeepSpeed's runner, its launcher and every rank import torch and DeepSpeed in turn), so the runs that
+need the same number of ranks and no launch of their own go into one (tests/helpers/command_sequence.py),
+each with its own log and exit code."""
+import pytest
+
+from gptx.testing import CPU_FP16_ENV
+from tests.helpers.runs import launch_sequence, make_token_dir, run_files, write_ds_config, write_model_yaml
+from tests.unit.training.test_checkpoint import args as checkpoint_args
+from tests.unit.training.test_checkpoint import bf16_config
+
+PARTITION_METHODS = ("parameters", "compute")
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """2 ranks: the engine's layout under both partition methods (test_partition_report.py), the
+    benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
+    data = make_token_dir(tmp / "data", vocab_size=1024)
+    model = write_model_yaml(tmp / "model.yaml", vocab_size=1024)
+    ds = write_ds_config(tmp / "ds.json", micro=2, accum=2)
+    bench_ds = write_ds_config(tmp / "bench_ds.json", micro=2, accum=4)
+    plan = [{"name": method, "env": {},
+             "argv": ["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds),
+                      "--save", str(tmp / method), "--train-iters", "1", "--eval-interval", "0",
+                      "--partition-method", method, "--ds-log-level", "info"]} for method in PARTITION_METHODS]
+    plan.append({"name": "benchmark", "command": "benchmark", "env": {},
+                 "argv": ["--model", str(model), "--deepspeed_config", str(bench_ds), "--iters", "2", "--warmup", "1",
+                          "--json"]})
+    plan.append({"name": "schedule_bench", "command": "schedule_bench", "env": {},
+                 "argv": ["--model", str(model), "--deepspeed_config", str(ds), "--micro-batches", "2,4",
+                          "--iters", "2", "--warmup", "1", "--breakdown-iters", "1", "--json"]})
+    result = launch_sequence(2, plan, tmp / "logs")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp, model, ds
+
+
+@pytest.fixture(scope="session")
+def four_ranks(tmp_path_factory):
+    """4 ranks: a bf16 run on 2 stages x 2 data-parallel ranks (test_checkpoint.py) and the 1F1B
+    against ZB-H1 matrix (test_zero_bubble.py)."""
+    tmp = tmp_path_factory.mktemp("four_ranks")
+    work = run_files(tmp)
+    plan = [{"name": "bf16_pp2_dp2", "env": {},
+             "argv": checkpoint_args(work, tmp / "bf16_pp2_dp2", 2, 3, "--deepspeed_config", str(bf16_config(tmp)))},
+            {"name": "schedules", "command": "schedule_matrix", "env": {CPU_FP16_ENV: "1"},
+             "argv": [str(work[1]), str(tmp / "schedules.json")]}]
+    result = launch_sequence(4, plan, tmp / "logs")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp
