@@ -25,7 +25,9 @@ from gptx.parallel.engine import release_shared_memory  # noqa: E402
 # name -> "module:function" taking argv and returning an exit code
 COMMANDS = {"pretrain": "gptx.cli.pretrain:run_pretrain", "benchmark": "gptx.cli.benchmark:run_benchmark",
             "schedule_bench": "gptx.cli.schedule_bench:run_schedule_bench",
-            "schedule_matrix": "tests.helpers.schedule_matrix:run_matrix"}
+            "schedule_matrix": "tests.helpers.schedule_matrix:run_matrix",
+            "precision_matrix": "tests.helpers.precision_matrix:run_precisions",
+            "variants_matrix": "tests.helpers.variants_matrix:run_variants"}
 
 
 def command(name: str):

@@ -1,5 +1,6 @@
-"""Run under the real launcher by tests/unit/parallel/test_engine.py: every precision path on 2 ranks, as 2
-pipeline stages and as 2 data-parallel replicas, on the same batches; writes the traces as JSON.
+"""Every precision path on 2 ranks, as 2 pipeline stages and as 2 data-parallel replicas, on the same
+batches; writes the traces as JSON. A command of tests/helpers/command_sequence.py
+(tests/integration/conftest.py runs it for tests/integration/test_engine.py); alone:
 
     GPTX_CPU_FP16=1 deepspeed --num_gpus 2 tests/helpers/precision_matrix.py DATA_DIR OUT.json
 """
@@ -28,10 +29,11 @@ PRECISIONS = {"fp32": {}, "bf16": {}, "fp16-zero0-torch": GROWING, "fp16-zero0-f
 FUSED = ("fp32", "fp16-zero0-torch")
 
 
-def main(data: str, out: str) -> None:
+def run_precisions(argv: list[str]) -> int:
+    """argv: DATA_DIR OUT.json. Collective, in a process group of 2 ranks."""
     from deepspeed.utils.logging import set_log_level_from_string
     set_log_level_from_string("warning")
-    deepspeed.init_distributed(verbose=False)
+    data, out = argv
     tokens = open_tokens(data, "train")
     results = {}
     for pipe in (2, 1):  # 2 stages x 1 replica, then 1 stage x 2 replicas: the same global batch
@@ -48,10 +50,12 @@ def main(data: str, out: str) -> None:
                 results[f"pipe2/{name}-fused"] = asdict(trace)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-    release_shared_memory()
+    return 0
 
 
 if __name__ == "__main__":
-    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    deepspeed.init_distributed(verbose=False)
+    run_precisions([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    dist.barrier()
+    dist.destroy_process_group()
+    release_shared_memory()

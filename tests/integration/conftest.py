@@ -2,10 +2,14 @@
 (DeepSpeed's runner, its launcher and every rank import torch and DeepSpeed in turn), so the runs that
 need the same number of ranks and no launch of their own go into one (tests/helpers/command_sequence.py),
 each with its own log and exit code."""
+import json
+
 import pytest
 
 from gptx.testing import CPU_FP16_ENV
-from tests.helpers.runs import launch_sequence, make_token_dir, run_files, write_ds_config, write_model_yaml
+from tests.helpers.runs import (REPO, launch_sequence, make_token_dir, pretrain_args, run_files, write_ds_config,
+                                write_model_yaml)
+from tests.unit.parallel.test_engine import write_ds
 from tests.unit.training.test_checkpoint import args as checkpoint_args
 from tests.unit.training.test_checkpoint import bf16_config
 
@@ -15,7 +19,9 @@ PARTITION_METHODS = ("parameters", "compute")
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     """2 ranks: the engine's layout under both partition methods (test_partition_report.py), the
-    benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py)."""
+    benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py),
+    the shipped GPU fp16 JSON against fp32 and every precision path (test_engine.py), every
+    architecture variant (test_variants.py). Returns the folder: logs/ holds each run's output."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
     data = make_token_dir(tmp / "data", vocab_size=1024)
@@ -32,9 +38,21 @@ def two_ranks(tmp_path_factory):
     plan.append({"name": "schedule_bench", "command": "schedule_bench", "env": {},
                  "argv": ["--model", str(model), "--deepspeed_config", str(ds), "--micro-batches", "2,4",
                           "--iters", "2", "--warmup", "1", "--breakdown-iters", "1", "--json"]})
+    micro_data, micro_model = make_token_dir(tmp / "micro_data"), write_model_yaml(tmp / "micro_model.yaml")
+    shipped = REPO / "ds_configs" / "gpu_fp16.json"
+    fp32_json = json.loads(shipped.read_text())
+    del fp32_json["fp16"]
+    for name, ds_json in (("gpu_fp16", shipped), ("gpu_fp32", write_ds(tmp, "gpu_fp32", fp32_json))):
+        plan.append({"name": name, "env": {CPU_FP16_ENV: "1"},
+                     "argv": pretrain_args(micro_data, micro_model, ds_json, tmp / name, 2, 6, "--eval-interval", "0",
+                                           "--log-interval", "1")})
+    plan.append({"name": "precisions", "command": "precision_matrix", "env": {CPU_FP16_ENV: "1"},
+                 "argv": [str(micro_data), str(tmp / "precisions.json")]})
+    plan.append({"name": "variants", "command": "variants_matrix", "env": {},
+                 "argv": [str(micro_data), str(tmp / "variants.json")]})
     result = launch_sequence(2, plan, tmp / "logs")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp, model, ds
+    return tmp
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from tests.helpers.runs import sequence_code, sequence_output
 
 
 def test_two_stage_breakdown_shows_the_pipeline(two_ranks):
-    logs = two_ranks[0] / "logs"
+    logs = two_ranks / "logs"
     out = sequence_output(logs, "benchmark")
     assert sequence_code(logs, "benchmark") == 0, out[-3000:]
     (line,) = [x for x in out.splitlines() if x.startswith("{")]

@@ -1,22 +1,16 @@
 """The launcher and subprocess half of tests.unit.parallel.test_engine."""
 import json
 
-import yaml
-
 from gptx.analysis.precision_check import Trace, max_loss_diff, max_norm_rel_diff
-from gptx.testing import CPU_FP16_ENV
-from tests.helpers.runs import (MICRO_MODEL, REPO, launch, launch_sequence, make_token_dir, pretrain_args, read_metrics,
-                                sequence_code, sequence_output)
-from tests.unit.parallel.test_engine import BF16_LOSS_TOL, BF16_NORM_TOL, LOSS_TOL, NORM_TOL, write_ds
+from tests.helpers.runs import read_metrics, sequence_code, sequence_output
+from tests.unit.parallel.test_engine import BF16_LOSS_TOL, BF16_NORM_TOL, LOSS_TOL, NORM_TOL
 
 
-def test_every_precision_path_follows_fp32_with_two_stages_and_two_replicas(tmp_path):
-    data = make_token_dir(tmp_path / "data")
-    out = tmp_path / "traces.json"
-    result = launch(2, [str(data), str(out)], cwd=tmp_path, script="tests/helpers/precision_matrix.py",
-                    env={CPU_FP16_ENV: "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    traces = {k: Trace(**v) for k, v in json.loads(out.read_text()).items()}
+def test_every_precision_path_follows_fp32_with_two_stages_and_two_replicas(two_ranks):
+    """tests/helpers/precision_matrix.py, a run of the shared 2-rank launch (tests/integration/conftest.py)."""
+    logs = two_ranks / "logs"
+    assert sequence_code(logs, "precisions") == 0, sequence_output(logs, "precisions")[-3000:]
+    traces = {k: Trace(**v) for k, v in json.loads((two_ranks / "precisions.json").read_text()).items()}
     assert max_loss_diff(traces["pipe1/fp32"], traces["pipe2/fp32"]) < 1e-5
     # train.fused_loss (tests/unit/model/test_fused_loss.py): the same losses; its fp16 run follows fp32 like the others.
     assert max_loss_diff(traces["pipe2/fp32"], traces["pipe2/fp32-fused"]) < 1e-5
@@ -30,27 +24,16 @@ def test_every_precision_path_follows_fp32_with_two_stages_and_two_replicas(tmp_
         assert max_norm_rel_diff(reference, trace) < norm_tol, (key, reference.grad_norms, trace.grad_norms)
 
 
-def test_the_shipped_gpu_fp16_config_trains_like_fp32_on_two_stages(tmp_path):
+def test_the_shipped_gpu_fp16_config_trains_like_fp32_on_two_stages(two_ranks):
     """The issue's command: GPTX_CPU_FP16=1 deepspeed --num_gpus 2 launch/pretrain.py
-    --deepspeed_config ds_configs/gpu_fp16.json (on the micro model), against the same JSON without fp16."""
-    data = make_token_dir(tmp_path / "data")
-    model = tmp_path / "model.yaml"
-    model.write_text(yaml.safe_dump(MICRO_MODEL))
-    shipped = REPO / "ds_configs" / "gpu_fp16.json"
-    fp32_json = json.loads(shipped.read_text())
-    del fp32_json["fp16"]
-    fp32_path = write_ds(tmp_path, "fp32", fp32_json)
-    plan = [{"name": name, "env": {CPU_FP16_ENV: "1"},
-             "argv": pretrain_args(data, model, ds, tmp_path / name, 2, 6, "--eval-interval", "0",
-                                   "--log-interval", "1")}
-            for name, ds in (("fp16", shipped), ("fp32", fp32_path))]
-    result = launch_sequence(2, plan, tmp_path / "logs")  # both runs in one launch
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    --deepspeed_config ds_configs/gpu_fp16.json (on the micro model), against the same JSON without fp16:
+    two runs of the shared 2-rank launch."""
+    logs = two_ranks / "logs"
     runs = {}
     for name in ("fp16", "fp32"):
-        assert sequence_code(tmp_path / "logs", name) == 0, sequence_output(tmp_path / "logs", name)[-3000:]
-        runs[name] = [r for r in read_metrics(tmp_path / name) if "loss" in r]
-    out = sequence_output(tmp_path / "logs", "fp16")
+        assert sequence_code(logs, f"gpu_{name}") == 0, sequence_output(logs, f"gpu_{name}")[-3000:]
+        runs[name] = [r for r in read_metrics(two_ranks / f"gpu_{name}") if "loss" in r]
+    out = sequence_output(logs, "gpu_fp16")
     assert ", fp16, " in out and "gptx does (see gptx/parallel/engine.py)" in out
     fp16, fp32 = runs["fp16"], runs["fp32"]
     assert [r["iter"] for r in fp16] == [r["iter"] for r in fp32] == list(range(1, 7))

@@ -12,7 +12,8 @@ from tests.unit.analysis.test_partition_report import report
 @pytest.fixture(scope="module")
 def engine_layouts(two_ranks):
     """Where the engine put each layer under both partition methods (two runs of the shared 2-rank launch)."""
-    tmp, model, ds = two_ranks
+    tmp = two_ranks
+    model, ds = tmp / "model.yaml", tmp / "ds.json"
     layouts = {}
     for method in PARTITION_METHODS:
         out = sequence_output(tmp / "logs", method)

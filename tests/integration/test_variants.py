@@ -3,18 +3,17 @@ import json
 
 import pytest
 
-from tests.helpers.runs import launch, make_token_dir, precision_ds
+from tests.helpers.runs import precision_ds, sequence_code, sequence_output
 from tests.unit.model.test_variants import COMPILED_VARIANTS, ITERS, VARIANTS, variant_config
 
 
 @pytest.fixture(scope="module")
-def two_stage_losses(tmp_path_factory):
-    """Every variant on 2 stages under the real launcher, in one launch (tests/helpers/variants_matrix.py)."""
-    tmp = tmp_path_factory.mktemp("variants")
-    data = make_token_dir(tmp / "data")
-    result = launch(2, [str(data), str(tmp / "losses.json")], cwd=tmp, script="tests/helpers/variants_matrix.py")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return data, json.loads((tmp / "losses.json").read_text())
+def two_stage_losses(two_ranks):
+    """Every variant on 2 stages under the real launcher (tests/helpers/variants_matrix.py), a run of the
+    shared 2-rank launch (tests/integration/conftest.py)."""
+    logs = two_ranks / "logs"
+    assert sequence_code(logs, "variants") == 0, sequence_output(logs, "variants")[-3000:]
+    return two_ranks / "micro_data", json.loads((two_ranks / "variants.json").read_text())
 
 
 @pytest.mark.parametrize("name", VARIANTS)

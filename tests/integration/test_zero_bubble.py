@@ -26,7 +26,7 @@ def test_zb_h1_trains_the_losses_of_1f1b_on_4_stages_and_2x2(four_ranks):
 
 
 def test_the_schedule_benchmark_times_both_on_the_same_batches(two_ranks):
-    logs = two_ranks[0] / "logs"
+    logs = two_ranks / "logs"
     out = sequence_output(logs, "schedule_bench")
     assert sequence_code(logs, "schedule_bench") == 0, out[-3000:]
     (line,) = [x for x in out.splitlines() if x.startswith("{")]
