@@ -14,6 +14,9 @@ from tests.unit.training.test_checkpoint import args as checkpoint_args
 from tests.unit.training.test_checkpoint import bf16_config
 
 PARTITION_METHODS = ("parameters", "compute")
+# test_multinode.py's runs: dropout on, so a resume also needs each node's random streams back.
+MULTINODE_ITERS = 6
+MULTINODE_FLAGS = ("--eval-interval", "0", "--log-interval", "1", "--set", "dropout=0.1")
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +24,7 @@ def two_ranks(tmp_path_factory):
     """2 ranks: the engine's layout under both partition methods (test_partition_report.py), the
     benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py),
     the shipped GPU fp16 JSON against fp32 and every precision path (test_engine.py), every
-    architecture variant (test_variants.py). Returns the folder: logs/ holds each run's output."""
+    architecture variant (test_variants.py), the runs of test_multinode.py on one node. Returns the folder: logs/ holds each run's output."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
     data = make_token_dir(tmp / "data", vocab_size=1024)
@@ -46,6 +49,9 @@ def two_ranks(tmp_path_factory):
         plan.append({"name": name, "env": {CPU_FP16_ENV: "1"},
                      "argv": pretrain_args(micro_data, micro_model, ds_json, tmp / name, 2, 6, "--eval-interval", "0",
                                            "--log-interval", "1")})
+    plan.append({"name": "one_node", "env": {},  # test_multinode.py's runs, on one node
+                 "argv": pretrain_args(micro_data, micro_model, ds, tmp / "one_node", 2, MULTINODE_ITERS,
+                                       *MULTINODE_FLAGS)})
     plan.append({"name": "precisions", "command": "precision_matrix", "env": {CPU_FP16_ENV: "1"},
                  "argv": [str(micro_data), str(tmp / "precisions.json")]})
     plan.append({"name": "variants", "command": "variants_matrix", "env": {},

@@ -5,6 +5,7 @@ and `127.0.0.1`): under --no_ssh the launcher only counts its lines and their sl
 --node_rank picks the line it is. docs/parallelism-and-memory.md gives the commands for a
 real cluster.
 """
+import json
 import os
 import signal
 import subprocess
@@ -16,20 +17,21 @@ import psutil
 import pytest
 
 from gptx.parallel.engine import release_shared_memory
-from tests.helpers.runs import REPO, free_port, launch, pretrain_args, run_files, train_losses
+from tests.helpers.runs import REPO, free_port, pretrain_args, sequence_code, sequence_output, train_losses
+from tests.integration.conftest import MULTINODE_FLAGS, MULTINODE_ITERS
 
 
-ITERS = 6
-# Dropout on, so the resume also needs each node's random streams back.
-FLAGS = ("--eval-interval", "0", "--log-interval", "1", "--set", "dropout=0.1")
+ITERS, FLAGS = MULTINODE_ITERS, MULTINODE_FLAGS
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    tmp, data, model, ds = run_files(tmp_path_factory.mktemp("multinode"))
+def work(tmp_path_factory, two_ranks):
+    """The files of the shared 2-rank launch (tests/integration/conftest.py), whose run "one_node" is these
+    runs on one node."""
+    tmp = tmp_path_factory.mktemp("multinode")
     hostfile = tmp / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    return tmp, data, model, ds, hostfile
+    return tmp, two_ranks / "micro_data", two_ranks / "micro_model.yaml", two_ranks / "ds.json", hostfile
 
 
 def args(work, save, iters, *extra):
@@ -39,9 +41,9 @@ def args(work, save, iters, *extra):
 class Nodes:
     """`deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P
     launch/pretrain.py ...` for N = 0 and 1, each its own process group, as on two machines;
-    each node's output goes to its own file."""
+    each node's output goes to its own file. `script` replaces launch/pretrain.py."""
 
-    def __init__(self, work, run_args, name):
+    def __init__(self, work, run_args, name, script="launch/pretrain.py"):
         tmp, hostfile = work[0], work[4]
         beside_python = Path(sys.executable).parent / "deepspeed"
         launcher = str(beside_python) if beside_python.exists() else "deepspeed"
@@ -55,8 +57,7 @@ class Nodes:
         self.procs = []
         for n, log in enumerate(self.logs):
             cmd = [launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
-                   "--master_addr", "127.0.0.1", "--master_port", self.port, str(REPO / "launch/pretrain.py"),
-                   *run_args]
+                   "--master_addr", "127.0.0.1", "--master_port", self.port, str(REPO / script), *run_args]
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env,
                                                    start_new_session=True))
@@ -86,39 +87,39 @@ class Nodes:
         release_shared_memory(self.port)
 
 
-def run_nodes(work, run_args, name) -> list[str]:
-    nodes = Nodes(work, run_args, name)
+@pytest.fixture(scope="module")
+def two_nodes(work):
+    """On two nodes: a run saving at iteration 3, then one resumed from there, in one start of the two
+    launchers (tests/helpers/command_sequence.py)."""
+    tmp = work[0]
+    full, resumed = tmp / "two_nodes", tmp / "resumed"
+    plan = [{"name": "two_nodes", "argv": args(work, full, ITERS, "--save-interval", "3")},
+            {"name": "resumed", "argv": args(work, resumed, ITERS, "--load", str(full / "iter_0000003"))}]
+    (tmp / "logs").mkdir()
+    (tmp / "logs" / "plan.json").write_text(json.dumps(plan))
+    nodes = Nodes(work, [str(tmp / "logs" / "plan.json")], "sequence", script="tests/helpers/command_sequence.py")
     codes = nodes.wait()
     outputs = [nodes.output(0), nodes.output(1)]
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     for n, out in enumerate(outputs):  # DeepSpeed's launcher: two nodes of one process each
         assert f"nnodes=2, num_local_procs=1, node_rank={n}" in out, out[-3000:]
-    return outputs
+    for name in ("two_nodes", "resumed"):
+        assert sequence_code(tmp / "logs", name) == 0, sequence_output(tmp / "logs", name)[-3000:]
+    assert "pipeline: 2 stage(s) x 1 data-parallel" in sequence_output(tmp / "logs", "two_nodes")
+    return full, resumed
 
 
-@pytest.fixture(scope="module")
-def two_nodes(work):
-    run = work[0] / "two_nodes"
-    out, _ = run_nodes(work, args(work, run, ITERS, "--save-interval", "3"), "two_nodes")
-    assert "pipeline: 2 stage(s) x 1 data-parallel" in out
-    return run
-
-
-def test_two_nodes_train_the_losses_of_one_node(work, two_nodes):
-    one = work[0] / "one_node"
-    result = launch(2, args(work, one, ITERS), cwd=work[0])
-    assert result.returncode == 0, result.stdout[-3000:]
-    losses = train_losses(two_nodes)
+def test_two_nodes_train_the_losses_of_one_node(two_ranks, two_nodes):
+    losses = train_losses(two_nodes[0])
     assert sorted(losses) == list(range(1, ITERS + 1))
-    assert losses == train_losses(one)  # exactly
+    assert losses == train_losses(two_ranks / "one_node")  # exactly
 
 
 def test_two_nodes_resume_exactly(work, two_nodes):
-    resumed = work[0] / "resumed"
-    out, _ = run_nodes(work, args(work, resumed, ITERS, "--load", str(two_nodes / "iter_0000003")), "resumed")
-    assert f"resumed from {two_nodes / 'iter_0000003'}: iteration 3" in out
-    full = train_losses(two_nodes)
-    assert train_losses(resumed) == {i: full[i] for i in range(4, ITERS + 1)}
+    full, resumed = two_nodes
+    assert f"resumed from {full / 'iter_0000003'}: iteration 3" in sequence_output(work[0] / "logs", "resumed")
+    losses = train_losses(full)
+    assert train_losses(resumed) == {i: losses[i] for i in range(4, ITERS + 1)}
 
 
 @pytest.mark.parametrize("dead", [1, 0], ids=["node 1 dies", "node 0 (the master) dies"])
