@@ -17,6 +17,7 @@ from gptx.parallel.ds_config import BatchLayout, offload_devices
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import zero_stage
 from gptx.parallel.pipeline import count_layer_params, largest_layer_params, layer_name, partition
+from gptx.parallel.zero_bubble import bubble_fraction
 
 GiB = 1024 ** 3
 # Bytes per parameter: (weights, gradients, optimizer states before ZeRO-1 sharding).
@@ -52,6 +53,8 @@ class MemoryModel:
     resident memory shows. A GPU's allocator (and the bytes allocated) count them whole."""
     fused_loss: bool = False
     """train.fused_loss: the head and the loss in chunks of positions (gptx/model/fused_loss.py)."""
+    schedule: str = "1f1b"
+    """train.pipeline_schedule: under zb-h1 stage s also keeps what up to s micro-batches' W needs."""
 
     @property
     def act_bytes(self) -> int:
@@ -152,14 +155,29 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
         weights = 0
     weights += gathered
     device = weights + grads + states + logits
+    deferred = 0
+    if mem.schedule == "zb-h1" and mem.pipeline:
+        n_blocks = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])].count("Block")
+        deferred = min(stage, mem.layout.grad_accum) * n_blocks * deferred_weight_grad_bytes(
+            model, mem.layout.micro_batch * model.seq_len, mem.act_bytes)
     out = {"weights": weights, "gradients": grads, "optimizer_states": states, "buffers": at_reduction,
-           "activations": in_flight * full, "activations_checkpointed": in_flight * ckpt + recompute,
+           "activations": in_flight * full + deferred,
+           "activations_checkpointed": in_flight * ckpt + recompute + deferred,
            "logits": logits, "micro_batches_in_flight": in_flight, "host": host}
     # The peak is in a step's forward and backward (activations, logits and the first bucket),
     # or at its gradient reduction, after the activations are freed.
     out["total"] = device + max(in_backward + out["activations"], at_reduction - logits)
     out["total_checkpointed"] = device + max(in_backward + out["activations_checkpointed"], at_reduction - logits)
     return out
+
+
+def deferred_weight_grad_bytes(model: ModelConfig, tokens: int, act_bytes: int) -> int:
+    """What one decoder block keeps of a micro-batch for its W under ZB-H1 (gptx/parallel/zero_bubble.py):
+    each linear layer's input and output gradient."""
+    C, H, kv = model.n_embd, model.ffn_hidden, model.kv_heads * model.head_dim
+    fc_out = 2 * H if model.mlp == "swiglu" else H
+    per_token = (C + C + 2 * kv) + (C + C) + (1 + model.macaron) * ((C + fc_out) + (H + C))
+    return tokens * per_token * act_bytes
 
 
 def stage_activations(model: ModelConfig, specs, parts: list[int], stage: int,
@@ -292,7 +310,8 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
                       max_reuse_distance=_count(zero_section, "stage3_max_reuse_distance", 1_000_000_000),
                       prefetch_bucket_size=_count(zero_section, "stage3_prefetch_bucket_size", 50_000_000),
                       contiguous_gradients=_flag(zero_section, "contiguous_gradients", True),
-                      touched_only=touched_only, fused_loss=cfg.train.fused_loss)
+                      touched_only=touched_only, fused_loss=cfg.train.fused_loss,
+                      schedule=cfg.train.pipeline_schedule)
     largest = largest_layer_params(specs)
     stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
     stages = []
@@ -319,7 +338,8 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
         "activation_checkpoint_interval": cfg.train.activation_checkpoint_interval,
         "parts": parts, "total_params": total, "unique_params": unique,
         "stages": stages,
-        "bubble_fraction": (n_stages - 1) / (micro + n_stages - 1),
+        "pipeline_schedule": cfg.train.pipeline_schedule,
+        "bubble_fraction": bubble_fraction(cfg.train.pipeline_schedule, n_stages, micro) if pipelined else 0.0,
         "balance": {"params_max_over_mean": _max_over_mean(stage_params),
                     "compute_max_over_mean": _max_over_mean([st["flops_per_token"] for st in stages])},
         "methods": methods,
@@ -357,7 +377,11 @@ def render_text(r: dict) -> str:
     lines.append(f"balance (max/mean over stages): parameters {b['params_max_over_mean']:.3f}, "
                  f"compute {b['compute_max_over_mean']:.3f}")
     p, m = r["pipe_parallel_size"], r["micro_batches"]
-    if p:
+    if p and r["pipeline_schedule"] == "zb-h1":
+        lines.append(f"pipeline bubble (zb-h1, F = B = W; gptx/parallel/zero_bubble.py): {100 * r['bubble_fraction']:.1f}% "
+                     f"(1f1b: {100 * bubble_fraction('1f1b', p, m):.1f}%); stage s also keeps what up to s "
+                     f"micro-batches' weight gradients need")
+    elif p:
         lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = "
                      f"{100 * r['bubble_fraction']:.1f}%")
     lines.append("")

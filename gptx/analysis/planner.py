@@ -7,7 +7,8 @@ model (gptx/analysis/partition_report.py), marks the ones that fit, and orders t
 an estimated time per iteration. The estimate ranks layouts;
 it is not a measurement. It adds to the same compute for every layout:
 
-- the pipeline bubble, (p - 1) / (m + p - 1) of the step;
+- the pipeline bubble of the schedule (gptx/parallel/zero_bubble.py): (p - 1) / (m + p - 1) of the step
+  under 1f1b, (p - 1) / (3m + p - 1) under zb-h1 (for m >= p, with F = B = W);
 - recomputation under activation checkpointing: one more forward, a third of the step's compute;
 - data-parallel traffic: 2 x the gradient bytes (all-reduce or reduce-scatter), plus under
   ZeRO-3 2 x the weight bytes for every micro-batch (gathered for forward and for backward);
@@ -25,6 +26,7 @@ from gptx.config import Config, n_pipeline_layers
 from gptx.model.flops import flops_per_token
 from gptx.parallel.ds_config import BatchLayout
 from gptx.parallel.ds_config import precision as ds_precision
+from gptx.parallel.zero_bubble import bubble_fraction
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def step_seconds(cfg: Config, layout: Layout, cluster: Cluster, precision: str, 
     if layout.checkpoint:
         compute *= 4 / 3
     if layout.pipe > 1:
-        compute /= 1 - (layout.pipe - 1) / (grad_accum + layout.pipe - 1)
+        compute /= 1 - bubble_fraction(cfg.train.pipeline_schedule, layout.pipe, grad_accum)
     stage_params = params / max(layout.pipe, 1)
     half = 4 if precision == "fp32" else 2
     comm = 0.0

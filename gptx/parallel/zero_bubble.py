@@ -9,8 +9,9 @@ the head keep their gradients in B.
 
 The schedule is DeepSpeed's TrainSchedule unchanged (the same forwards, backwards and messages in
 the same order, so the same buffers and no new deadlock) with W instructions added: stage s
-leaves its first s W's for later, then runs one W after each backward (after the message carrying
-that backward's gradient has gone), and the rest before the gradient reduction. With F, B and W
+leaves its first s W's for later, then runs one W after each backward (in the next step, after its
+sends and before its receives), and the rest before the gradient reduction. Its sends do not wait
+for the receiver, unlike DeepSpeed's (`use_zero_bubble`). With F, B and W
 of equal length the step takes m(F + B + W) + (p - 1)(F + B - W) for every m >= p, the paper's
 bubble (`step_time` simulates it; tests/unit/parallel/test_zero_bubble.py checks it). Stage s
 holds at most p - s micro-batches' activations, as under 1F1B, plus the inputs and output
@@ -127,7 +128,6 @@ class ZeroBubbleH1(TrainSchedule):
             cmds = list(cmds)
             if cmds and isinstance(cmds[-1], OptimizerStep):  # the last step: every W before the reduction
                 at = next(i for i, c in enumerate(cmds) if isinstance(c, ReduceTiedGrads))
-                backwards += sum(isinstance(c, BackwardPass) for c in cmds)
                 cmds[at:at] = [WeightPass() for _ in range(self.micro_batches - weights)]
                 yield cmds
                 continue
@@ -255,6 +255,14 @@ def timeline(schedule: str, stages: int, micro_batches: int, f: float, b: float,
 
 def step_time(schedule: str, stages: int, micro_batches: int, f: float, b: float, w: float) -> float:
     return max(run[-1][3] for run in timeline(schedule, stages, micro_batches, f, b, w))
+
+
+def bubble_fraction(schedule: str, stages: int, micro_batches: int, f: float = 1, b: float = 1, w: float = 1) -> float:
+    """The share of a step each stage spends idle: (p - 1) / (m + p - 1) under 1f1b; under zb-h1 with
+    F = B = W, (p - 1) / (3m + p - 1) for m >= p."""
+    if stages <= 1:
+        return 0.0
+    return 1 - micro_batches * (f + b + w) / step_time(schedule, stages, micro_batches, f, b, w)
 
 
 def trace(schedule: str, stages: int, micro_batches: int, f: float = 1, b: float = 1, w: float = 1,

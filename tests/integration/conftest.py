@@ -24,7 +24,8 @@ def two_ranks(tmp_path_factory):
     """2 ranks: the engine's layout under both partition methods (test_partition_report.py), the
     benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py),
     the shipped GPU fp16 JSON against fp32 and every precision path (test_engine.py), every
-    architecture variant (test_variants.py), the runs of test_multinode.py on one node. Returns the folder: logs/ holds each run's output."""
+    architecture variant (test_variants.py), the runs of test_multinode.py on one node and those under
+    ZB-H1 and resumed across schedules (test_zero_bubble.py). Returns the folder: logs/ holds each run's output."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
     data = make_token_dir(tmp / "data", vocab_size=1024)
@@ -51,7 +52,14 @@ def two_ranks(tmp_path_factory):
                                            "--log-interval", "1")})
     plan.append({"name": "one_node", "env": {},  # test_multinode.py's runs, on one node
                  "argv": pretrain_args(micro_data, micro_model, ds, tmp / "one_node", 2, MULTINODE_ITERS,
-                                       *MULTINODE_FLAGS)})
+                                       *MULTINODE_FLAGS, "--save-interval", "3")})
+    # test_zero_bubble.py: the same run under ZB-H1, and each schedule resuming the other's checkpoint.
+    for name, schedule, extra in (("zb_full", "zb-h1", ("--save-interval", "3")),
+                                  ("zb_from_1f1b", "zb-h1", ("--load", str(tmp / "one_node" / "iter_0000003"))),
+                                  ("1f1b_from_zb", "1f1b", ("--load", str(tmp / "zb_full" / "iter_0000003")))):
+        plan.append({"name": name, "env": {},
+                     "argv": pretrain_args(micro_data, micro_model, ds, tmp / name, 2, MULTINODE_ITERS,
+                                           *MULTINODE_FLAGS, "--pipeline-schedule", schedule, *extra)})
     plan.append({"name": "precisions", "command": "precision_matrix", "env": {CPU_FP16_ENV: "1"},
                  "argv": [str(micro_data), str(tmp / "precisions.json")]})
     plan.append({"name": "variants", "command": "variants_matrix", "env": {},

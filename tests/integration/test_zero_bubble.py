@@ -5,7 +5,7 @@ stages (a run of the shared 2-rank launch)."""
 import json
 
 from gptx.analysis.precision_check import Trace
-from tests.helpers.runs import sequence_code, sequence_output
+from tests.helpers.runs import sequence_code, sequence_output, train_losses
 from tests.helpers.schedule_matrix import CASES
 
 
@@ -40,3 +40,16 @@ def test_the_schedule_benchmark_times_both_on_the_same_batches(two_ranks):
         assert zero["theory_idle"] < one["theory_idle"] and row["theory_speedup"] > 1
         for x in (one, zero):
             assert x["step_s"] > 0 and len(x["idle"]) == len(x["peak_bytes"]) == 2 and min(x["peak_bytes"]) > 0
+
+
+def test_either_schedule_resumes_the_others_checkpoint_exactly(two_ranks):
+    """2 stages, dropout on: a run under 1F1B and the same under ZB-H1 (equal to the bit), each saving at
+    iteration 3, and each resumed from there under the other schedule (runs of the shared 2-rank launch)."""
+    logs = two_ranks / "logs"
+    for name in ("one_node", "zb_full", "zb_from_1f1b", "1f1b_from_zb"):
+        assert sequence_code(logs, name) == 0, sequence_output(logs, name)[-3000:]
+    one, zero = train_losses(two_ranks / "one_node"), train_losses(two_ranks / "zb_full")
+    assert sorted(one) == list(range(1, 7)) and zero == one
+    assert train_losses(two_ranks / "zb_from_1f1b") == {i: one[i] for i in (4, 5, 6)}
+    assert train_losses(two_ranks / "1f1b_from_zb") == {i: zero[i] for i in (4, 5, 6)}
+    assert "changed since the checkpoint: pipeline_schedule '1f1b' -> 'zb-h1'" in sequence_output(logs, "zb_from_1f1b")

@@ -237,3 +237,17 @@ def test_the_fused_loss_is_counted_as_the_bytes_it_allocates():
     for B, T, C, V in ((2, 256, 32, 4096), (2, 1024, 16, 50304)):
         measured = head_loss_peak(B, T, C, V, fused=True)
         assert measured == pytest.approx(head_loss_bytes(B * T, C, V, 4, fused=True), rel=0.05), (B, T, C, V)
+
+
+def test_zb_h1_shrinks_the_bubble_and_adds_what_each_stage_keeps_for_its_w():
+    one, zero = report(pipe=4), report(pipe=4, pipeline_schedule="zb-h1")
+    m = 8
+    assert one["bubble_fraction"] == pytest.approx(3 / (m + 3))  # (p - 1) / (m + p - 1)
+    assert zero["bubble_fraction"] == pytest.approx(3 / (3 * m + 3))  # (p - 1) / (3m + p - 1), F = B = W
+    # Stage s keeps, for up to s micro-batches, each block linear layer's input and output gradient:
+    # GPT-2 small's QKV (768 in, 2304 out), attention output (768, 768), MLP in (768, 3072), out (3072, 768).
+    per_block = 8 * 1024 * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768)) * 2  # fp16
+    for a, b in zip(one["stages"], zero["stages"]):
+        blocks = sum(layer["name"] == "Block" for layer in a["layers"])
+        extra = b["memory_bytes"]["activations"] - a["memory_bytes"]["activations"]
+        assert extra == a["stage"] * blocks * per_block
