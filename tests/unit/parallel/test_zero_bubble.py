@@ -1,6 +1,8 @@
 """ZB-H1 (gptx/parallel/zero_bubble.py): its instructions against DeepSpeed's 1F1B, its step time
 against the paper's formula, the B/W split's gradients, and one-stage training in process.
 Several stages and data-parallel replicas: tests/integration/test_zero_bubble.py."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -157,3 +159,13 @@ def test_deferred_blocks_give_autograds_gradients_to_the_parameters_themselves(c
     got = backward(store)
     assert got.keys() == expected.keys()
     assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
+
+
+@pytest.mark.parametrize("name", ["gptx1b_like", "star_like", "macaron"])
+def test_the_block_variants_train_the_same_under_both_schedules(tokens, name):
+    """ReZero gates and top-k attention; parallel residual with RealFormer's scores; Macaron's second MLP."""
+    from tests.unit.model.test_variants import variant_config
+    cfg = variant_config(name, pipe=1)
+    losses = [train_trace(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pipeline_schedule=s)),
+                          precision_ds("fp32", accum=3), tokens, 3).losses for s in ("1f1b", "zb-h1")]
+    assert losses[0] == losses[1]
