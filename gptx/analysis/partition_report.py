@@ -378,9 +378,9 @@ def render_text(r: dict) -> str:
                  f"compute {b['compute_max_over_mean']:.3f}")
     p, m = r["pipe_parallel_size"], r["micro_batches"]
     if p and r["pipeline_schedule"] == "zb-h1":
-        lines.append(f"pipeline bubble (zb-h1, F = B = W; gptx/parallel/zero_bubble.py): {100 * r['bubble_fraction']:.1f}% "
-                     f"(1f1b: {100 * bubble_fraction('1f1b', p, m):.1f}%); stage s also keeps what up to s "
-                     f"micro-batches' weight gradients need")
+        lines.append(f"pipeline bubble (zb-h1, F = B = W; gptx/parallel/zero_bubble.py): "
+                     f"{100 * r['bubble_fraction']:.1f}% (1f1b: {100 * bubble_fraction('1f1b', p, m):.1f}%); stage s "
+                     f"also keeps what up to s micro-batches' weight gradients need")
     elif p:
         lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = "
                      f"{100 * r['bubble_fraction']:.1f}%")

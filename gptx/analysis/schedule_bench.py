@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from gptx.analysis.benchmark import AllocatedPeak, InstructionTimer, random_batches, sync_device
+from gptx.analysis.benchmark import AllocatedPeak, instruction_breakdown, random_batches, sync_device
 from gptx.analysis.precision_check import release
 from gptx.config import Config
 from gptx.parallel.ds_config import BatchLayout
@@ -58,7 +58,9 @@ def compare_schedules(cfg: Config, ds_config: dict, layout: BatchLayout, micro_b
                 "times": times, "losses": losses, "seconds": {}, "peak": {}}
         for schedule in SCHEDULES:
             mine["peak"][schedule] = _step_peak(steps[schedule], device)
-            mine["seconds"][schedule] = _breakdown(engines[schedule], steps[schedule], breakdown_iters, device)
+            dist.barrier()  # the ranks start together: the idle time measured is the schedule's
+            seconds, iteration = instruction_breakdown(engines[schedule], steps[schedule], breakdown_iters, device)
+            mine["seconds"][schedule] = {**seconds, "iteration": iteration}
         for engine in engines.values():
             release(engine)
         gathered = [None] * dist.get_world_size()
@@ -97,19 +99,6 @@ def _step_peak(step, device) -> int:
     return peak.bytes
 
 
-def _breakdown(engine, step, iters: int, device) -> dict[str, float]:
-    """Seconds per iteration in each instruction category, and in the whole iteration ("iteration")."""
-    timer = InstructionTimer(engine)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync_device(device)
-    wall = time.perf_counter() - start
-    timer.remove()
-    return {**{k: v / iters for k, v in timer.totals.items()}, "iteration": wall / iters}
-
-
 def _row(m: int, gathered: list[dict], stages: int) -> dict:
     first = {s: min((g for g in gathered if g["stage"] == s), key=lambda g: g["dp_rank"]) for s in range(stages)}
     zb = [first[s]["seconds"]["zb-h1"] for s in range(stages)]
@@ -138,15 +127,15 @@ def render_text(r: dict, show_trace: bool = True) -> str:
              f"{r['micro_batch']} x {r['seq_len']} tokens; median of {r['iters']} alternated iterations, the "
              f"slowest rank's; theory: F, B, W measured under ZB-H1 (per micro-batch, mean of the stages) + "
              f"optimizer and reductions",
-             "   m  schedule  step ms  theory ms  " + "  ".join(f"stage {s} idle (theory)  peak MiB"
-                                                            for s in range(r["stages"]))]
+             "   m  schedule  step ms  theory ms  "
+             + "  ".join(f"stage {s} idle (theory)  peak MiB" for s in range(r["stages"]))]
     for row in r["rows"]:
         for schedule, x in row["schedules"].items():
             cells = "  ".join(f"{100 * idle:5.1f}% ({100 * x['theory_idle']:4.1f}%)  {peak / mib:8.2f}"
                               for idle, peak in zip(x["idle"], x["peak_bytes"]))
             lines.append(f"{row['micro_batches']:4d}  {schedule:8s}  {x['step_s'] * 1e3:7.1f}  "
                          f"{x['theory_s'] * 1e3:9.1f}  {cells}")
-        lines.append(f"      ZB-H1 {100 * (row['speedup'] - 1):+.1f}% faster than 1F1B (theory "
+        lines.append(f"      ZB-H1 against 1F1B: {100 * (row['speedup'] - 1):+.1f}% tokens/s (theory "
                      f"{100 * (row['theory_speedup'] - 1):+.1f}%); F {row['f_s'] * 1e3:.1f} ms, B "
                      f"{row['b_s'] * 1e3:.1f} ms, W {row['w_s'] * 1e3:.1f} ms per micro-batch")
     if show_trace and r["rows"]:

@@ -23,14 +23,13 @@ from collections import deque
 from functools import partial
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, OptimizerStep, PipeInstruction,
-                                             ReduceTiedGrads, SendActivation, SendGrad,
-                                             TrainSchedule)
+from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, OptimizerStep, PipeInstruction, ReduceTiedGrads,
+                                             SendActivation, SendGrad, TrainSchedule)
 
 from gptx.model.layers import Block
 

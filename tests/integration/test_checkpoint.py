@@ -26,6 +26,6 @@ def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run):
 
 def test_master_weights_of_a_bf16_run_on_two_stages_and_two_data_parallel_ranks(four_ranks):
     """A run of the shared 4-rank launch (tests/integration/conftest.py)."""
-    assert sequence_code(four_ranks / "logs", "bf16_pp2_dp2") == 0, sequence_output(four_ranks / "logs",
-                                                                                      "bf16_pp2_dp2")[-3000:]
+    logs = four_ranks / "logs"
+    assert sequence_code(logs, "bf16_pp2_dp2") == 0, sequence_output(logs, "bf16_pp2_dp2")[-3000:]
     assert_masters_round_to_the_layer_files(four_ranks / "bf16_pp2_dp2")

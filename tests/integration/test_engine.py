@@ -7,7 +7,7 @@ from tests.unit.parallel.test_engine import BF16_LOSS_TOL, BF16_NORM_TOL, LOSS_T
 
 
 def test_every_precision_path_follows_fp32_with_two_stages_and_two_replicas(two_ranks):
-    """tests/helpers/precision_matrix.py, a run of the shared 2-rank launch (tests/integration/conftest.py)."""
+    """tests/helpers/precision_matrix.py: a run of the shared 2-rank launch (tests/integration/conftest.py)."""
     logs = two_ranks / "logs"
     assert sequence_code(logs, "precisions") == 0, sequence_output(logs, "precisions")[-3000:]
     traces = {k: Trace(**v) for k, v in json.loads((two_ranks / "precisions.json").read_text()).items()}

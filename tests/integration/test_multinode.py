@@ -20,7 +20,6 @@ from gptx.parallel.engine import release_shared_memory
 from tests.helpers.runs import REPO, free_port, pretrain_args, sequence_code, sequence_output, train_losses
 from tests.integration.conftest import MULTINODE_FLAGS, MULTINODE_ITERS
 
-
 ITERS, FLAGS = MULTINODE_ITERS, MULTINODE_FLAGS
 
 
