@@ -39,15 +39,16 @@ class TokenEmbedding(nn.Module):
         return vocab_logits(x, self.wte.weight, self.vocab_size)  # (B, T, C) -> (B, T, padded V)
 
 
-def vocab_logits(x: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def vocab_logits(x: torch.Tensor, weight: torch.Tensor, vocab_size: int, linear=F.linear) -> torch.Tensor:
     """x @ weight.T over the whole table, padding rows (pad_vocab_to_multiple) included: their
     aligned width is the point of padding. Padding rows are never tokens, so their logits are
     set to -inf: they take no probability, add nothing to the loss and get no gradient, and the
     loss reads the logits as they are, without a copy of the real columns. On this project's
     2-core CPU the engine trained a 4 x 256 model with GPT-2's vocabulary padded to 50,304 in
     1,239 ms per iteration this way and 1,292 ms cutting the real columns out after the matmul;
-    multiplying only the real rows (an unaligned width) was slower still (docs/performance.md)."""
-    logits = F.linear(x, weight)
+    multiplying only the real rows (an unaligned width) was slower still (docs/performance.md).
+    `linear` is the matmul (a pipeline schedule may split its backward)."""
+    logits = linear(x, weight)
     if weight.size(0) != vocab_size:
         # Outside autograd: recorded, its backward would copy the whole gradient to zero columns
         # whose gradient is zero anyway (the softmax gives them none).
@@ -347,8 +348,9 @@ class LMHead(nn.Module):
         self.fused = fused
         self.lm_head = nn.Linear(n_embd, padded_vocab_size or vocab_size, bias=False)
         _init_linear(self.lm_head)
+        self.linear = F.linear  # the matmul of the unfused head (gptx.parallel.zero_bubble may replace it)
 
     def forward(self, x: torch.Tensor):
         if self.fused:
             return x, self.lm_head.weight
-        return vocab_logits(x, self.lm_head.weight, self.vocab_size)  # (B, T, C) -> (B, T, padded V)
+        return vocab_logits(x, self.lm_head.weight, self.vocab_size, self.linear)  # (B, T, C) -> (B, T, padded V)

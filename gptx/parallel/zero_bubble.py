@@ -2,10 +2,10 @@
 
 Under 1F1B (DeepSpeed's TrainSchedule) a stage runs each micro-batch's backward in one piece, and
 the stage before it waits for all of it. ZB-H1 splits the backward of the decoder blocks' linear
-layers: B, the gradient with respect to the layer's input, which the previous stage waits for,
-runs where 1F1B runs the backward; W, the gradient with respect to the weight, which nobody waits
-for, runs later, in time the stage would otherwise spend waiting. Norms, biases, embeddings and
-the head keep their gradients in B.
+layers (and of the untied head): B, the gradient with respect to the layer's input, which the
+previous stage waits for, runs where 1F1B runs the backward; W, the gradient with respect to the
+weight, which nobody waits for, runs later, in time the stage would otherwise spend waiting.
+Norms, biases, embeddings and a tied head keep their gradients in B.
 
 The schedule is DeepSpeed's TrainSchedule unchanged (the same forwards, backwards and messages in
 the same order, so the same buffers and no new deadlock) with W instructions added: stage s
@@ -31,7 +31,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, OptimizerStep, PipeInstruction, ReduceTiedGrads,
                                              SendActivation, SendGrad, TrainSchedule)
 
-from gptx.model.layers import Block
+from gptx.model.layers import Block, LMHead
 
 SCHEDULES = ("1f1b", "zb-h1")
 
@@ -96,20 +96,29 @@ class LinearWithDeferredWeightGrad(torch.autograd.Function):
         return grad_x, weight_grad(x, grad_y), grad_bias, None
 
 
-def _deferred_linear(linear: nn.Linear, store: WeightGradStore, x: torch.Tensor) -> torch.Tensor:
-    return LinearWithDeferredWeightGrad.apply(x, linear.weight, linear.bias, store)
+def deferred_linear(store: WeightGradStore, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    return LinearWithDeferredWeightGrad.apply(x, weight, bias, store)
+
+
+def _deferred_module(linear: nn.Linear, store: WeightGradStore, x: torch.Tensor) -> torch.Tensor:
+    return deferred_linear(store, x, linear.weight, linear.bias)
 
 
 def defer_weight_grads(layers, store: WeightGradStore) -> int:
-    """Route every linear layer inside the decoder blocks among `layers` through the store; returns
-    how many. Parameters and their names do not change, so checkpoints do not depend on it."""
+    """Route every linear layer inside the decoder blocks among `layers`, and the untied head's matmul
+    (not the fused loss's), through the store; returns how many. Parameters and their names do not
+    change, so checkpoints do not depend on it. A tied head's table lives on two stages and keeps its
+    gradient in B."""
     count = 0
     for layer in layers:
         if isinstance(layer, Block):
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
-                    module.forward = partial(_deferred_linear, module, store)
+                    module.forward = partial(_deferred_module, module, store)
                     count += 1
+        elif isinstance(layer, LMHead) and not layer.fused:
+            layer.linear = partial(deferred_linear, store)
+            count += 1
     return count
 
 

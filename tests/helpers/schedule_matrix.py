@@ -32,7 +32,7 @@ CASES = [
     ("4x1/fp32", 4, "fp32", {}, False),
     ("4x1/bf16-llama-checkpointing", 4, "bf16", LLAMA, False),
     ("4x1/fp16-zero1-overflow", 4, "fp16-zero1-torch", {}, True),
-    ("2x2/fp16-zero0", 2, "fp16-zero0-fused", {}, False),
+    ("2x2/fp16-zero1", 2, "fp16-zero1-fused", {}, False),
 ]
 
 

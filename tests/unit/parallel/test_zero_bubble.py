@@ -169,3 +169,26 @@ def test_the_block_variants_train_the_same_under_both_schedules(tokens, name):
     losses = [train_trace(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pipeline_schedule=s)),
                           precision_ds("fp32", accum=3), tokens, 3).losses for s in ("1f1b", "zb-h1")]
     assert losses[0] == losses[1]
+
+
+def test_the_untied_heads_matmul_is_split_and_the_fused_loss_head_is_not():
+    from gptx.config import ModelConfig
+    from gptx.model.layers import Block, LMHead
+    from gptx.parallel.zero_bubble import defer_weight_grads
+    torch.manual_seed(0)
+    head = LMHead(32, 250, padded_vocab_size=256)  # padding columns: their logits stay -inf
+    store = WeightGradStore()
+    assert defer_weight_grads([Block(ModelConfig(**MICRO_MODEL)), head, LMHead(32, 256, fused=True)], store) == 4 + 1
+    x = torch.randn(2, 8, 32)
+    logits = head(x)
+    assert torch.isinf(logits[..., 250:]).all()
+    store.deferring = True
+    logits[..., :250].sum().backward()
+    store.end_micro_batch()
+    assert head.lm_head.weight.grad is None
+    for weight, grad in store.oldest():
+        assert weight is head.lm_head.weight
+        torch.autograd.backward(weight, grad)
+    expected = torch.zeros(256, 32)
+    expected[:250] = x.reshape(-1, 32).sum(0)  # d(sum of logits)/dW: each real row gets the sum of the inputs
+    assert torch.allclose(head.lm_head.weight.grad, expected, atol=1e-5)
