@@ -123,7 +123,7 @@ def _row(m: int, gathered: list[dict], stages: int) -> dict:
 
 def render_text(r: dict, show_trace: bool = True) -> str:
     mib = 2 ** 20
-    lines = [f"{r['model']}: {r['stages']} stages x {r['data_parallel_size']} data-parallel, micro-batch "
+    lines = [f"{r['model']}: {r['stages']} stage(s) x {r['data_parallel_size']} data-parallel, micro-batch "
              f"{r['micro_batch']} x {r['seq_len']} tokens; median of {r['iters']} alternated iterations, the "
              f"slowest rank's; theory: F, B, W measured under ZB-H1 (per micro-batch, mean of the stages) + "
              f"optimizer and reductions",
