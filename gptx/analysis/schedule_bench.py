@@ -24,7 +24,7 @@ from gptx.analysis.precision_check import release
 from gptx.config import Config
 from gptx.parallel.ds_config import BatchLayout
 from gptx.parallel.engine import build_engine, check_step
-from gptx.parallel.zero_bubble import SCHEDULES, step_time, trace
+from gptx.parallel.zero_bubble import SCHEDULES, bubble_fraction, step_time, trace
 
 SHARED = ("optimizer", "grad all-reduce")  # per step, the same work under either schedule
 
@@ -112,7 +112,7 @@ def _row(m: int, gathered: list[dict], stages: int) -> dict:
             "step_s": statistics.median(slowest), "theory_s": pipeline + shared,
             "idle": [first[s]["seconds"][schedule]["send/recv"] / first[s]["seconds"][schedule]["iteration"]
                      for s in range(stages)],
-            "theory_idle": 1 - m * (f + b + w) / pipeline,
+            "theory_idle": bubble_fraction(schedule, stages, m, f, b, w),
             "peak_bytes": [max(g["peak"][schedule] for g in gathered if g["stage"] == s) for s in range(stages)],
             "losses": first[0]["losses"][schedule]}
     one, zero = row["schedules"]["1f1b"], row["schedules"]["zb-h1"]
