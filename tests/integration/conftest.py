@@ -53,7 +53,13 @@ def two_ranks(tmp_path_factory):
     plan.append({"name": "one_node", "env": {},  # test_multinode.py's runs, on one node
                  "argv": pretrain_args(micro_data, micro_model, ds, tmp / "one_node", 2, MULTINODE_ITERS,
                                        *MULTINODE_FLAGS, "--save-interval", "3")})
-    # test_zero_bubble.py: the same run under ZB-H1, and each schedule resuming the other's checkpoint.
+    # test_zero_bubble.py: both schedules with evaluation (its sends go through ZB-H1's too); the same run
+    # under ZB-H1, and each schedule resuming the other's checkpoint.
+    for schedule in ("1f1b", "zb-h1"):
+        plan.append({"name": f"eval_{schedule}", "env": {},
+                     "argv": pretrain_args(micro_data, micro_model, ds, tmp / f"eval_{schedule}", 2, 4,
+                                           "--eval-interval", "2", "--eval-iters", "2",
+                                           "--pipeline-schedule", schedule)})
     for name, schedule, extra in (("zb_full", "zb-h1", ("--save-interval", "3")),
                                   ("zb_from_1f1b", "zb-h1", ("--load", str(tmp / "one_node" / "iter_0000003"))),
                                   ("1f1b_from_zb", "1f1b", ("--load", str(tmp / "zb_full" / "iter_0000003")))):

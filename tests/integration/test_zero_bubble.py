@@ -5,7 +5,7 @@ stages (a run of the shared 2-rank launch)."""
 import json
 
 from gptx.analysis.precision_check import Trace
-from tests.helpers.runs import sequence_code, sequence_output, train_losses
+from tests.helpers.runs import read_metrics, sequence_code, sequence_output, train_losses
 from tests.helpers.schedule_matrix import CASES
 
 
@@ -53,3 +53,15 @@ def test_either_schedule_resumes_the_others_checkpoint_exactly(two_ranks):
     assert train_losses(two_ranks / "zb_from_1f1b") == {i: one[i] for i in (4, 5, 6)}
     assert train_losses(two_ranks / "1f1b_from_zb") == {i: zero[i] for i in (4, 5, 6)}
     assert "changed since the checkpoint: pipeline_schedule '1f1b' -> 'zb-h1'" in sequence_output(logs, "zb_from_1f1b")
+
+
+def test_evaluation_between_steps_gives_the_same_numbers_under_both_schedules(two_ranks):
+    logs = two_ranks / "logs"
+    runs = {}
+    for schedule in ("1f1b", "zb-h1"):
+        assert sequence_code(logs, f"eval_{schedule}") == 0, sequence_output(logs, f"eval_{schedule}")[-3000:]
+        metrics = read_metrics(two_ranks / f"eval_{schedule}")
+        runs[schedule] = [(r["iter"], r.get("loss"), r.get("val_loss")) for r in metrics
+                          if "loss" in r or "val_loss" in r]
+    assert [i for i, _, val in runs["zb-h1"] if val is not None] == [2, 4]
+    assert runs["zb-h1"] == runs["1f1b"]
