@@ -133,6 +133,14 @@ def sequence_output(folder: Path, name: str) -> str:
     return "".join(p.read_text() for p in sorted(folder.glob(f"{name}.rank*.log")))
 
 
+def sequence_report(folder: Path, name: str) -> dict:
+    """The one JSON object a `--json` tool printed in a sequence run that exited 0 (the launcher logs around it)."""
+    out = sequence_output(folder, name)
+    assert sequence_code(folder, name) == 0, out[-3000:]
+    (line,) = [x for x in out.splitlines() if x.startswith("{")]
+    return json.loads(line)
+
+
 def sequence_code(folder: Path, name: str) -> int | None:
     """A run's exit code: the largest over the ranks that finished it, or None where none did."""
     codes = [int(p.read_text()) for p in folder.glob(f"{name}.rank*.code")]

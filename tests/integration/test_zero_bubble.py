@@ -5,7 +5,7 @@ stages (a run of the shared 2-rank launch)."""
 import json
 
 from gptx.analysis.precision_check import Trace
-from tests.helpers.runs import read_metrics, sequence_code, sequence_output, train_losses
+from tests.helpers.runs import read_metrics, sequence_code, sequence_output, sequence_report, train_losses
 from tests.helpers.schedule_matrix import CASES
 
 
@@ -26,11 +26,7 @@ def test_zb_h1_trains_the_losses_of_1f1b_on_4_stages_and_2x2(four_ranks):
 
 
 def test_the_schedule_benchmark_times_both_on_the_same_batches(two_ranks):
-    logs = two_ranks / "logs"
-    out = sequence_output(logs, "schedule_bench")
-    assert sequence_code(logs, "schedule_bench") == 0, out[-3000:]
-    (line,) = [x for x in out.splitlines() if x.startswith("{")]
-    r = json.loads(line)
+    r = sequence_report(two_ranks / "logs", "schedule_bench")
     assert r["stages"] == 2 and [row["micro_batches"] for row in r["rows"]] == [2, 4]
     for row in r["rows"]:
         one, zero = row["schedules"]["1f1b"], row["schedules"]["zb-h1"]
