@@ -41,8 +41,9 @@ def allow_cpu_fp16() -> None:
 
 def fault_point(where: str, iteration: int, folder: Path | None = None) -> None:
     """Fault injection for the reliability tests: GPTX_FAULT=ACTION,WHERE,ITERATION,RANK makes
-    that rank raise (ACTION raise), die by SIGKILL (kill), stop responding (hang) or, in a
-    save, delete the folder being written (delete) there. Unset, it does nothing."""
+    that rank raise (ACTION raise), die by SIGKILL (kill), receive SIGTERM and go on (term: what
+    a scheduler's preemption sends), stop responding (hang) or, in a save, delete the folder
+    being written (delete) there. Unset, it does nothing."""
     spec = os.environ.get("GPTX_FAULT")
     if not spec:
         return
@@ -51,6 +52,9 @@ def fault_point(where: str, iteration: int, folder: Path | None = None) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     if action == "delete" and folder is not None:
         shutil.rmtree(folder)
         return

@@ -110,6 +110,20 @@ def pretrain_args(data: Path, model: Path, ds: Path, save: Path, pipe: int, iter
             *extra]
 
 
+def mount_tmpfs(path: Path, kib: int, read_only: bool = False) -> str:
+    """A tmpfs of `kib` KiB at `path` (made here): a full or read-only disk at no cost. Returns why it
+    could not be mounted ("" when it was): mounting needs root or CAP_SYS_ADMIN. unmount() removes it."""
+    path.mkdir()
+    opts = f"size={kib}k" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    return f"cannot mount a tmpfs here ({done.stderr.strip()}): a full or read-only disk needs one" \
+        if done.returncode else ""
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -77,12 +77,19 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def four_ranks(tmp_path_factory):
-    """4 ranks: a bf16 run on 2 stages x 2 data-parallel ranks (test_checkpoint.py) and the 1F1B
-    against ZB-H1 matrix (test_zero_bubble.py)."""
+    """4 ranks: a bf16 run on 2 stages x 2 data-parallel ranks and a run that changes its layout
+    from 4 stages to 2 x 2 (test_checkpoint.py), and the 1F1B against ZB-H1 matrix (test_zero_bubble.py)."""
     tmp = tmp_path_factory.mktemp("four_ranks")
     work = run_files(tmp)
+    # 2 x 2 takes half the micro-batches per replica: the global batch (4 sequences) stays the same.
+    half_accum = write_ds_config(tmp / "ds_dp2.json", micro=2, accum=1)
     plan = [{"name": "bf16_pp2_dp2", "env": {},
              "argv": checkpoint_args(work, tmp / "bf16_pp2_dp2", 2, 3, "--deepspeed_config", str(bf16_config(tmp)))},
+            {"name": "relayout_4_stages", "env": {},  # iterations 1-3
+             "argv": checkpoint_args(work, tmp / "relayout", 4, 6, "--exit-interval", "3")},
+            {"name": "relayout_2x2", "env": {},  # iterations 4-5
+             "argv": checkpoint_args(work, tmp / "relayout", 2, 6, "--load", str(tmp / "relayout"),
+                                     "--deepspeed_config", str(half_accum), "--exit-interval", "5")},
             {"name": "schedules", "command": "schedule_matrix", "env": {CPU_FP16_ENV: "1"},
              "argv": [str(work[1]), str(tmp / "schedules.json")]}]
     result = launch_sequence(4, plan, tmp / "logs")

@@ -9,8 +9,9 @@ import pytest
 
 from gptx.parallel.engine import release_shared_memory
 from gptx.training.checkpoint import MANIFEST
-from tests.helpers.runs import launch, launch_sequence, launcher_command, sequence_code, sequence_output, train_losses
-from tests.unit.training.test_reliability import CURRICULUM, ITERS, args, small_fs, work  # noqa: F401 (fixtures)
+from tests.helpers.runs import (launch_sequence, launcher_command, mount_tmpfs, sequence_code, sequence_output,
+                                train_losses, unmount)
+from tests.unit.training.test_reliability import CURRICULUM, ITERS, args, work  # noqa: F401 (fixtures)
 
 
 def popen(work, run_args, env=None):
@@ -59,37 +60,62 @@ def run_step(work, name, run, *extra, fault=None):
             "env": {"GPTX_FAULT": fault} if fault else {}}
 
 
+# Room for the run's small files, not for a 2-stage checkpoint: the save fails halfway, inside
+# torch's writer on both ranks.
+FULL_DISK_KIB = 400
+
+
 @pytest.fixture(scope="module")
 def faults(work):
-    """The uninterrupted run, three faults and their three resumes, in four launches: the run and
-    the kill inside a checkpoint write (the last of its launch) together, SIGTERM and kill -9
-    each from outside, then the three resumes together (tests/helpers/command_sequence.py).
+    """The faults that need the launcher, in three launches (tests/helpers/command_sequence.py):
+    - the uninterrupted run, then SIGTERM to rank 1 (sent by the rank itself at iteration 3), a disk
+      that fills during a save (where a tmpfs can be mounted) and a kill -9 of rank 1 inside a
+      checkpoint write, which ends the launch;
+    - kill -9 of the whole process group from outside, runner included;
+    - the three resumes, then rank 1 raising at iteration 3, which ends that launch.
     What each fault left is recorded before the resumes write over it."""
     tmp = work[0]
-    runs = {name: tmp / name for name in ("full", "kill_in_save", "sigterm", "kill9")}
-    first = launch_sequence(2, [run_step(work, "full", runs["full"]),
-                                run_step(work, "kill_in_save", runs["kill_in_save"], fault="kill,save,4,1")],
-                            tmp / "logs_first")
-    full_out = sequence_output(tmp / "logs_first", "full")
-    assert sequence_code(tmp / "logs_first", "full") == 0, full_out[-3000:]
+    runs = {name: tmp / name for name in ("full", "sigterm", "kill_in_save", "kill9")}
+    disk = tmp / "small_disk"
+    found = {"full_disk_skipped": mount_tmpfs(disk, FULL_DISK_KIB)}
+    first = [run_step(work, "full", runs["full"]), run_step(work, "sigterm", runs["sigterm"], fault="term,step,3,1")]
+    if not found["full_disk_skipped"]:
+        first.append({"name": "full_disk", "env": {},
+                      "argv": args(work, disk / "run", 2, 2, "--save-interval", "2")})
+    first.append(run_step(work, "kill_in_save", runs["kill_in_save"], fault="kill,save,4,1"))
+    try:
+        result = launch_sequence(2, first, tmp / "logs_first")
+    finally:
+        if not found["full_disk_skipped"]:
+            unmount(disk)
+    logs = tmp / "logs_first"
+    for name in ("full", "sigterm"):
+        assert sequence_code(logs, name) == 0, sequence_output(logs, name)[-3000:]
+    full_out = sequence_output(logs, "full")
     assert "iter      7 | sequence length 32" in full_out and "iter      9 | batch size 4 sequences" in full_out
-    found = {"full": train_losses(runs["full"]),
-             "kill_in_save": dict(code=first.returncode, out=sequence_output(tmp / "logs_first", "kill_in_save"))}
-    found["sigterm"] = dict(zip(("code", "out"), faulted_run(
-        work, runs["sigterm"], until="iter      3 |", fault=lambda proc: os.kill(rank_pid(proc, 1), signal.SIGTERM))))
+    found["full"] = train_losses(runs["full"])
+    found["sigterm"] = dict(out=sequence_output(logs, "sigterm"))
+    found["full_disk"] = dict(out=sequence_output(logs, "full_disk"), run=disk / "run",
+                              codes=sorted(int(p.read_text()) for p in logs.glob("full_disk.rank*.code")))
+    found["kill_in_save"] = dict(code=result.returncode, out=sequence_output(logs, "kill_in_save"))
     found["kill9"] = dict(zip(("code", "out"), faulted_run(
         work, runs["kill9"], until="iter      5 |", fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))))
-    for name in ("kill_in_save", "sigterm", "kill9"):  # before the resumes write over it
+    faulted = ("sigterm", "kill_in_save", "kill9")
+    for name in faulted:  # before the resumes write over it
         found[name].update(latest=(runs[name] / "latest").read_text(),
                            checkpoints={p.name: (p / MANIFEST).exists() for p in runs[name].glob("iter_*")})
-    faulted = ("kill_in_save", "sigterm", "kill9")
-    result = launch_sequence(2, [run_step(work, name, runs[name], "--load", str(runs[name])) for name in faulted],
-                             tmp / "logs_resumed")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = tmp / "logs_resumed"
+    raises = dict(run_step(work, "raises", tmp / "raises"), env={"GPTX_FAULT": "raise,step,3,1"})
+    result = launch_sequence(2, [run_step(work, name, runs[name], "--load", str(runs[name])) for name in faulted]
+                             + [raises], logs)
+    ended = time.time()
     for name in faulted:
-        out = sequence_output(tmp / "logs_resumed", name)
-        assert sequence_code(tmp / "logs_resumed", name) == 0, out[-3000:]
+        out = sequence_output(logs, name)
+        assert sequence_code(logs, name) == 0, out[-3000:]
         found[name].update(resumed_out=out, losses=train_losses(runs[name]))
+    # The launch's own output holds rank 1's traceback: it leaves the run's log as it leaves the rank.
+    found["raises"] = dict(code=result.returncode, out=sequence_output(logs, "raises") + result.stdout + result.stderr,
+                           seconds=ended - (logs / f"{faulted[-1]}.rank0.code").stat().st_mtime)
     return found
 
 
@@ -101,11 +127,10 @@ def assert_resumed_exactly(faults, name, expect_from: int):
 
 
 def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_exit_0(faults):
-    code, out = faults["sigterm"]["code"], faults["sigterm"]["out"]
-    assert code == 0, out[-3000:]
-    stopped_at = int(out.split("stopped by SIGTERM at iteration ")[1].split(";")[0])
-    assert stopped_at < ITERS and faults["sigterm"]["latest"] == f"iter_{stopped_at:07d}"
-    assert_resumed_exactly(faults, "sigterm", stopped_at)
+    out = faults["sigterm"]["out"]
+    assert "rank 1: received SIGTERM" in out and "stopped by SIGTERM at iteration 3;" in out
+    assert faults["sigterm"]["latest"] == "iter_0000003"
+    assert_resumed_exactly(faults, "sigterm", 3)
 
 
 def test_ctrl_c_stops_every_rank_with_a_checkpoint(work):
@@ -135,11 +160,11 @@ def test_kill_9_during_a_checkpoint_write_is_never_loaded(faults):
     assert_resumed_exactly(faults, "kill_in_save", 2)
 
 
-def test_a_rank_that_raises_ends_the_whole_run_quickly(work):
-    start = time.time()
-    code, out = faulted_run(work, work[0] / "raises", env={"GPTX_FAULT": "raise,step,3,1"})
-    assert code != 0 and "injected fault at step of iteration 3 on rank 1" in out
-    assert time.time() - start < 90  # the other rank does not wait for it forever
+def test_a_rank_that_raises_ends_the_whole_run_quickly(faults):
+    """The last run of the resumes' launch: rank 1 raises at iteration 3."""
+    raised = faults["raises"]
+    assert raised["code"] != 0 and "injected fault at step of iteration 3 on rank 1" in raised["out"]
+    assert raised["seconds"] < 90  # the other rank does not wait for it forever
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p in psutil.Process().children(recursive=True))
 
@@ -162,18 +187,15 @@ def test_a_hung_rank_times_out_the_others_instead_of_blocking_forever(work):
     assert time.time() - start < 100
 
 
-def test_a_disk_that_fills_during_a_save_is_one_line_from_every_rank(work, small_fs):
-    # Room for the run's small files, not for a 2-stage checkpoint: the save fails halfway,
-    # inside torch's writer on both ranks.
-    run = small_fs("full", 400) / "run"
-    result = launch(2, args(work, run, 2, 2, "--save-interval", "2"), cwd=work[0])
-    out = result.stdout + result.stderr
-    assert result.returncode != 0
+def test_a_disk_that_fills_during_a_save_is_one_line_from_every_rank(faults):
+    if faults["full_disk_skipped"]:
+        pytest.skip(faults["full_disk_skipped"])
+    out, run = faults["full_disk"]["out"], faults["full_disk"]["run"]
     assert "warning: checkpoint iter_0000002 needs about" in out
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1, out[-3000:]
     assert (f"could not write checkpoint iter_0000002 to {run}: No space left on device" in errors[0]
             and f"no checkpoint was completed in {run}" in errors[0] and "bytes needed, " in errors[0])
     assert "Traceback" not in out and "unexpected pos" not in out, out[-3000:]
-    assert "exits with return code = 2" in out  # a rank's own exit, not the launcher's kill
+    assert faults["full_disk"]["codes"] == [2, 2]  # every rank's own exit
     assert not (run / "iter_0000002").exists() and not (run / "latest").exists()

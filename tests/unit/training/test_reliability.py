@@ -1,7 +1,6 @@
 """Faults injected into real runs: signals, kill -9, crashes, damaged checkpoints, numerical trouble."""
 import json
 import math
-import subprocess
 
 import pytest
 
@@ -11,7 +10,7 @@ from gptx.errors import TrainingStopped
 from gptx.training.checkpoint import MANIFEST, write_error_code
 from gptx.training.guards import NumericsGuard
 from gptx.training.resume import find_latest
-from tests.helpers.runs import pretrain_args, read_metrics, run_files, train_losses
+from tests.helpers.runs import mount_tmpfs, pretrain_args, read_metrics, run_files, train_losses, unmount
 
 
 # --- the numerics guard on its own ---------------------------------------------------------------
@@ -129,22 +128,19 @@ CURRICULUM = ("--seq-len-warmup", "0:16,6:32", "--rampup-batch-size", "2,2,16", 
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """mount(name, kib, read_only) -> a tmpfs of that size: a full or read-only disk at no cost.
-    Needs root (or CAP_SYS_ADMIN); where mounting is not allowed the test is skipped."""
+    """mount(name, kib, read_only) -> a tmpfs of that size; where mounting is not allowed the test is skipped."""
     mounted = []
 
     def mount(name, kib, read_only=False):
         path = tmp_path / name
-        path.mkdir()
-        opts = f"size={kib}k" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): a full or read-only disk needs one")
+        why_not = mount_tmpfs(path, kib, read_only)
+        if why_not:
+            pytest.skip(why_not)
         mounted.append(path)
         return path
     yield mount
     for path in mounted:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        unmount(path)
 
 
 def test_every_way_torch_reports_a_full_disk_is_a_full_disk(small_fs):
