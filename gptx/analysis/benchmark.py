@@ -172,10 +172,9 @@ class PlainLoop:
     clipping, AdamW with the DeepSpeed JSON's settings, the engine's precision via autocast,
     and the same batches. `loss_fn(x, y)` is the model's mean next-token loss.
 
-    Gradients are kept between steps (zeroed in place) on CPUs and freed on GPUs: on this
-    project's 2-core CPU keeping them trained a 4 x 256 model 13% faster than allocating them
-    afresh every step (page faults of a new allocation), and freeing is PyTorch's default,
-    which spares a GPU a memset per step."""
+    Gradients are kept between steps (zeroed in place) on CPUs and freed on GPUs: on a CPU a
+    fresh allocation every step pays its page faults (docs/performance.md), and freeing is
+    PyTorch's default, which spares a GPU a memset per step."""
 
     def __init__(self, model: torch.nn.Module, loss_fn, cfg: Config, ds_config: dict, layout: BatchLayout,
                  device: torch.device, seed: int):
@@ -302,7 +301,7 @@ def timed_rounds(engine, engine_step, loops: dict[str, PlainLoop], iters: int, d
     runs: dict[str, Run] = {name: ([], []) for name in ["engine", *loops]}
     # One iteration of each in turn, so that drift in the machine's speed hits all alike, starting
     # one further along each round: on a CPU the loop that runs right after another model's
-    # iteration was measured up to 15% slower (its memory is cold), whichever loop it was.
+    # iteration is slower (its memory is cold), so no loop may always come second.
     names = list(runs)
     for i in range(iters):
         lr = engine.get_lr()[0]
@@ -371,7 +370,7 @@ def add_speeds(report: dict, cfg: Config, ds_config: dict, layout: BatchLayout, 
         if name == "plain":
             report["plain"] = entry
             # Medians: a hiccup of the host lands on whichever loop was running and would move a
-            # ratio of sums by itself (on a 2-core CPU, one iteration in ten ran at twice the time).
+            # ratio of sums by itself (on a busy host one iteration can take twice as long as the rest).
             report["engine_over_plain_time"] = engine_median / entry["iteration_s"]
         else:
             report.setdefault("references", {})[name] = {**entry, "engine_speedup": entry["iteration_s"] / engine_median}

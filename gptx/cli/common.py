@@ -105,7 +105,7 @@ def guarded(main) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         else:
             # DeepSpeed's launcher ends every rank once one exits non-zero: were this rank to
-            # exit first, rank 0 could be ended before it prints the line (seen once in CI).
+            # exit first, rank 0 could be ended before it prints the line.
             import time
             time.sleep(3)
         return 2

@@ -49,8 +49,7 @@ def keep_freed_memory() -> bool:
     and the heap's fragmentation adds to that peak (peak RSS grew by 25-65% on
     models whose tensors stay under 32 MiB, where nothing is gained: configure_host leaves
     those alone).
-    Alternating both settings in one process on this project's 2-core CPU, the engine trained a
-    4 x 256 model with GPT-2's vocabulary at 1.27x the speed (docs/performance.md).
+    On CPU, models with GPT-2's vocabulary train faster this way (docs/performance.md).
     GPTX_KEEP_FREED_MEMORY=0 opts out."""
     if os.environ.get("GPTX_KEEP_FREED_MEMORY") == "0":  # opt out: return freed memory to the OS
         return False
@@ -67,8 +66,8 @@ def return_freed_memory(promptly: bool = True) -> bool:
     """With `promptly`, map every allocation over 64 KiB on its own and unmap it when freed
     (glibc only), so this process's resident memory follows its live tensors: what
     tools/strategies.py measures. glibc's default keeps freed blocks of up to 32 MiB in its
-    heap, and a ZeRO-3 step gathers and frees every layer: on this project's CPU its peak RSS
-    held 0.6 GiB more (docs/parallelism-and-memory.md). The price is page faults on every allocation, so timing
+    heap, and a ZeRO-3 step gathers and frees every layer, so resident memory would overstate
+    what the strategy needs (docs/parallelism-and-memory.md). The price is page faults on every allocation, so timing
     goes back to blocks over 32 MiB only (`promptly=False`), where glibc's own threshold settles."""
     try:
         set_option = ctypes.CDLL("libc.so.6").mallopt

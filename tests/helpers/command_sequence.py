@@ -6,7 +6,7 @@ PLAN.json lists runs: {"name", "argv", "env", "command"}. Each run is one of gpt
 by default "pretrain", launch/pretrain.py's entry) with its argv and extra environment; its console
 output (every rank's, stdout and stderr, at the descriptor level so DeepSpeed's and torch's C++ prints
 count) goes to NAME.rank<R>.log beside PLAN.json, and its exit code to NAME.rank<R>.code. A run that
-kills its rank (a GPTX_FAULT) ends the launch, so it goes last. The tests read the logs as they read a
+kills or crashes its rank (a GPTX_FAULT) ends the launch, so it goes last. The tests read the logs as they read a
 launch's output (tests/helpers/runs.py, sequence_output).
 """
 import importlib
@@ -55,6 +55,9 @@ def run_one(folder: Path, run: dict, rank: int) -> None:
             os.close(saved[0])
             os.close(saved[1])
     (folder / f"{run['name']}.rank{rank}.code").write_text(str(code))
+    # A pipeline engine leaves its grid in deepspeed.utils.groups.mpu, where a later engine without a
+    # pipeline would read it as model parallelism; a run in a process of its own starts without it.
+    deepspeed.utils.groups.mpu = None
     os.environ.clear()
     os.environ.update(saved_env)
     dist.barrier()  # the next run starts together

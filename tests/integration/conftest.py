@@ -1,17 +1,26 @@
 """Launches shared across this directory's files. A launch costs about 10 s before it trains anything
 (DeepSpeed's runner, its launcher and every rank import torch and DeepSpeed in turn), so the runs that
 need the same number of ranks and no launch of their own go into one (tests/helpers/command_sequence.py),
-each with its own log and exit code."""
+each with its own log and exit code. A run that kills or crashes a rank ends its launch: each of the
+2-rank launches ends with one, and the resumes of the killed runs share the last launch."""
 import json
+import os
+import signal
+import time
 
 import pytest
 
 from gptx.testing import CPU_FP16_ENV
-from tests.helpers.runs import (REPO, launch_sequence, make_token_dir, pretrain_args, run_files, write_ds_config,
-                                write_model_yaml)
+from gptx.training.checkpoint import MANIFEST
+from tests.helpers.faults import faulted_run, run_step
+from tests.helpers.runs import (REPO, launch_sequence, make_token_dir, mount_tmpfs, pretrain_args, run_files,
+                                sequence_code, unmount, write_ds_config, write_model_yaml)
+from tests.integration.test_train import BF16, OFFLOAD, ZERO3
+from tests.integration.test_train import argv as train_argv
 from tests.unit.parallel.test_engine import write_ds
 from tests.unit.training.test_checkpoint import args as checkpoint_args
 from tests.unit.training.test_checkpoint import bf16_config
+from tests.unit.training.test_reliability import args as fault_args
 
 PARTITION_METHODS = ("parameters", "compute")
 # test_multinode.py's runs: dropout on, so a resume also needs each node's random streams back.
@@ -25,7 +34,10 @@ def two_ranks(tmp_path_factory):
     benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py),
     the shipped GPU fp16 JSON against fp32 and every precision path (test_engine.py), every
     architecture variant (test_variants.py), the runs of test_multinode.py on one node and those under
-    ZB-H1 and resumed across schedules (test_zero_bubble.py). Returns the folder: logs/ holds each run's output."""
+    ZB-H1 and resumed across schedules (test_zero_bubble.py), and test_train.py's runs: 2 stages, 2
+    replicas, bf16 and optimizer offload stopped and resumed, a bad flag, and last a ZeRO-3 run without
+    a pipeline whose rank 1 is killed inside a save (resumed in `faults`' last launch). Returns the
+    folder: logs/ holds each run's output."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     # A 1024-token vocabulary makes the head heavy in compute, so the two methods split differently.
     data = make_token_dir(tmp / "data", vocab_size=1024)
@@ -70,8 +82,80 @@ def two_ranks(tmp_path_factory):
                  "argv": [str(micro_data), str(tmp / "precisions.json")]})
     plan.append({"name": "variants", "command": "variants_matrix", "env": {},
                  "argv": [str(micro_data), str(tmp / "variants.json")]})
+    work = (tmp, micro_data, micro_model)
+    plan += [train_run("two_stages", train_argv(work, "two_stages", 2, 2, 4)),
+             train_run("two_dp", train_argv(work, "two_dp", 1, 2, 2)),  # the same global batch: 2 x 2 x 2 ranks
+             train_run("full_bf16", train_argv(work, "full_bf16", 2, 2, 2, ds_extra=BF16)),
+             train_run("part_bf16", train_argv(work, "part_bf16", 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)),
+             train_run("part_bf16_resume", train_argv(work, "part_bf16", 2, 2, 2, "--load", str(tmp / "part_bf16"),
+                                                      ds_extra=BF16)),
+             train_run("offload", train_argv(work, "offload", 2, 2, 4, "--save-interval", "2", "--exit-interval", "3",
+                                             ds_extra=OFFLOAD)),
+             train_run("offload_resume", train_argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"),
+                                                    ds_extra=OFFLOAD)),
+             train_run("bad_flag", train_argv(work, "bad_flag", 2, 2, 2, "--lr-decay", "5")),
+             train_run("zero3", train_argv(work, "zero3", 0, 2, 2, "--save-interval", "2", ds_extra=ZERO3),
+                       fault="kill,save,4,1")]
     result = launch_sequence(2, plan, tmp / "logs")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    unfinished = [run["name"] for run in plan[:-1] if sequence_code(tmp / "logs", run["name"]) is None]
+    assert result.returncode != 0 and not unfinished, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp
+
+
+def train_run(name, argv, fault=None):
+    return {"name": name, "argv": argv, "env": {"GPTX_FAULT": fault} if fault else {}}
+
+
+# Room for a fault run's small files, not for a 2-stage checkpoint: the save fails halfway, inside
+# torch's writer on both ranks.
+FULL_DISK_KIB = 400
+
+
+@pytest.fixture(scope="session")
+def faults(tmp_path_factory, two_ranks):
+    """The faults of test_reliability.py that need the launcher, in three launches:
+    - the uninterrupted run, SIGTERM to rank 1 (sent by the rank itself at iteration 3), a disk that
+      fills during a save (where a tmpfs can be mounted) and a kill -9 of rank 1 inside a checkpoint
+      write, which ends the launch;
+    - kill -9 of the whole process group from outside, runner included;
+    - the resumes of the three and of two_ranks' ZeRO-3 run (test_train.py), then rank 1 raising at
+      iteration 3, which ends that launch.
+    Returns the folder: runs/NAME holds each run, logs_first/ and logs_resumed/ the sequences' logs,
+    and the result of each launch from outside (code and output) is in launches.json."""
+    tmp = tmp_path_factory.mktemp("faults_launched")
+    work = run_files(tmp)
+    runs = tmp / "runs"
+    disk = tmp / "small_disk"
+    full_disk_skipped = mount_tmpfs(disk, FULL_DISK_KIB)
+    first = [run_step(work, "full", runs / "full"),
+             run_step(work, "sigterm", runs / "sigterm", fault="term,step,3,1")]
+    if not full_disk_skipped:
+        first.append({"name": "full_disk", "env": {}, "argv": fault_args(work, disk / "run", 2, 2, "--save-interval", "2")})
+    first.append(run_step(work, "kill_in_save", runs / "kill_in_save", fault="kill,save,4,1"))
+    try:
+        result = launch_sequence(2, first, tmp / "logs_first")
+    finally:
+        if not full_disk_skipped:
+            unmount(disk)
+    launches = {"first": result.returncode, "full_disk_skipped": full_disk_skipped}
+    code, out = faulted_run(work, runs / "kill9", until="iter      5 |",
+                            fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))
+    launches["kill9"] = {"code": code, "out": out}
+    # What each fault left, before the resumes write over it.
+    for name in ("sigterm", "kill_in_save", "kill9", "zero3"):
+        run = two_ranks / name if name == "zero3" else runs / name
+        launches.setdefault(name, {}).update(latest=(run / "latest").read_text(),
+                                             checkpoints={p.name: (p / MANIFEST).exists() for p in run.glob("iter_*")})
+    train_work = (two_ranks, two_ranks / "micro_data", two_ranks / "micro_model.yaml")
+    resumes = [train_run("zero3_resume", train_argv(train_work, "zero3", 0, 2, 2, "--load", str(two_ranks / "zero3"),
+                                                    ds_extra=ZERO3))]
+    resumes += [run_step(work, name, runs / name, "--load", str(runs / name)) for name in ("sigterm", "kill_in_save", "kill9")]
+    resumes.append(run_step(work, "raises", runs / "raises", fault="raise,step,3,1"))
+    result = launch_sequence(2, resumes, tmp / "logs_resumed")
+    ended = time.time()
+    launches["resumed"] = {"code": result.returncode, "out": result.stdout + result.stderr,
+                           "raise_seconds": ended - (tmp / "logs_resumed" / "kill9.rank0.code").stat().st_mtime}
+    (tmp / "launches.json").write_text(json.dumps(launches))
     return tmp
 
 

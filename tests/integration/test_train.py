@@ -1,12 +1,12 @@
 """Multi-process training under the real deepspeed launcher (CPU, gloo)."""
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gptx.cli.pretrain import run_pretrain
-from gptx.training.checkpoint import MANIFEST
-from tests.helpers.runs import (REPO, launch_sequence, make_token_dir, read_metrics, sequence_code,
+from tests.helpers.runs import (REPO, make_token_dir, read_metrics, sequence_code,
                                 sequence_output, train_losses, write_ds_config, write_model_yaml)
 
 ITERS = 6
@@ -41,51 +41,22 @@ class Run:
     dir: Path
     out: str  # every rank's console output
     code: int | None  # the largest of the ranks that finished it; None: none did
-    latest: str  # the `latest` pointer right after the launch
-    checkpoints: dict  # iter_* folder -> has its manifest, right after the launch
-
-
-def step(name, args, fault=None):
-    return {"name": name, "argv": args, "env": {"GPTX_FAULT": fault} if fault else {}}
 
 
 @pytest.fixture(scope="module")
-def runs(work):
-    """Every 2-rank run of this file in two launches (tests/helpers/command_sequence.py): the first
-    ends with a run whose rank is killed, and its resume opens the second."""
-    tmp = work[0]
-    # The no-pipeline (ZeRO-3) runs come before any 2-stage one in their launch: DeepSpeed keeps the last
-    # pipeline engine's grid in a global (deepspeed.utils.groups.mpu), which a later plain engine in the
-    # same process would read as 2-way model parallelism.
-    launches = [
-        [step("bad_flag", argv(work, "bad_flag", 2, 2, 2, "--lr-decay", "5")),
-         step("two_dp", argv(work, "two_dp", 1, 2, 2)),  # same global batch: 2 x 2 x 2 ranks = 2 x 4
-         step("zero3", argv(work, "zero3", 0, 2, 2, "--save-interval", "2", ds_extra=ZERO3),
-              fault="kill,save,4,1")],
-        [step("zero3_resume", argv(work, "zero3", 0, 2, 2, "--load", str(tmp / "zero3"), ds_extra=ZERO3)),
-         step("two_stages", argv(work, "two_stages", 2, 2, 4)),
-         step("full_bf16", argv(work, "full_bf16", 2, 2, 2, ds_extra=BF16)),
-         step("part_bf16", argv(work, "part_bf16", 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)),
-         step("part_bf16_resume", argv(work, "part_bf16", 2, 2, 2, "--load", str(tmp / "part_bf16"), ds_extra=BF16)),
-         step("offload", argv(work, "offload", 2, 2, 4, "--save-interval", "2", "--exit-interval", "3",
-                              ds_extra=OFFLOAD)),
-         step("offload_resume", argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"), ds_extra=OFFLOAD))],
-    ]
+def runs(two_ranks, faults):
+    """This file's 2-rank runs, in the shared launches (tests/integration/conftest.py): the ZeRO-3 run
+    killed at the end of two_ranks, resumed in the faults' last launch."""
     found = {}
-    for i, plan in enumerate(launches):
-        logs = tmp / "logs" / str(i)
-        result = launch_sequence(2, plan, logs)
-        killed = plan[-1]["env"]
-        assert (result.returncode != 0) == bool(killed), result.stdout[-3000:] + result.stderr[-3000:]
-        for s in plan:
-            run_dir = Path(s["argv"][s["argv"].index("--save") + 1])
-            # what a killed run left, before its resume (in the next launch) writes over it
-            left = {p.name: (p / MANIFEST).exists() for p in run_dir.glob("iter_*")}
-            latest = (run_dir / "latest").read_text() if (run_dir / "latest").exists() else ""
-            found[s["name"]] = Run(run_dir, sequence_output(logs, s["name"]), sequence_code(logs, s["name"]),
-                                   latest, left)
-            if s["name"] != "bad_flag" and (s is not plan[-1] or not killed):
-                assert found[s["name"]].code == 0, found[s["name"]].out[-3000:]
+    for name in ("two_stages", "two_dp", "full_bf16", "part_bf16", "part_bf16_resume", "offload", "offload_resume",
+                 "bad_flag", "zero3"):
+        found[name] = Run(two_ranks / name, sequence_output(two_ranks / "logs", name),
+                          sequence_code(two_ranks / "logs", name))
+    found["zero3_resume"] = Run(two_ranks / "zero3", sequence_output(faults / "logs_resumed", "zero3_resume"),
+                                sequence_code(faults / "logs_resumed", "zero3_resume"))
+    for name, run in found.items():
+        if name not in ("bad_flag", "zero3"):
+            assert run.code == 0, run.out[-3000:]
     return found
 
 
@@ -133,15 +104,16 @@ def test_bf16_resume_is_exact(runs):
     assert resumed == train_losses(full), (resumed, train_losses(full))
 
 
-def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(runs):
+def test_no_pipeline_zero3_on_two_ranks_matches_two_stages_and_resumes(runs, faults):
     """--pipe-parallel-size 0: the whole model under DeepSpeed's plain engine, 2 data-parallel
     ranks with ZeRO-3 on the same global batches as 2 stages x 4 micro-batches. Rank 1 is
     killed (SIGKILL) while it writes its ZeRO-3 shards at iteration 4: that checkpoint is never
     loaded, and the run resumes from iteration 2."""
     two_stages, killed = runs["two_stages"].dir, runs["zero3"]
     part = killed.dir
-    assert killed.code != 0 and killed.latest == "iter_0000002"
-    assert killed.checkpoints == {"iter_0000002": True, "iter_0000004": False}
+    left = json.loads((faults / "launches.json").read_text())["zero3"]  # before the resume
+    assert killed.code != 0 and left["latest"] == "iter_0000002"
+    assert left["checkpoints"] == {"iter_0000002": True, "iter_0000004": False}
     assert "no pipeline: the whole model x 2 data-parallel, cpu, fp32, ZeRO-3" in killed.out
     assert "iter_0000002: iteration 2" in runs["zero3_resume"].out
     assert max_diff(train_losses(two_stages), train_losses(part)) < PARITY_TOL
