@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gptx.config import load_config
+from gptx.errors import GptxError
 from gptx.parallel.pipeline import unique_param_count
 
 # Model-key overrides on top of a preset; "gpt2" is the plain baseline.
@@ -44,7 +45,12 @@ def compare(variants: list[str], model: str, iters: int, nprocs: int, out: Path,
                "--train-iters", str(iters), "--eval-interval", str(iters), "--save", str(run_dir), *sets, *extra]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"variant {name} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+            log = out / f"{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(result.stdout + result.stderr)
+            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+            raise GptxError(f"variant {name}: its run exited {result.returncode}"
+                            + (f" ({errors[0]})" if errors else "") + f"; its output is in {log}")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if "loss" in r]
         timed = train[1:] or train  # the first iteration carries start-up costs

@@ -111,3 +111,22 @@ def test_the_shipped_deepspeed_jsons_are_package_data():
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gptx"]
     assert all(any((DS_CONFIG_DIR / name).relative_to(PACKAGE).match(p) for p in patterns) for name in shipped)
     assert (REPO / "ds_configs").resolve() == DS_CONFIG_DIR
+
+
+def test_the_readmes_module_map_names_every_module():
+    """The map in README.md is the next engineer's way in: each package's entry names each of its modules,
+    and gptx/cli's ("one module per command of launch/ and tools/") holds only the scripts' modules."""
+    import re
+    text = (REPO / "README.md").read_text()
+    (block,) = [b for b in text.split("```") if b.lstrip().startswith("gptx/config.py")]
+    entries, package = {}, None
+    for line in block.strip().splitlines():
+        start = re.match(r"gptx/(\w+)/", line)
+        if start or package is None:
+            package = start.group(1) if start else ""
+        entries[package] = entries.get(package, "") + " " + line
+    scripts = " ".join(p.read_text() for folder in ("launch", "tools") for p in (REPO / folder).glob("*.py"))
+    missing = [name for name in MODULES if not (
+        name.rpartition(".")[2] in re.findall(r"\w+", entries.get(name.rpartition(".")[0], ""))
+        or name.startswith("cli.") and (name == "cli.common" or f"gptx.{name} import" in scripts))]
+    assert not missing, f"README.md's module map does not name {missing}"
