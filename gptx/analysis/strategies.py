@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from gptx.analysis.partition_report import GiB
 from gptx.config import Config
 from gptx.errors import ConfigError
+from gptx.parallel.launching import deepspeed_launcher, free_port
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def run_table(cfg: Config, model_args: list[str], base_ds: dict, world: int, mic
         args = [*model_args, "--pipe-parallel-size", str(strategy.pipe), "--activation-checkpoint-interval",
                 str(strategy.checkpoint), "--deepspeed_config", str(ds_path), "--iters", str(iters),
                 "--warmup", str(warmup), "--worker-out", str(folder / "out")]
-        command = [_launcher(), "--num_gpus", str(world), "--master_port", str(_free_port()),
+        command = [deepspeed_launcher(), "--num_gpus", str(world), "--master_port", str(free_port()),
                    "--module", "gptx.cli.strategies", *args]
         log(f"{strategy.name}: launching {world} rank(s)")
         result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -190,15 +190,3 @@ def render_table(rows: list[dict], world: int) -> str:
 
 def _percent(error: float | None) -> str:
     return "n/a" if error is None else f"{100 * error:.0f}%"
-
-
-def _launcher() -> str:
-    beside = Path(sys.executable).parent / "deepspeed"
-    return str(beside) if beside.exists() else "deepspeed"
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

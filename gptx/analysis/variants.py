@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from gptx.config import load_config
 from gptx.errors import GptxError
+from gptx.parallel.launching import deepspeed_launcher
 from gptx.parallel.pipeline import unique_param_count
 
 # Model-key overrides on top of a preset; "gpt2" is the plain baseline.
@@ -34,13 +34,12 @@ VARIANTS: dict[str, dict] = {
 
 def compare(variants: list[str], model: str, iters: int, nprocs: int, out: Path, extra: list[str]) -> list[dict]:
     """Train each variant for the same iterations (same data, seed, batch) and collect the results."""
-    launcher = Path(sys.executable).parent / "deepspeed"
     rows = []
     for name in variants:
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)
         sets = [arg for key, value in VARIANTS[name].items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-        cmd = [str(launcher if launcher.exists() else "deepspeed"), "--num_gpus", str(nprocs),
+        cmd = [deepspeed_launcher(), "--num_gpus", str(nprocs),
                "--module", "gptx.cli.pretrain", "--model", model,
                "--train-iters", str(iters), "--eval-interval", str(iters), "--save", str(run_dir), *sets, *extra]
         result = subprocess.run(cmd, capture_output=True, text=True)

@@ -35,6 +35,13 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def no_engine_accelerator() -> None:
+    """For the commands that build no engine (they read checkpoints into the plain GPT on the device
+    they are given): DeepSpeed probes for an accelerator when it is imported and prints on stdout
+    unless told which one to use; the CPU one costs nothing. A DS_ACCELERATOR already set is kept."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def config_overrides(args, flags) -> dict:
     """Config overrides from the command line: --set KEY=VALUE, then the named flags that were given."""
     from gptx.config import parse_override

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from gptx.cli.common import Parser, guarded
+from gptx.cli.common import Parser, guarded, no_engine_accelerator
 from gptx.errors import ConfigError
 
 
@@ -42,7 +41,7 @@ def shard_size(text: str) -> int:
 
 
 def run_convert(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    no_engine_accelerator()
 
     def main():
         from gptx.data.tokens import GPT2_VOCAB_SIZE

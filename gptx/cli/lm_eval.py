@@ -1,16 +1,15 @@
 """tools/lm_eval_harness.py: lm-evaluation-harness's own command line with the `gptx` model registered."""
 from __future__ import annotations
 
-import os
 import sys
 
-from gptx.cli.common import guarded
+from gptx.cli.common import guarded, no_engine_accelerator
 from gptx.errors import ConfigError
 
 
 def run_lm_eval(argv: list[str] | None = None) -> int:
     """lm-evaluation-harness's own command line, with the `gptx` model registered."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    no_engine_accelerator()
 
     def main():
         try:

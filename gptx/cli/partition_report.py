@@ -3,10 +3,9 @@ that fit a cluster."""
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 
-from gptx.cli.common import Parser, config_overrides, guarded, require_at_least
+from gptx.cli.common import Parser, config_overrides, guarded, no_engine_accelerator, require_at_least
 from gptx.errors import ConfigError
 
 
@@ -82,8 +81,7 @@ def _run_fit(args, cfg, ds: dict) -> str:
 
 
 def run_partition_report(argv: list[str] | None = None) -> int:
-    # The report touches no device; naming one keeps DeepSpeed's accelerator probe quiet on stdout.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    no_engine_accelerator()
 
     def main():
         import json

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from gptx.cli.common import Parser, device_for, guarded
+from gptx.cli.common import Parser, device_for, guarded, no_engine_accelerator
 from gptx.errors import ConfigError
 
 
@@ -32,7 +31,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def run_sample(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    no_engine_accelerator()
 
     def main():
         import json

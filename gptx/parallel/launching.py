@@ -41,6 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_launcher() -> str:
+    """The `deepspeed` launcher of this interpreter's environment (a venv's, even when not activated),
+    else the one on PATH."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    return str(beside) if beside.exists() else "deepspeed"
+
+
 def script_name() -> str:
     """The running script as the README names it (launch/pretrain.py), else as it was given."""
     path = Path(sys.argv[0]).resolve()
