@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-
 from gptx.parallel.engine import release_shared_memory
 from tests.helpers.runs import REPO, launcher_command, pretrain_args, run_files
 from tests.unit.parallel.test_launching import LAUNCH_ENV, listening_socket

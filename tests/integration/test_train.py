@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from gptx.cli.pretrain import run_pretrain
-from tests.helpers.runs import (REPO, make_token_dir, read_metrics, sequence_code,
-                                sequence_output, train_losses, write_ds_config, write_model_yaml)
+from tests.helpers.runs import (REPO, make_token_dir, read_metrics, sequence_code, sequence_output, train_losses,
+                                write_ds_config, write_model_yaml)
 
 ITERS = 6
 PARITY_TOL = 1e-5

@@ -12,7 +12,6 @@ from gptx.training.guards import NumericsGuard
 from gptx.training.resume import find_latest
 from tests.helpers.runs import mount_tmpfs, pretrain_args, read_metrics, run_files, train_losses, unmount
 
-
 # --- the numerics guard on its own ---------------------------------------------------------------
 
 def guard(fp16=False, **train):
