@@ -16,6 +16,7 @@ import yaml
 
 from gptx.errors import ConfigError
 from gptx.presets import DEFAULT_PRESET, PRESETS
+from gptx.training.schedule import SeqLenWarmup
 
 
 @dataclass(frozen=True)
@@ -420,7 +421,6 @@ def validate(cfg: Config) -> None:
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
         raise ConfigError(f"train.lr_decay_iters: must be >= 1, got {t.lr_decay_iters}")
     if t.seq_len_warmup:
-        from gptx.training.schedule import SeqLenWarmup
         SeqLenWarmup.parse(t.seq_len_warmup, m.seq_len)
     if t.rampup_batch_size:
         parts = t.rampup_batch_size.replace(",", " ").split()

@@ -21,10 +21,15 @@ from types import MethodType
 import torch
 import torch.distributed as dist
 
+from gptx.analysis.references import load_reference
 from gptx.config import Config
 from gptx.model.flops import flops_per_token, mfu, peak_flops
+from gptx.model.fused_loss import FusedLMLoss, hidden_and_head_weight, linear_cross_entropy
 from gptx.model.gpt import GPT, lm_loss
+from gptx.model.layers import vocab_logits
 from gptx.parallel.ds_config import BatchLayout, precision
+from gptx.parallel.engine import build_engine, check_step, param_groups
+from gptx.parallel.pipeline import compile_blocks
 
 # Where each pipeline instruction's time is booked. Receives block until the peer has
 # sent, so "send/recv" holds the waiting too: that is where the bubble shows up.
@@ -108,8 +113,6 @@ def head_loss_peak(batch: int, seq_len: int, n_embd: int, vocab_rows: int, fused
     random hidden states: the logits path unfused (vocab_logits, lm_loss) or gptx.model.fused_loss
     with `rows` positions per chunk. The hidden states and the table are allocated before and do
     not count; their gradients do."""
-    from gptx.model.fused_loss import linear_cross_entropy
-    from gptx.model.layers import vocab_logits
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq_len, n_embd, generator=gen).requires_grad_()
     weight = (torch.randn(vocab_rows, n_embd, generator=gen) * 0.02).requires_grad_()
@@ -160,7 +163,6 @@ class InstructionTimer:
 
 def plain_optimizer(model: torch.nn.Module, ds_config: dict, lr: float) -> torch.optim.Optimizer:
     """torch AdamW with the DeepSpeed config's settings, as its `torch_adam` path builds it."""
-    from gptx.parallel.engine import param_groups
     params = dict(ds_config.get("optimizer", {}).get("params", {}))
     params.pop("torch_adam", None)
     params.pop("adam_w_mode", None)
@@ -217,7 +219,6 @@ def plain_loop(cfg: Config, ds_config: dict, layout: BatchLayout, device: torch.
     """gptx's own layers as one module, in the plain loop."""
     model = GPT(cfg.model, seed=cfg.train.seed).to(device)
     if cfg.train.compile_blocks:
-        from gptx.parallel.pipeline import compile_blocks
         compile_blocks(model.layers.values())
     loss_fn = fused_loss_fn(model) if cfg.train.fused_loss else (lambda x, y: lm_loss(model(x), y))
     return PlainLoop(model, loss_fn, cfg, ds_config, layout, device, seed)
@@ -226,7 +227,6 @@ def plain_loop(cfg: Config, ds_config: dict, layout: BatchLayout, device: torch.
 def fused_loss_fn(model: GPT):
     """`loss_fn(x, y)` of `model` with train.fused_loss: its layers up to the head, then the head
     and the loss together over chunks of positions (gptx.model.fused_loss)."""
-    from gptx.model.fused_loss import FusedLMLoss, hidden_and_head_weight
     fns = [*model._forward_fns[:-1], partial(hidden_and_head_weight, model.head())]
     loss = FusedLMLoss(model.cfg.vocab_size)
 
@@ -241,7 +241,6 @@ def reference_loop(reference: str, cfg: Config, ds_config: dict, layout: BatchLa
                    seed: int) -> PlainLoop:
     """Another project's GPT of the same shape, starting from gptx's initial weights, in the plain
     loop: `hf` (transformers' GPT2LMHeadModel) or the path of a nanoGPT-style model.py."""
-    from gptx.analysis.references import load_reference
     model, loss_fn = load_reference(reference, cfg, GPT(cfg.model, seed=cfg.train.seed))
     return PlainLoop(model.to(device), loss_fn, cfg, ds_config, layout, device, seed)
 
@@ -249,7 +248,6 @@ def reference_loop(reference: str, cfg: Config, ds_config: dict, layout: BatchLa
 def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: BenchSettings, accelerator: str,
               seed: int = 0) -> dict | None:
     """Collective. Returns the report on global rank 0, None elsewhere."""
-    from gptx.parallel.engine import build_engine, check_step
 
     # On a CPU, RSS includes the interpreter and torch's libraries (0.4-0.5 GiB more with a
     # CUDA build of torch than with the CPU wheel): the growth from here is the training's own.

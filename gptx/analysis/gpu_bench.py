@@ -40,12 +40,14 @@ import torch
 
 from gptx.analysis.benchmark import random_batches
 from gptx.analysis.gpu_bench_report import render_markdown, write_report
+from gptx.analysis.references import load_reference
 from gptx.config import Config, load_config
 from gptx.model.flops import flops_per_token, mfu, peak_flops
-from gptx.model.gpt import GPT
+from gptx.model.gpt import GPT, lm_loss
 from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import read_ds_config
+from gptx.parallel.engine import build_engine, check_step, param_groups
 
 LEVERS = ("compile", "pad", "fused", "one_stage")
 GIB = 2 ** 30
@@ -134,7 +136,6 @@ class Row:
 
 
 def build_engine_step(cfg: Config, ds: dict, accelerator: str, seed: int):
-    from gptx.parallel.engine import build_engine, check_step
     check_ds_config(ds, 1, cfg.train.pipe_parallel_size, accelerator, "gpu_bench")
     engine = build_engine(cfg, ds)
     batches = random_batches(cfg, ds["train_micro_batch_size_per_gpu"], seed)
@@ -150,11 +151,8 @@ def build_reference_step(cfg: Config, ds: dict, device: torch.device, reference:
                          seed: int):
     """build-nanogpt's loop: bf16 autocast, micro-batches accumulated, clipping, fused AdamW,
     zero_grad(set_to_none=True), the loss read once per step."""
-    from gptx.model.gpt import lm_loss
-    from gptx.parallel.engine import param_groups
     gptx_model = GPT(cfg.model, seed=cfg.train.seed)
     if reference:
-        from gptx.analysis.references import load_reference
         model, loss_fn = load_reference(reference, cfg, gptx_model)
     else:
         model = gptx_model

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from gptx.analysis.partition_report import GiB, partition_report
 from gptx.config import Config, n_pipeline_layers
 from gptx.model.flops import flops_per_token
+from gptx.model.gpt import layer_specs
 from gptx.parallel.ds_config import BatchLayout
 from gptx.parallel.ds_config import precision as ds_precision
+from gptx.parallel.pipeline import count_layer_params
 from gptx.parallel.zero_bubble import bubble_fraction
 
 
@@ -161,8 +163,6 @@ def plan_layouts(cfg: Config, cluster: Cluster, base_ds: dict, micro_batch: int,
     The global batch is micro_batch x grad_accum x gpus sequences for every layout: a pipeline
     of p stages has gpus / p replicas and p times the micro-batches.
     """
-    from gptx.model.gpt import layer_specs
-    from gptx.parallel.pipeline import count_layer_params
     precision = ds_precision(base_ds)
     per_node = min(cluster.gpus_per_node, cluster.gpus)
     layer_params = count_layer_params(layer_specs(cfg.model, seed=0))

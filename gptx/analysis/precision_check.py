@@ -15,9 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gptx.analysis.benchmark import peak_memory
 from gptx.config import Config
 from gptx.data.tokens import TokenWindows
-from gptx.parallel.ds_config import check_ds_config
+from gptx.model.flops import mfu, peak_flops
+from gptx.parallel.ds_config import check_ds_config, precision
 from gptx.parallel.engine import build_engine, check_step, loss_scale
 
 
@@ -117,7 +119,6 @@ def flash_attention_available(cfg: Config, device, dtype) -> bool:
 
 def peak_memory_per_stage(engine) -> list[int]:
     """Collective: each stage's largest peak (allocated on GPUs, resident set on CPUs), in bytes."""
-    from gptx.analysis.benchmark import peak_memory
     device = torch.device(engine.device)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (engine.stage_id, peak_memory(device)[1]))
@@ -136,8 +137,6 @@ def gpu_check(cfg: Config, ds_configs: dict[str, dict], tokens: np.ndarray, iter
     relative difference, the final loss scale and skips, tokens/s, MFU and peak memory
     per stage, and whether flash attention runs for this shape in 16 bits.
     """
-    from gptx.model.flops import mfu, peak_flops
-    from gptx.parallel.ds_config import precision
     reference_name = next(iter(ds_configs))
     report = {"model": cfg.name, "iters": iters, "accelerator": accelerator, "configs": {}}
     if accelerator == "cuda":

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from gptx.config import Config
+from gptx.data.tokens import check_data, open_tokens
 from gptx.errors import ConfigError
+from gptx.interop.hf import check_expressible, gpt2_config, gpt2_tensors
 
 
 def load_reference(reference: str, cfg: Config, gptx_model) -> tuple[torch.nn.Module, object]:
@@ -40,7 +42,6 @@ def load_reference(reference: str, cfg: Config, gptx_model) -> tuple[torch.nn.Mo
 
 def build_reference(reference: str, cfg: Config, where: str) -> tuple[torch.nn.Module, object]:
     """(model, loss_fn(x, y)) of the model's shape with the reference's own initialization."""
-    from gptx.interop.hf import check_expressible
     try:
         check_expressible(cfg.model)
     except ConfigError as e:
@@ -63,7 +64,6 @@ def _hf_model(cfg: Config, where: str):
         import transformers
     except ImportError:
         raise ConfigError(f"{where} hf needs transformers (pip install transformers; gptx's [dev] extra has it)") from None
-    from gptx.interop.hf import gpt2_config
     settings = {k: v for k, v in gpt2_config(cfg.model).items() if k != "architectures"}
     settings.update(vocab_size=cfg.model.padded_vocab_size, bos_token_id=None, eos_token_id=None)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings))
@@ -100,7 +100,6 @@ def reference_run(reference: str, cfg: Config, data_dir: Path, batch_size: int, 
 
     import numpy as np
 
-    from gptx.data.tokens import check_data, open_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(1337)
     T = cfg.model.seq_len
@@ -145,7 +144,6 @@ def reference_run(reference: str, cfg: Config, data_dir: Path, batch_size: int, 
 
 def gpt2_padded_tensors(gptx_model, m, conv1d: bool) -> dict[str, torch.Tensor]:
     """GPT-2's names (nn.Linear's layout for nanoGPT: conv1d=False) with the whole padded table."""
-    from gptx.interop.hf import gpt2_tensors
     sd = gpt2_tensors(gptx_model, m, conv1d=conv1d)
     sd["transformer.wte.weight"] = gptx_model.layers["0"].wte.weight
     if not m.tie_embeddings:

@@ -28,9 +28,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from gptx.analysis.benchmark import AllocatedPeak, current_rss, peak_memory, random_batches, sync_device
 from gptx.analysis.partition_report import GiB
+from gptx.analysis.planner import Layout, layout_ds_config, predict
+from gptx.analysis.precision_check import release
 from gptx.config import Config
 from gptx.errors import ConfigError
+from gptx.parallel.engine import build_engine, check_step
+from gptx.parallel.host import return_freed_memory
 from gptx.parallel.launching import deepspeed_launcher, free_port
 
 
@@ -65,10 +70,6 @@ def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out:
 
     from deepspeed.accelerator import get_accelerator
 
-    from gptx.analysis.benchmark import AllocatedPeak, current_rss, peak_memory, random_batches, sync_device
-    from gptx.analysis.precision_check import release
-    from gptx.parallel.engine import build_engine, check_step
-    from gptx.parallel.host import return_freed_memory
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu and not return_freed_memory():
         raise ConfigError("tools/strategies.py measures resident memory on a CPU through glibc's mallopt, "
@@ -99,7 +100,6 @@ def measure_strategy(cfg: Config, ds_config: dict, iters: int, warmup: int, out:
 
 
 def strategy_ds_config(base: dict, strategy: Strategy, micro: int, accum: int) -> dict:
-    from gptx.analysis.planner import Layout, layout_ds_config
     layout = Layout(strategy.pipe, strategy.zero, strategy.offload_optimizer, strategy.offload_param,
                     strategy.checkpoint)
     return layout_ds_config(base, layout, micro, accum)
@@ -108,7 +108,6 @@ def strategy_ds_config(base: dict, strategy: Strategy, micro: int, accum: int) -
 def predicted_bytes(cfg: Config, strategy: Strategy, ds: dict, world: int, on_cpu: bool,
                     touched_only: bool = False) -> int:
     """The partition report's largest rank: device bytes, plus host bytes where both are one memory."""
-    from gptx.analysis.planner import Layout, predict
     layout = Layout(strategy.pipe, strategy.zero, strategy.offload_optimizer, strategy.offload_param,
                     strategy.checkpoint)
     dp = world // strategy.pipe if strategy.pipe else world

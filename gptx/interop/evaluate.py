@@ -12,6 +12,7 @@ from gptx.data.documents import InputReport, iter_documents
 from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, open_tokens, read_meta
 from gptx.errors import CheckpointError, DataError
 from gptx.model.gpt import GPT
+from gptx.training.checkpoint import LATEST, META, TAG_PREFIX
 
 
 def check_checkpoint_path(path: str | Path) -> None:
@@ -20,7 +21,6 @@ def check_checkpoint_path(path: str | Path) -> None:
     checkpoint.find_latest's message for a folder without checkpoints is written for training
     ("to resume from"); here one line says what was given instead and how evaluate.py is called.
     """
-    from gptx.training.checkpoint import LATEST, META, TAG_PREFIX
     path = Path(path)
     if not path.is_dir() or (path / META).exists() or (path / LATEST).exists() or any(path.glob(f"{TAG_PREFIX}*")):
         return  # missing, or a checkpoint or run: load_plain_model says the rest

@@ -22,9 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig, validate
-from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE
+from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_mergeable_ranks
 from gptx.errors import CheckpointError, ConfigError
 from gptx.interop.hf_llama import from_llama, is_llama, llama_config_text, llama_differences, to_llama_tensors
+from gptx.model.gpt import GPT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 EOT_TEXT = "<|endoftext|>"
@@ -249,7 +250,6 @@ def _merged_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 
 def gpt2_tokenizer_files(max_length: int) -> dict[str, bytes]:
     """vocab.json, merges.txt and the tokenizer config transformers' GPT-2 tokenizers read, by file name."""
-    from gptx.data.tokens import gpt2_mergeable_ranks
     ranks = gpt2_mergeable_ranks()
     alphabet = _byte_alphabet()
 
@@ -272,7 +272,6 @@ def gpt2_tokenizer_files(max_length: int) -> dict[str, bytes]:
 def check_shapes(layers: dict[int, dict[str, torch.Tensor]], m: ModelConfig, src: Path) -> None:
     """Refuse an import whose tensors do not fit the model its config.json describes (built on the
     meta device): caught here, not at the first --load."""
-    from gptx.model.gpt import GPT
     with torch.device("meta"):
         model = GPT(m, seed=0)
     for name, module in model.layers.items():

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding
 from gptx.errors import ConfigError
 from gptx.model.generate import generate
+from gptx.training.consolidate import load_plain_model
 
 # lm-eval registers its own models only into an empty registry: let it, before ours goes in.
 importlib.import_module("lm_eval.models")
@@ -44,7 +45,6 @@ class GptxLM(TemplateLM):
     def __init__(self, load: str | None = None, master_weights=False, device: str | None = None, batch_size=1,
                  max_length=None, dtype: str = "float32", **unused):
         super().__init__()
-        from gptx.training.consolidate import load_plain_model
         if not load:
             raise ConfigError("--model_args: load=RUN_DIR (a gptx run directory or checkpoint folder) is required")
         if str(dtype) not in DTYPES:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from gptx.config import Config
 from gptx.model.fused_loss import FusedLMLoss, hidden_and_head_weight
-from gptx.model.gpt import GPT, lm_loss
+from gptx.model.gpt import GPT, layer_specs, lm_loss
+from gptx.model.layers import Block
 from gptx.parallel.ds_config import zero_stage
 from gptx.parallel.pipeline import compile_blocks, recompute_in_backward
 
@@ -182,7 +183,6 @@ def _gather_blocks_whole(model: SequentialGPT) -> None:
     parameters gathered at a time instead of one linear layer's."""
     from deepspeed.utils import set_z3_leaf_module
 
-    from gptx.model.layers import Block
     for layer in model.layers.values():
         if isinstance(layer, Block):
             set_z3_leaf_module(layer, True)
@@ -193,7 +193,6 @@ def _initialize_under_zero3(model: SequentialGPT, cfg: Config) -> None:
     are partitioned as soon as it is built, so the in-place init its parent runs afterwards
     lands on empty shards; here each layer is built again on the host, one at a time, and
     copied in through a gather."""
-    from gptx.model.gpt import layer_specs
     specs = layer_specs(cfg.model, cfg.train.seed)
     for name, layer in model.layers.items():
         state = specs[int(name)].build().state_dict()

@@ -52,6 +52,8 @@ import torch.distributed as dist
 
 from gptx.config import Config
 from gptx.errors import GptxError
+from gptx.parallel.data_parallel import build_data_parallel_engine
+from gptx.parallel.pipeline import build_pipeline
 from gptx.parallel.zero_bubble import use_zero_bubble
 from gptx.testing import allow_cpu_fp16
 from gptx.training.schedule import WarmupCosine, schedule_of
@@ -71,7 +73,6 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
     with pipe_parallel_size 0, the whole model in DeepSpeed's plain engine (gptx/parallel/data_parallel.py)."""
     import deepspeed
 
-    from gptx.parallel.pipeline import build_pipeline
     allow_cpu_fp16()
     _ask_py_cpuinfo_once()
     if cfg.train.pipe_parallel_size == 0:
@@ -101,7 +102,6 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
 
 
 def _build_data_parallel_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool):
-    from gptx.parallel.data_parallel import build_data_parallel_engine
     schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
     with deepspeed_prints(show_deepspeed_prints), _arch_list_deepspeed_can_parse():
         wrapped = build_data_parallel_engine(cfg, ds_config, schedule, param_groups)

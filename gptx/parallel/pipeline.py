@@ -20,6 +20,7 @@ from gptx.errors import ConfigError
 from gptx.model.flops import layer_flops_per_token
 from gptx.model.fused_loss import FusedLMLoss
 from gptx.model.gpt import layer_specs, lm_loss
+from gptx.model.layers import Block
 from gptx.parallel.zero_bubble import WeightGradStore, defer_weight_grads
 
 # Only blocks are recomputed under activation checkpointing: the embedding's input
@@ -179,7 +180,6 @@ def compile_blocks(layers, backend=None) -> int:
     gathering) run eagerly around the graph. fullgraph: a block that does not trace whole, or
     that would need more entries than the limit, raises instead of running eager unnoticed.
     """
-    from gptx.model.layers import Block
     options = dict(backend=backend or COMPILE_BACKEND, fullgraph=True)
     if "recompile_limit" in inspect.signature(torch.compile).parameters:
         options["recompile_limit"] = COMPILE_RECOMPILE_LIMIT

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from gptx import testing
 from gptx.atomic import atomic_write
 from gptx.errors import CheckpointError
+from gptx.parallel.data_parallel import DataParallelEngine, layer_states, load_layer_states
 from gptx.parallel.engine import save_checkpoint
 
 LATEST = "latest"
@@ -305,7 +306,6 @@ def prepare_run_dir(run_dir: Path, config_text: str | None) -> None:
 def _write_layer_files_without_pipeline(engine, folder: Path) -> None:
     """Collective. The pipeline engine writes one file per layer; DeepSpeed's plain engine writes
     one state dict (and under ZeRO-3 only shards), so gptx writes the same layer files itself."""
-    from gptx.parallel.data_parallel import DataParallelEngine, layer_states
     if not isinstance(engine, DataParallelEngine):
         return
     states = layer_states(engine)
@@ -376,7 +376,6 @@ def load_weights_only(engine, load_dir: str | Path, tag: str) -> None:
     Layer files are per position in the LayerSpec list, so any stage count reads them. The
     optimizer's own state is per stage and does not carry over: Adam's moments restart.
     """
-    from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
     folder = Path(load_dir) / tag
     if isinstance(engine, DataParallelEngine):
         load_layer_states(engine, lambda idx: _read_layer_file(folder, idx))

@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 
 from gptx.atomic import atomic_write
-from gptx.config import Config
+from gptx.config import Config, ModelConfig, TrainConfig
 from gptx.errors import CheckpointError
+from gptx.model.gpt import GPT, layer_specs
+from gptx.parallel.data_parallel import fp32_master_layers
 from gptx.parallel.ds_config import precision
+from gptx.parallel.pipeline import layer_compute_weights, partition
 from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, tag_for, torch_bytes,
                                       write_manifest)
 from gptx.training.resume import find_latest
@@ -27,7 +30,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def config_from_meta(meta: dict) -> Config:
-    from gptx.config import ModelConfig, TrainConfig
     saved = meta["config"]
     return Config(model=ModelConfig(**saved["model"]), train=TrainConfig(**saved["train"]), name=saved["name"])
 
@@ -47,7 +49,6 @@ def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32, maste
     `master_weights`, a fp16/bf16 run's weights come from the optimizer's fp32 copies
     instead of the half-precision layer files (a fp32 run's layer files already are them).
     """
-    from gptx.model.gpt import GPT
     folder = resolve_checkpoint(path)
     meta = json.loads((folder / META).read_text())
     cfg = config_from_meta(meta)
@@ -77,7 +78,6 @@ def _stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int,
     """
     from deepspeed.pipe import TiedLayerSpec
 
-    from gptx.model.gpt import layer_specs
     specs = layer_specs(cfg.model, cfg.train.seed)
     tied, rest = [], []
     for idx in stage_layers:
@@ -149,14 +149,11 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict
 
     The tied embedding is taken from the first stage (its copies are kept equal).
     """
-    from gptx.model.gpt import layer_specs
-    from gptx.parallel.pipeline import layer_compute_weights, partition
     ds = meta.get("ds_config", {})
     if not (ds.get("fp16", {}).get("enabled") or ds.get("bf16", {}).get("enabled")):
         return None
     pp, dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
     if pp == 0 and dp:  # no pipeline: DeepSpeed's own consolidation reads its ZeRO shards
-        from gptx.parallel.data_parallel import fp32_master_layers
         return fp32_master_layers(folder)
     if not pp or not dp:
         raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only): no master weights")

@@ -12,6 +12,7 @@ from pathlib import Path
 from gptx.config import Config
 from gptx.data.default_corpus import default_data_dir
 from gptx.data.mixture import Source, as_record, check_sources, sources_for
+from gptx.data.tokens import GPT2_VOCAB_SIZE, gpt2_encoding
 from gptx.errors import ConfigError, DataError
 from gptx.parallel.ds_config import (BatchLayout, check_ds_config, default_ds_config_path, offload_devices, precision,
                                      read_ds_config, zero_stage)
@@ -132,7 +133,6 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
             log(f"changed since the checkpoint: {line}")
     encoding = None
     if cfg.train.sample_tokens:
-        from gptx.data.tokens import GPT2_VOCAB_SIZE, gpt2_encoding
         if cfg.model.vocab_size == GPT2_VOCAB_SIZE:
             encoding = gpt2_encoding()
         elif cfg.train.sample_prompt:

@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from gptx.config import Config
+from gptx.config import Config, ModelConfig, TrainConfig
 from gptx.errors import CheckpointError
 from gptx.training.checkpoint import LATEST, MANIFEST, META, TAG_PREFIX, checkpoint_folders, incomplete_reason
+from gptx.training.schedule import schedule_of
 
 SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--warmup-iters",
                   "decay_iters": "--lr-decay-iters"}
@@ -166,8 +167,6 @@ def check_compatible(meta: dict, cfg: Config, pipe_size: int, where: str) -> Non
     """Refuse, before any heavy work, a checkpoint of another model shape."""
     import dataclasses
 
-    from gptx.config import ModelConfig
-
     # Keys added since the checkpoint was written had their default then; keys this version does
     # not know are left out, as before. Both sides are compared with their widths resolved, so a
     # default and the value it stands for are the same shape.
@@ -203,7 +202,6 @@ def config_changes(meta: dict, cfg: Config) -> list[str]:
     """
     import dataclasses
 
-    from gptx.config import ModelConfig, TrainConfig
     saved = meta.get("config") or {}
     lines = []
     if saved.get("name") and saved["name"] != cfg.name and not meta.get("weights_only"):
@@ -230,7 +228,6 @@ def check_schedule(meta: dict, cfg: Config, where: str, override: bool) -> str |
     """
     import dataclasses
 
-    from gptx.training.schedule import schedule_of
     saved = meta.get("config", {}).get("train")
     if meta.get("weights_only") or not saved:
         return None  # converted weights: a new run, with its own schedule

@@ -130,3 +130,15 @@ def test_the_readmes_module_map_names_every_module():
         name.rpartition(".")[2] in re.findall(r"\w+", entries.get(name.rpartition(".")[0], ""))
         or name.startswith("cli.") and (name == "cli.common" or f"gptx.{name} import" in scripts))]
     assert not missing, f"README.md's module map does not name {missing}"
+
+
+def test_gptx_modules_are_imported_at_the_top_outside_the_commands():
+    """A module's dependencies show in its first lines. Only gptx/cli imports inside functions: a
+    command names the accelerator before DeepSpeed's import probes for one, and answers --help and
+    argument errors without importing torch (gptx/cli/__init__.py)."""
+    nested = [f"{name}:{node.lineno}" for name, path in MODULES.items() if not name.startswith("cli.")
+              for function in ast.walk(ast.parse(path.read_text()))
+              if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(function)
+              if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gptx"]
+    assert not nested, f"gptx imports inside functions: {sorted(set(nested))}"
