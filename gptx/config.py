@@ -433,9 +433,8 @@ def validate(cfg: Config) -> None:
                           f"got '{t.partition_method}'")
     if t.pipeline_schedule not in ("1f1b", "zb-h1"):
         raise ConfigError(f"train.pipeline_schedule: expected 1f1b or zb-h1, got '{t.pipeline_schedule}'")
-    if t.pipeline_schedule == "zb-h1" and (t.pipe_parallel_size == 0 or t.compile_blocks):
-        raise ConfigError("train.pipeline_schedule zb-h1 needs the pipeline engine (pipe_parallel_size >= 1) "
-                          "and eager blocks (compile_blocks: false)")
+    if t.pipeline_schedule == "zb-h1" and t.pipe_parallel_size == 0:
+        raise ConfigError("train.pipeline_schedule zb-h1 needs the pipeline engine (pipe_parallel_size >= 1)")
     n_specs = n_pipeline_layers(m)
     if t.pipe_parallel_size > n_specs:
         raise ConfigError(f"train.pipe_parallel_size ({t.pipe_parallel_size}) exceeds the {n_specs} pipeline "

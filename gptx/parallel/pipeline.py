@@ -155,7 +155,8 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
         checkpointable_layers=CHECKPOINTABLE_LAYERS,
     )
     if t.compile_blocks:
-        compile_blocks(pipe.forward_funcs)
+        # ZB-H1's split linear layers run between the graphs (zero_bubble.deferred_linear).
+        compile_blocks(pipe.forward_funcs, whole=t.pipeline_schedule != "zb-h1")
     if t.pipeline_schedule == "zb-h1":
         pipe.weight_grad_store = WeightGradStore()
         defer_weight_grads(pipe.forward_funcs, pipe.weight_grad_store)
@@ -172,15 +173,16 @@ COMPILE_BACKEND = "inductor"
 COMPILE_RECOMPILE_LIMIT = 64
 
 
-def compile_blocks(layers, backend=None) -> int:
+def compile_blocks(layers, backend=None, whole: bool = True) -> int:
     """torch.compile every Block's forward in place; returns how many. The other layers stay
     eager (small, or tied across stages).
 
     The forward, not the module call, is compiled, so module hooks (ZeRO-3's parameter
-    gathering) run eagerly around the graph. fullgraph: a block that does not trace whole, or
-    that would need more entries than the limit, raises instead of running eager unnoticed.
+    gathering) run eagerly around the graph. `whole` (fullgraph): a block that does not trace
+    whole, or that would need more entries than the limit, raises instead of running eager
+    unnoticed. Without it a block compiles into the graphs between the calls that stay eager.
     """
-    options = dict(backend=backend or COMPILE_BACKEND, fullgraph=True)
+    options = dict(backend=backend or COMPILE_BACKEND, fullgraph=whole)
     if "recompile_limit" in inspect.signature(torch.compile).parameters:
         options["recompile_limit"] = COMPILE_RECOMPILE_LIMIT
     else:  # where torch.compile takes no recompile_limit, only the process-wide setting exists

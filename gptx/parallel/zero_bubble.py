@@ -96,6 +96,10 @@ class LinearWithDeferredWeightGrad(torch.autograd.Function):
         return grad_x, weight_grad(x, grad_y), grad_bias, None
 
 
+# A compiled block calls this eagerly, between its graphs: traced, the backward's choice between
+# deferring W and computing it in B (store.deferring) would be fixed once, at tracing, and W
+# would never be deferred. The matmuls run the same kernels either way.
+@torch.compiler.disable
 def deferred_linear(store: WeightGradStore, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     return LinearWithDeferredWeightGrad.apply(x, weight, bias, store)
 

@@ -102,6 +102,27 @@ def test_every_variant_trains_compiled_with_eager_losses(dist_world1, tokens, co
     assert counting.calls == block_runs(cfg)
 
 
+def test_zb_h1_compiles_between_its_split_linear_layers_and_still_defers_every_w(dist_world1, tokens, counting,
+                                                                                 monkeypatch):
+    """ZB-H1's linear layers run eagerly between a block's graphs (gptx/parallel/zero_bubble.py): compiled,
+    the run gives the eager ZB-H1's losses, every linear layer's W still goes through the store, and the
+    graphs are shared by the blocks and compiled once, not per step."""
+    from gptx.parallel.zero_bubble import WeightGradStore
+    put = WeightGradStore.put
+    deferred = []
+    monkeypatch.setattr(WeightGradStore, "put", lambda self, *a: deferred.append(1) or put(self, *a))
+    cfg = config(pipeline_schedule="zb-h1", n_layer=4)
+    eager = train_trace(cfg, precision_ds("fp32"), tokens, ITERS)
+    eager_puts, deferred[:] = len(deferred), []
+    assert eager_puts == ITERS * MICRO_BATCHES * cfg.model.n_layer * 4  # QKV, attention out, MLP in and out
+    losses = train_trace(compiled(cfg), precision_ds("fp32"), tokens, ITERS).losses
+    assert losses == eager.losses and len(deferred) == eager_puts
+    graphs = counting.graphs
+    assert 1 < graphs <= 8  # the pieces between four linear layers, for all 4 blocks and every step
+    assert train_trace(compiled(cfg), precision_ds("fp32"), tokens, ITERS).losses == eager.losses
+    assert counting.graphs == graphs  # a new engine of the same model: no new graph
+
+
 LAYOUTS = {  # (pipeline stages, checkpoint interval, DeepSpeed JSON)
     "checkpointing": (1, 1, precision_ds("fp32")),
     "fp16": (1, 0, precision_ds("fp16-zero0-torch")),  # DeepSpeed's FP16_UnfusedOptimizer
