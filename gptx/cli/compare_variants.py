@@ -33,9 +33,9 @@ def run_compare_variants(argv: list[str] | None = None) -> int:
         rows = compare(args.variants, args.model, args.iters, args.num_gpus, Path(args.out), extra)
         print(markdown_table(rows))
         try:
-            from gptx.analysis.plots import plot_runs  # matplotlib: the `plot` extra
+            from gptx.analysis.plots import plot_runs
             print(f"curves: {plot_runs([Path(args.out) / r['variant'] for r in rows], Path(args.out) / 'variants.png')}")
-        except GptxError as e:
+        except GptxError as e:  # matplotlib (the `plot` extra) missing: the table stands alone
             print(f"no plot: {e}")
         return 0
     return guarded(main)

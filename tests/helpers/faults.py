@@ -7,7 +7,7 @@ import time
 import psutil
 
 from gptx.parallel.engine import release_shared_memory
-from tests.helpers.runs import launcher_command
+from tests.helpers.runs import launcher_command, sequence_run
 from tests.unit.training.test_reliability import CURRICULUM, ITERS, args
 
 
@@ -54,5 +54,5 @@ def faulted_run(work, run, env=None, until=None, fault=None, extra=()) -> tuple[
 
 
 def run_step(work, name, run, *extra, fault=None):
-    return {"name": name, "argv": args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, *extra),
-            "env": {"GPTX_FAULT": fault} if fault else {}}
+    """A fault test's run as a step of a shared launch (tests/helpers/command_sequence.py)."""
+    return sequence_run(name, args(work, run, 2, ITERS, "--save-interval", "2", *CURRICULUM, *extra), fault)

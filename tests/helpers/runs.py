@@ -142,6 +142,11 @@ def launch_sequence(nprocs: int, runs: list[dict], folder: Path, timeout: int = 
     return launch(nprocs, [str(plan)], cwd=folder, timeout=timeout, script="tests/helpers/command_sequence.py")
 
 
+def sequence_run(name: str, argv: list[str], fault: str | None = None) -> dict:
+    """One run of a launch_sequence plan: launch/pretrain.py's flags, and a GPTX_FAULT where given."""
+    return {"name": name, "argv": argv, "env": {"GPTX_FAULT": fault} if fault else {}}
+
+
 def sequence_output(folder: Path, name: str) -> str:
     """A run's console output from a sequence, rank 0's then the others', as a launch would merge them."""
     return "".join(p.read_text() for p in sorted(folder.glob(f"{name}.rank*.log")))

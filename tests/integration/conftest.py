@@ -14,7 +14,7 @@ from gptx.testing import CPU_FP16_ENV
 from gptx.training.checkpoint import MANIFEST
 from tests.helpers.faults import faulted_run, run_step
 from tests.helpers.runs import (REPO, launch_sequence, make_token_dir, mount_tmpfs, pretrain_args, run_files,
-                                sequence_code, unmount, write_ds_config, write_model_yaml)
+                                sequence_code, sequence_run, unmount, write_ds_config, write_model_yaml)
 from tests.integration.test_train import BF16, OFFLOAD, ZERO3
 from tests.integration.test_train import argv as train_argv
 from tests.unit.parallel.test_engine import write_ds
@@ -83,27 +83,23 @@ def two_ranks(tmp_path_factory):
     plan.append({"name": "variants", "command": "variants_matrix", "env": {},
                  "argv": [str(micro_data), str(tmp / "variants.json")]})
     work = (tmp, micro_data, micro_model)
-    plan += [train_run("two_stages", train_argv(work, "two_stages", 2, 2, 4)),
-             train_run("two_dp", train_argv(work, "two_dp", 1, 2, 2)),  # the same global batch: 2 x 2 x 2 ranks
-             train_run("full_bf16", train_argv(work, "full_bf16", 2, 2, 2, ds_extra=BF16)),
-             train_run("part_bf16", train_argv(work, "part_bf16", 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)),
-             train_run("part_bf16_resume", train_argv(work, "part_bf16", 2, 2, 2, "--load", str(tmp / "part_bf16"),
+    plan += [sequence_run("two_stages", train_argv(work, "two_stages", 2, 2, 4)),
+             sequence_run("two_dp", train_argv(work, "two_dp", 1, 2, 2)),  # the same global batch: 2 x 2 x 2 ranks
+             sequence_run("full_bf16", train_argv(work, "full_bf16", 2, 2, 2, ds_extra=BF16)),
+             sequence_run("part_bf16", train_argv(work, "part_bf16", 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)),
+             sequence_run("part_bf16_resume", train_argv(work, "part_bf16", 2, 2, 2, "--load", str(tmp / "part_bf16"),
                                                       ds_extra=BF16)),
-             train_run("offload", train_argv(work, "offload", 2, 2, 4, "--save-interval", "2", "--exit-interval", "3",
+             sequence_run("offload", train_argv(work, "offload", 2, 2, 4, "--save-interval", "2", "--exit-interval", "3",
                                              ds_extra=OFFLOAD)),
-             train_run("offload_resume", train_argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"),
+             sequence_run("offload_resume", train_argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"),
                                                     ds_extra=OFFLOAD)),
-             train_run("bad_flag", train_argv(work, "bad_flag", 2, 2, 2, "--lr-decay", "5")),
-             train_run("zero3", train_argv(work, "zero3", 0, 2, 2, "--save-interval", "2", ds_extra=ZERO3),
+             sequence_run("bad_flag", train_argv(work, "bad_flag", 2, 2, 2, "--lr-decay", "5")),
+             sequence_run("zero3", train_argv(work, "zero3", 0, 2, 2, "--save-interval", "2", ds_extra=ZERO3),
                        fault="kill,save,4,1")]
     result = launch_sequence(2, plan, tmp / "logs")
     unfinished = [run["name"] for run in plan[:-1] if sequence_code(tmp / "logs", run["name"]) is None]
     assert result.returncode != 0 and not unfinished, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp
-
-
-def train_run(name, argv, fault=None):
-    return {"name": name, "argv": argv, "env": {"GPTX_FAULT": fault} if fault else {}}
 
 
 # Room for a fault run's small files, not for a 2-stage checkpoint: the save fails halfway, inside
@@ -130,14 +126,16 @@ def faults(tmp_path_factory, two_ranks):
     first = [run_step(work, "full", runs / "full"),
              run_step(work, "sigterm", runs / "sigterm", fault="term,step,3,1")]
     if not full_disk_skipped:
-        first.append({"name": "full_disk", "env": {}, "argv": fault_args(work, disk / "run", 2, 2, "--save-interval", "2")})
+        first.append(sequence_run("full_disk", fault_args(work, disk / "run", 2, 2, "--save-interval", "2")))
     first.append(run_step(work, "kill_in_save", runs / "kill_in_save", fault="kill,save,4,1"))
     try:
         result = launch_sequence(2, first, tmp / "logs_first")
+        # what the failed save left on the full disk, read before the tmpfs goes
+        full_disk_left = sorted(p.name for p in (disk / "run").iterdir()) if not full_disk_skipped else []
     finally:
         if not full_disk_skipped:
             unmount(disk)
-    launches = {"first": result.returncode, "full_disk_skipped": full_disk_skipped}
+    launches = {"first": result.returncode, "full_disk_skipped": full_disk_skipped, "full_disk_left": full_disk_left}
     code, out = faulted_run(work, runs / "kill9", until="iter      5 |",
                             fault=lambda proc: os.killpg(proc.pid, signal.SIGKILL))
     launches["kill9"] = {"code": code, "out": out}
@@ -147,7 +145,7 @@ def faults(tmp_path_factory, two_ranks):
         launches.setdefault(name, {}).update(latest=(run / "latest").read_text(),
                                              checkpoints={p.name: (p / MANIFEST).exists() for p in run.glob("iter_*")})
     train_work = (two_ranks, two_ranks / "micro_data", two_ranks / "micro_model.yaml")
-    resumes = [train_run("zero3_resume", train_argv(train_work, "zero3", 0, 2, 2, "--load", str(two_ranks / "zero3"),
+    resumes = [sequence_run("zero3_resume", train_argv(train_work, "zero3", 0, 2, 2, "--load", str(two_ranks / "zero3"),
                                                     ds_extra=ZERO3))]
     resumes += [run_step(work, name, runs / name, "--load", str(runs / name)) for name in ("sigterm", "kill_in_save", "kill9")]
     resumes.append(run_step(work, "raises", runs / "raises", fault="raise,step,3,1"))

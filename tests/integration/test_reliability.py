@@ -24,6 +24,7 @@ def found(faults):
     by_run = {"full": train_losses(faults / "runs" / "full"),
              "full_disk_skipped": launches["full_disk_skipped"],
              "full_disk": dict(out=sequence_output(first, "full_disk"), run=faults / "small_disk" / "run",
+                               left=launches["full_disk_left"],
                                codes=sorted(int(p.read_text()) for p in first.glob("full_disk.rank*.code"))),
              "sigterm": dict(launches["sigterm"], out=sequence_output(first, "sigterm")),
              "kill_in_save": dict(launches["kill_in_save"], code=launches["first"],
@@ -118,4 +119,6 @@ def test_a_disk_that_fills_during_a_save_is_one_line_from_every_rank(found):
             and f"no checkpoint was completed in {run}" in errors[0] and "bytes needed, " in errors[0])
     assert "Traceback" not in out and "unexpected pos" not in out, out[-3000:]
     assert found["full_disk"]["codes"] == [2, 2]  # every rank's own exit
-    assert not (run / "iter_0000002").exists() and not (run / "latest").exists()
+    # The run's small files stay; the partial checkpoint folder went and no `latest` names it.
+    assert "metrics.jsonl" in found["full_disk"]["left"], found["full_disk"]["left"]
+    assert "iter_0000002" not in found["full_disk"]["left"] and "latest" not in found["full_disk"]["left"]
