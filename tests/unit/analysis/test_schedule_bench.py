@@ -1,9 +1,12 @@
 """tools/schedule_bench.py in process (one stage, where both schedules have no bubble) and its errors.
 Two stages, under the launcher: tests/integration/test_zero_bubble.py."""
 import json
+import math
+import random
 
 import pytest
 
+from gptx.analysis.schedule_bench import median_interval
 from gptx.cli.schedule_bench import run_schedule_bench
 from tests.helpers.runs import write_ds_config, write_model_yaml
 
@@ -18,7 +21,22 @@ def test_one_stage_runs_both_schedules_on_the_same_batches(dist_world1, tmp_path
         one, zero = row["schedules"]["1f1b"], row["schedules"]["zb-h1"]
         assert zero["losses"] == one["losses"]
         assert one["theory_idle"] == zero["theory_idle"] == 0  # one stage: no bubble under either schedule
-        assert row["theory_speedup"] == pytest.approx(1)
+        # ... so each schedule's theory is its own work: m micro-batches of F + B + W, and the optimizer.
+        m = row["micro_batches"]
+        assert one["theory_s"] == pytest.approx(m * (row["f_1f1b_s"] + row["backward_1f1b_s"]) + row["shared_s"])
+        assert zero["theory_s"] == pytest.approx(m * (row["f_s"] + row["b_s"] + row["w_s"]) + row["shared_s"])
+        assert row["speedup_interval"] is None  # 2 rounds: too few for an interval
+
+
+def test_the_interval_holds_the_median_95_times_in_100_whatever_the_distribution():
+    gen = random.Random(0)
+    for n in (6, 9, 20, 41):
+        covered = 0
+        for _ in range(4000):
+            lo, hi = median_interval([gen.expovariate(1.0) for _ in range(n)])  # skewed; median ln 2
+            covered += lo <= math.log(2) <= hi
+        assert 0.95 <= covered / 4000 < 0.985, (n, covered)  # no wider than it needs to be
+    assert median_interval([1.0] * 5) is None
 
 
 @pytest.mark.parametrize("flags,line", [
