@@ -2,7 +2,8 @@
 
 GPTX_CPU_FP16=1   lets DeepSpeed's CPU accelerator run fp16, so the fp16 optimizers and loss scaling are
                   tested on machines without a GPU (slowly: it is not for training).
-GPTX_FAULT=...    injects a fault at a named point of a run (tests/unit/training/test_reliability.py).
+GPTX_FAULT=...    injects a fault at a named point of a run (tests/integration/test_reliability.py,
+                  tests/unit/training/test_reliability.py).
 """
 from __future__ import annotations
 

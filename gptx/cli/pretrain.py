@@ -52,8 +52,9 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="directory with train.bin/val.bin, or a mixture file (default: the embedded Python "
                         "documentation corpus; with --load, the checkpoint's data)")
-    p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: runs/NAME-TIME, "
-                                                "or the --load directory); refused if it holds another run")
+    p.add_argument("--save", default=None, help="run directory for checkpoints and metrics (default: "
+                                                "runs/NAME-YYYYMMDD-HHMMSS, or the --load directory); refused if it "
+                                                "holds another run")
     p.add_argument("--load", default=None,
                    help="continue a run: its directory (the latest checkpoint) or one checkpoint folder (RUN/iter_N). "
                         "The model, training keys, data and DeepSpeed JSON are the checkpoint's unless given again")

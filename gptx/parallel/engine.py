@@ -17,7 +17,7 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    embedding twice across stages and logs the scaled norm (`_fix_fp16_unscale_and_norm`;
    tests/unit/parallel/test_engine.py).
 5. `save_checkpoint` writes `latest` from rank 0 before the other ranks have finished
-   (`save_checkpoint`; tests/unit/training/test_reliability.py: kill -9 during a save).
+   (`save_checkpoint`; tests/integration/test_reliability.py: kill -9 during a save).
 6. The CPU all-reduce leaves a shared-memory buffer per rank behind every run
    (`release_shared_memory`; tests/unit/parallel/test_engine.py).
 7. PipelineModule broadcasts the tied embedding between the end stages (when it is built

@@ -316,7 +316,7 @@ class Trainer:
 
 
 def new_run_dir(cfg: Config) -> Path:
-    """runs/NAME-TIME, made by rank 0 and new: two runs started in the same second get -2, -3..."""
+    """runs/NAME-YYYYMMDD-HHMMSS, made by rank 0 and new: two runs started in the same second get -2, -3..."""
     name = Path(cfg.name).stem if cfg.name.endswith((".yaml", ".yml")) else cfg.name
     chosen = [None]
     if dist.get_rank() == 0:
