@@ -68,7 +68,7 @@ class ModelConfig:
     """Explicit sparse attention: each query keeps only its K largest (causal) scores."""
     pad_vocab_to_multiple: int = 1
     """Round the embedding table and head up to a multiple of this many rows (64 or 128 suit GPU
-    matmuls). Tokenization and the loss keep vocab_size: the logits are cut back to it."""
+    matmuls). Tokenization and the loss keep vocab_size: the padding rows' logits are -inf."""
 
     @property
     def padded_vocab_size(self) -> int:

@@ -249,8 +249,8 @@ def benchmark(cfg: Config, ds_config: dict, layout: BatchLayout, settings: Bench
               seed: int = 0) -> dict | None:
     """Collective. Returns the report on global rank 0, None elsewhere."""
 
-    # On a CPU, RSS includes the interpreter and torch's libraries (0.4-0.5 GiB more with a
-    # CUDA build of torch than with the CPU wheel): the growth from here is the training's own.
+    # On a CPU, RSS includes the interpreter and torch's libraries (more with a CUDA build of
+    # torch than with the CPU wheel: docs/performance.md): the growth from here is the training's own.
     before_engine = current_rss() if accelerator == "cpu" else 0
     engine = build_engine(cfg, ds_config)
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
