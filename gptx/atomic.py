@@ -11,10 +11,10 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the
-        # umask), so others on a shared filesystem can read a run as they can its other files.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed whatever fails below
+            # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the
+            # umask), so others on a shared filesystem can read a run as they can its other files.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

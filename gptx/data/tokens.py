@@ -102,8 +102,12 @@ def gpt2_ranks(bpe_file: str | None = None, log=lambda msg: print(msg, file=sys.
     else:
         data = None
         for candidate in (ours, _tiktoken_cache_path()):
-            if candidate.exists() and _sha256(candidate.read_bytes()) == GPT2_RANKS_SHA256:
-                data = candidate.read_bytes()
+            try:
+                cached = candidate.read_bytes() if candidate.exists() else None
+            except OSError:  # another user's cache, a damaged disk: try the next source
+                continue
+            if cached is not None and _sha256(cached) == GPT2_RANKS_SHA256:
+                data = cached
                 break
         if data is None:
             data = _ranks_from_whisper_sdist(log)
@@ -112,9 +116,12 @@ def gpt2_ranks(bpe_file: str | None = None, log=lambda msg: print(msg, file=sys.
                     "no GPT-2 BPE available: not cached, and fetching openai-whisper from the package index "
                     "failed or gave a different file; download r50k_base.tiktoken (or whisper's "
                     "assets/gpt2.tiktoken) and pass it with --bpe-file or GPTX_GPT2_BPE")
-    for target in (ours, _tiktoken_cache_path()):
-        if not target.exists() or target.read_bytes() != data:
-            atomic_write(target, data)
+    for target in (ours, _tiktoken_cache_path()):  # caches only: a failure here costs a later lookup, no more
+        try:
+            if not target.exists() or target.read_bytes() != data:
+                atomic_write(target, data)
+        except OSError as e:
+            log(f"gptx: could not cache the GPT-2 BPE in '{target}' ({e.strerror or e}); going on without it")
     return data
 
 

@@ -326,8 +326,10 @@ def incomplete_reason(folder: Path) -> str | None:
         return f"no {MANIFEST} (its writing never finished)"
     try:
         files = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
-        return f"{MANIFEST} is not valid JSON"
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return f"{MANIFEST} cannot be read or is not valid JSON"
+    if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
+        return f"{MANIFEST} is not a list of files and sizes"
     for name, size in files.items():
         path = folder / name
         if not path.exists():
@@ -335,6 +337,14 @@ def incomplete_reason(folder: Path) -> str | None:
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
     return None
+
+
+def read_latest(run_dir: Path) -> str | None:
+    """The folder name `latest` holds, or None when it is missing or unreadable (a damaged disk)."""
+    try:
+        return (run_dir / LATEST).read_text().strip() or None
+    except (OSError, ValueError):
+        return None
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
@@ -350,7 +360,7 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     nothing newer than `latest` is touched.
     """
     import shutil
-    newest = (run_dir / LATEST).read_text().strip()
+    newest = read_latest(run_dir)
     kept, removed = 0, []
     for folder in checkpoint_folders(run_dir):
         if kept == 0 and folder.name != newest:

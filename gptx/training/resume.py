@@ -9,7 +9,8 @@ from pathlib import Path
 
 from gptx.config import Config, ModelConfig, TrainConfig
 from gptx.errors import CheckpointError
-from gptx.training.checkpoint import LATEST, MANIFEST, META, TAG_PREFIX, checkpoint_folders, incomplete_reason
+from gptx.training.checkpoint import (LATEST, MANIFEST, META, TAG_PREFIX, checkpoint_folders, incomplete_reason,
+                                      read_latest)
 from gptx.training.schedule import schedule_of
 
 SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--warmup-iters",
@@ -30,8 +31,7 @@ def find_latest(load_dir: str | Path, warn=_to_stderr) -> tuple[str, dict]:
     load_dir = Path(load_dir)
     if not load_dir.is_dir():
         raise CheckpointError(f"--load '{load_dir}': no such directory")
-    pointer = load_dir / LATEST
-    named = pointer.read_text().strip() if pointer.exists() else None
+    named = read_latest(load_dir)
     candidates = checkpoint_folders(load_dir)
     if named:
         candidates.sort(key=lambda f: f.name != named)  # the one `latest` names first
@@ -87,7 +87,7 @@ def resolve_load(load: str | Path, warn=_to_stderr) -> tuple[Path, str, dict]:
         raise CheckpointError(f"--load '{load}': an incomplete checkpoint ({reason}); pass the run directory "
                               f"'{run_dir}' to resume from its newest complete one")
     pointer = run_dir / LATEST
-    named = pointer.read_text().strip() if pointer.exists() else ""
+    named = read_latest(run_dir) or ""
     if named[len(TAG_PREFIX):].isdigit() and int(named[len(TAG_PREFIX):]) > int(load.name[len(TAG_PREFIX):]):
         warn(f"note: resuming from {load.name} as asked, though '{pointer}' names the later {named} (--load "
              f"{run_dir} resumes from there); new checkpoints go to {run_dir} and replace later ones as the run "
@@ -100,7 +100,7 @@ def _predates_manifests(folder: Path) -> bool:
         return False
     try:
         return "checkpoint_format" not in json.loads((folder / META).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, TypeError):  # unreadable, not JSON, not an object
         return False
 
 
@@ -109,7 +109,7 @@ def _unusable(folder: Path) -> str | None:
     if reason is None:
         try:
             json.loads((folder / META).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             return f"{META} is missing or not valid JSON"
     return reason
 

@@ -22,7 +22,7 @@ from gptx import testing
 from gptx.config import Config, describe_model
 from gptx.data.mixture import REPEAT_WARNING, as_record, describe
 from gptx.data.tokens import GPT2_EOT, TokenWindows, open_tokens
-from gptx.errors import TrainingStopped
+from gptx.errors import CheckpointError, TrainingStopped
 from gptx.model.flops import mfu, peak_flops
 from gptx.model.generate import generate
 from gptx.model.gpt import GPT
@@ -316,21 +316,28 @@ class Trainer:
 
 
 def new_run_dir(cfg: Config) -> Path:
-    """runs/NAME-YYYYMMDD-HHMMSS, made by rank 0 and new: two runs started in the same second get -2, -3..."""
+    """Collective: runs/NAME-YYYYMMDD-HHMMSS, made by rank 0 and new: two runs started in the same
+    second get -2, -3... Where it cannot be made, every rank stops with one line."""
     name = Path(cfg.name).stem if cfg.name.endswith((".yaml", ".yml")) else cfg.name
-    chosen = [None]
+    chosen = [None, "every name up to -999 is taken"]  # (path, why not)
     if dist.get_rank() == 0:
         base = Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 1000):
-            candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            chosen = [str(candidate)]
-            break
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            for n in range(1, 1000):
+                candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    candidate.mkdir()
+                except FileExistsError:
+                    continue
+                chosen = [str(candidate), ""]
+                break
+        except OSError as e:
+            chosen = [None, e.strerror or str(e)]
     dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        raise CheckpointError(f"cannot make a run directory in '{Path('runs').resolve()}': {chosen[1]}; "
+                                         f"pass --save DIR with a writable directory (nothing was trained)")
     return Path(chosen[0])
 
 

@@ -27,6 +27,17 @@ def test_a_wrong_bpe_file_is_refused(tmp_path):
         gpt2_ranks(str(bad))
 
 
+def test_caches_that_cannot_be_written_or_read_do_not_stop_a_given_bpe_file(enc, tmp_path, monkeypatch):
+    bpe = tmp_path / "gpt2.tiktoken"
+    bpe.write_bytes(gpt2_ranks())
+    (tmp_path / "a_file").write_text("where the cache folders would go\n")
+    monkeypatch.setenv("GPTX_CACHE", str(tmp_path / "a_file" / "gptx"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a_file" / "tiktoken"))
+    lines = []
+    assert gpt2_ranks(str(bpe), log=lines.append) == bpe.read_bytes()
+    assert len(lines) == 2 and all("could not cache the GPT-2 BPE" in line for line in lines), lines
+
+
 def test_default_corpus_is_gpt2_tokens_of_the_python_docs(enc):
     d = default_data_dir()
     train = open_tokens(d, "train")

@@ -187,6 +187,26 @@ def test_a_batch_ramp_trains_through_its_changes_and_resumes_exactly_inside_it(d
     assert train_losses(part) == train_losses(full)
 
 
+def test_a_batch_ramp_without_a_pipeline_steps_once_per_iteration_and_resumes_exactly(dist_world1, work):
+    """DeepSpeed's own engine steps when its running count of micro-batches reaches a multiple of the
+    current accumulation; a ramp changes that mid-run, and a fresh engine restarts the count. gptx's
+    no-pipeline engine marks each iteration's last micro-batch itself (gptx/parallel/data_parallel.py)."""
+    ds = write_ds_config(work[0] / "ramp0.json", micro=2, accum=4)
+    # 1, 1, 1, 2, 2, 3, 4 micro-batches: a running count of 3 is not a multiple of 2, nor 7 of 3.
+    ramp = ["--rampup-batch-size", "2,2,16", "--eval-interval", "0", "--deepspeed_config", str(ds)]
+    runs = {pipe: work[0] / f"ramp_pipe{pipe}" for pipe in (0, 1)}
+    for pipe, run in runs.items():
+        assert run_pretrain(args(work, run, pipe, 7, *ramp)) == 0
+    assert [r["batch_size"] for r in read_metrics(runs[0]) if "loss" in r] == [2, 2, 2, 4, 4, 6, 8]
+    piped, plain = train_losses(runs[1]), train_losses(runs[0])
+    assert sorted(plain) == list(range(1, 8))
+    assert max(abs(plain[i] - piped[i]) for i in piped) < 1e-5, (plain, piped)
+    part = work[0] / "ramp_pipe0_part"
+    assert run_pretrain(args(work, part, 0, 7, *ramp, "--exit-interval", "4")) == 0
+    assert run_pretrain(args(work, part, 0, 7, *ramp, "--load", str(part))) == 0
+    assert train_losses(part) == plain
+
+
 def test_a_sequence_length_warmup_trains_on_the_samples_first_tokens_and_resumes_exactly_inside_it(
         dist_world1, work, capsys):
     warmup = ["--seq-len-warmup", "0:8,3:16,5:32", "--eval-interval", "4"]

@@ -1,6 +1,7 @@
 """Faults injected into real runs: signals, kill -9, crashes, damaged checkpoints, numerical trouble."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,19 @@ def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, ca
     assert "done: 2 iterations in" in out and "(iterations 5-6)" in out  # this run's, not the total
     redone = [r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] == 5]
     assert redone == [first[5], first[5]]  # iteration 5 again, from iteration 4's checkpoint: the same loss
+
+
+def test_damaged_bytes_in_a_manifest_or_in_latest_fall_back_to_the_last_complete_checkpoint(dist_world1, work):
+    run = work[0] / "damaged"
+    assert run_pretrain(args(work, run, 1, 2, "--save-interval", "1")) == 0
+    manifest = run / "iter_0000002" / MANIFEST
+    for damage in (b"\xff\xfe\x00\x13", b"[]\n", b'{"gptx.json": "12"}\n'):  # not UTF-8; not a dict; no sizes
+        manifest.write_bytes(damage)
+        warnings = []
+        assert find_latest(run, warn=warnings.append)[0] == "iter_0000001", damage
+        assert "'iter_0000002'" in warnings[0] and MANIFEST in warnings[0], warnings
+    (run / "latest").write_bytes(b"\xff\xfe")
+    assert find_latest(run, warn=[].append)[0] == "iter_0000001"
 
 
 def test_a_folder_without_manifest_is_skipped_unless_it_predates_manifests(dist_world1, work):
@@ -172,6 +186,18 @@ def test_read_only_save_is_one_line_before_training(dist_world1, work, small_fs,
     err = captured.err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"error: --save '{run}' cannot be written: Read-only file system" in err and "nothing was trained" in err
+    assert "iter      1" not in captured.out
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line_before_training(dist_world1, work, monkeypatch, capsys):
+    monkeypatch.chdir(work[0])
+    Path("runs").write_text("a file where the runs folder would go\n")
+    argv = args(work, work[0] / "unused", 1, 2)
+    assert run_pretrain(argv[:argv.index("--save")] + argv[argv.index("--save") + 2:]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.splitlines() == [f"error: cannot make a run directory in '{work[0] / 'runs'}': File exists; pass --save "
+                                f"DIR with a writable directory (nothing was trained)"], err
     assert "iter      1" not in captured.out
 
 
