@@ -124,7 +124,10 @@ def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, v
         raise DataError(f"--workers: must be at least 1, got {workers}")
     out = Path(out_dir)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file there or above it, no permission, a read-only disk
+        raise DataError(f"--out '{out}': cannot make that directory ({e.strerror or e}); choose another") from None
     if created:  # marked until done: a run killed outright leaves a directory the readers refuse, never an empty one
         atomic_write(out / PREPARING, b"tools/prepare_data.py is writing this directory\n")
     try:

@@ -47,8 +47,7 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
         meta = read_meta(path.parent)
         check_vocabulary(meta, vocab_size, f"--data '{path}'", allow_smaller=True)
         # A split of a prepared directory is checked against its meta.json (a file cut short is refused).
-        tokens = open_tokens(path.parent, path.stem) if path.stem in ("train", "val") else \
-            np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        tokens = open_tokens(path.parent, path.stem) if path.stem in ("train", "val") else _token_file(path, meta)
         return tokens, _byte_count(tokens, meta)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"--data '{path}': expected a .txt, .jsonl or .bin file or a data directory")
@@ -69,10 +68,23 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
     return np.asarray(ids, dtype=np.int64), sum(len(doc.encode("utf-8")) for doc in docs)
 
 
+def _token_file(path: Path, meta: dict) -> np.ndarray:
+    """Another .bin of a prepared directory: its tokens, in the directory's dtype."""
+    dtype = np.dtype(meta["dtype"])
+    size = path.stat().st_size
+    if size < dtype.itemsize or size % dtype.itemsize:
+        raise DataError(f"--data '{path}': {size} bytes is not a whole number of {dtype.name} tokens (at least "
+                        f"one): empty, cut short or not a token file")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 def _byte_count(tokens: np.ndarray, meta: dict) -> int | None:
+    """The bytes of the text the tokens stand for. End-of-text separates documents and stands for
+    no text, as in the .jsonl path's count, so a corpus measures the same either way."""
     if meta.get("vocab_size") != GPT2_VOCAB_SIZE or not meta.get("tokenizer", "gpt2").startswith("gpt2"):
         return None
-    return len(gpt2_encoding().decode_bytes(np.asarray(tokens, dtype=np.int64).tolist()))
+    ids = np.asarray(tokens, dtype=np.int64)
+    return len(gpt2_encoding().decode_bytes(ids[ids != GPT2_EOT].tolist()))
 
 
 @torch.no_grad()

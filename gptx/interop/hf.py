@@ -137,7 +137,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             shape = [int(d) for d in info["shape"]]
             start, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            if isinstance(info, dict) and "dtype" in info and info["dtype"] not in READ_DTYPES:
+            if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in READ_DTYPES:
                 raise CheckpointError(f"safetensors file '{path}': tensor {name} has dtype {info['dtype']}, "
                                       f"not one of {', '.join(READ_DTYPES)}") from None
             bad(f"tensor {name}: expected dtype, shape and data_offsets")
@@ -302,11 +302,15 @@ def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
         return sd
     if (src / "pytorch_model.bin").exists():
         try:
-            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # garbage or cut short: pickle, zip and torch errors alike (torch's own
             # message for garbage suggests weights_only=False, which would run the file's code)
             raise CheckpointError(f"--from-hf: '{src / 'pytorch_model.bin'}' cannot be read as PyTorch weights "
                                   f"({type(e).__name__}): damaged, cut short or not a weights file") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"--from-hf: '{src / 'pytorch_model.bin'}' is not a table of tensor names to "
+                                  f"tensors (a training checkpoint that nests one?)")
+        return sd
     raise CheckpointError(f"--from-hf '{src}': none of model.safetensors, model.safetensors.index.json, "
                           f"pytorch_model.bin")
 
@@ -333,7 +337,7 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
         raise CheckpointError(f"--from-hf '{src}': not a directory (expected config.json and model.safetensors)")
     if not (src / "config.json").exists():
         raise CheckpointError(f"--from-hf '{src}': no config.json")
-    hf = _read_json(src / "config.json")
+    hf = {k: v for k, v in _read_json(src / "config.json").items() if v is not None}  # null: HF's "not set"
     for key in INT_KEYS:  # a wrong type would fail deep in the conversion with a traceback
         value = hf.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -341,13 +345,17 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
                                   f"got {value!r}")
     if hf.get("model_type") == "llama":
         layers, cfg = from_llama(src, hf, _read_tensors(src))
-        validate(cfg)
+        _validate(cfg, src)
         check_shapes(layers, cfg.model, src)
         return layers, cfg
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2' or 'llama'")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"--from-hf '{src}': activation {hf['activation_function']} is not GPT-2's tanh GELU")
+    for key, gpt2s in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if hf.get(key, gpt2s) != gpt2s:  # scores scaled otherwise than by 1/sqrt(head size): other logits
+            raise CheckpointError(f"--from-hf '{src}': {key} is {hf[key]!r}; gptx's attention is GPT-2's "
+                                  f"({key} {str(gpt2s).lower()})")
     sd = _read_tensors(src)
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
     tied = hf.get("tie_word_embeddings", True)
@@ -373,5 +381,14 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
             layers[3 + L] = {"lm_head.weight": sd["lm_head.weight"]}
     except KeyError as e:
         raise CheckpointError(f"--from-hf '{src}': missing tensor {e.args[0]}") from None
+    cfg = Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")
+    _validate(cfg, src)
     check_shapes(layers, m, src)
-    return layers, Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")
+    return layers, cfg
+
+
+def _validate(cfg: Config, src: Path) -> None:
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"--from-hf: '{src / 'config.json'}' gives a model gptx cannot build: {e}") from None

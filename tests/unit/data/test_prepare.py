@@ -133,6 +133,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, nee
     assert "expected .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files" in capsys.readouterr().err
 
 
+def test_an_out_that_cannot_be_a_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("some text\n")
+    (tmp_path / "a_file").write_text("not a directory\n")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        assert run_prepare_data([str(tmp_path / "x.txt"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out '{out}': cannot make that directory (") and len(err.splitlines()) == 1, err
+
+
 def test_a_zst_file_of_several_frames_is_read_to_its_end(tmp_path, enc):
     zstandard = pytest.importorskip("zstandard")
     frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": d}) + "\n").encode()) for d in DOCS]

@@ -20,6 +20,21 @@ def test_jsonl_documents_are_tokenized_as_training_data_is(tmp_path):
     assert n_bytes == len(docs[0].encode()) + len(docs[1].encode())
 
 
+def test_a_token_file_measures_the_bytes_of_its_documents_as_their_jsonl_does(tmp_path):
+    docs = ["First document, naïve.", "Second one\nwith two lines."]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}))
+    from_text, text_bytes = load_eval_tokens(tmp_path / "eval.jsonl", 50257)
+    from_text.astype(np.uint16).tofile(tmp_path / "test.bin")  # a split named neither train nor val
+    tokens, n_bytes = load_eval_tokens(tmp_path / "test.bin", 50257)
+    assert tokens.tolist() == from_text.tolist() and n_bytes == text_bytes  # end-of-text is no text
+    for size in (0, 3):  # empty; cut inside a token
+        (tmp_path / "cut.bin").write_bytes(bytes(size))
+        with pytest.raises(DataError, match=f"'{tmp_path / 'cut.bin'}': {size} bytes is not a whole number of "
+                                            f"uint16 tokens"):
+            load_eval_tokens(tmp_path / "cut.bin", 50257)
+
+
 def test_jsonl_without_text_fields_names_the_line(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text('{"text": "ok"}\n{"content": "no text field"}\n')

@@ -295,6 +295,10 @@ def _exported(tmp_path):
     return tmp_path / "hf"
 
 
+def _edit_config(hf, **changes):
+    (hf / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()), **changes}))
+
+
 def _cut(path, keep):
     path.write_bytes(path.read_bytes()[:keep])
 
@@ -317,6 +321,17 @@ def _cut(path, keep):
                                                             "n_layer": "two"})),
      "n_layer must be a positive integer, got 'two'"),
     (lambda hf: (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"})), "config.json' has no"),
+    (lambda hf: _edit_config(hf, n_layer=None), "config.json' has no n_layer"),
+    (lambda hf: _edit_config(hf, layer_norm_epsilon=-1.0), "model.norm_eps: must be in (0, 1), got -1.0"),
+    # Attention scores scaled otherwise than GPT-2's: transformers takes these, gptx's logits would differ.
+    (lambda hf: _edit_config(hf, scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx is True"),
+    (lambda hf: _edit_config(hf, scale_attn_weights=False), "scale_attn_weights is False"),
+    (lambda hf: (hf / "model.safetensors").write_bytes(
+        b"\x40\0\0\0\0\0\0\0" + b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}'.ljust(64)
+        + bytes(4)), "tensor a: expected dtype, shape and data_offsets"),
+    (lambda hf: ((hf / "model.safetensors").unlink(),
+                 torch.save({"state_dict": {"w": torch.zeros(1)}}, hf / "pytorch_model.bin")),
+     "pytorch_model.bin' is not a table of tensor names to tensors"),
     (lambda hf: (hf / "config.json").write_text(json.dumps({"model_type": "llama"})),
      "config.json has no hidden_size"),
     (lambda hf: ((hf / "model.safetensors").unlink(), (hf / "pytorch_model.bin").write_bytes(b"PK\x03\x04junk" * 9)),
