@@ -13,7 +13,7 @@ from gptx.errors import ConfigError
 from gptx.model.flops import layer_flops_per_token
 from gptx.model.fused_loss import chunk_positions
 from gptx.model.gpt import layer_specs
-from gptx.parallel.ds_config import BatchLayout, offload_devices
+from gptx.parallel.ds_config import BatchLayout, names_fp32, offload_devices
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import zero_stage
 from gptx.parallel.pipeline import count_layer_params, largest_layer_params, layer_name, partition
@@ -301,12 +301,11 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
     zero = zero_stage(ds_config)
     offload_optimizer, offload_param = offload_devices(ds_config)
     zero_section = ds_config.get("zero_optimization") or {}
-    accum_dtype = str((ds_config.get("data_types") or {}).get("grad_accum_dtype", "")).removeprefix("torch.")
     mem = MemoryModel(ds_precision(ds_config), layout, zero, cfg.train.activation_checkpoint_interval,
                       offload_optimizer, offload_param,
                       reduce_bucket_size=_count(zero_section, "reduce_bucket_size", 500_000_000),
                       pipeline=pipelined, overlap_comm=_flag(zero_section, "overlap_comm", None),
-                      grad_accum_fp32=accum_dtype in ("fp32", "float32", "float"),
+                      grad_accum_fp32=names_fp32((ds_config.get("data_types") or {}).get("grad_accum_dtype")),
                       max_reuse_distance=_count(zero_section, "stage3_max_reuse_distance", 1_000_000_000),
                       prefetch_bucket_size=_count(zero_section, "stage3_prefetch_bucket_size", 50_000_000),
                       contiguous_gradients=_flag(zero_section, "contiguous_gradients", True),

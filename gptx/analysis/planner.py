@@ -74,7 +74,9 @@ class Layout:
 def candidate_layouts(cfg: Config, gpus: int, precision: str) -> list[Layout]:
     """The layouts the planner considers for this model on `gpus` ranks (all accepted by gptx;
     offload is to cpu, and parameters are offloaded only together with the optimizer)."""
-    stages = [0] + [p for p in range(1, min(gpus, n_pipeline_layers(cfg.model)) + 1) if gpus % p == 0]
+    stages = [p for p in range(1, min(gpus, n_pipeline_layers(cfg.model)) + 1) if gpus % p == 0]
+    if cfg.train.pipeline_schedule == "1f1b":  # a pipeline schedule needs the pipeline (gptx/config.py)
+        stages.insert(0, 0)
     out = []
     for pipe in stages:
         zeros = (0, 1, 2, 3) if pipe == 0 else (0, 1)
@@ -188,9 +190,9 @@ def command_for(model_flags: str, row: dict, cluster: Cluster, ds_path: str = "p
     layout = row["layout"]
     launcher = (f"deepspeed --num_gpus {cluster.gpus}" if cluster.gpus <= cluster.gpus_per_node
                 else "deepspeed --hostfile hostfile")
-    flags = [model_flags, f"--pipe-parallel-size {layout.pipe}", f"--deepspeed_config {ds_path}"]
-    if layout.checkpoint:
-        flags.append(f"--activation-checkpoint-interval {layout.checkpoint}")
+    # The interval always: a planned layout without checkpointing must not take one from the model's flags.
+    flags = [model_flags, f"--pipe-parallel-size {layout.pipe}", f"--deepspeed_config {ds_path}",
+             f"--activation-checkpoint-interval {layout.checkpoint}"]
     return f"{launcher} launch/pretrain.py " + " ".join(flags)
 
 

@@ -57,12 +57,17 @@ def _positive_int(cfg: dict, key: str, path) -> int | None:
     return value
 
 
+def names_fp32(value) -> bool:
+    """Whether a DeepSpeed JSON dtype is float32, spelled any way DeepSpeed's DtypeEnum reads it."""
+    return str(value).removeprefix("torch.") in ("fp32", "float32", "float")
+
+
 def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: str, path="ds_config") -> BatchLayout:
     """Validate the JSON for a run with this data-parallel size; return the batch layout."""
     mb = _positive_int(cfg, "train_micro_batch_size_per_gpu", path)
     gas = _positive_int(cfg, "gradient_accumulation_steps", path)
     tb = _positive_int(cfg, "train_batch_size", path)
-    if mb is None and gas is None and tb is None:
+    if mb is None and tb is None:  # DeepSpeed refuses it too; gptx would have trained on micro-batches of 1
         raise ConfigError(f"{path}: set 'train_micro_batch_size_per_gpu' and 'gradient_accumulation_steps' "
                           f"(the micro-batches per step)")
     if tb is not None:
@@ -114,12 +119,19 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
                           f"(DeepSpeed's fp16 optimizers without ZeRO are only corrected for the pipeline)")
     if bf16 and pipe_size == 0 and stage == 0:
         raise ConfigError(f"{path}: bf16 with --pipe-parallel-size 0 needs zero_optimization.stage 1, 2 or 3")
-    if bf16 and pipe_size > 0 and (stage != 1 or (cfg.get("data_types") or {}).get("grad_accum_dtype") != "fp32"):
+    if bf16 and pipe_size > 0 and (stage != 1 or not names_fp32((cfg.get("data_types") or {}).get("grad_accum_dtype"))):
         # Under the pipeline engine DeepSpeed 0.19 picks its BF16 optimizer either way, but only
         # this combination writes optimizer checkpoints it can read back.
         raise ConfigError(f"{path}: bf16 needs \"zero_optimization\": {{\"stage\": 1}} and "
                           f"\"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (see ds_configs/gpu_bf16.json)")
-    params = ((cfg.get("optimizer") or {}).get("params") or {})
+    _check_optimizer_sections(cfg, path)
+    return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
+
+
+def _check_optimizer_sections(cfg: dict, path: str) -> None:
+    """The optimizer DeepSpeed builds (gptx hands it none), and the settings gptx owns instead of it."""
+    optimizer = cfg.get("optimizer")
+    params = (optimizer.get("params") or {}) if isinstance(optimizer, dict) else {}
     if "lr" in params:
         raise ConfigError(f"{path}: remove optimizer.params.lr; the learning rate and its schedule are set by the "
                           f"gptx training config (train.lr, train.min_lr, train.warmup_iters)")
@@ -129,7 +141,9 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
     if any(k in (cfg.get("pipeline") or {}) for k in ("stages", "partition")):
         raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
                           f"--pipe-parallel-size and --partition-method instead")
-    return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
+    if not isinstance(optimizer, dict) or not optimizer.get("type"):
+        raise ConfigError(f"{path}: add an 'optimizer' section with a 'type' (AdamW, as in ds_configs/*.json): gptx "
+                          f"hands DeepSpeed no optimizer of its own")
 
 
 def zero_stage(cfg: dict) -> int:

@@ -32,12 +32,10 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    '0a'". While the engine is built, gptx hands it the list without suffixes; its ops use
    no architecture-specific instructions (`_arch_list_deepspeed_can_parse`;
    tests/unit/parallel/test_engine.py).
-9. Without a pipeline, DeepSpeed's engine applies the update when its running count of
-   micro-batches reaches a multiple of the accumulation steps, and `set_train_batch_size`
-   (a batch ramp) changes those without moving the count: after a change the update falls
-   mid-batch, and a resumed run, whose count starts again at 0, falls elsewhere
-   (`_count_micro_batches_from_each_batch_change`; tests/unit/training/test_checkpoint.py:
-   a batch ramp without a pipeline).
+9. Without a pipeline the engine steps when its count of micro-batches reaches a multiple of
+   the accumulation steps, which `set_train_batch_size` (a batch ramp) changes without moving
+   the count: the update falls mid-batch (`_count_micro_batches_from_each_batch_change`;
+   tests/unit/training/test_checkpoint.py: a batch ramp without a pipeline).
 
 DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
 (`gptx.testing.allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.
@@ -119,9 +117,8 @@ def _build_data_parallel_engine(cfg: Config, ds_config: dict, show_deepspeed_pri
 
 
 def _count_micro_batches_from_each_batch_change(engine) -> None:
-    """Defect 9: the count (`micro_steps`) is read only to find the accumulation boundary, and a
-    batch size changes between steps, so starting it again at 0 puts the boundary at the new
-    batch's last micro-batch, in a run and in its resumption alike."""
+    """Defect 9: the count (`micro_steps`) is read only for the boundary, and a batch size changes
+    between steps, so the count starts again at 0, as in a resumed run."""
     set_batch_size = engine.set_train_batch_size
 
     def set_train_batch_size(train_batch_size):

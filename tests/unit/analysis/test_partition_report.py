@@ -105,7 +105,7 @@ def test_report_bad_input(capsys, argv, needle):
 def test_settings_the_memory_model_reads_are_checked_in_one_line(capsys, tmp_path, zero, needle):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                              "zero_optimization": {"stage": 2, **zero}}))
+                              "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2, **zero}}))
     assert run_partition_report(["--pipe-parallel-size", "0", "--deepspeed_config", str(ds)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1

@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from gptx.analysis.planner import Cluster, plan_layouts
+from gptx.analysis.planner import Cluster, command_for, plan_layouts
 from gptx.cli.partition_report import run_partition_report
 from gptx.config import load_config, parse_override
 from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
@@ -20,12 +20,26 @@ def plan(model: dict, gpus=8, gpu_gib=40, host_gib=1024, ds_name="gpu_fp16.json"
     return plan_layouts(cfg, Cluster(gpus, gpu_gib, host_gib), ds, micro_batch=1, grad_accum=1)
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 @pytest.mark.parametrize("ds_name", ["gpu_fp16.json", "gpu_bf16.json", "cpu_fp32.json"])
-def test_every_proposed_layout_passes_gptxs_own_checks(ds_name):
-    for row in plan(MINGPT_1_7B, ds_name=ds_name):
+def test_every_proposed_layout_passes_gptxs_own_checks(ds_name, schedule):
+    model = dict(MINGPT_1_7B, pipeline_schedule=schedule)
+    rows = plan(model, ds_name=ds_name)
+    for row in rows:
         layout = row["layout"]
         check_ds_config(row["ds_config"], row["data_parallel"], layout.pipe, "cuda")
+        load_config(None, dict(model, pipe_parallel_size=layout.pipe))  # the config check: zb-h1 needs a pipeline
         assert row["data_parallel"] * max(layout.pipe, 1) == 8
+    assert any(r["layout"].pipe == 0 for r in rows) == (schedule == "1f1b")
+
+
+def test_the_command_sets_the_planned_checkpointing_over_the_models_own():
+    rows = plan(dict(MINGPT_1_7B, activation_checkpoint_interval=1))
+    assert {r["layout"].checkpoint for r in rows} == {0, 1}
+    flags = "--model gpt2 --set activation_checkpoint_interval=1"
+    for row in rows:
+        words = shlex.split(command_for(flags, row, Cluster(8, 40, 1024)))
+        assert int(words[words.index("--activation-checkpoint-interval") + 1]) == row["layout"].checkpoint
 
 
 def test_fits_agree_with_the_budget_and_come_first():

@@ -14,8 +14,22 @@ def test_shipped_configs_are_valid():
     check_ds_config(read_ds_config(DS_CONFIG_DIR / "gpu_bf16.json"), 1, 1, "cuda")
 
 
+ADAMW = {"optimizer": {"type": "AdamW"}}
+
+
+@pytest.mark.parametrize("spelling", ["fp32", "float32", "float", "torch.float32"])
+def test_bf16_on_the_pipeline_takes_every_spelling_deepspeed_reads_as_fp32(spelling):
+    bf16 = dict(read_ds_config(DS_CONFIG_DIR / "gpu_bf16.json"), data_types={"grad_accum_dtype": spelling})
+    check_ds_config(bf16, 1, 2, "cuda")
+    with pytest.raises(ConfigError, match="bf16 needs"):
+        check_ds_config(dict(bf16, data_types={"grad_accum_dtype": "bf16"}), 1, 2, "cuda")
+
+
 def test_batch_arithmetic_is_derived_and_checked():
-    assert check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, 2, 1, "cpu").grad_accum == 4
+    assert check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, **ADAMW}, 2, 1,
+                           "cpu").grad_accum == 4
+    with pytest.raises(ConfigError, match="set 'train_micro_batch_size_per_gpu'"):  # DeepSpeed refuses it too
+        check_ds_config({"gradient_accumulation_steps": 4, **ADAMW}, 2, 1, "cpu")
     with pytest.raises(ConfigError, match="must equal train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2"):
         check_ds_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
                          "gradient_accumulation_steps": 2}, 2, 1, "cpu")
@@ -29,6 +43,8 @@ def test_batch_arithmetic_is_derived_and_checked():
     ({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1}}}, "optimizer.params.lr"),
     ({"train_micro_batch_size_per_gpu": 1, "scheduler": {"type": "WarmupLR"}}, "scheduler"),
     ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
+    ({"train_micro_batch_size_per_gpu": 1}, "add an 'optimizer' section"),
+    ({"train_micro_batch_size_per_gpu": 1, "optimizer": {"params": {"weight_decay": 0.1}}}, "with a 'type'"),
     ({}, "train_micro_batch_size_per_gpu"),
     ({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}, "bf16 needs"),
     ({"train_micro_batch_size_per_gpu": 1, "pipeline": {"stages": 2}}, "ignored by DeepSpeed"),
@@ -60,7 +76,7 @@ def test_zero_2_and_3_are_refused_with_one_stage_too_and_point_to_the_no_pipelin
     with pytest.raises(ConfigError, match=f"zero_optimization.stage {stage} does not work with pipeline.*"
                                           f"add --pipe-parallel-size 0"):
         check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}, 2, 1, "cpu")
-    assert check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}},
+    assert check_ds_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, **ADAMW},
                            2, 0, "cpu").dp_size == 2
 
 
