@@ -12,12 +12,13 @@
 #
 # One call of the device tool runs at most 600 s, and a session has about 15 minutes of device
 # time, the machine's start included. The plan is two calls, back to back on the warm machine:
-#   1. command "bash tools/gpu_session.sh run gpt2 300", carry [".gpu"], timeout_s 420
+#   1. command "bash tools/gpu_session.sh run gpt2 300", carry [".gpu"], timeout_s 380
 #   2. copy $OUT's benchmarks/* into docs/benchmarks/ here (the second call adds its rows to
 #      that file, which the working tree carries), then
-#      command "bash tools/gpu_session.sh run gpt2-medium,gpt2-xl 150", carry [".gpu"], timeout_s 260
+#      command "bash tools/gpu_session.sh run gpt2-medium,gpt2-xl 150", carry [".gpu"], timeout_s 220
 # Then copy $OUT's benchmarks/* into docs/benchmarks/, commit them, and give the machine back.
-# The second number is gpu_bench's --deadline-s: no row or timing round starts after it.
+# The second number is the deadline in seconds from the script's start (gpu_bench's --deadline-s gets
+# what is left after the install): no row or timing round starts after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -43,8 +44,12 @@ case "${1:-}" in
     # Written straight into $OUT after every timing round, so a call killed at its limit still
     # brings back what it measured; an earlier call's file (carried in docs/benchmarks) is added to.
     mkdir -p "$out" && cp -r docs/benchmarks/. "$out/" 2>/dev/null || true
-    PYTHONPATH="$PWD" python3 tools/gpu_bench.py --reference .gpu/nanogpt/model.py --models "$models" \
-        --deadline-s "${3:-300}" --out-dir "$out" 2>&1 | grep -v "^\[20" | tee "$out/../gpu_bench.log" | tail -60 || true
+    # The deadline counts from this script's start (the install and imports included), and the
+    # output is unbuffered all along: a call killed at its limit still shows and logs its last lines.
+    left=$(( ${3:-300} - ($(date +%s) - start) ))
+    PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" python3 tools/gpu_bench.py --reference .gpu/nanogpt/model.py \
+        --models "$models" --deadline-s "$(( left > 60 ? left : 60 ))" --out-dir "$out" 2>&1 \
+        | grep --line-buffered -v "^\[20" | tee "$out/../gpu_bench.log" || true
     echo "total: $(( $(date +%s) - start )) s"
     ;;
   *)

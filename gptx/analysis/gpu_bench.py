@@ -346,7 +346,7 @@ def gpu_bench(plan: BenchPlan, accelerator: str, out_dir: Path, command: str, lo
     """Collective on a world of one. Returns the path of the markdown file written."""
     import deepspeed
     dev = Device(accelerator)
-    if dev.cuda:  # build-nanogpt's setting; gptx's 16-bit rows do no fp32 matmuls for it to change
+    if dev.cuda:  # build-nanogpt's setting; gptx's 16-bit training sets the first too (gptx/parallel/host.py)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device_name = torch.cuda.get_device_name() if dev.cuda else "cpu"
@@ -375,16 +375,17 @@ def gpu_bench(plan: BenchPlan, accelerator: str, out_dir: Path, command: str, lo
             continue
         rows = group_rows(group, plan.levers)
         log(f"{group.model}: building {len(rows)} rows")
+        done = list(report["rows"])
+
+        def save():  # after every build and round: a run killed at its time limit keeps what it did
+            report["rows"] = done + [row_record(row, peak, accelerator) for row in rows]
+            write_report(report, json_path, md_path)
         for row in rows:
             if time.perf_counter() > deadline:
                 row.error = f"not built: the {plan.deadline_s:.0f} s deadline had passed"
                 continue
             build_row(row, plan, dev, accelerator, log)
-        done = list(report["rows"])
-
-        def save():  # after every round: a run killed at its time limit keeps what it timed
-            report["rows"] = done + [row_record(row, peak, accelerator) for row in rows]
-            write_report(report, json_path, md_path)
+            save()
         time_rows(rows, plan.iters, dev, log, save, deadline=deadline)
         save()
         log(render_markdown(report))

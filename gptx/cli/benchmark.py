@@ -43,7 +43,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         import json
 
         from gptx.analysis.benchmark import BenchSettings, benchmark, render_text
-        from gptx.parallel.ds_config import check_ds_config, default_ds_config_path, read_ds_config
+        from gptx.parallel.ds_config import check_ds_config, default_ds_config_path, precision, read_ds_config
         from gptx.parallel.host import accelerator_name, configure_host
         args = benchmark_parser().parse_args(argv)
         cfg, world = tool_config(args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval",
@@ -58,7 +58,7 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         ds_path = args.deepspeed_config or str(default_ds_config_path(accelerator))
         ds = read_ds_config(ds_path)
         layout = check_ds_config(ds, world // pp, pp, accelerator, ds_path)
-        configure_host(accelerator, cfg.model, layout.micro_batch)
+        configure_host(accelerator, cfg.model, layout.micro_batch, precision(ds))
         settings = BenchSettings(iters=args.iters, warmup=args.warmup, breakdown_iters=args.breakdown_iters,
                                  plain=args.plain, references=tuple(args.reference))
         if args.reference:  # a bad reference is one line before the engine is built, not after

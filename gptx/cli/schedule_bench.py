@@ -45,7 +45,7 @@ def run_schedule_bench(argv: list[str] | None = None) -> int:
         import json
 
         from gptx.analysis.schedule_bench import compare_schedules, render_text
-        from gptx.parallel.ds_config import check_ds_config, default_ds_config_path, read_ds_config
+        from gptx.parallel.ds_config import check_ds_config, default_ds_config_path, precision, read_ds_config
         from gptx.parallel.host import accelerator_name, configure_host
         args = schedule_bench_parser().parse_args(argv)
         cfg, world = tool_config(args, ("pipe_parallel_size", "partition_method"))
@@ -57,7 +57,7 @@ def run_schedule_bench(argv: list[str] | None = None) -> int:
         ds = read_ds_config(ds_path)
         pp = cfg.train.pipe_parallel_size
         layout = check_ds_config(ds, world // pp, pp, accelerator, ds_path)
-        configure_host(accelerator, cfg.model, layout.micro_batch)
+        configure_host(accelerator, cfg.model, layout.micro_batch, precision(ds))
 
         def work():
             report = compare_schedules(cfg, ds, layout, counts, args.iters, args.warmup, args.breakdown_iters)

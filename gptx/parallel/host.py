@@ -19,10 +19,15 @@ GLIBC_MMAP_CEILING = 32 * 2 ** 20
 """glibc's largest mmap threshold on 64-bit: blocks above it are always mapped and unmapped."""
 
 
-def configure_host(accelerator: str, model: ModelConfig | None = None, micro_batch: int = 0) -> int:
-    """This process's settings for training on a CPU; returns its thread count. Given the model
-    and micro-batch, freed memory is kept for reuse when an iteration's largest tensors would
-    otherwise be mapped afresh each time (see keep_freed_memory)."""
+def configure_host(accelerator: str, model: ModelConfig | None = None, micro_batch: int = 0,
+                   precision: str = "fp32") -> int:
+    """This process's settings; returns its thread count. On a CPU, given the model and micro-batch,
+    freed memory is kept for reuse when an iteration's largest tensors would otherwise be mapped
+    afresh each time (see keep_freed_memory). On a GPU, 16-bit training runs its few fp32 matmuls
+    (the fp16 fused loss's head gradient) in TF32: its 10-bit mantissa is what the unfused fp16
+    path's logit gradient has, and plain fp32 runs them many times slower. fp32 training keeps fp32."""
+    if accelerator == "cuda" and precision in ("fp16", "bf16"):
+        torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
             # Ranks on one CPU share its cores; without this each would start a thread per core.

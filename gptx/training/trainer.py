@@ -102,7 +102,7 @@ class Trainer:
     def setup(self) -> None:
         """Start torch.distributed, build the engine, write the run directory, resume, open the data."""
         plan, cfg, t = self.plan, self.cfg, self.cfg.train
-        self.threads = configure_host(plan.accelerator, cfg.model, plan.layout.micro_batch)
+        self.threads = configure_host(plan.accelerator, cfg.model, plan.layout.micro_batch, precision(plan.ds_config))
         set_log_level_from_string(self.paths.ds_log_level)
         self.owns_process_group = not dist.is_initialized()
         show_ds = self.paths.ds_log_level in ("info", "debug")

@@ -73,6 +73,24 @@ def test_a_later_call_adds_its_groups_to_the_same_file(bench, tmp_path):
     assert merged["command"].count("python tools/gpu_bench.py") == 2
 
 
+def test_a_call_killed_while_it_builds_keeps_the_rows_built_so_far(dist_world1, tmp_path, monkeypatch):
+    # A device call killed at its time limit never gets to time its rows when building them
+    # (compilation on a fresh machine) takes the call's time: the file still says what was built.
+    import gptx.analysis.gpu_bench
+    build_row, built = gptx.analysis.gpu_bench.build_row, []
+
+    def killed_at_the_third(row, *args):
+        if len(built) == 2:
+            raise KeyboardInterrupt  # as the limit's signal would
+        built.append(build_row(row, *args))
+    monkeypatch.setattr(gptx.analysis.gpu_bench, "build_row", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_gpu_bench(["--levers", "pad", "--iters", "1", "--warmup", "1", "--out-dir", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert len(rows) >= 2 and all(r["model"] == "gpt2" and r["tokens_per_sec"] is None for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--levers", "pad,turbo"], "--levers: unknown lever 'turbo'"),
     (["--models", "gpt5"], "--models: expected some of"),

@@ -14,3 +14,18 @@ def test_freed_memory_is_kept_only_where_iterations_would_map_tensors_afresh(mon
     gptx.parallel.host.configure_host("cpu")  # tools that measure memory pass no model
     gptx.parallel.host.configure_host("cuda", load_config(None, shape).model, 8)
     assert calls == [1]
+
+
+def test_16_bit_training_on_a_gpu_runs_its_fp32_matmuls_in_tf32_and_fp32_training_does_not():
+    import torch
+
+    from gptx.parallel.host import configure_host
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for accelerator, precision, tf32 in (("cuda", "fp32", False), ("cpu", "bf16", False), ("cuda", "fp16", True),
+                                             ("cuda", "bf16", True)):
+            torch.backends.cuda.matmul.allow_tf32 = False
+            configure_host(accelerator, precision=precision)
+            assert torch.backends.cuda.matmul.allow_tf32 == tf32, (accelerator, precision)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
