@@ -21,7 +21,8 @@ def schedule_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipe-parallel-size", type=int, default=None, help="stages (default: as many as ranks)")
     p.add_argument("--partition-method", default=None)
     p.add_argument("--micro-batches", default="2,4,8", help="numbers of micro-batches per step, comma-separated")
-    p.add_argument("--iters", type=int, default=10, help="timed rounds (one iteration of each schedule) per micro-batch count; 6 or more give "
+    p.add_argument("--iters", type=int, default=10,
+                   help="timed rounds (one iteration of each schedule) per micro-batch count; 6 or more give "
                         "the speedup a 95%% interval")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each first")
     p.add_argument("--breakdown-iters", type=int, default=2, help="iterations with per-instruction timers")

@@ -337,7 +337,7 @@ def new_run_dir(cfg: Config) -> Path:
     dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:
         raise CheckpointError(f"cannot make a run directory in '{Path('runs').resolve()}': {chosen[1]}; "
-                                         f"pass --save DIR with a writable directory (nothing was trained)")
+                              f"pass --save DIR with a writable directory (nothing was trained)")
     return Path(chosen[0])
 
 

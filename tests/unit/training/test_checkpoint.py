@@ -189,8 +189,8 @@ def test_a_batch_ramp_trains_through_its_changes_and_resumes_exactly_inside_it(d
 
 def test_a_batch_ramp_without_a_pipeline_steps_once_per_iteration_and_resumes_exactly(dist_world1, work):
     """DeepSpeed's own engine steps when its running count of micro-batches reaches a multiple of the
-    current accumulation; a ramp changes that mid-run, and a fresh engine restarts the count. gptx's
-    no-pipeline engine marks each iteration's last micro-batch itself (gptx/parallel/data_parallel.py)."""
+    current accumulation; a ramp changes that mid-run, and a fresh engine restarts the count. gptx
+    restarts it at each change (defect 9 in gptx/parallel/engine.py)."""
     ds = write_ds_config(work[0] / "ramp0.json", micro=2, accum=4)
     # 1, 1, 1, 2, 2, 3, 4 micro-batches: a running count of 3 is not a multiple of 2, nor 7 of 3.
     ramp = ["--rampup-batch-size", "2,2,16", "--eval-interval", "0", "--deepspeed_config", str(ds)]
