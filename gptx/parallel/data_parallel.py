@@ -237,16 +237,13 @@ def layer_states(engine) -> dict[int, dict[str, torch.Tensor]] | None:
 
 
 def load_layer_states(engine, read_layer) -> None:
-    """Collective: each layer from `read_layer(index)` (a state dict), then the optimizer's
-    fp32 copies refreshed from the loaded weights."""
+    """Collective: each layer from `read_layer(index)` (a state dict). The optimizer's fp32
+    copies are the caller's to set (gptx.parallel.masters)."""
     model = engine.module
     for name, layer in model.layers.items():
         state = read_layer(int(name))
         with _gathered(layer, modifier_rank=0):
             layer.load_state_dict(state)
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "refresh_fp32_params"):
-        optimizer.refresh_fp32_params()
 
 
 def parameter_count(engine) -> int:

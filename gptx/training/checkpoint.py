@@ -28,7 +28,7 @@ import torch.distributed as dist
 from gptx import testing
 from gptx.atomic import atomic_write
 from gptx.errors import CheckpointError
-from gptx.parallel.data_parallel import DataParallelEngine, layer_states, load_layer_states
+from gptx.parallel.data_parallel import DataParallelEngine, layer_states
 from gptx.parallel.engine import save_checkpoint
 
 LATEST = "latest"
@@ -378,39 +378,6 @@ def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def load_weights_only(engine, load_dir: str | Path, tag: str) -> None:
-    """Collective: this stage's layers from the layer files, for a checkpoint of another layout.
-
-    Layer files are per position in the LayerSpec list, so any stage count reads them. The
-    optimizer's own state is per stage and does not carry over: Adam's moments restart.
-    """
-    folder = Path(load_dir) / tag
-    if isinstance(engine, DataParallelEngine):
-        load_layer_states(engine, lambda idx: _read_layer_file(folder, idx))
-        return
-    module = engine.module
-    for local, layer in enumerate(module.forward_funcs):
-        if not hasattr(layer, "load_state_dict"):
-            continue  # the tied head: it is the embedding, synchronised below
-        file = layer_file(folder, local + module._local_start)
-        if not file.exists():
-            raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-        layer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-    module._synchronize_tied_weights()
-    # Mixed-precision optimizers keep fp32 master weights; refresh them from the loaded ones.
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
-    elif hasattr(engine.optimizer, "_restore_from_bit16_weights"):
-        engine.optimizer._restore_from_bit16_weights()
-
-
-def _read_layer_file(folder: Path, idx: int) -> dict:
-    file = layer_file(folder, idx)
-    if not file.exists():
-        raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def load(engine, load_dir: str | Path, tag: str) -> dict:

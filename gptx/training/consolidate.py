@@ -94,8 +94,10 @@ def _stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int,
     return [g for g in groups if g]
 
 
-def _pipe_param_key(name: str) -> tuple[int, str]:
-    """A stage module's parameter name -> (layer index, key in its layer file)."""
+def param_layer_key(name: str) -> tuple[int, str]:
+    """A parameter's name in a stage module or the no-pipeline model -> (layer index, key in its layer file)."""
+    if name.startswith("layers."):  # the no-pipeline model: layers.<index>.<key>
+        name = name[len("layers."):]
     if name.startswith("tied_modules."):
         return 0, name.split(".", 2)[2]  # the tied embedding is layer 0's
     idx, key = name.split(".", 1)
@@ -121,6 +123,12 @@ def _zero_masters(files: list[Path]) -> dict[str, torch.Tensor]:
     return {name: torch.cat([t for _, t in sorted(frags, key=lambda x: x[0])]) for name, frags in pieces.items()}
 
 
+def _records_zero_stage(file: Path) -> bool:
+    """DeepSpeed's ZeRO optimizers record their stage in their files; its bf16 optimizer does not."""
+    state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    return "zero_stage" in state["optimizer_state_dict"]
+
+
 def _fp16_masters(states: dict, order: list[list[tuple[int, str, torch.Size]]], where: str) -> dict:
     """A stage's fp32 masters from DeepSpeed's fp16 optimizer without ZeRO: flat groups in parameter order."""
     opt = states.get("optimizer") or {}
@@ -144,30 +152,44 @@ def _fp16_masters(states: dict, order: list[list[tuple[int, str, torch.Size]]], 
     return masters
 
 
-def fp32_master_weights(folder: Path, meta: dict, cfg: Config) -> dict[int, dict[str, torch.Tensor]] | None:
+def fp32_master_weights(folder: Path, meta: dict, cfg: Config,
+                        wanted: set[int] | None = None) -> dict[int, dict[str, torch.Tensor]] | None:
     """Layer index -> state dict from the optimizer's fp32 master copies, or None when the run was fp32.
 
-    The tied embedding is taken from the first stage (its copies are kept equal).
+    The tied embedding is taken from the first stage (its copies are kept equal). With `wanted` layers,
+    only the stages holding one of them are read (a pipeline's optimizer files are large).
     """
     ds = meta.get("ds_config", {})
     if not (ds.get("fp16", {}).get("enabled") or ds.get("bf16", {}).get("enabled")):
         return None
     pp, dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
-    if pp == 0 and dp:  # no pipeline: DeepSpeed's own consolidation reads its ZeRO shards
-        return fp32_master_layers(folder)
+    if pp == 0 and dp:
+        bf16_files = [folder / f"bf16_zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(dp)]
+        if all(f.exists() for f in bf16_files) and not _records_zero_stage(bf16_files[0]):
+            # DeepSpeed's bf16 optimizer (bf16 with ZeRO-1), whose files zero_to_fp32 does not read
+            order = _stage_param_order(cfg, range(len(layer_specs(cfg.model, cfg.train.seed))))
+            shapes = {(idx, key): shape for group in order for idx, key, shape in group}
+            layers: dict[int, dict[str, torch.Tensor]] = {}
+            for name, tensor in _zero_masters(bf16_files).items():
+                idx, key = param_layer_key(name)
+                layers.setdefault(idx, {})[key] = tensor.view(shapes[(idx, key)])
+            return layers
+        return fp32_master_layers(folder)  # ZeRO: DeepSpeed's own consolidation reads its shards
     if not pp or not dp:
         raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only): no master weights")
     specs = layer_specs(cfg.model, cfg.train.seed)
     parts = partition(specs, cfg.train.partition_method, pp, layer_compute_weights(cfg, specs))
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for stage in range(pp):
+        if wanted is not None and not wanted.intersection(range(parts[stage], parts[stage + 1])):
+            continue
         order = _stage_param_order(cfg, range(parts[stage], parts[stage + 1]))
         shapes = {(idx, key): shape for group in order for idx, key, shape in group}
         zero = sorted(folder.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
         if zero:
             prefix = zero[0].name.split("zero_pp_rank_")[0]
             files = [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp)]
-            masters = {_pipe_param_key(name): t for name, t in _zero_masters(files).items()}
+            masters = {param_layer_key(name): t for name, t in _zero_masters(files).items()}
         else:
             states = torch.load(folder / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu",
                                 weights_only=False)

@@ -32,7 +32,7 @@ from gptx.parallel.engine import build_engine, check_step, deepspeed_prints, los
 from gptx.parallel.host import configure_host
 from gptx.parallel.launching import port_in_use
 from gptx.parallel.pipeline import stage_param_counts, tied_weight_max_diff
-from gptx.training import checkpoint
+from gptx.training import checkpoint, relayout
 from gptx.training.guards import NumericsGuard, StopSignal, known_failure
 from gptx.training.metrics import Metrics, RunClock, console_line, duration, log
 from gptx.training.plan import Plan, RunPaths, describe_layout, plan_run
@@ -343,30 +343,27 @@ def new_run_dir(cfg: Config) -> Path:
 
 def resume(engine, plan: Plan) -> tuple[int, int, int]:
     """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed, tokens trained on)."""
-    t = plan.cfg.train
-    saved_pp = plan.resume_meta.get("pipe_parallel_size")
-    if plan.resume_meta.get("weights_only"):
-        checkpoint.load_weights_only(engine, plan.load_dir, plan.resume_tag)
-        state = plan.resume_meta
-        log(f"starting from the weights of {plan.resume_meta.get('source', 'a weights-only checkpoint')}; "
+    meta, folder = plan.resume_meta, plan.load_dir / plan.resume_tag
+    change = relayout.layout_change(meta, folder, plan.cfg.train.pipe_parallel_size, plan.layout.dp_size)
+    if meta.get("weights_only"):
+        relayout.load_layers(engine, folder)
+        state = meta
+        log(f"starting from the weights of {meta.get('source', 'a weights-only checkpoint')}; "
             f"the optimizer starts fresh")
-    elif saved_pp == t.pipe_parallel_size:
+    elif change is None:
         state = checkpoint.load(engine, plan.load_dir, plan.resume_tag)
     else:
-        checkpoint.load_weights_only(engine, plan.load_dir, plan.resume_tag)
-        state = plan.resume_meta
+        masters = relayout.saved_masters(engine, folder, meta)
+        relayout.load_layers(engine, folder, masters)
+        state = meta
         engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
-        log(f"warning: the checkpoint has {stages(saved_pp)} and this run {stages(t.pipe_parallel_size)}: "
-            f"weights, iteration, data position and LR schedule carry over exactly; the optimizer's "
-            f"moments (per-stage state) restart from zero")
+        weights = "weights (their fp32 master copies too)" if masters is not None else "weights"
+        log(f"warning: {change}: {weights}, iteration, data position and LR schedule carry over exactly; "
+            f"the optimizer's moments (per-stage and per-replica state) restart from zero")
     iteration, consumed = state["iteration"], state["consumed_samples"]
     tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
-    log(f"resumed from {plan.load_dir / plan.resume_tag}: iteration {iteration}, {tokens:,} tokens seen")
+    log(f"resumed from {folder}: iteration {iteration}, {tokens:,} tokens seen")
     return iteration, consumed, tokens
-
-
-def stages(pipe_size: int) -> str:
-    return "no pipeline" if pipe_size == 0 else f"{pipe_size} pipeline stage(s)"
 
 
 def validation_loss(engine, val_splits: list, plan: Plan, dp_rank: int) -> tuple[float, list[float]]:

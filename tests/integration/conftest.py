@@ -34,7 +34,8 @@ def two_ranks(tmp_path_factory):
     benchmark of 2 stages (test_benchmark.py), 1F1B against ZB-H1 side by side (test_zero_bubble.py),
     the shipped GPU fp16 JSON against fp32 and every precision path (test_engine.py), every
     architecture variant (test_variants.py), the runs of test_multinode.py on one node and those under
-    ZB-H1 and resumed across schedules (test_zero_bubble.py), and test_train.py's runs: 2 stages, 2
+    ZB-H1 and resumed across schedules (test_zero_bubble.py), a bf16 and a fp32 run on 2
+    replicas that test_checkpoint.py resumes on one, and test_train.py's runs: 2 stages, 2
     replicas, bf16 and optimizer offload stopped and resumed, a bad flag, and last a ZeRO-3 run without
     a pipeline whose rank 1 is killed inside a save (resumed in `faults`' last launch). Returns the
     folder: logs/ holds each run's output."""
@@ -89,6 +90,9 @@ def two_ranks(tmp_path_factory):
              sequence_run("part_bf16", train_argv(work, "part_bf16", 2, 2, 2, "--exit-interval", "3", ds_extra=BF16)),
              sequence_run("part_bf16_resume", train_argv(work, "part_bf16", 2, 2, 2, "--load", str(tmp / "part_bf16"),
                                                       ds_extra=BF16)),
+             # test_checkpoint.py resumes these on 1 replica (DeepSpeed's ZeRO load refuses the bf16 one)
+             sequence_run("bf16_dp2", train_argv(work, "bf16_dp2", 1, 2, 1, "--exit-interval", "3", ds_extra=BF16)),
+             sequence_run("fp32_dp2", train_argv(work, "fp32_dp2", 1, 2, 1, "--exit-interval", "3")),
              sequence_run("offload", train_argv(work, "offload", 2, 2, 4, "--save-interval", "2", "--exit-interval", "3",
                                              ds_extra=OFFLOAD)),
              sequence_run("offload_resume", train_argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"),

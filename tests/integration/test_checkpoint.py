@@ -4,8 +4,10 @@ import pytest
 
 from gptx.cli.pretrain import run_pretrain
 from tests.helpers.runs import read_metrics, sequence_code, sequence_output, train_losses
+from tests.integration.test_train import BF16
+from tests.integration.test_train import argv as train_argv
 from tests.unit.training.test_checkpoint import (args, assert_masters_round_to_the_layer_files,  # noqa: F401 (fixtures)
-                                                 one_stage_run, work)
+                                                 assert_same_masters, one_stage_run, resume_and_save_at_once, work)
 
 
 def test_resume_on_another_number_of_stages(dist_world1, work, one_stage_run, four_ranks):
@@ -30,3 +32,37 @@ def test_master_weights_of_a_bf16_run_on_two_stages_and_two_data_parallel_ranks(
     logs = four_ranks / "logs"
     assert sequence_code(logs, "bf16_pp2_dp2") == 0, sequence_output(logs, "bf16_pp2_dp2")[-3000:]
     assert_masters_round_to_the_layer_files(four_ranks / "bf16_pp2_dp2")
+
+
+def test_resume_on_another_data_parallel_size_with_the_optimizer_state_split(dist_world1, two_ranks, capsys):
+    """bf16 with ZeRO-1 on 1 stage x 2 replicas for iterations 1-3 (a run of two_ranks' launch), then on
+    1 replica in this process with twice the micro-batches: the same global batch. DeepSpeed's own load
+    stops there (ZeRORuntimeException: the optimizer state is split by replica); gptx carries the fp32
+    master weights over exactly and restarts Adam's moments."""
+    logs, run = two_ranks / "logs", two_ranks / "bf16_dp2"
+    assert sequence_code(logs, "bf16_dp2") == 0, sequence_output(logs, "bf16_dp2")[-3000:]
+    work = (two_ranks, two_ranks / "micro_data", two_ranks / "micro_model.yaml")
+    resume_and_save_at_once(train_argv(work, "bf16_dp1_resaved", 1, 2, 2, "--load", str(run), ds_extra=BF16))
+    assert "split across 2 data-parallel replicas and this run has 1" in capsys.readouterr().out
+    assert_same_masters(run, two_ranks / "bf16_dp1_resaved")
+    assert run_pretrain(train_argv(work, "bf16_dp1", 1, 2, 2, "--load", str(run), ds_extra=BF16)) == 0
+    full, before, after = (train_losses(two_ranks / name) for name in ("full_bf16", "bf16_dp2", "bf16_dp1"))
+    assert before.keys() == {1, 2, 3} and after.keys() == {4, 5, 6}
+    # bf16 runs on other layouts agree to about 1e-5 (2 stages against 2 replicas, iterations 1-3); iteration
+    # 4 is computed by the weights after step 3, so it agrees as well; then Adam restarts and the loss carries on.
+    assert all(before[i] == pytest.approx(full[i], abs=1e-4) for i in before)
+    assert after[4] == pytest.approx(full[4], abs=1e-4)
+    assert all(abs(after[i] - full[i]) < 0.1 for i in (5, 6))
+
+
+def test_resume_on_another_data_parallel_size_is_exact_where_the_optimizer_state_is_whole(dist_world1, two_ranks):
+    """fp32 without ZeRO keeps the whole optimizer state on every replica: 2 replicas for iterations 1-3
+    (two_ranks' launch), 1 in this process for 4-6 go on as one replica all along, Adam's moments included."""
+    logs, run = two_ranks / "logs", two_ranks / "fp32_dp2"
+    assert sequence_code(logs, "fp32_dp2") == 0, sequence_output(logs, "fp32_dp2")[-3000:]
+    work = (two_ranks, two_ranks / "micro_data", two_ranks / "micro_model.yaml")
+    assert run_pretrain(train_argv(work, "fp32_dp1", 1, 2, 2, "--load", str(run))) == 0
+    assert run_pretrain(train_argv(work, "fp32_one_replica", 1, 2, 2)) == 0
+    full, before, after = (train_losses(two_ranks / name) for name in ("fp32_one_replica", "fp32_dp2", "fp32_dp1"))
+    assert after.keys() == {4, 5, 6}
+    assert all(a == pytest.approx(full[i], abs=1e-5) for i, a in {**before, **after}.items())

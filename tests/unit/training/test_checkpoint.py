@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from gptx.cli.evaluate import run_evaluate
-from gptx.cli.pretrain import run_pretrain
+from gptx.cli.pretrain import parse_pretrain_args, run_pretrain
 from gptx.cli.sample import run_sample
 from gptx.data.tokens import open_tokens
 from gptx.interop.evaluate import evaluate_tokens
+from gptx.testing import CPU_FP16_ENV
 from gptx.training.consolidate import load_plain_model
+from gptx.training.trainer import Trainer
 from tests.helpers.runs import pretrain_args, read_metrics, run_files, train_losses, write_ds_config
 
 
@@ -78,6 +80,55 @@ def test_master_weights_of_a_bf16_run(dist_world1, work):
     assert run_pretrain(args(work, run, 1, 3, "--deepspeed_config", str(bf16_config(work[0])),
                              "--set", "position_embedding=alibi")) == 0
     assert_masters_round_to_the_layer_files(run)
+
+
+def resume_and_save_at_once(argv: list[str]) -> None:
+    """Resume as `argv` says and save straight away, before any step: the new checkpoint holds
+    what the resume loaded, written by DeepSpeed's own save of the optimizer."""
+    cfg, paths = parse_pretrain_args(argv)
+    trainer = Trainer(cfg, paths)
+    trainer.setup()
+    trainer.save()
+    trainer.metrics.close()
+
+
+def assert_same_masters(run, resaved):
+    """The resumed engine's fp32 masters are the checkpoint's to the bit, not its 16-bit weights
+    widened again (which differ from them in most tensors)."""
+    import torch
+    saved, _ = load_plain_model(run, master_weights=True)
+    loaded, _ = load_plain_model(resaved, master_weights=True)
+    half, _ = load_plain_model(run)
+    for (name, a), (_, b) in zip(saved.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    assert sum(not torch.equal(a, h) for a, h in zip(saved.parameters(), half.parameters())) > \
+        len(list(half.parameters())) // 2
+
+
+TORCH_ADAMW = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "weight_decay": 0.1}}}
+
+
+@pytest.mark.parametrize("name, source, target", [
+    ("bf16", (1, {}), (0, {})),  # the pipeline's bf16 optimizer -> without a pipeline
+    ("bf16", (1, {}), (0, {"zero_optimization": {"stage": 3}})),  # -> ZeRO-3's shards
+    ("fp16", (0, {"zero_optimization": {"stage": 1}}), (1, {})),  # ZeRO-1 -> the pipeline's FP16_Optimizer
+    ("fp16", (0, {"zero_optimization": {"stage": 1}}), (1, TORCH_ADAMW)),  # -> FP16_UnfusedOptimizer
+])
+def test_a_16_bit_run_resumed_on_another_layout_keeps_its_fp32_master_weights(dist_world1, work, monkeypatch,
+                                                                            capsys, name, source, target):
+    monkeypatch.setenv(CPU_FP16_ENV, "1")
+    half = {"bf16": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                     "data_types": {"grad_accum_dtype": "fp32"}},
+            "fp16": {"fp16": {"enabled": True, "initial_scale_power": 8}}}[name]
+    (source_pipe, _), (target_pipe, _) = source, target
+    case = f"{name}_{source_pipe}_{target_pipe}_{len(str(target))}"
+    ds = [write_ds_config(work[0] / f"{case}_{end}.json", micro=2, accum=2, **{**half, **extra})
+          for end, (_, extra) in (("from", source), ("to", target))]
+    run, resaved = work[0] / case, work[0] / f"{case}_resaved"
+    assert run_pretrain(args(work, run, source_pipe, 3, "--deepspeed_config", str(ds[0]))) == 0
+    resume_and_save_at_once(args(work, resaved, target_pipe, 3, "--load", str(run), "--deepspeed_config", str(ds[1])))
+    assert "weights (their fp32 master copies too)" in capsys.readouterr().out
+    assert_same_masters(run, resaved)
 
 
 def test_master_weights_of_a_fp32_run_are_its_weights(one_stage_run):

@@ -1,0 +1,74 @@
+"""Resuming a checkpoint on another layout: another number of pipeline stages, or another
+data-parallel size where the optimizer's state is split across the replicas (ZeRO, DeepSpeed's
+bf16 optimizer), which DeepSpeed cannot load (it stops with a ZeRORuntimeException).
+
+What carries over exactly: the weights (a 16-bit run's fp32 master weights too, read from its
+optimizer files), the iteration, the data position and the LR schedule. What restarts: Adam's
+moments, which DeepSpeed keeps per stage and per replica, and the dropout streams.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import torch
+
+from gptx.errors import CheckpointError
+from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
+from gptx.parallel.ds_config import precision
+from gptx.parallel.masters import refresh_fp32_masters, set_fp32_masters
+from gptx.training.checkpoint import layer_file
+from gptx.training.consolidate import config_from_meta, fp32_master_weights, param_layer_key
+
+Layers = dict[int, dict[str, torch.Tensor]]
+
+
+def stages(pipe_size: int | None) -> str:
+    return "no pipeline" if pipe_size == 0 else f"{pipe_size} pipeline stage(s)"
+
+
+def layout_change(meta: dict, folder: Path, pipe_size: int, dp_size: int) -> str | None:
+    """What differs between the checkpoint's layout and this run's that DeepSpeed cannot load
+    across, or None when DeepSpeed's own load restores everything."""
+    saved_pp, saved_dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
+    if saved_pp != pipe_size:
+        return f"the checkpoint has {stages(saved_pp)} and this run {stages(pipe_size)}"
+    split = glob.glob(str(folder / "*zero_pp_rank_*_optim_states.pt"))
+    if split and saved_dp is not None and saved_dp != dp_size:
+        return (f"the checkpoint's optimizer state is split across {saved_dp} data-parallel replicas and this run "
+                f"has {dp_size}")
+    return None
+
+
+def load_layers(engine, folder: Path, masters: Layers | None = None) -> None:
+    """Collective: this rank's layers from the layer files (one per position in the LayerSpec
+    list, so any layout reads them), then the optimizer's fp32 copies from `masters`, or from
+    the loaded weights when there are none (an fp32 run, converted weights)."""
+    if isinstance(engine, DataParallelEngine):
+        load_layer_states(engine, lambda idx: _read_layer_file(folder, idx))
+    else:
+        module = engine.module
+        for local, layer in enumerate(module.forward_funcs):
+            if hasattr(layer, "load_state_dict"):  # not the tied head: it is the embedding, synchronised below
+                layer.load_state_dict(_read_layer_file(folder, local + module._local_start))
+        module._synchronize_tied_weights()
+    if masters is None:
+        refresh_fp32_masters(engine)
+    else:
+        set_fp32_masters(engine, lambda name: masters[param_layer_key(name)[0]][param_layer_key(name)[1]])
+
+
+def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
+    """The fp32 master weights of a 16-bit checkpoint's layers this rank holds, or None for an
+    fp32 one (its layer files are the masters)."""
+    if precision(meta.get("ds_config") or {}) == "fp32":
+        return None
+    wanted = {param_layer_key(name)[0] for name, _ in engine.module.named_parameters()}
+    return fp32_master_weights(folder, meta, config_from_meta(meta), wanted=wanted)
+
+
+def _read_layer_file(folder: Path, idx: int) -> dict:
+    file = layer_file(folder, idx)
+    if not file.exists():
+        raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
+    return torch.load(file, map_location="cpu", weights_only=True)
