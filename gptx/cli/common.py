@@ -4,6 +4,7 @@ tool that trains engines itself."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -51,8 +52,19 @@ def config_overrides(args, flags) -> dict:
 
 
 def device_for(name: str | None) -> str:
+    """--device as given (checked), else the GPU when there is one."""
     import torch
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}': not a device torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device '{name}': this machine has no CUDA GPU torch can use; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device '{name}': there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return name
 
 
 def tool_config(args, flags: tuple[str, ...], allow_no_pipeline: bool = False):
@@ -103,10 +115,25 @@ def stdout_for_json(argv):
     return contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
 
 
+# What the machine, not gptx, refuses when a tool writes or reads a path it was given: a full or
+# read-only disk, a file where a directory belongs (and the other way round), no permission.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                  errno.ENOENT, errno.EDQUOT}
+
+
 def guarded(main) -> int:
-    """Run main(); a user error is one line on stderr (from rank 0) and exit code 2."""
+    """Run main(); a user error, or a path the machine refuses, is one line on stderr (from rank 0)
+    and exit code 2."""
     try:
-        result = main()
+        try:
+            result = main()
+        except OSError as e:
+            if e.errno not in MACHINE_ERRNOS or not e.filename:
+                raise
+            hint = {errno.ENOSPC: "free space or write elsewhere", errno.EDQUOT: "free space or write elsewhere",
+                    errno.EROFS: "choose a writable path", errno.EACCES: "choose a path you may use",
+                    errno.EPERM: "choose a path you may use"}.get(e.errno, "check the path")
+            raise ConfigError(f"'{e.filename}': {e.strerror}; {hint}") from None
     except GptxError as e:
         if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gptx.cli.common import Parser, guarded, no_engine_accelerator
 from gptx.errors import ConfigError
@@ -40,6 +41,17 @@ def shard_size(text: str) -> int:
     return int(size)
 
 
+def check_export_dir(out: Path) -> None:
+    """Hugging Face files go to a directory of their own: an earlier export may be written over,
+    a gptx run or checkpoint (whose config.json the export would replace) may not."""
+    from gptx.training.checkpoint import META, checkpoint_folders
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--to-hf '{out}': exists and is not a directory")
+    if out.is_dir() and ((out / META).exists() or (out / "metrics.jsonl").exists() or checkpoint_folders(out)):
+        raise ConfigError(f"--to-hf '{out}' holds a gptx run or checkpoint; choose another directory for the "
+                          f"Hugging Face files (nothing was written)")
+
+
 def run_convert(argv: list[str] | None = None) -> int:
     no_engine_accelerator()
 
@@ -50,6 +62,7 @@ def run_convert(argv: list[str] | None = None) -> int:
         from gptx.training.resume import check_save_dir
         args = convert_parser().parse_args(argv)
         if args.load and args.to_hf and not (args.from_hf or args.save):
+            check_export_dir(Path(args.to_hf))
             model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
             trained = "fp32" if args.master_weights else trained_precision(args.load)
             dtype = args.dtype if args.dtype != "auto" else {"fp32": "float32", "bf16": "bfloat16",

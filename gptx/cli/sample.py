@@ -55,7 +55,9 @@ def run_sample(argv: list[str] | None = None) -> int:
             try:
                 prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
             except ValueError:
-                raise ConfigError(f"--prompt-ids '{args.prompt_ids}': expected comma-separated integers") from None
+                prompt = []
+            if not prompt:
+                raise ConfigError(f"--prompt-ids '{args.prompt_ids}': expected one or more comma-separated integers")
         elif enc is not None:
             prompt = enc.encode_ordinary(args.prompt or "") or [GPT2_EOT]
         else:

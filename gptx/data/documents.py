@@ -93,8 +93,10 @@ class InputReport:
     `warn` gets each skipped file at once (one line); `summary()` gives the lines for the end.
     """
 
-    def __init__(self, strict_utf8: bool = False, warn=None):
+    def __init__(self, strict_utf8: bool = False, warn=None,
+                 strict_hint: str = "without --strict-utf8 bad bytes become U+FFFD and are counted"):
         self.strict_utf8 = strict_utf8
+        self.strict_hint = strict_hint  # the end of the strict message: what the command offers instead
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.replacements: dict[str, int] = {}
         self.skipped: list[str] = []
@@ -145,8 +147,7 @@ def _decode(data: bytes, path: Path, report: InputReport, where: str = "", base:
     except UnicodeDecodeError as e:
         if report.strict_utf8:
             raise DataError(f"'{path}'{where}: not valid UTF-8 at byte offset {base + e.start:,} "
-                            f"(0x{data[e.start]:02x}); without --strict-utf8 bad bytes become U+FFFD and are "
-                            f"counted") from None
+                            f"(0x{data[e.start]:02x}); {report.strict_hint}") from None
     _Replacements.count = 0
     text = data.decode("utf-8", "gptx-count-replace")
     report.replaced(path, _Replacements.count)

@@ -131,7 +131,11 @@ def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, v
     if created:  # marked until done: a run killed outright leaves a directory the readers refuse, never an empty one
         atomic_write(out / PREPARING, b"tools/prepare_data.py is writing this directory\n")
     try:
-        return _write_token_files(documents, out, encoding, val_fraction, workers, progress)
+        try:
+            return _write_token_files(documents, out, encoding, val_fraction, workers, progress)
+        except OSError as e:  # a full disk while writing (the error of a write names no file)
+            raise DataError(f"--out '{out}': writing the token files failed ({e.strerror or e}); free space or "
+                            f"choose another --out") from None
     except BaseException:
         if created:  # nothing of ours is worth keeping; a directory that was there keeps its old files
             shutil.rmtree(out, ignore_errors=True)

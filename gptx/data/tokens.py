@@ -181,6 +181,9 @@ def read_meta(data_dir: Path) -> dict:
             except Exception:
                 raise DataError(f"data file '{pkl}': not a nanoGPT meta.pkl (a dict with 'vocab_size')") from None
             return {"vocab_size": vocab, "dtype": "uint16", "tokenizer": f"nanoGPT {NANOGPT_META}"}
+        if not any((data_dir / f"{split}.bin").exists() for split in SPLITS):
+            raise DataError(f"data directory '{data_dir}': no train.bin, val.bin or {META_FILE}; prepare it with "
+                            f"tools/prepare_data.py")
         return {"vocab_size": GPT2_VOCAB_SIZE, "dtype": "uint16", "tokenizer": "gpt2 (no meta.json: nanoGPT's layout)"}
     try:
         meta = json.loads(meta_path.read_bytes())

@@ -55,7 +55,8 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
         raise DataError(f"--data '{path}': text is tokenized with GPT-2 BPE ({GPT2_VOCAB_SIZE} tokens), but the "
                         f"model's vocabulary has {vocab_size}; pass token files made with its own tokenizer")
     enc = gpt2_encoding()
-    strict = InputReport(strict_utf8=True)  # a measurement on text with U+FFFD in it would mislead: one line instead
+    # A measurement on text with U+FFFD in it would mislead: one line instead.
+    strict = InputReport(strict_utf8=True, strict_hint="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
     if path.suffix == ".txt":
         text = "".join(iter_documents([str(path)], report=strict))
         if not text:

@@ -64,6 +64,7 @@ def names_fp32(value) -> bool:
 
 def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: str, path="ds_config") -> BatchLayout:
     """Validate the JSON for a run with this data-parallel size; return the batch layout."""
+    _check_types(cfg, path)
     mb = _positive_int(cfg, "train_micro_batch_size_per_gpu", path)
     gas = _positive_int(cfg, "gradient_accumulation_steps", path)
     tb = _positive_int(cfg, "train_batch_size", path)
@@ -126,6 +127,52 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
                           f"\"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (see ds_configs/gpu_bf16.json)")
     _check_optimizer_sections(cfg, path)
     return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
+
+
+SECTIONS = ("fp16", "bf16", "bfloat16", "zero_optimization", "data_types", "optimizer", "pipeline",
+            "activation_checkpointing")
+
+
+def _check_types(cfg: dict, path) -> None:
+    """The sections and values gptx and DeepSpeed read, of the type they read them as: DeepSpeed
+    itself stops on another type with an AttributeError or TypeError deep inside its start-up."""
+    for key in SECTIONS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be an object ({{...}}), got {cfg[key]!r}")
+    for key in ("fp16", "bf16", "bfloat16"):
+        enabled = (cfg.get(key) or {}).get("enabled", False)
+        if not isinstance(enabled, bool):  # "false" would read as true
+            raise ConfigError(f"{path}: {key}.enabled must be true or false, got {enabled!r}")
+    clip = cfg.get("gradient_clipping", 0.0)
+    if not _is_number(clip) or clip < 0:
+        raise ConfigError(f"{path}: gradient_clipping must be a number >= 0 (0: no clipping), got {clip!r}")
+    optimizer = cfg.get("optimizer") or {}
+    params = optimizer.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: optimizer.params must be an object, got {params!r}")
+    name = optimizer.get("type")
+    if name is not None and not _known_optimizer(name):
+        raise ConfigError(f"{path}: optimizer.type {name!r} is neither one of DeepSpeed's optimizers nor in "
+                          f"torch.optim; AdamW is what ds_configs/*.json use")
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{path}: optimizer.params.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], "
+                          f"got {betas!r}")
+    for key, low in (("eps", "> 0"), ("weight_decay", ">= 0")):
+        value = params.get(key, 1e-8)
+        if not _is_number(value) or value < 0 or (low == "> 0" and value == 0):
+            raise ConfigError(f"{path}: optimizer.params.{key} must be a number {low}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _known_optimizer(name) -> bool:
+    """DeepSpeed builds its own optimizers by lower-cased name and anything else from torch.optim."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    return isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name))
 
 
 def _check_optimizer_sections(cfg: dict, path: str) -> None:

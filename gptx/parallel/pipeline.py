@@ -86,8 +86,13 @@ def _partition(specs, method, num_stages, compute_weights):
         return ds_utils.partition_balanced(weights=count_layer_params(specs), num_parts=num_stages)
     if method == "compute":
         return ds_utils.partition_balanced(weights=compute_weights, num_parts=num_stages)
-    if method.startswith("type:"):
-        pattern = re.compile(method.split(":")[1], re.IGNORECASE)
+    if method.startswith("type:"):  # as DeepSpeed reads it: lower-cased, cut at a second ':', ignoring case
+        if method.count(":") > 1:
+            raise ConfigError(f"--partition-method '{method}': DeepSpeed cuts the regex at ':'; write it without one")
+        try:
+            pattern = re.compile(method.split(":")[1], re.IGNORECASE)
+        except re.error as e:
+            raise ConfigError(f"--partition-method '{method}': not a regular expression ({e})") from None
         binary = [1 if pattern.search(layer_name(spec)) else 0 for spec in specs]
         if not any(binary):
             raise ConfigError(f"--partition-method '{method}': no layer class matches; classes are "
@@ -144,6 +149,8 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
     # Fused: the head hands (hidden, weight) to the loss, which DeepSpeed calls on the last stage
     # with the last layer's outputs; those are never sent to another stage.
     specs = layer_specs(cfg.model, t.seed if seed is None else seed, fused_loss=t.fused_loss)
+    if t.partition_method.lower().startswith("type:"):  # one line when no layer matches, not DeepSpeed's RuntimeError
+        partition(specs, t.partition_method, t.pipe_parallel_size, layer_compute_weights(cfg, specs))
     pipe = GPTPipe(
         layers=specs,
         compute_weights=layer_compute_weights(cfg, specs),

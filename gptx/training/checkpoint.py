@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import subprocess
 from pathlib import Path
@@ -380,15 +381,36 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
+"""What torch.load raises for a file whose bytes are damaged (its size can still match the manifest)."""
+
+
+def damaged(where: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{where}': a file cannot be read ({str(e).splitlines()[0][:200]}); the disk "
+                           f"or a copy damaged it: --load an earlier checkpoint folder of the run")
+
+
+def read_torch_file(file: Path, weights_only: bool = True, **kwargs):
+    """torch.load on the host, a damaged file as one CheckpointError naming it."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only, **kwargs)
+    except UNREADABLE as e:
+        raise damaged(file, e) from None
+
+
 def load(engine, load_dir: str | Path, tag: str) -> dict:
     """Collective: restore model, optimizer, LR schedule, loss scaler and this rank's RNG."""
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    folder = Path(load_dir) / tag
+    try:
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+    except UNREADABLE as e:
+        raise damaged(folder, e) from None
     if path is None:
-        raise CheckpointError(f"checkpoint '{Path(load_dir) / tag}': DeepSpeed could not load it")
-    rng_file = Path(load_dir) / tag / f"rng_rank_{dist.get_rank():05d}.pt"
+        raise CheckpointError(f"checkpoint '{folder}': DeepSpeed could not load it")
+    rng_file = folder / f"rng_rank_{dist.get_rank():05d}.pt"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(read_torch_file(rng_file, weights_only=False))
     return client_state
 
 

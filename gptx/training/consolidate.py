@@ -9,29 +9,37 @@ from pathlib import Path
 import torch
 
 from gptx.atomic import atomic_write
-from gptx.config import Config, ModelConfig, TrainConfig
-from gptx.errors import CheckpointError
+from gptx.config import Config, load_config
+from gptx.errors import CheckpointError, ConfigError
 from gptx.model.gpt import GPT, layer_specs
 from gptx.parallel.data_parallel import fp32_master_layers
 from gptx.parallel.ds_config import precision
 from gptx.parallel.pipeline import layer_compute_weights, partition
-from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, tag_for, torch_bytes,
-                                      write_manifest)
-from gptx.training.resume import find_latest
+from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, read_torch_file,
+                                      tag_for, torch_bytes, write_manifest)
+from gptx.training.resume import check_complete, find_latest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its latest complete checkpoint) or a checkpoint folder -> the folder."""
+    """A run directory (its latest complete checkpoint) or a complete checkpoint folder -> the folder."""
     path = Path(path)
     if (path / META).exists():
+        check_complete(path)
         return path
     tag, _ = find_latest(path)
     return path / tag
 
 
-def config_from_meta(meta: dict) -> Config:
-    saved = meta["config"]
-    return Config(model=ModelConfig(**saved["model"]), train=TrainConfig(**saved["train"]), name=saved["name"])
+def config_from_meta(meta: dict, where: str | Path) -> Config:
+    """The run's config as its gptx.json records it, checked as --load checks it (keys a later
+    gptx added are left out)."""
+    saved = meta.get("config")
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k, {}), dict) for k in ("model", "train"))):
+        raise CheckpointError(f"checkpoint '{where}': {META} has no config with 'model' and 'train' tables")
+    try:
+        return load_config(saved=saved)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{where}': its {META}: {e}") from None
 
 
 def trained_precision(path: str | Path) -> str:
@@ -51,14 +59,14 @@ def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32, maste
     """
     folder = resolve_checkpoint(path)
     meta = json.loads((folder / META).read_text())
-    cfg = config_from_meta(meta)
+    cfg = config_from_meta(meta, folder)
     model = GPT(cfg.model, seed=cfg.train.seed)
     masters = fp32_master_weights(folder, meta, cfg) if master_weights else None
     for name, module in model.layers.items():
         file = layer_file(folder, int(name))
         if not file.exists():
             raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = read_torch_file(file)
         if masters is not None:
             state.update(masters.get(int(name), {}))  # layers without parameters have no masters
         try:
@@ -111,7 +119,7 @@ def _zero_masters(files: list[Path]) -> dict[str, torch.Tensor]:
     parameter's fragment starts in that rank's slice, which also covers DeepSpeed's
     alignment padding and round-robin ordering.
     """
-    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    states = [read_torch_file(f, weights_only=False)["optimizer_state_dict"] for f in files]
     pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for g in range(len(states[0]["single_partition_of_fp32_groups"])):
         base = 0
@@ -125,7 +133,7 @@ def _zero_masters(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def _records_zero_stage(file: Path) -> bool:
     """DeepSpeed's ZeRO optimizers record their stage in their files; its bf16 optimizer does not."""
-    state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    state = read_torch_file(file, weights_only=False, mmap=True)
     return "zero_stage" in state["optimizer_state_dict"]
 
 
@@ -191,8 +199,7 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config,
             files = [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp)]
             masters = {param_layer_key(name): t for name, t in _zero_masters(files).items()}
         else:
-            states = torch.load(folder / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu",
-                                weights_only=False)
+            states = read_torch_file(folder / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)
             masters = _fp16_masters(states, order, str(folder))
         if masters.keys() != shapes.keys():
             raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s optimizer holds other parameters than "

@@ -17,7 +17,7 @@ from gptx.errors import CheckpointError
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
 from gptx.parallel.ds_config import precision
 from gptx.parallel.masters import refresh_fp32_masters, set_fp32_masters
-from gptx.training.checkpoint import layer_file
+from gptx.training.checkpoint import layer_file, read_torch_file
 from gptx.training.consolidate import config_from_meta, fp32_master_weights, param_layer_key
 
 Layers = dict[int, dict[str, torch.Tensor]]
@@ -64,11 +64,11 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
     if precision(meta.get("ds_config") or {}) == "fp32":
         return None
     wanted = {param_layer_key(name)[0] for name, _ in engine.module.named_parameters()}
-    return fp32_master_weights(folder, meta, config_from_meta(meta), wanted=wanted)
+    return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted)
 
 
 def _read_layer_file(folder: Path, idx: int) -> dict:
     file = layer_file(folder, idx)
     if not file.exists():
         raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return read_torch_file(file)

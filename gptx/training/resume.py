@@ -79,13 +79,7 @@ def resolve_load(load: str | Path, warn=_to_stderr) -> tuple[Path, str, dict]:
         tag, meta = find_latest(load, warn)
         return load, tag, meta
     run_dir = load.parent
-    reason = _unusable(load)
-    if reason and _predates_manifests(load):
-        warn(f"warning: '{load}' has no {MANIFEST} (saved by an older gptx); loading it as asked")
-        reason = None
-    if reason:
-        raise CheckpointError(f"--load '{load}': an incomplete checkpoint ({reason}); pass the run directory "
-                              f"'{run_dir}' to resume from its newest complete one")
+    check_complete(load, warn)
     pointer = run_dir / LATEST
     named = read_latest(run_dir) or ""
     if named[len(TAG_PREFIX):].isdigit() and int(named[len(TAG_PREFIX):]) > int(load.name[len(TAG_PREFIX):]):
@@ -93,6 +87,18 @@ def resolve_load(load: str | Path, warn=_to_stderr) -> tuple[Path, str, dict]:
              f"{run_dir} resumes from there); new checkpoints go to {run_dir} and replace later ones as the run "
              f"reaches them: pass --save DIR to keep them")
     return run_dir, load.name, json.loads((load / META).read_text())
+
+
+def check_complete(folder: Path, warn=_to_stderr) -> None:
+    """Refuse a checkpoint folder named on the command line that its manifest says is incomplete
+    (a save that stopped halfway, a copy that did not finish)."""
+    reason = _unusable(folder)
+    if reason and _predates_manifests(folder):
+        warn(f"warning: '{folder}' has no {MANIFEST} (saved by an older gptx); loading it as asked")
+        reason = None
+    if reason:
+        raise CheckpointError(f"--load '{folder}': an incomplete checkpoint ({reason}); pass the run directory "
+                              f"'{folder.parent}' for its newest complete one")
 
 
 def _predates_manifests(folder: Path) -> bool:
@@ -108,7 +114,8 @@ def _unusable(folder: Path) -> str | None:
     reason = incomplete_reason(folder)
     if reason is None:
         try:
-            json.loads((folder / META).read_text())
+            if not isinstance(json.loads((folder / META).read_text()), dict):
+                return f"{META} is not a JSON object"
         except (OSError, ValueError):
             return f"{META} is missing or not valid JSON"
     return reason
@@ -139,10 +146,21 @@ def check_save_dir(save: str | Path | None, load: str | Path | None) -> None:
         found.append(f"{len(folders)} checkpoint folder(s), newest {folders[0].name}")
         raise CheckpointError(f"--save '{save}' already holds another run ({', '.join(found)}); choose a new "
                               f"--save directory, or pass --load {save} to continue that run (nothing was written)")
+    if found and not _recorded_a_step(save):
+        return  # a start that failed before its first step (a bad flag DeepSpeed met): nothing to lose
     if found:  # a run that stopped before its first checkpoint: nothing to resume, but its files are there
         raise CheckpointError(f"--save '{save}' holds a run that saved no checkpoint ({', '.join(found)}); "
                               f"delete the directory to start again there, or choose a new --save directory "
                               f"(nothing was written)")
+
+
+def _recorded_a_step(run_dir: Path) -> bool:
+    try:
+        return (run_dir / LATEST).exists() or bool((run_dir / "metrics.jsonl").read_text().strip())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # unreadable: keep it
+        return True
 
 
 def keep_saved_padding(meta: dict, cfg: Config, where: str) -> tuple[Config, str | None]:

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from gptx.cli.pretrain import run_pretrain
+from gptx.errors import CheckpointError
 from tests.helpers.runs import MICRO_MODEL, make_token_dir, write_ds_config, write_model_yaml
 
 
@@ -176,6 +177,19 @@ def test_a_run_that_saved_no_checkpoint_is_not_written_over_either(setup, capsys
     fails_with(capsys, base + ["--save", str(tmp / "crashed")],
                f"--save '{tmp / 'crashed'}' holds a run that saved no checkpoint (config.json, metrics.jsonl); "
                f"delete the directory to start again there")
+
+
+def test_a_start_that_failed_before_its_first_step_may_be_started_again_there(tmp_path):
+    """DeepSpeed can still refuse something after the run directory is written (config.json and an
+    empty metrics.jsonl): nothing was trained, so the same command, mended, may run there."""
+    from gptx.training.resume import check_save_dir
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "config.json").write_text("{}\n")
+    (tmp_path / "failed" / "metrics.jsonl").write_text("")
+    check_save_dir(tmp_path / "failed", None)
+    (tmp_path / "failed" / "metrics.jsonl").write_text('{"iter": 1, "loss": 5.0}\n')
+    with pytest.raises(CheckpointError, match="holds a run that saved no checkpoint"):
+        check_save_dir(tmp_path / "failed", None)
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(dist_world1, tmp_path, monkeypatch):

@@ -54,6 +54,38 @@ def test_bad_ds_configs(cfg, needle):
         check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.update(gradient_clipping="1.0"), "gradient_clipping must be a number"),
+    (lambda c: c.update(gradient_clipping=-1), "gradient_clipping must be a number"),
+    (lambda c: c.update(bf16=True), "'bf16' must be an object"),
+    (lambda c: c.update(bf16={"enabled": "false"}), "bf16.enabled must be true or false"),
+    (lambda c: c.update(zero_optimization=1), "'zero_optimization' must be an object"),
+    (lambda c: c.update(data_types="fp32"), "'data_types' must be an object"),
+    (lambda c: c.update(optimizer="AdamW"), "'optimizer' must be an object"),
+    (lambda c: c["optimizer"].update(params=[1]), "optimizer.params must be an object"),
+    (lambda c: c["optimizer"].update(type="Adamw2"), "optimizer.type 'Adamw2'"),
+    (lambda c: c["optimizer"]["params"].update(weight_decay="0.1"), "weight_decay must be a number >= 0"),
+    (lambda c: c["optimizer"]["params"].update(eps=-1), "eps must be a number > 0"),
+    (lambda c: c["optimizer"]["params"].update(betas=0.9), "betas must be two numbers"),
+    (lambda c: c["optimizer"]["params"].update(betas=[0.9, 1.5]), "betas must be two numbers"),
+])
+def test_values_of_the_wrong_type_are_one_line_naming_the_key(edit, needle):
+    """Each of these stopped DeepSpeed's start-up with a traceback (AttributeError, TypeError,
+    AssertionError, ValueError), or was read as something else ("false" as true)."""
+    cfg = read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json")
+    check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+    edit(cfg)
+    with pytest.raises(ConfigError, match=needle):
+        check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+
+
+def test_optimizer_types_deepspeed_builds_are_accepted():
+    cfg = read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json")
+    for name in ("adamw", "Adam", "Lamb", "SGD", "RMSprop"):  # DeepSpeed's by any case; torch.optim's by name
+        cfg["optimizer"]["type"] = name
+        check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+
+
 def test_malformed_json_names_the_file(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
