@@ -30,6 +30,7 @@ from gptx.model.layers import vocab_logits
 from gptx.parallel.ds_config import BatchLayout, precision
 from gptx.parallel.engine import build_engine, check_step, param_groups
 from gptx.parallel.pipeline import compile_blocks
+from gptx.parallel.zero_bubble import bubble_fraction
 
 # Where each pipeline instruction's time is booked. Receives block until the peer has
 # sent, so "send/recv" holds the waiting too: that is where the bubble shows up.
@@ -359,7 +360,8 @@ def add_speeds(report: dict, cfg: Config, ds_config: dict, layout: BatchLayout, 
         "flops_per_token": flops_per_token(cfg.model), "peak_flops_per_device": peak,
         "peak_source": "datasheet" if report["accelerator"] == "cuda" else "measured fp32 matmul",
         "engine": speed("engine", dist.get_world_size()),
-        "theoretical_bubble": (pp - 1) / (layout.grad_accum + pp - 1)})
+        "pipeline_schedule": cfg.train.pipeline_schedule,
+        "theoretical_bubble": bubble_fraction(cfg.train.pipeline_schedule, pp, layout.grad_accum)})
     engine_median = report["engine"]["iteration_s"]
     for name in runs:
         if name == "engine":
@@ -395,7 +397,8 @@ def render_text(r: dict) -> str:
     for name, x in r.get("references", {}).items():
         lines.append(loop_line(f"reference {name} (plain loop)", x) + f"; engine {x['engine_speedup']:.3f}x its speed")
     lines.append(f"per stage ({r['memory_kind']}; seconds per iteration from the instruction timers; "
-                 f"theoretical bubble (p-1)/(m+p-1) = {100 * r['theoretical_bubble']:.1f}%):")
+                 f"theoretical bubble of the {r['pipeline_schedule']} schedule with F, B and W equally long = "
+                 f"{100 * r['theoretical_bubble']:.1f}%):")
     for s in r["stages"]:
         parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / s['iteration_s']:.0f}%)"
                           for k, v in s["seconds"].items() if v > 0)

@@ -18,11 +18,13 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def render_markdown(report: dict) -> str:
+    # By where it ran, not by torch's build: a CUDA build of torch on a CPU measures the CPU's peak.
+    peak_source = "fp32 matmul, measured" if report["device"] == "cpu" else "bf16 dense, datasheet"
     lines = [f"# Speed on {report['device']}, {report['date']}", "",
              f"torch {report['torch']}, CUDA {report['cuda']}, DeepSpeed {report['deepspeed']}; "
              f"{report['iters']} timed iterations per row after {report['warmup']}, rows alternating; "
              f"MFU against {_fmt(report['peak_flops'] and report['peak_flops'] / 1e12, '.3g')} TFLOP/s "
-             f"({'bf16 dense, datasheet' if report['cuda'] else 'fp32 matmul, measured'}); the levers: "
+             f"({peak_source}); the levers: "
              f"{', '.join(report['levers'])}; the reference: {report['reference']}. "
              f"Command: `{report['command']}`", "",
              "| model | precision | loop | setting | micro-batch x accumulation | tokens/s | MFU | peak GiB | "

@@ -7,19 +7,36 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptx.atomic import atomic_write
 from gptx.errors import ConfigError, DataError
+
+
+def number(value) -> float | None:
+    """A record's numeric field, or None when it is missing, null or not a number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def metrics_lines(run_dir: str | Path) -> tuple[Path, list[str]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise DataError(f"run '{run_dir}': no metrics.jsonl (expected a run directory written by launch/pretrain.py)")
+    if not path.is_file():
+        raise DataError(f"'{path}': is not a file (expected the metrics.jsonl that launch/pretrain.py writes)")
+    try:
+        return path, path.read_text(errors="replace").splitlines()  # a damaged byte fails that line's JSON
+    except OSError as e:
+        raise DataError(f"'{path}': cannot be read ({e.strerror})") from None
 
 
 def read_run(run_dir: str | Path) -> dict:
     """A run's metrics.jsonl as columns: train records by iteration, val records, and tokens seen
     at each iteration. When a resume went back to an earlier checkpoint, the records after it
     that the abandoned trajectory wrote are dropped: the picture is the run that continued. A
-    last line cut short (a run killed, or still writing) is left out."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise DataError(f"run '{run_dir}': no metrics.jsonl (expected a run directory written by launch/pretrain.py)")
-    lines = path.read_text(errors="replace").splitlines()  # a damaged byte fails that line's JSON, in one line
-    train, val = {}, {}
+    last line cut short (a run killed, or still writing) is left out, and so are records without
+    a whole-number iteration (or a train record without its tokens), counted in "skipped"; a
+    train record with a null loss stays, without a point on the loss curve."""
+    path, lines = metrics_lines(run_dir)
+    train, val, skipped = {}, {}, 0
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -29,19 +46,31 @@ def read_run(run_dir: str | Path) -> dict:
             if lineno == len(lines):
                 break
             raise DataError(f"'{path}' line {lineno}: not valid JSON") from None
-        if "loss" in record:
-            if train and record["iter"] <= max(train):  # a resume from an earlier checkpoint
-                train = {i: r for i, r in train.items() if i < record["iter"]}
-                val = {i: v for i, v in val.items() if i < record["iter"]}
-            train[record["iter"]] = record
+        if not isinstance(record, dict):
+            raise DataError(f"'{path}' line {lineno}: not a metrics record (expected a JSON object, got "
+                            f"{type(record).__name__})")
+        it = record.get("iter")
+        if not isinstance(it, int) or isinstance(it, bool):
+            skipped += 1
+        elif "loss" in record:
+            if number(record.get("tokens")) is None:  # no place on the x axis
+                skipped += 1
+                continue
+            if train and it <= max(train):  # a resume from an earlier checkpoint
+                train = {i: r for i, r in train.items() if i < it}
+                val = {i: v for i, v in val.items() if i < it}
+            train[it] = record
         elif "val_loss" in record:
-            val[record["iter"]] = record["val_loss"]
+            if number(record["val_loss"]) is None:
+                skipped += 1
+                continue
+            val[it] = record["val_loss"]
     if not train:
         raise DataError(f"'{path}': no training iterations logged yet")
     iters = sorted(train)
     tokens = {i: train[i]["tokens"] for i in iters}
-    return {"name": Path(run_dir).resolve().name, "iters": iters, "train": [train[i] for i in iters],
-            "tokens": [tokens[i] for i in iters],
+    return {"name": Path(run_dir).resolve().name, "path": path, "iters": iters, "train": [train[i] for i in iters],
+            "tokens": [tokens[i] for i in iters], "skipped": skipped,
             "val": [(tokens[i], v) for i, v in sorted(val.items()) if i in tokens]}
 
 
@@ -61,9 +90,35 @@ def _token_unit(most: int) -> tuple[float, str]:
     return 1.0, "tokens seen"
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.9) -> Path:
+def figure_path(out: str | Path) -> Path:
+    """The file --out names, with matplotlib's default .png added when it has no suffix (as savefig
+    would add it), refused in one line when matplotlib cannot write that format."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    out = Path(out)
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"--out {out}: matplotlib cannot write a '{out.suffix}' file; give a name ending in .png "
+                          f"(or one of {', '.join('.' + f for f in sorted(formats))})")
+    return out
+
+
+def save_figure(fig, out: Path) -> None:
+    """Whole or not at all: a write that fails leaves an earlier file at `out` as it was."""
+    import io
+    image = io.BytesIO()
+    fig.savefig(image, format=out.suffix[1:].lower(), dpi=110)
+    try:
+        atomic_write(out, image.getvalue())
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write it there ({e.strerror}); choose another --out") from None
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.9, log=print) -> Path:
     """One PNG: train loss (smoothed, raw faint) and val loss, LR, grad norm, loss scale and
-    skipped steps, tokens/s and MFU, each against tokens seen, every run in its own colour."""
+    skipped steps, tokens/s and MFU, each against tokens seen, every run in its own colour.
+    Returns the path written."""
     try:
         import matplotlib
     except ImportError:
@@ -71,7 +126,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = figure_path(out)
     runs = [read_run(d) for d in run_dirs]
+    for run in runs:
+        if run["skipped"]:
+            log(f"note: '{run['path']}': left out {run['skipped']} record(s) that have no whole-number 'iter', "
+                f"or no 'tokens' (train) or a numeric 'val_loss' (validation)")
     names = [r["name"] for r in runs]
     for r, d in zip(runs, run_dirs):  # runs/a/run and runs/b/run: name them a/run and b/run
         if names.count(r["name"]) > 1:
@@ -84,14 +144,17 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.
     for k, run in enumerate(runs):
         c = colours[k % len(colours)]
         x = [t / scale for t in run["tokens"]]
-        col = {key: [r.get(key) for r in run["train"]] for key in
+        col = {key: [number(r.get(key)) for r in run["train"]] for key in  # None: missing, null or not a number
                ("loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_sec", "mfu")}
-        loss_ax.plot(x, col["loss"], color=c, alpha=0.25, linewidth=0.8)
-        loss_ax.plot(x, smooth(col["loss"], smoothing), color=c, linewidth=1.8, label=f"{run['name']} train")
+        gaps = {key: [float("nan") if v is None else v for v in col[key]] for key in ("lr", "tokens_per_sec")}
+        losses = [(xi, v) for xi, v in zip(x, col["loss"]) if v is not None]
+        loss_x, loss_y = [xi for xi, _ in losses], [v for _, v in losses]
+        loss_ax.plot(loss_x, loss_y, color=c, alpha=0.25, linewidth=0.8)
+        loss_ax.plot(loss_x, smooth(loss_y, smoothing), color=c, linewidth=1.8, label=f"{run['name']} train")
         if run["val"]:
             loss_ax.plot([t / scale for t, _ in run["val"]], [v for _, v in run["val"]], color=c, linestyle="--",
                          marker="o", markersize=4, label=f"{run['name']} val")
-        lr_ax.plot(x, col["lr"], color=c, label=run["name"])
+        lr_ax.plot(x, gaps["lr"], color=c, label=run["name"])
         norms = [(xi, n) for xi, n in zip(x, col["grad_norm"]) if n is not None and n > 0]
         if norms:
             norm_ax.plot(*zip(*norms), color=c, linewidth=1, label=run["name"])
@@ -103,7 +166,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.
                      if (now or 0) > (before or 0)]
             scale_ax.plot(skips, [dict(scales).get(xi, 1) for xi in skips], linestyle="none", marker="x",
                           color=c, markersize=7, label=f"{run['name']} skipped step ({len(skips)})")
-        tps_ax.plot(x[1:], col["tokens_per_sec"][1:], color=c, label=run["name"])  # the first carries start-up
+        tps_ax.plot(x[1:], gaps["tokens_per_sec"][1:], color=c, label=run["name"])  # the first carries start-up
         if any(m is not None for m in col["mfu"]):
             mfu_ax.plot(x[1:], [100 * m if m is not None else float("nan") for m in col["mfu"][1:]], color=c,
                         label=run["name"])
@@ -126,8 +189,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: float = 0.
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(", ".join(r["name"] for r in runs), fontsize=12)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, out)
+    finally:
+        plt.close(fig)
     return out

@@ -42,6 +42,9 @@ def load_reference(reference: str, cfg: Config, gptx_model) -> tuple[torch.nn.Mo
 
 def build_reference(reference: str, cfg: Config, where: str) -> tuple[torch.nn.Module, object]:
     """(model, loss_fn(x, y)) of the model's shape with the reference's own initialization."""
+    if reference != "hf" and not reference.endswith(".py"):  # importlib has no loader for another name
+        raise ConfigError(f"{where} {reference}: expected 'hf' or the path of a nanoGPT-style model.py "
+                          f"(a Python file ending in .py)")
     try:
         check_expressible(cfg.model)
     except ConfigError as e:

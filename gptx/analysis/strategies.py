@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -116,23 +117,42 @@ def predicted_bytes(cfg: Config, strategy: Strategy, ds: dict, world: int, on_cp
     return pred["gpu_bytes"] + (pred["host_bytes_per_rank"] if on_cpu else 0)
 
 
+def prepare_launch_folder(work: Path, folder: Path, ds: dict) -> Path:
+    """Write a launch's DeepSpeed JSON into its folder and clear the rank records of an earlier launch
+    there, which would otherwise be read as this one's (an earlier --gpus 2 leaves rank1.json behind
+    a --gpus 1 launch). Returns the JSON's path."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ds_path = folder / "ds.json"
+        ds_path.write_text(json.dumps(ds, indent=2))
+        out = folder / "out"
+        if out.is_dir():
+            for record in out.iterdir():
+                if re.fullmatch(r"rank\d+\.json", record.name):  # only what measure_strategy writes
+                    record.unlink()
+    except OSError as e:
+        raise ConfigError(f"--work '{work}': cannot write {folder} there ({e.strerror}); give --work a folder "
+                          f"this process can write") from None
+    return ds_path
+
+
 def run_table(cfg: Config, model_args: list[str], base_ds: dict, world: int, micro: int, accum: int, iters: int,
               warmup: int, work: Path, only: list[str] | None = None, log=print) -> list[dict]:
     """Launch every strategy in turn (`world` ranks each); return one row per strategy.
 
     `model_args` are the --model/--set flags that give `cfg` to the workers."""
     import dataclasses
-    rows = []
-    for strategy in strategies(world):
+    launches = []
+    for strategy in strategies(world):  # every folder ready before the first launch: a bad --work stops nothing
         if only and strategy.name not in only:
             continue
         # A pipeline gets world times the micro-batches on world times fewer replicas: same global batch.
         accum_here = accum * (strategy.pipe or 1)
         ds = strategy_ds_config(base_ds, strategy, micro, accum_here)
         folder = work / strategy.name.replace(", ", "_").replace(" ", "-").replace("+", "and")
-        folder.mkdir(parents=True, exist_ok=True)
-        ds_path = folder / "ds.json"
-        ds_path.write_text(json.dumps(ds, indent=2))
+        launches.append((strategy, ds, folder, prepare_launch_folder(work, folder, ds)))
+    rows = []
+    for strategy, ds, folder, ds_path in launches:
         args = [*model_args, "--pipe-parallel-size", str(strategy.pipe), "--activation-checkpoint-interval",
                 str(strategy.checkpoint), "--deepspeed_config", str(ds_path), "--iters", str(iters),
                 "--warmup", str(warmup), "--worker-out", str(folder / "out")]

@@ -1,15 +1,16 @@
 """Named architecture variants and a same-budget comparison of them through the real trainer."""
 from __future__ import annotations
 
+import argparse
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
-from gptx.config import load_config
-from gptx.errors import GptxError
+from gptx.config import load_config, parse_override
+from gptx.errors import CheckpointError, GptxError
 from gptx.parallel.launching import deepspeed_launcher
 from gptx.parallel.pipeline import unique_param_count
+from gptx.training.resume import check_save_dir
 
 # Model-key overrides on top of a preset; "gpt2" is the plain baseline.
 VARIANTS: dict[str, dict] = {
@@ -32,19 +33,47 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def set_overrides(extra: list[str]) -> dict:
+    """The config keys that the flags passed on to every run set with --set KEY=VALUE (later ones win)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--set", action="append", default=[])
+    sets, _ = parser.parse_known_args(extra)
+    return dict(parse_override(text) for text in sets.set)
+
+
+def refuse_earlier_runs(variants: list[str], out: Path) -> None:
+    """Stop before the first launch if any variant's run directory already holds a run: launching
+    there would fail halfway through the comparison, and deleting it would lose that run."""
+    for path in (out, *(out / name for name in variants)):
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"--out '{out}': {path} is a file, not a folder; choose another --out "
+                                  f"(nothing was launched)")
+    for name in variants:
+        run_dir = out / name
+        try:
+            check_save_dir(run_dir, None)
+        except CheckpointError:
+            raise CheckpointError(f"--out '{out}': {run_dir} already holds a gptx run; choose another --out "
+                                  f"(nothing was launched or deleted)") from None
+
+
 def compare(variants: list[str], model: str, iters: int, nprocs: int, out: Path, extra: list[str]) -> list[dict]:
     """Train each variant for the same iterations (same data, seed, batch) and collect the results."""
+    refuse_earlier_runs(variants, out)
+    # Each run gets the variant's keys, then the passed-on --set flags (which win, as they come later).
+    parameters = {name: unique_param_count(load_config(model, {**VARIANTS[name], **set_overrides(extra)}).model)
+                  for name in variants}
     rows = []
     for name in variants:
         run_dir = out / name
-        shutil.rmtree(run_dir, ignore_errors=True)
+        log = out / f"{name}.log"
+        log.unlink(missing_ok=True)  # this tool's own log of an earlier failed launch
         sets = [arg for key, value in VARIANTS[name].items() for arg in ("--set", f"{key}={json.dumps(value)}")]
         cmd = [deepspeed_launcher(), "--num_gpus", str(nprocs),
                "--module", "gptx.cli.pretrain", "--model", model,
                "--train-iters", str(iters), "--eval-interval", str(iters), "--save", str(run_dir), *sets, *extra]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            log = out / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(result.stdout + result.stderr)
             errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
@@ -53,7 +82,7 @@ def compare(variants: list[str], model: str, iters: int, nprocs: int, out: Path,
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if "loss" in r]
         timed = train[1:] or train  # the first iteration carries start-up costs
-        rows.append({"variant": name, "parameters": unique_param_count(load_config(model, VARIANTS[name]).model),
+        rows.append({"variant": name, "parameters": parameters[name],
                      "final_train_loss": train[-1]["loss"],
                      "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
                      "tokens": train[-1]["tokens"],

@@ -35,6 +35,19 @@ def gpu_bench_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out_dir(out_dir) -> None:
+    """Make --out-dir and write in it once, so that a file there or a read-only disk is one line now
+    rather than a traceback after minutes of measuring."""
+    import tempfile
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out-dir {out_dir}: cannot write there ({e.strerror}); give a folder this process "
+                          f"can write") from None
+
+
 def run_gpu_bench(argv: list[str] | None = None) -> int:
     def main():
         import shlex
@@ -69,6 +82,7 @@ def run_gpu_bench(argv: list[str] | None = None) -> int:
             from gptx.config import load_config
             with torch.device("meta"):
                 build_reference(args.reference, load_config("gpt2", {"n_layer": 1}), "--reference")
+        check_out_dir(Path(args.out_dir))
         configure_host(accelerator)
         single_process_env()
         command = "python tools/gpu_bench.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None

@@ -1,6 +1,7 @@
 """Model FLOPs per token and the hardware peak they are measured against (for MFU)."""
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -12,6 +13,7 @@ from gptx.config import ModelConfig
 # Dense datasheet peaks. "tf32" applies to fp32 matmuls when torch lets them use TF32
 # (torch.backends.cuda.matmul.allow_tf32); V100 has no TF32.
 GPU_PEAKS = {
+    "GH200": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # Grace Hopper: the H100/H200's GPU
     "H200": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},
     "H100": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # SXM; PCIe cards are lower, so MFU reads low there
     "A100": {"16bit": 312e12, "tf32": 156e12, "fp32": 19.5e12},
@@ -22,7 +24,8 @@ GPU_PEAKS = {
 def gpu_peak(device_name: str, precision: str, tf32: bool) -> float | None:
     """The datasheet peak for a GPU of this name: 16-bit, TF32 for fp32 with TF32 on, else fp32."""
     for key, peaks in GPU_PEAKS.items():
-        if key in device_name:
+        # The model as a whole word: "NVIDIA A100-SXM4-80GB" is an A100, "NVIDIA RTX A1000 Laptop GPU" is not.
+        if re.search(rf"(?<![A-Za-z0-9]){key}(?![A-Za-z0-9])", device_name):
             if precision != "fp32":
                 return peaks["16bit"]
             return peaks.get("tf32", peaks["fp32"]) if tf32 else peaks["fp32"]

@@ -105,6 +105,17 @@ def test_a_bad_reference_is_one_line_before_anything_runs(files, capsys, referen
     assert len(err) == 1 and needle in err[0], err
 
 
+def test_a_reference_that_is_not_a_python_file_is_one_line(files, capsys):
+    # Before: importlib found no loader for model.yaml, an AttributeError traceback about 'loader'.
+    model_yaml = str(files[1])
+    assert run_benchmark(["--model", model_yaml, "--deepspeed_config", str(files[2]), "--plain",
+                          "--reference", model_yaml]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --reference {model_yaml}: expected 'hf'"), captured.err
+    assert "Traceback" not in captured.err
+
+
 @pytest.mark.parametrize("reference,tied", [(NANOGPT_STYLE, True), ("hf", True), ("hf", False)])
 def test_references_multiply_the_whole_padded_table_that_gptx_does(reference, tied):
     """Same matmul shapes as gptx: the reference's head is the padded table, copied whole."""
@@ -184,3 +195,21 @@ def test_the_hf_reference_without_transformers_is_one_line(files, tmp_path, caps
     assert run_reference_run(["hf", "--model", str(files[1]), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: reference_run hf needs transformers (pip install transformers; gptx's [dev] extra has it)"]
+
+
+@pytest.mark.parametrize("schedule,bubble", [
+    ("1f1b", 3 / 7),     # (p - 1) / (m + p - 1) at p = m = 4
+    ("zb-h1", 3 / 15),   # (p - 1) / (3m + p - 1): the weight passes fill most of the idle time
+])
+def test_the_theoretical_bubble_is_the_configured_schedules(dist_world1, schedule, bubble):
+    # Before: 1F1B's formula under --set pipeline_schedule=zb-h1 too, more than twice the bubble.
+    from gptx.analysis.benchmark import BenchSettings, add_speeds, render_text
+    from gptx.config import load_config
+    from gptx.parallel.ds_config import BatchLayout
+    cfg = load_config("tiny", {"pipeline_schedule": schedule, "pipe_parallel_size": 4})
+    report = {"accelerator": "cpu", "model": "tiny", "device_name": "cpu", "seq_len": cfg.model.seq_len,
+              "memory_kind": "RSS", "stages": []}
+    add_speeds(report, cfg, {}, BatchLayout(micro_batch=1, grad_accum=4, dp_size=1), BenchSettings(), 4,
+               {"engine": ([1.0], [1.0])})
+    assert report["theoretical_bubble"] == pytest.approx(bubble)
+    assert f"theoretical bubble of the {schedule} schedule" in render_text(report)

@@ -104,3 +104,42 @@ def test_bad_input_is_one_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["file", "below a file", "read-only"])
+def test_an_out_dir_that_cannot_be_written_is_one_line_before_measuring(where, capsys, tmp_path, monkeypatch):
+    # Before: FileExistsError / NotADirectoryError / OSError tracebacks, the last after the whole run.
+    import errno
+    import tempfile
+
+    import gptx.analysis.gpu_bench as gpu_bench_module
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    out_dir = {"file": afile, "below a file": afile / "below", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":  # root ignores permission bits: a read-only disk refuses every new file
+        (tmp_path / "ro").mkdir()
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(gpu_bench_module, "gpu_bench", lambda *a, **k: pytest.fail("measured before the check"))
+    assert run_gpu_bench(["--levers", "pad", "--iters", "1", "--warmup", "1", "--out-dir", str(out_dir)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out-dir {out_dir}: cannot write there"), captured.err
+    assert "Traceback" not in captured.err and afile.read_text() == "kept"
+
+
+@pytest.mark.parametrize("device,cuda,source", [
+    ("cpu", "12.4", "fp32 matmul, measured"),  # before: a CUDA build of torch on a CPU said "datasheet"
+    ("cpu", None, "fp32 matmul, measured"),
+    ("NVIDIA H100 80GB HBM3", "12.4", "bf16 dense, datasheet"),
+])
+def test_the_peak_is_labelled_by_the_device_it_ran_on(device, cuda, source):
+    from gptx.analysis.gpu_bench_report import render_markdown
+    report = {"device": device, "date": "2026-01-01", "torch": "2.5", "cuda": cuda, "deepspeed": "0.19",
+              "iters": 2, "warmup": 1, "peak_flops": 1e12, "levers": ["pad"], "reference": "gptx layers",
+              "command": "python tools/gpu_bench.py", "rows": [], "skipped": []}
+    other = {"fp32 matmul, measured", "bf16 dense, datasheet"} - {source}
+    markdown = render_markdown(report)
+    assert f"TFLOP/s ({source})" in markdown and other.pop() not in markdown

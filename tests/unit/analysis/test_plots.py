@@ -73,3 +73,81 @@ def test_bad_runs_and_a_missing_matplotlib_are_one_line(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[plot\]"'):
         plot_runs([write_run(tmp_path / "ok", 3)], tmp_path / "p.png")
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return err[0]
+
+
+@pytest.mark.parametrize("line", ["5", '"a note"', "[1, 2]", "null"])
+def test_a_line_that_is_not_an_object_names_the_file_and_line(tmp_path, capsys, line):
+    # Before: a TypeError traceback ("argument of type 'int' is not iterable").
+    run = write_run(tmp_path / "run", 3)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(line + '\n{"iter": 4, "loss": 1.0, "tokens": 4096}\n')
+    assert run_plot_runs([str(run), "--out", str(tmp_path / "p.png")]) == 2
+    error = one_error_line(capsys)
+    assert str(run / "metrics.jsonl") in error and "line 4" in error
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_records_without_a_usable_iteration_are_skipped_and_counted(tmp_path, capsys):
+    # Before: KeyError 'iter', TypeError comparing a str 'iter', TypeError smoothing a null loss.
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", 20)
+    with open(run / "metrics.jsonl", "a") as f:
+        for record in ({"loss": 1.0, "tokens": 1}, {"iter": "21", "loss": 1.0, "tokens": 1}, {"iter": 21, "loss": 1.0},
+                       {"iter": True, "val_loss": 1.0}, {"iter": 21, "val_loss": None},
+                       {"iter": 22, "loss": None, "lr": None, "tokens": 22 * 1024, "tokens_per_sec": None}):
+            f.write(json.dumps(record) + "\n")
+    read = read_run(run)
+    assert read["skipped"] == 5 and read["iters"] == list(range(1, 21)) + [22]  # a null loss keeps its record
+    out = tmp_path / "p.png"
+    assert run_plot_runs([str(run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "left out 5 record(s)" in printed and f"wrote {out}" in printed and out.stat().st_size > 0
+
+
+def test_metrics_jsonl_that_is_a_directory_is_one_line(tmp_path, capsys):
+    # Before: IsADirectoryError.
+    (tmp_path / "run" / "metrics.jsonl").mkdir(parents=True)
+    assert run_plot_runs([str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 2
+    assert str(tmp_path / "run" / "metrics.jsonl") in one_error_line(capsys)
+    with pytest.raises(DataError, match="metrics.jsonl"):  # a user error for every caller, not only the command's
+        read_run(tmp_path / "run")
+
+
+def test_an_out_matplotlib_cannot_write_is_one_line_before_drawing(tmp_path, capsys):
+    # Before: matplotlib's ValueError ("Format 'txt' is not supported").
+    pytest.importorskip("matplotlib")
+    assert run_plot_runs([str(write_run(tmp_path / "run", 3)), "--out", str(tmp_path / "x.txt")]) == 2
+    assert "--out" in one_error_line(capsys) and not (tmp_path / "x.txt").exists()
+
+
+def test_an_out_without_a_suffix_prints_the_file_written(tmp_path, capsys):
+    # Before: it printed 'wrote runs' and matplotlib wrote runs.png.
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "runs"
+    assert run_plot_runs([str(write_run(tmp_path / "run", 3)), "--out", str(out)]) == 0
+    written = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "runs.png"] and written == str(tmp_path / "runs.png")
+
+
+def test_an_out_that_cannot_be_written_is_one_line_and_keeps_the_file_there(tmp_path, capsys, monkeypatch):
+    # Before: an OSError traceback (a read-only disk).
+    import errno
+    import tempfile
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "p.png"
+    out.write_bytes(b"an earlier picture")
+
+    def read_only(*args, **kwargs):  # what a read-only disk answers (root ignores permission bits)
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert run_plot_runs([str(write_run(tmp_path / "run", 3)), "--out", str(out)]) == 2
+    error = one_error_line(capsys)
+    assert f"--out {out}" in error and "Read-only file system" in error
+    assert out.read_bytes() == b"an earlier picture"
