@@ -16,8 +16,9 @@ from gptx.model.gpt import layer_specs
 from gptx.parallel.ds_config import BatchLayout, names_fp32, offload_devices
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import zero_stage
-from gptx.parallel.pipeline import count_layer_params, largest_layer_params, layer_name, partition
-from gptx.parallel.zero_bubble import bubble_fraction
+from gptx.parallel.pipeline import (CHECKPOINTABLE_LAYERS, count_layer_params, largest_layer_params, layer_name,
+                                    partition)
+from gptx.parallel.zero_bubble import bubble_fraction, compute_order
 
 GiB = 1024 ** 3
 # Bytes per parameter: (weights, gradients, optimizer states before ZeRO-1 sharding).
@@ -55,22 +56,37 @@ class MemoryModel:
     """train.fused_loss: the head and the loss in chunks of positions (gptx/model/fused_loss.py)."""
     schedule: str = "1f1b"
     """train.pipeline_schedule: under zb-h1 stage s also keeps what up to s micro-batches' W needs."""
+    fused_adam: bool = True
+    """DeepSpeed builds its FusedAdam (optimizer Adam or AdamW without torch_adam); fp16 without ZeRO then
+    runs FP16_Optimizer, other optimizers FP16_UnfusedOptimizer."""
 
     @property
     def act_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
 
 
-def head_loss_bytes(positions: int, C: int, V: int, act_bytes: int, fused: bool) -> int:
-    """What the head and the loss hold of one micro-batch on the last stage. Unfused: the logits
-    in the model's dtype, their fp32 copy and the log-softmax saved for backward (1F1B runs the
-    last stage's backward right after its forward, so one micro-batch at a time). Fused
-    (gptx/model/fused_loss.py): one chunk's fp32 logits and, in 16-bit, its gradient's copy, plus the
-    fp32 gradients of the table and the hidden states, all made in forward."""
+def head_loss_bytes(positions: int, C: int, V: int, act_bytes: int, fused: bool, held_logits: int = 0) -> int:
+    """The most the head and the loss hold at once for one micro-batch on the last stage (1F1B runs
+    its backward right after its forward). Unfused, the peak is in the loss's backward: 4 bytes per
+    logit each for cross_entropy's fp32 log-probabilities (saved for backward), the gradient nll_loss
+    gives them and the one log_softmax's backward makes from it; forward's peak is lower (in 16 bits
+    the logits' fp32 copy is freed once the log-probabilities exist). The logits themselves are
+    freed after forward unless something keeps them: `held_logits` micro-batches' of them, in the
+    model's dtype (see held_logits). Fused (gptx/model/fused_loss.py): one chunk's fp32 logits and,
+    in 16-bit, its gradient's copy, plus the fp32 gradients of the table and the hidden states, all
+    made in forward."""
     if not fused:
-        return positions * V * (act_bytes + (4 if act_bytes != 4 else 0) + 4)
+        return positions * V * (4 + 4 + 4 + held_logits * act_bytes)
     rows = min(positions, chunk_positions(V))
     return rows * V * (4 + (act_bytes if act_bytes != 4 else 0)) + V * C * 4 + positions * C * 4
+
+
+def held_logits(mem: MemoryModel) -> int:
+    """Micro-batches whose logits the last stage keeps: DeepSpeed's pipeline engine stores each
+    forward's outputs in one of max(2, p - s) buffers (2 on the last stage) and, there, never
+    clears them after the backward, so they stay until a later micro-batch's forward replaces
+    them, through the step and into the next. Without a pipeline nothing keeps them."""
+    return min(2, mem.layout.grad_accum) if mem.pipeline and not mem.fused_loss else 0
 
 
 def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
@@ -81,8 +97,9 @@ def block_activation_bytes(model: ModelConfig, act_bytes: int) -> float:
     normalizes in fp32); each branch keeps its input (the norm's output); attention keeps the
     q/k/v projection (n_embd + 2 x kv heads x head size wide), rotary's rotated q and k and
     its angle tables, its output, the output's copy that the projection reads (a kernel whose
-    output is already in that layout spares it) and a log-sum-exp per head; the MLP keeps GELU's input and output (2 H), or SwiGLU's gate
-    and up (2 H), silu(gate) and the product (4 H); ReZero gates keep their branch's output.
+    output is already in that layout spares it) and a log-sum-exp per head; the MLP keeps GELU's
+    input and output (2 H), or SwiGLU's gate and up (2 H), silu(gate) and the product (4 H);
+    ReZero gates keep their branch's output.
     GPT-2's block: 17 x n_embd values. Not counted: ALiBi's (n_head, T, T) mask and what the
     attention kernel that takes it keeps, and, on a GPU in fp32 or under a mask, grouped-query
     attention's keys and values repeated to n_head heads (gptx.model.layers.shared_kv_kernel)."""
@@ -122,8 +139,10 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
     largest = max((largest_params or largest_layer_params(specs))[parts[stage]:parts[stage + 1]], default=0)
     gathered = zero3_gathered_bytes(specs, parts, stage, counts, mem, w) if mem.zero_stage >= 3 else 0
     # The logits are as wide as the table (padding columns included).
-    logits = (head_loss_bytes(mem.layout.micro_batch * model.seq_len, model.n_embd, model.padded_vocab_size,
-                              mem.act_bytes, mem.fused_loss) if stage == p - 1 else 0)
+    positions, V = mem.layout.micro_batch * model.seq_len, model.padded_vocab_size
+    last = stage == p - 1
+    logits = head_loss_bytes(positions, model.n_embd, V, mem.act_bytes, mem.fused_loss, held_logits(mem)) if last else 0
+    held = positions * V * mem.act_bytes * held_logits(mem) if last else 0  # alive at the step too
     weights, grads, states = int(params * w_held), int(params * g), int(params * opt)
     # bf16 with fp32 gradient accumulation under ZeRO-1 runs DeepSpeed's BF16_Optimizer, which
     # keeps its own fp32 gradients (in PARAM_BYTES) and no reduction buckets.
@@ -136,6 +155,10 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
         states += int(params * (4 if mem.precision == "fp32" else 0) / dp)
         states += int(params * 4 / dp) if not bf16_optimizer else 0
     in_backward, at_reduction = reduction_buffer_bytes(mem, params, w, bf16_optimizer)
+    if mem.precision == "fp16" and mem.zero_stage == 0:
+        # The step's fp32 gradients (runtime/fp16/): FP16_Optimizer casts each parameter's and
+        # flattens the casts into one buffer, both alive at once; FP16_UnfusedOptimizer keeps the casts.
+        at_reduction += params * (8 if mem.fused_adam else 4)
     host = 0
     if mem.offload_optimizer != "none":
         # The states and the fp32 gradient shard DeepSpeed's CPU Adam reads live on the host.
@@ -154,21 +177,46 @@ def stage_memory(model: ModelConfig, specs, parts: list[int], stage: int, params
         host += weights
         weights = 0
     weights += gathered
-    device = weights + grads + states + logits
-    deferred = 0
-    if mem.schedule == "zb-h1" and mem.pipeline:
-        n_blocks = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])].count("Block")
-        deferred = min(stage, mem.layout.grad_accum) * n_blocks * deferred_weight_grad_bytes(
-            model, mem.layout.micro_batch * model.seq_len, mem.act_bytes)
+    device = weights + grads + states
+    deferred = deferred_bytes(model, specs, parts, stage, mem)
     out = {"weights": weights, "gradients": grads, "optimizer_states": states, "buffers": at_reduction,
            "activations": in_flight * full + deferred,
            "activations_checkpointed": in_flight * ckpt + recompute + deferred,
            "logits": logits, "micro_batches_in_flight": in_flight, "host": host}
-    # The peak is in a step's forward and backward (activations, logits and the first bucket),
-    # or at its gradient reduction, after the activations are freed.
-    out["total"] = device + max(in_backward + out["activations"], at_reduction - logits)
-    out["total_checkpointed"] = device + max(in_backward + out["activations_checkpointed"], at_reduction - logits)
+    # The peak is in a step's backward: at its start (the loss's backward, every activation kept), or,
+    # with checkpointing, while a chunk is recomputed; or at the gradient reduction and step, after
+    # the activations are freed. The logits the engine keeps are alive at all three.
+    at_step = at_reduction + held
+    out["total"] = device + max(in_backward + out["activations"] + logits, at_step)
+    out["total_checkpointed"] = device + max(in_backward + in_flight * ckpt + deferred + logits,
+                                             in_backward + out["activations_checkpointed"] + held, at_step)
     return out
+
+
+def deferred_micro_batches(stages: int, micro_batches: int, stage: int) -> int:
+    """The most micro-batches whose W still waits when a backward starts on `stage` under ZB-H1,
+    replayed from the schedule's own instructions: s for stage s with at least as many micro-batches
+    as stages (it leaves its first s W's for later), fewer with fewer."""
+    waiting = most = 0
+    for kind in compute_order("zb-h1", stages, micro_batches, stage):
+        if kind == "B":
+            most = max(most, waiting)
+        waiting += {"B": 1, "W": -1}.get(kind, 0)
+    return most
+
+
+def deferred_bytes(model: ModelConfig, specs, parts: list[int], stage: int, mem: MemoryModel) -> int:
+    """What the ZB-H1 store (gptx/parallel/zero_bubble.py) keeps on one rank of `stage` for the Ws
+    still waiting: each decoder block linear layer's input and output gradient, and, for an untied
+    head without the fused loss, the head's input and its (B, T, V) logits' gradient."""
+    if mem.schedule != "zb-h1" or not mem.pipeline:
+        return 0
+    names = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])]
+    tokens = mem.layout.micro_batch * model.seq_len
+    per_micro_batch = names.count("Block") * deferred_weight_grad_bytes(model, tokens, mem.act_bytes)
+    if "LMHead" in names and not mem.fused_loss:
+        per_micro_batch += tokens * (model.n_embd + model.padded_vocab_size) * mem.act_bytes
+    return deferred_micro_batches(len(parts) - 1, mem.layout.grad_accum, stage) * per_micro_batch
 
 
 def deferred_weight_grad_bytes(model: ModelConfig, tokens: int, act_bytes: int) -> int:
@@ -180,31 +228,51 @@ def deferred_weight_grad_bytes(model: ModelConfig, tokens: int, act_bytes: int) 
     return tokens * per_token * act_bytes
 
 
+def checkpoint_chunks(names: list[str], interval: int, pipeline: bool) -> list[tuple[list[str], bool]]:
+    """The layers of a stage as activation checkpointing runs them: (their names, recomputed in backward).
+    DeepSpeed's PipelineModule.forward cuts the stage's layers into chunks of `interval` from its first
+    layer and recomputes a chunk only if every layer in it is checkpointable (gptx: blocks only), so a
+    chunk holding an embedding, the final norm or the head is not checkpointed at all. Without a
+    pipeline (gptx/parallel/data_parallel.py) the blocks alone are cut, from the first block."""
+    if pipeline:
+        cuts = [names[i:i + interval] for i in range(0, len(names), interval)]
+        return [(chunk, all(name in CHECKPOINTABLE_LAYERS for name in chunk)) for chunk in cuts]
+    blocks = [i for i, name in enumerate(names) if name == "Block"]
+    first, end = (blocks[0], blocks[-1] + 1) if blocks else (0, 0)
+    return ([(names[:first], False)] + [(names[i:min(i + interval, end)], True) for i in range(first, end, interval)]
+            + [(names[end:], False)])
+
+
 def stage_activations(model: ModelConfig, specs, parts: list[int], stage: int,
                       mem: MemoryModel) -> tuple[int, int, int, int]:
-    """(micro-batches in flight, activation bytes of one without and with checkpointing, bytes of
-    the one group recomputed at a time) on one rank of `stage` under 1F1B."""
+    """(micro-batches in flight, activation bytes one keeps without and with checkpointing, the most
+    bytes one micro-batch's backward holds above what it keeps checkpointed, while it recomputes a
+    chunk) on one rank of `stage` under 1F1B."""
     p = len(parts) - 1
     b, T, C = mem.layout.micro_batch, model.seq_len, model.n_embd
     names = [layer_name(specs[i]) for i in range(parts[stage], parts[stage + 1])]
-    n_blocks = names.count("Block")
     in_flight = min(p - stage, mem.layout.grad_accum)  # stage s of p holds up to p - s micro-batches
     btc = b * T * C * mem.act_bytes
     stage_input = b * T * 8 if stage == 0 else btc  # token ids, or the hidden states received
-    other = btc * (len(names) - n_blocks)  # inputs kept by norms, position add and head
     per_block = int(b * T * block_activation_bytes(model, mem.act_bytes))
     if model.attention_topk is not None or model.residual_attention:
         # The explicit score path keeps T x T per head: fp32 probabilities, their cast, the scores.
         per_block += b * model.n_head * T * T * (4 + 2 * mem.act_bytes)
     if model.residual_attention and stage > 0:
         stage_input += b * model.n_head * T * T * mem.act_bytes  # scores arrive with the hidden states
-    full = stage_input + other + n_blocks * per_block
-    interval = mem.checkpoint_interval or 1
-    # Checkpointed: blocks keep only each group's input; one group is recomputed at a time.
-    groups = -(-n_blocks // interval)
-    ckpt = stage_input + other + groups * btc
-    recompute = min(interval, n_blocks) * per_block
-    return in_flight, full, ckpt, recompute
+
+    def chunk_bytes(chunk: list[str]) -> int:  # other layers keep their input (norms, position add, head)
+        return sum(per_block if name == "Block" else btc for name in chunk)
+    full = stage_input + chunk_bytes(names)
+    # Checkpointed, a chunk keeps only its input. Backward goes through the chunks last to first,
+    # freeing each one's activations before it recomputes the one before it, beside its input and
+    # its output's gradient.
+    ckpt, recompute = stage_input, 0
+    for chunk, recomputed in checkpoint_chunks(names, mem.checkpoint_interval or 1, mem.pipeline):
+        if recomputed:
+            recompute = max(recompute, ckpt + 2 * btc + chunk_bytes(chunk))
+        ckpt += btc if recomputed else chunk_bytes(chunk)
+    return in_flight, full, ckpt, max(0, recompute - ckpt)
 
 
 def zero3_gathered_bytes(specs, parts: list[int], stage: int, counts: list[int], mem: MemoryModel, w: float) -> int:
@@ -286,6 +354,13 @@ def _flag(zero: dict, key: str, default):
     return value
 
 
+def _builds_fused_adam(ds_config: dict) -> bool:
+    """DeepSpeed's engine builds FusedAdam for Adam and AdamW unless optimizer.params.torch_adam."""
+    optimizer = ds_config.get("optimizer") or {}
+    torch_adam = (optimizer.get("params") or {}).get("torch_adam", False)
+    return str(optimizer.get("type", "")).lower() in ("adam", "adamw") and not torch_adam
+
+
 def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, layout: BatchLayout,
                      layer_params: list[int] | None = None, touched_only: bool = False) -> dict:
     """`layer_params`: count_layer_params of the model's specs, when the caller already has them.
@@ -310,7 +385,7 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
                       prefetch_bucket_size=_count(zero_section, "stage3_prefetch_bucket_size", 50_000_000),
                       contiguous_gradients=_flag(zero_section, "contiguous_gradients", True),
                       touched_only=touched_only, fused_loss=cfg.train.fused_loss,
-                      schedule=cfg.train.pipeline_schedule)
+                      schedule=cfg.train.pipeline_schedule, fused_adam=_builds_fused_adam(ds_config))
     largest = largest_layer_params(specs)
     stage_params = [_stage_params(specs, params, parts, s) for s in range(n_stages)]
     stages = []
@@ -343,68 +418,3 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
                     "compute_max_over_mean": _max_over_mean([st["flops_per_token"] for st in stages])},
         "methods": methods,
     }
-
-
-def _bar(value: float, biggest: float, width: int = 30) -> str:
-    return "#" * max(1, round(width * value / biggest)) if biggest else ""
-
-
-def render_text(r: dict) -> str:
-    layout = (f"{r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, partition "
-              f"'{r['partition_method']}'" if r["pipe_parallel_size"] else
-              f"no pipeline: the whole model x {r['data_parallel_size']} data-parallel")
-    offload = "".join(f", {what} offloaded to {r[key]}" for what, key in
-                      (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if r[key] != "none")
-    lines = [f"model {r['model']}: {layout}, {r['precision']}, ZeRO {r['zero_stage']}{offload}, "
-             f"micro-batch {r['micro_batch_size']} x {r['micro_batches']} micro-batches of {r['seq_len']} tokens", ""]
-    for st in r["stages"]:
-        lines.append(f"stage={st['stage']} layers={len(st['layers'])}")
-        for layer in st["layers"]:
-            lines.append(f"    {layer['index']:2d}: {layer['name']:<16} {layer['params']:>16,} params  "
-                         f"{layer['flops_per_token'] / 1e6:>12,.1f} MFLOP/token")
-    lines.append("")
-    biggest_p = max(st["params"] for st in r["stages"])
-    biggest_f = max(st["flops_per_token"] for st in r["stages"]) or 1
-    lines.append("per stage                params  (bar)                                   compute  (bar)")
-    for st in r["stages"]:
-        lines.append(f"  stage {st['stage']:<3} {st['params']:>16,}  {_bar(st['params'], biggest_p):<30}  "
-                     f"{st['flops_per_token'] / 1e9:>8.2f} GFLOP/token  {_bar(st['flops_per_token'], biggest_f)}")
-    # Totals differ only where a tied embedding sits on two stages; an untied head is its own table.
-    tied_note = " (a tied embedding counts on both end stages)" if r["total_params"] != r["unique_params"] else ""
-    lines.append(f"parameters: total {r['total_params']:,}{tied_note}, unique {r['unique_params']:,}")
-    b = r["balance"]
-    lines.append(f"balance (max/mean over stages): parameters {b['params_max_over_mean']:.3f}, "
-                 f"compute {b['compute_max_over_mean']:.3f}")
-    p, m = r["pipe_parallel_size"], r["micro_batches"]
-    if p and r["pipeline_schedule"] == "zb-h1":
-        lines.append(f"pipeline bubble (zb-h1, F = B = W; gptx/parallel/zero_bubble.py): "
-                     f"{100 * r['bubble_fraction']:.1f}% (1f1b: {100 * bubble_fraction('1f1b', p, m):.1f}%); stage s "
-                     f"also keeps what up to s micro-batches' weight gradients need")
-    elif p:
-        lines.append(f"pipeline bubble: (p - 1) / (m + p - 1) = {p - 1}/{m + p - 1} = "
-                     f"{100 * r['bubble_fraction']:.1f}%")
-    lines.append("")
-    ckpt = r["activation_checkpoint_interval"] or 1
-    lines.append(f"memory per rank, GiB    weights     grads  optimizer  buffers  activations  (ckpt every {ckpt})"
-                 f"    logits     total  (ckpt)")
-    for st in r["stages"]:
-        mb = st["memory_bytes"]
-        lines.append(f"  stage {st['stage']:<3} ({mb['micro_batches_in_flight']} in flight)"
-                     f"{mb['weights'] / GiB:>9.2f} {mb['gradients'] / GiB:>9.2f} {mb['optimizer_states'] / GiB:>10.2f}"
-                     f" {mb['buffers'] / GiB:>8.2f} {mb['activations'] / GiB:>12.2f}"
-                     f" {mb['activations_checkpointed'] / GiB:>18.2f}"
-                     f" {mb['logits'] / GiB:>9.2f} {mb['total'] / GiB:>9.2f} {mb['total_checkpointed'] / GiB:>7.2f}"
-                     + (f"   host {mb['host'] / GiB:.2f}" if mb["host"] else ""))
-    if any(st["memory_bytes"]["buffers"] for st in r["stages"]):
-        lines.append("  buffers: DeepSpeed's at the gradient reduction (buckets of zero_optimization.reduce_bucket_size"
-                     " elements, offload transfers), not all alive with the activations; total is the peak")
-    if any(st["memory_bytes"]["host"] for st in r["stages"]):
-        lines.append("  host: offloaded optimizer states, fp32 gradient shards and parameters, per rank")
-    if not r["methods"]:
-        return "\n".join(lines)
-    lines.append("")
-    lines.append("partition methods compared (max/mean over stages):")
-    for name, alt in r["methods"].items():
-        lines.append(f"  {name:<11} stages start at {alt['parts'][:-1]}: parameters {alt['params_max_over_mean']:.3f}, "
-                     f"compute {alt['compute_max_over_mean']:.3f}")
-    return "\n".join(lines)

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from gptx.analysis.partition_report import GiB, partition_report
 from gptx.config import Config, n_pipeline_layers
+from gptx.errors import ConfigError
 from gptx.model.flops import flops_per_token
 from gptx.model.gpt import layer_specs
-from gptx.parallel.ds_config import BatchLayout
+from gptx.parallel.ds_config import BatchLayout, check_ds_config
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.pipeline import count_layer_params
 from gptx.parallel.zero_bubble import bubble_fraction
@@ -96,6 +97,34 @@ def candidate_layouts(cfg: Config, gpus: int, precision: str) -> list[Layout]:
     return out
 
 
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def plan_batch(base_ds: dict, gpus: int, micro_batch: int | None = None, grad_accum: int | None = None) -> dict:
+    """The batch keys of the global batch every layout trains: the JSON's train_batch_size, unless
+    `grad_accum` (--accum) is given or the JSON has none; then micro-batch x accumulation x `gpus`,
+    the no-pipeline layout's. `micro_batch` (--micro-batch) stands for the JSON's micro-batch."""
+    micro = micro_batch if micro_batch is not None else base_ds.get("train_micro_batch_size_per_gpu")
+    if grad_accum is None and base_ds.get("train_batch_size") is not None:
+        keys = {"train_batch_size": base_ds["train_batch_size"], "train_micro_batch_size_per_gpu": micro}
+        if micro is None:  # the micro-batch follows from the accumulation, per layout
+            keys["gradient_accumulation_steps"] = base_ds.get("gradient_accumulation_steps")
+        return {k: v for k, v in keys.items() if v is not None}
+    accum = grad_accum if grad_accum is not None else base_ds.get("gradient_accumulation_steps", 1)
+    micro = 1 if micro is None else micro
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"the DeepSpeed JSON's '{key}' must be a positive integer, got {value!r}")
+    return {"train_batch_size": micro * accum * gpus, "train_micro_batch_size_per_gpu": micro}
+
+
+def layout_batch(base_ds: dict, layout: Layout, batch: dict, dp: int) -> BatchLayout:
+    """The micro-batch and accumulation with which `layout` on `dp` replicas trains `batch`, as
+    check_ds_config (and so the engine) derives them; a ConfigError if its replicas cannot."""
+    ds = {k: v for k, v in layout_ds_config(base_ds, layout, 1, 1).items() if k not in BATCH_KEYS}
+    return check_ds_config({**ds, **batch}, dp, layout.pipe, "cuda")
+
+
 def layout_ds_config(base: dict, layout: Layout, micro_batch: int, grad_accum: int) -> dict:
     """The DeepSpeed JSON for a layout: `base` (precision, optimizer, clipping) with its ZeRO and batch."""
     ds = copy.deepcopy(base)
@@ -110,7 +139,8 @@ def layout_ds_config(base: dict, layout: Layout, micro_batch: int, grad_accum: i
         params.pop("fused", None)
     if layout.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    zero.update({k: v for k, v in (base.get("zero_optimization") or {}).items() if k != "stage" and not k.startswith("offload")})
+    zero.update({k: v for k, v in (base.get("zero_optimization") or {}).items()
+                 if k != "stage" and not k.startswith("offload")})
     ds["zero_optimization"] = zero
     return ds
 
@@ -159,28 +189,38 @@ def step_seconds(cfg: Config, layout: Layout, cluster: Cluster, precision: str, 
     return compute + comm + offload
 
 
-def plan_layouts(cfg: Config, cluster: Cluster, base_ds: dict, micro_batch: int, grad_accum: int) -> list[dict]:
+def plan_layouts(cfg: Config, cluster: Cluster, base_ds: dict, micro_batch: int | None = None,
+                 grad_accum: int | None = None) -> list[dict]:
     """Every candidate layout with its prediction, fitting ones first, fastest first.
 
-    The global batch is micro_batch x grad_accum x gpus sequences for every layout: a pipeline
-    of p stages has gpus / p replicas and p times the micro-batches.
+    The global batch is the same for every layout (plan_batch): a pipeline of p stages has
+    gpus / p replicas and p times the micro-batches. A layout whose replicas cannot split it
+    (train_batch_size not a multiple of micro-batch x replicas) is left out.
     """
     precision = ds_precision(base_ds)
     per_node = min(cluster.gpus_per_node, cluster.gpus)
     layer_params = count_layer_params(layer_specs(cfg.model, seed=0))
-    rows = []
+    batch = plan_batch(base_ds, cluster.gpus, micro_batch, grad_accum)
+    rows, refused = [], []
     for layout in candidate_layouts(cfg, cluster.gpus, precision):
         dp = cluster.gpus // layout.pipe if layout.pipe else cluster.gpus
-        accum = grad_accum * (layout.pipe or 1)
-        pred = predict(cfg, layout, base_ds, micro_batch, accum, dp, layer_params)
+        try:
+            split = layout_batch(base_ds, layout, batch, dp)
+        except ConfigError as e:
+            refused.append(e)
+            continue
+        micro, accum = split.micro_batch, split.grad_accum
+        pred = predict(cfg, layout, base_ds, micro, accum, dp, layer_params)
         gpu_gib = pred["gpu_bytes"] / GiB
         host_gib = per_node * (pred["host_bytes_per_rank"] / GiB + cluster.host_reserve_gib)
         fits = gpu_gib <= cluster.gpu_memory_gib - cluster.reserve_gib and host_gib <= cluster.host_memory_gib
         params = pred["report"]["unique_params"]
-        rows.append({"layout": layout, "data_parallel": dp, "micro_batch": micro_batch, "grad_accum": accum,
+        rows.append({"layout": layout, "data_parallel": dp, "micro_batch": micro, "grad_accum": accum,
                      "gpu_gib": gpu_gib, "host_gib_per_node": host_gib, "fits": fits,
-                     "seconds": step_seconds(cfg, layout, cluster, precision, micro_batch, accum, dp, params),
+                     "seconds": step_seconds(cfg, layout, cluster, precision, micro, accum, dp, params),
                      "ds_config": pred["ds_config"]})
+    if not rows and refused:
+        raise refused[0]
     rows.sort(key=lambda r: (not r["fits"], round(r["seconds"], 6), r["gpu_gib"]))
     return rows
 
@@ -209,7 +249,8 @@ def render_plan(model_flags: str, rows: list[dict], cluster: Cluster, limit: int
              f"  {'layout':<58} {'dp':>3} {'batch':>9} {'GPU GiB':>8} {'host GiB':>9} {'est. s/step':>11}"]
     for r in (fitting or rows)[:limit]:
         lines.append(f"  {r['layout'].describe():<58} {r['data_parallel']:>3} "
-                     f"{r['micro_batch']:>4} x {r['grad_accum']:<3} {r['gpu_gib']:>8.1f} {r['host_gib_per_node']:>9.1f} "
+                     f"{r['micro_batch']:>4} x {r['grad_accum']:<3} {r['gpu_gib']:>8.1f} "
+                     f"{r['host_gib_per_node']:>9.1f} "
                      f"{r['seconds']:>11.3f}")
     if not fitting:
         lines += ["", "nothing fits: the rows above are the smallest-time layouts, all over the budget"]

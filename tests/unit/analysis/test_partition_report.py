@@ -49,7 +49,8 @@ def test_compute_partition_balances_compute_better_than_parameters():
 def test_stage_compute_adds_up_to_the_model_flops():
     from gptx.model.flops import flops_per_token
     r = report("gpt2-medium", pipe=3)
-    assert sum(s["flops_per_token"] for s in r["stages"]) == pytest.approx(flops_per_token(load_config("gpt2-medium").model))
+    model_flops = flops_per_token(load_config("gpt2-medium").model)
+    assert sum(s["flops_per_token"] for s in r["stages"]) == pytest.approx(model_flops)
 
 
 def test_zero1_divides_optimizer_states_and_checkpointing_saves_activations():
@@ -117,7 +118,8 @@ def test_memory_estimate_matches_the_tensors_the_engine_holds(dist_world1, tmp_p
     from gptx.parallel.engine import param_groups
     from gptx.parallel.pipeline import build_pipeline
     cfg = load_config("tiny", {**MICRO_MODEL, "pipe_parallel_size": 1})
-    ds = {**FP32, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1, "torch_adam": True}}, "steps_per_print": 10 ** 9}
+    ds = {**FP32, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1, "torch_adam": True}},
+          "steps_per_print": 10 ** 9}
     est = report("tiny", pipe=1, ds=ds, **MICRO_MODEL)["stages"][0]["memory_bytes"]
     model = build_pipeline(cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
@@ -251,3 +253,35 @@ def test_zb_h1_shrinks_the_bubble_and_adds_what_each_stage_keeps_for_its_w():
         blocks = sum(layer["name"] == "Block" for layer in a["layers"])
         extra = b["memory_bytes"]["activations"] - a["memory_bytes"]["activations"]
         assert extra == a["stage"] * blocks * per_block
+
+
+def test_the_unfused_loss_alone_is_counted_as_the_bytes_it_allocates():
+    # With nothing keeping the logits (no pipeline engine), the loss's backward holds the fp32
+    # log-probabilities, their gradient and log_softmax's: 12 bytes per logit.
+    from gptx.analysis.benchmark import head_loss_peak
+    from gptx.analysis.partition_report import head_loss_bytes
+    measured = head_loss_peak(2, 256, 32, 4096, fused=False)
+    assert measured == pytest.approx(head_loss_bytes(2 * 256, 32, 4096, 4, fused=False), rel=0.05)
+
+
+def test_zb_h1_keeps_the_untied_heads_logits_gradient_for_each_waiting_w():
+    """An untied head without the fused loss defers its W too (gptx/parallel/zero_bubble.py): the store
+    keeps its input and its (B, T, V) logits' gradient, here for the one micro-batch whose W waits on
+    the last of 2 stages. Measured on a real store, per token, in fp16."""
+    from gptx.model.layers import LMHead
+    from gptx.parallel.zero_bubble import WeightGradStore, defer_weight_grads
+    m = load_config("gpt2", {"tie_embeddings": False}).model
+    head = LMHead(m.n_embd, m.vocab_size, m.padded_vocab_size).half()
+    store, kept = WeightGradStore(), []
+    put = store.put
+    store.put = lambda weight, x, grad_y: (kept.append(x.nbytes + grad_y.nbytes), put(weight, x, grad_y))
+    assert defer_weight_grads([head], store) == 1
+    x = torch.randn(1, 64, m.n_embd, dtype=torch.float16, requires_grad=True)
+    store.deferring = True
+    lm_loss(head(x), torch.randint(0, m.vocab_size, (1, 64))).backward()
+    per_micro_batch = sum(kept) // 64 * 8 * 1024  # the report's micro-batch: 8 x 1024 tokens
+    schedule = dict(tie_embeddings=False, pipeline_schedule="zb-h1")
+    unfused, fused = report(pipe=2, **schedule), report(pipe=2, fused_loss=True, **schedule)
+    extra = [a["memory_bytes"]["activations"] - b["memory_bytes"]["activations"]
+             for a, b in zip(unfused["stages"], fused["stages"])]
+    assert extra == [0, per_micro_batch]

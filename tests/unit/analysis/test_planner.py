@@ -84,3 +84,36 @@ def test_bad_budgets_are_one_line(capsys, flag, value, needle):
     assert run_partition_report(["--fit", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_fit_splits_the_jsons_train_batch_size_over_each_layouts_replicas(tmp_path, capsys):
+    """train_batch_size 512 in micro-batches of 8 on 8 GPUs: 8 micro-batches on 8 replicas, 64 on one
+    (as check_ds_config, and so the engine, read the JSON), the same 512 sequences for every layout."""
+    ds = read_ds_config(DS_CONFIG_DIR / "gpu_fp16.json")
+    del ds["gradient_accumulation_steps"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(dict(ds, train_batch_size=512, train_micro_batch_size_per_gpu=8)))
+    sets = [f for k, v in MINGPT_1_7B.items() for f in ("--set", f"{k}={v}")]
+    assert run_partition_report(["--fit", "--deepspeed_config", str(path), "--json"] + sets) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows
+    for row in rows:
+        split = check_ds_config(row["ds_config"], row["data_parallel"], row["layout"]["pipe"], "cuda")
+        assert (split.micro_batch, split.global_batch) == (row["micro_batch"], 512) == (8, 512), row["layout"]
+
+
+def test_write_plan_never_replaces_an_existing_file(tmp_path, capsys):
+    """Not the model's YAML (or anything else there), nor a plan written before: one line, exit 2, the
+    file as it was."""
+    args = ["--fit", "--gpus", "8", "--micro-batch", "1", "--accum", "1"] + [
+        f for k, v in MINGPT_1_7B.items() for f in ("--set", f"{k}={v}")]
+    model, plan = tmp_path / "model.yaml", tmp_path / "plan.json"
+    model.write_text("model:\n  n_layer: 2\n")
+    assert run_partition_report(args + ["--write-plan", str(plan)]) == 0
+    capsys.readouterr()
+    for existing in (model, plan):
+        before = existing.read_text()
+        assert run_partition_report(args + ["--write-plan", str(existing)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--write-plan '{existing}': it already exists" in err[0], err
+        assert existing.read_text() == before
