@@ -117,8 +117,9 @@ def stdout_for_json(argv):
 
 # What the machine, not gptx, refuses when a tool writes or reads a path it was given: a full or
 # read-only disk, a file where a directory belongs (and the other way round), no permission.
+# A missing file (ENOENT) is not among them: the commands check their inputs, so one missing later is gptx's.
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
-                  errno.ENOENT, errno.EDQUOT}
+                  errno.EDQUOT}
 
 
 def guarded(main) -> int:

@@ -381,12 +381,13 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
+UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, IndexError, pickle.UnpicklingError)
 """What torch.load raises for a file whose bytes are damaged (its size can still match the manifest)."""
 
 
 def damaged(where: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"checkpoint '{where}': a file cannot be read ({str(e).splitlines()[0][:200]}); the disk "
+    why = (str(e) or type(e).__name__).splitlines()[0][:200]  # an empty file's EOFError has no words
+    return CheckpointError(f"checkpoint '{where}': a file cannot be read ({why}); the disk "
                            f"or a copy damaged it: --load an earlier checkpoint folder of the run")
 
 
@@ -398,13 +399,25 @@ def read_torch_file(file: Path, weights_only: bool = True, **kwargs):
         raise damaged(file, e) from None
 
 
+def read_layer_file(folder: Path, idx: int) -> dict:
+    """One position's layer file of a checkpoint folder, on the host."""
+    file = layer_file(folder, idx)
+    if not file.exists():
+        raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
+    return read_torch_file(file)
+
+
 def load(engine, load_dir: str | Path, tag: str) -> dict:
     """Collective: restore model, optimizer, LR schedule, loss scaler and this rank's RNG."""
     folder = Path(load_dir) / tag
     try:
         path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
-    except UNREADABLE as e:
+    except (EOFError, pickle.UnpicklingError) as e:
+        raise damaged(folder, e) from None
+    except RuntimeError as e:  # torch.load's own words for a damaged archive; any other error is not the file's
+        if "PytorchStreamReader" not in str(e):
+            raise
         raise damaged(folder, e) from None
     if path is None:
         raise CheckpointError(f"checkpoint '{folder}': DeepSpeed could not load it")

@@ -15,8 +15,8 @@ from gptx.model.gpt import GPT, layer_specs
 from gptx.parallel.data_parallel import fp32_master_layers
 from gptx.parallel.ds_config import precision
 from gptx.parallel.pipeline import layer_compute_weights, partition
-from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, read_torch_file,
-                                      tag_for, torch_bytes, write_manifest)
+from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, read_layer_file,
+                                      read_torch_file, tag_for, torch_bytes, write_manifest)
 from gptx.training.resume import check_complete, find_latest
 
 
@@ -64,9 +64,7 @@ def load_plain_model(path: str | Path, dtype: torch.dtype = torch.float32, maste
     masters = fp32_master_weights(folder, meta, cfg) if master_weights else None
     for name, module in model.layers.items():
         file = layer_file(folder, int(name))
-        if not file.exists():
-            raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-        state = read_torch_file(file)
+        state = read_layer_file(folder, int(name))
         if masters is not None:
             state.update(masters.get(int(name), {}))  # layers without parameters have no masters
         try:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from gptx.errors import CheckpointError
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
 from gptx.parallel.ds_config import precision
 from gptx.parallel.masters import refresh_fp32_masters, set_fp32_masters
-from gptx.training.checkpoint import layer_file, read_torch_file
+from gptx.training.checkpoint import read_layer_file
 from gptx.training.consolidate import config_from_meta, fp32_master_weights, param_layer_key
 
 Layers = dict[int, dict[str, torch.Tensor]]
@@ -45,17 +44,20 @@ def load_layers(engine, folder: Path, masters: Layers | None = None) -> None:
     list, so any layout reads them), then the optimizer's fp32 copies from `masters`, or from
     the loaded weights when there are none (an fp32 run, converted weights)."""
     if isinstance(engine, DataParallelEngine):
-        load_layer_states(engine, lambda idx: _read_layer_file(folder, idx))
+        load_layer_states(engine, lambda idx: read_layer_file(folder, idx))
     else:
         module = engine.module
         for local, layer in enumerate(module.forward_funcs):
             if hasattr(layer, "load_state_dict"):  # not the tied head: it is the embedding, synchronised below
-                layer.load_state_dict(_read_layer_file(folder, local + module._local_start))
+                layer.load_state_dict(read_layer_file(folder, local + module._local_start))
         module._synchronize_tied_weights()
     if masters is None:
         refresh_fp32_masters(engine)
     else:
-        set_fp32_masters(engine, lambda name: masters[param_layer_key(name)[0]][param_layer_key(name)[1]])
+        def master_of(name: str) -> torch.Tensor:
+            idx, key = param_layer_key(name)
+            return masters[idx][key]
+        set_fp32_masters(engine, master_of)
 
 
 def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
@@ -65,10 +67,3 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
         return None
     wanted = {param_layer_key(name)[0] for name, _ in engine.module.named_parameters()}
     return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted)
-
-
-def _read_layer_file(folder: Path, idx: int) -> dict:
-    file = layer_file(folder, idx)
-    if not file.exists():
-        raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-    return read_torch_file(file)

@@ -44,6 +44,7 @@ def test_resume_on_another_data_parallel_size_with_the_optimizer_state_split(dis
     work = (two_ranks, two_ranks / "micro_data", two_ranks / "micro_model.yaml")
     resume_and_save_at_once(train_argv(work, "bf16_dp1_resaved", 1, 2, 2, "--load", str(run), ds_extra=BF16))
     assert "split across 2 data-parallel replicas and this run has 1" in capsys.readouterr().out
+    assert_masters_round_to_the_layer_files(run)  # the reader of 2 replicas' files, checked on its own
     assert_same_masters(run, two_ranks / "bf16_dp1_resaved")
     assert run_pretrain(train_argv(work, "bf16_dp1", 1, 2, 2, "--load", str(run), ds_extra=BF16)) == 0
     full, before, after = (train_losses(two_ranks / name) for name in ("full_bf16", "bf16_dp2", "bf16_dp1"))
@@ -57,7 +58,9 @@ def test_resume_on_another_data_parallel_size_with_the_optimizer_state_split(dis
 
 def test_resume_on_another_data_parallel_size_is_exact_where_the_optimizer_state_is_whole(dist_world1, two_ranks):
     """fp32 without ZeRO keeps the whole optimizer state on every replica: 2 replicas for iterations 1-3
-    (two_ranks' launch), 1 in this process for 4-6 go on as one replica all along, Adam's moments included."""
+    (two_ranks' launch), 1 in this process for 4-6 go on as one replica all along, Adam's moments included.
+    This path is DeepSpeed's own load, as before relayout.py: the test guards that a change of replicas
+    goes to relayout.py only where the state is split (there the moments would restart)."""
     logs, run = two_ranks / "logs", two_ranks / "fp32_dp2"
     assert sequence_code(logs, "fp32_dp2") == 0, sequence_output(logs, "fp32_dp2")[-3000:]
     work = (two_ranks, two_ranks / "micro_data", two_ranks / "micro_model.yaml")

@@ -10,11 +10,11 @@ from gptx.cli.convert import run_convert
 from gptx.cli.prepare_data import run_prepare_data
 from gptx.cli.pretrain import run_pretrain
 from gptx.cli.sample import run_sample
-from gptx.errors import ConfigError, DataError
+from gptx.errors import CheckpointError, ConfigError, DataError
 from gptx.interop.evaluate import load_eval_tokens
 from gptx.model.gpt import layer_specs
 from gptx.parallel.pipeline import layer_compute_weights, partition
-from gptx.training.checkpoint import write_manifest
+from gptx.training.checkpoint import read_torch_file, write_manifest
 from tests.helpers.runs import mount_tmpfs, pretrain_args, run_files, unmount
 
 
@@ -67,9 +67,17 @@ def test_a_damaged_file_of_the_right_size_is_one_line(run, tmp_path, capsys, dis
     assert run_sample(["--load", str(copy), "--prompt-ids", "1"]) == 2
     one_line(capsys, "layer_02-model_states.pt': a file cannot be read")
     (folder / "layer_02-model_states.pt").write_bytes((run / folder.name / "layer_02-model_states.pt").read_bytes())
+    saved = lambda: {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "config.json"}
+    before = saved()
     assert run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(copy),
                                      "--override-lr-schedule")) == 2
     one_line(capsys, "a file cannot be read")
+    # Checkpoints and metrics as they were (config.json records each start, this one's too).
+    assert saved() == before
+    empty = folder / "rng_rank_00000.pt"  # an empty file: torch's EOFError says nothing
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"rng_rank_00000.pt': a file cannot be read \(EOFError\)"):
+        read_torch_file(empty)
 
 
 def run_files_of(run):
