@@ -2,9 +2,10 @@
 data-parallel size where the optimizer's state is split across the replicas (ZeRO, DeepSpeed's
 bf16 optimizer), which DeepSpeed cannot load (it stops with a ZeRORuntimeException).
 
-What carries over exactly: the weights (a 16-bit run's fp32 master weights too, read from its
-optimizer files), the iteration, the data position and the LR schedule. What restarts: Adam's
-moments, which DeepSpeed keeps per stage and per replica, and the dropout streams.
+What carries over exactly: the weights (a 16-bit run's fp32 master weights too), Adam's moments
+and step count, all read per parameter from the optimizer files (gptx.training.optimizer_files),
+the iteration, the data position and the LR schedule. What restarts: the dropout streams, and
+Adam's moments where gptx does not read them (ZeRO-3's shards, an optimizer other than Adam).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch
 
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
 from gptx.parallel.ds_config import precision
-from gptx.parallel.masters import refresh_fp32_masters, set_fp32_masters
+from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters
 from gptx.training.checkpoint import read_layer_file
-from gptx.training.consolidate import config_from_meta, fp32_master_weights, param_layer_key
+from gptx.training.consolidate import config_from_meta
+from gptx.training.optimizer_files import ADAM_TYPES, adam_state, fp32_master_weights, param_layer_key
 
 Layers = dict[int, dict[str, torch.Tensor]]
 
@@ -39,10 +41,23 @@ def layout_change(meta: dict, folder: Path, pipe_size: int, dp_size: int) -> str
     return None
 
 
-def load_layers(engine, folder: Path, masters: Layers | None = None) -> None:
-    """Collective: this rank's layers from the layer files (one per position in the LayerSpec
-    list, so any layout reads them), then the optimizer's fp32 copies from `masters`, or from
-    the loaded weights when there are none (an fp32 run, converted weights)."""
+def value_of(layers: Layers):
+    """A parameter's name in engine.module -> its value in `layers` (layer index -> key -> tensor)."""
+    def value(name: str) -> torch.Tensor:
+        idx, key = param_layer_key(name)
+        return layers[idx][key]
+    return value
+
+
+def load_layers(engine, folder: Path, masters: Layers | None = None,
+                adam: tuple[int, dict[str, Layers]] | None = None) -> None:
+    """Collective: Adam's state when given (step count, moments), then this rank's layers from the
+    layer files (one per position in the LayerSpec list, so any layout reads them), then the
+    optimizer's fp32 copies from `masters`, or from the loaded weights when there are none (an
+    fp32 run, converted weights)."""
+    if adam is not None:  # first: it passes through the fp32 copies (an fp32 run's weights), which the rest sets
+        step, moments = adam
+        set_adam_state(engine, step, {key: value_of(layers) for key, layers in moments.items()})
     if isinstance(engine, DataParallelEngine):
         load_layer_states(engine, lambda idx: read_layer_file(folder, idx))
     else:
@@ -54,10 +69,11 @@ def load_layers(engine, folder: Path, masters: Layers | None = None) -> None:
     if masters is None:
         refresh_fp32_masters(engine)
     else:
-        def master_of(name: str) -> torch.Tensor:
-            idx, key = param_layer_key(name)
-            return masters[idx][key]
-        set_fp32_masters(engine, master_of)
+        set_fp32_masters(engine, value_of(masters))
+
+
+def wanted_layers(engine) -> set[int]:
+    return {param_layer_key(name)[0] for name, _ in engine.module.named_parameters()}
 
 
 def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
@@ -65,5 +81,12 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
     fp32 one (its layer files are the masters)."""
     if precision(meta.get("ds_config") or {}) == "fp32":
         return None
-    wanted = {param_layer_key(name)[0] for name, _ in engine.module.named_parameters()}
-    return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted)
+    return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
+
+
+def saved_adam_state(engine, folder: Path, meta: dict, ds_config: dict) -> tuple[int, dict[str, Layers]] | None:
+    """Adam's step count and moments of the checkpoint's layers this rank holds, or None where gptx
+    does not read them (ZeRO-3, another optimizer in the checkpoint or in this run's `ds_config`)."""
+    if str((ds_config.get("optimizer") or {}).get("type", "")).lower() not in ADAM_TYPES:
+        return None
+    return adam_state(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))

@@ -354,12 +354,17 @@ def resume(engine, plan: Plan) -> tuple[int, int, int]:
         state = checkpoint.load(engine, plan.load_dir, plan.resume_tag)
     else:
         masters = relayout.saved_masters(engine, folder, meta)
-        relayout.load_layers(engine, folder, masters)
+        adam = relayout.saved_adam_state(engine, folder, meta, plan.ds_config)
+        relayout.load_layers(engine, folder, masters, adam)
         state = meta
         engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
         weights = "weights (their fp32 master copies too)" if masters is not None else "weights"
-        log(f"warning: {change}: {weights}, iteration, data position and LR schedule carry over exactly; "
-            f"the optimizer's moments (per-stage and per-replica state) restart from zero")
+        if adam is not None:
+            log(f"{change}: {weights}, Adam's moments and step count, iteration, data position and LR schedule "
+                f"carry over exactly")
+        else:
+            log(f"warning: {change}: {weights}, iteration, data position and LR schedule carry over exactly; the "
+                f"optimizer's state restarts from zero (gptx reads Adam's, and not from ZeRO-3's shards)")
     iteration, consumed = state["iteration"], state["consumed_samples"]
     tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
     log(f"resumed from {folder}: iteration {iteration}, {tokens:,} tokens seen")

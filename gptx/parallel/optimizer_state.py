@@ -1,0 +1,87 @@
+"""What an engine's optimizer keeps beside the model's weights: a 16-bit run's fp32 master copies,
+and Adam's moments and step count, set from outside when a run resumes on another layout.
+
+After weights are written into the model from outside, the optimizer's fp32 copies must follow.
+Refreshing them from the 16-bit weights rounds them; when the checkpoint kept its fp32 masters,
+set_fp32_masters gives the copies those exact values instead. An fp32 engine has no copies: its
+parameters are the masters (ZeRO keeps a partitioned copy, refreshed from them).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ValueOf = Callable[[str], torch.Tensor]  # a parameter's name in engine.module -> its full value
+
+
+def refresh_fp32_masters(engine) -> None:
+    """The optimizer's fp32 copies := the model's (16-bit) weights, as DeepSpeed does after a load."""
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+
+
+def _write_fp32_copies(engine, value_of: ValueOf) -> None:
+    """Each parameter's fp32 tensor that the torch optimizer steps := value_of(its name), whatever
+    the layout. Under ZeRO and DeepSpeed's bf16 optimizer each rank holds a fragment of every flat
+    group and takes its own slice of the full value; FP16_Optimizer keeps one flat fp32 tensor per
+    group, in the group's parameter order; FP16_UnfusedOptimizer one tensor per parameter; an fp32
+    engine without ZeRO steps the parameters themselves."""
+    params = dict(engine.module.named_parameters())
+    name_of = {id(p): name for name, p in params.items()}
+    optimizer = engine.optimizer
+    if any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params.values()):
+        from deepspeed.utils import safe_set_full_fp32_param
+        for name, p in params.items():
+            safe_set_full_fp32_param(p, value_of(name).to(p.device, torch.float32))
+    elif hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer
+        for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups):
+            values = [value_of(name_of[id(p)]).reshape(-1) for p in group]
+            flat.data.copy_(torch.cat(values).to(flat.device))
+    elif hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer
+        for copies, group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for copy, p in zip(copies, group):
+                copy.data.copy_(value_of(name_of[id(p)]).view_as(copy))
+    elif all(p.dtype == torch.float32 for p in params.values()):
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(value_of(name).view_as(p))
+    else:
+        raise TypeError(f"gptx cannot set the fp32 copies of {type(optimizer).__name__}")
+
+
+def set_fp32_masters(engine, master_of: ValueOf) -> None:
+    """Each parameter's fp32 master copy := master_of(its name in engine.module), whatever the optimizer."""
+    if all(p.dtype == torch.float32 for p in engine.module.parameters()):
+        refresh_fp32_masters(engine)  # fp32 training: the weights loaded are the masters (ZeRO keeps a copy)
+        return
+    _write_fp32_copies(engine, master_of)
+
+
+def stepped_tensors(engine) -> list[torch.Tensor]:
+    """The fp32 tensors the engine's torch optimizer steps (flat groups, fragments or parameters): its state's keys."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 hands its sub-groups to the optimizer one by one
+        return list(optimizer.fp32_partitioned_groups_flat)
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrappers hold the torch one
+    return [t for group in inner.param_groups for t in group["params"]]
+
+
+def set_adam_state(engine, step: int, moment_of: dict[str, ValueOf]) -> None:
+    """Adam's step count and moments (moment_of: "exp_avg" / "exp_avg_sq" -> each parameter's full
+    value) into the engine's torch optimizer, before its first step and before the weights are
+    loaded: each moment is written where the fp32 weights live, whose layout _write_fp32_copies
+    knows for every optimizer, and copied from there into the optimizer's state."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    tensors = stepped_tensors(engine)
+    moments = {}
+    for key, value_of in moment_of.items():
+        _write_fp32_copies(engine, value_of)
+        moments[key] = [t.detach().clone() for t in tensors]
+    # torch's Adam counts steps in a float tensor per parameter, incremented in place (so each needs
+    # its own), on the parameter's device when fused; DeepSpeed's FusedAdam counts in an int
+    torch_adam = type(inner).__module__.startswith("torch.optim")
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    for i, t in enumerate(tensors):
+        count = torch.tensor(float(step), device=t.device if on_device else "cpu") if torch_adam else step
+        inner.state[t] = {"step": count, **{key: values[i] for key, values in moments.items()}}

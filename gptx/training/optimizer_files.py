@@ -1,0 +1,221 @@
+"""What a checkpoint's optimizer files hold for each parameter, whatever DeepSpeed optimizer wrote
+them: a 16-bit run's fp32 master weights, Adam's two moments and its step count. Values come
+keyed like the layer files (layer index -> key in its file -> tensor), so any layout can take them.
+
+Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one stage, 0):
+- ZeRO-1/2 and DeepSpeed's bf16 optimizer: one file per data-parallel rank, each holding a slice
+  of every flat group (the masters, and the torch optimizer's state of that slice), with
+  `param_slice_mappings` saying where each parameter's fragment lies in it;
+- without ZeRO: the stage's model-states file, whose torch optimizer state is kept per tensor
+  (fp32, FP16_UnfusedOptimizer) or per flat group (FP16_Optimizer), in the stage's parameter order;
+- ZeRO-3: DeepSpeed's zero_to_fp32 reads its masters; its moments are not read here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gptx.config import Config
+from gptx.errors import CheckpointError
+from gptx.model.gpt import layer_specs
+from gptx.parallel.data_parallel import fp32_master_layers
+from gptx.parallel.ds_config import precision
+from gptx.parallel.pipeline import layer_compute_weights, partition
+from gptx.training.checkpoint import META, read_torch_file
+
+MASTERS = "fp32"  # the key the fp32 master weights are read under, beside the optimizer's own state keys
+MOMENTS = ("exp_avg", "exp_avg_sq")
+ADAM_TYPES = ("adam", "adamw")
+
+Layers = dict[int, dict[str, torch.Tensor]]
+Values = dict[tuple[int, str], torch.Tensor]  # (layer index, key in its layer file) -> tensor
+
+
+def param_layer_key(name: str) -> tuple[int, str]:
+    """A parameter's name in a stage module or the no-pipeline model -> (layer index, key in its layer file)."""
+    if name.startswith("layers."):  # the no-pipeline model: layers.<index>.<key>
+        name = name[len("layers."):]
+    if name.startswith("tied_modules."):
+        return 0, name.split(".", 2)[2]  # the tied embedding is layer 0's
+    idx, key = name.split(".", 1)
+    return int(idx), key
+
+
+def stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int, str, torch.Size]]]:
+    """(layer index, key in its layer file, shape) of one stage's parameters, per optimizer group.
+
+    The order DeepSpeed flattens them in: the stage module's parameters() (the tied
+    embedding's module first, then the other layers by index), split into gptx's two
+    param_groups (matrices, then vectors).
+    """
+    from deepspeed.pipe import TiedLayerSpec
+
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    tied, rest = [], []
+    for idx in stage_layers:
+        spec = specs[idx]
+        with torch.device("meta"):
+            module = spec.build()
+        named = [(idx, k, p.shape) for k, p in module.named_parameters()]
+        if isinstance(spec, TiedLayerSpec):
+            tied = tied or [(0, k, shape) for _, k, shape in named]  # the head's weights are layer 0's
+        else:
+            rest += named
+    ordered = tied + rest
+    groups = [[x for x in ordered if len(x[2]) >= 2], [x for x in ordered if len(x[2]) < 2]]
+    return [g for g in groups if g]
+
+
+def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values], int | None]:
+    """A stage's values from its ZeRO-1/2 or bf16 optimizer files (one per data-parallel rank), and
+    the optimizer's step count.
+
+    Each rank holds a slice of every flat group; `param_slice_mappings` says where each
+    parameter's fragment starts in that rank's slice (the optimizer's state has the slice's
+    layout, plus padding at its end), which also covers DeepSpeed's alignment padding.
+    """
+    states = [read_torch_file(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    pieces: dict[str, dict[str, list[tuple[int, torch.Tensor]]]] = {key: {} for key in keys}
+    step = None
+    for g in range(len(states[0]["single_partition_of_fp32_groups"])):
+        base = 0
+        for sd in states:
+            part = sd["single_partition_of_fp32_groups"][g]
+            state = sd["base_optimizer_state"]["state"].get(g, {})
+            step = state.get("step", step)
+            for key in keys:
+                values = part if key == MASTERS else state.get(key)
+                if values is None:
+                    raise CheckpointError(f"checkpoint file '{files[0]}': no optimizer state '{key}'")
+                for name, frag in sd["param_slice_mappings"][g].items():
+                    pieces[key].setdefault(name, []).append((base + frag.start,
+                                                             values[frag.start:frag.start + frag.numel]))
+            base += part.numel()
+    return {key: {param_layer_key(name): torch.cat([t for _, t in sorted(frags, key=lambda x: x[0])])
+                  for name, frags in by_name.items()} for key, by_name in pieces.items()}, step
+
+
+def _flat_groups(states: dict, key: str, where: str) -> tuple[list[torch.Tensor], int | None]:
+    """One flat tensor per optimizer group from a stage's model-states file (no ZeRO), and the step count."""
+    opt = states.get("optimizer") or {}
+    if key == MASTERS:
+        if "fp32_groups_flat" in opt:  # FP16_Optimizer (fused Adam)
+            return list(opt["fp32_groups_flat"]), None
+        if "fp32_groups" in opt:  # FP16_UnfusedOptimizer: a list of tensors per group
+            return [torch.cat([t.reshape(-1) for t in group]) for group in opt["fp32_groups"]], None
+        raise CheckpointError(f"checkpoint '{where}': no fp32 master weights in DeepSpeed's optimizer state")
+    inner = opt.get("optimizer_state_dict", opt)  # the 16-bit optimizers wrap the torch optimizer's state
+    state = inner.get("state") or {}
+    try:
+        flat = [torch.cat([state[i][key].reshape(-1) for i in group["params"]]) for group in inner["param_groups"]]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{where}': no optimizer state '{key}' for every parameter") from None
+    return flat, next(iter(state.values())).get("step")
+
+
+def _in_order(flat: list[torch.Tensor], order: list[list[tuple[int, str, torch.Size]]], where: str) -> Values:
+    """Flat groups cut into the stage's parameters, in the order DeepSpeed flattened them."""
+    if len(flat) != len(order):
+        raise CheckpointError(f"checkpoint '{where}': {len(flat)} optimizer groups, gptx expects {len(order)}")
+    values = {}
+    for group, entries in zip(flat, order):
+        if group.numel() != sum(shape.numel() for _, _, shape in entries):
+            raise CheckpointError(f"checkpoint '{where}': an optimizer group holds {group.numel()} values, "
+                                  f"the stage's parameters {sum(s.numel() for _, _, s in entries)}")
+        offset = 0
+        for idx, key, shape in entries:
+            values[(idx, key)] = group[offset:offset + shape.numel()].view(shape).clone()
+            offset += shape.numel()
+    return values
+
+
+def _zero_files(folder: Path, stage: int, dp: int) -> list[Path]:
+    """The stage's per-replica optimizer files (ZeRO, or the bf16 optimizer), or [] without them."""
+    found = sorted(folder.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
+    if not found:
+        return []
+    prefix = found[0].name.split("zero_pp_rank_")[0]
+    return [folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt" for d in range(dp)]
+
+
+def _is_zero3(file: Path) -> bool:
+    state = read_torch_file(file, weights_only=False, mmap=True)["optimizer_state_dict"]
+    return "single_partition_of_fp32_groups" not in state  # ZeRO-3 keeps fp32_flat_groups instead
+
+
+def _stage_layers(meta: dict, cfg: Config) -> list[range]:
+    specs = layer_specs(cfg.model, cfg.train.seed)
+    pp = meta.get("pipe_parallel_size")
+    if pp == 0:
+        return [range(len(specs))]
+    parts = partition(specs, cfg.train.partition_method, pp, layer_compute_weights(cfg, specs))
+    return [range(parts[s], parts[s + 1]) for s in range(pp)]
+
+
+def _read(folder: Path, meta: dict, cfg: Config, keys: tuple[str, ...],
+          wanted: set[int] | None) -> tuple[dict[str, Layers], int | None]:
+    """`keys`' values of the stages holding a `wanted` layer (all without `wanted`), and the step count.
+    The tied embedding is taken from the first stage (its copies are kept equal)."""
+    dp = meta.get("data_parallel_size")
+    layers: dict[str, Layers] = {key: {} for key in keys}
+    step = None
+    for stage, stage_layers in enumerate(_stage_layers(meta, cfg)):
+        if wanted is not None and not wanted.intersection(stage_layers):
+            continue
+        order = stage_param_order(cfg, stage_layers)
+        shapes = {(idx, key): shape for group in order for idx, key, shape in group}
+        files = _zero_files(folder, stage, dp)
+        if files:
+            values, stage_step = _partitioned(files, keys)
+        else:
+            states = read_torch_file(folder / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)
+            values, stage_step = {}, None
+            for key in keys:
+                flat, stage_step = _flat_groups(states, key, str(folder))
+                values[key] = _in_order(flat, order, str(folder))
+        step = step if stage_step is None else int(stage_step)
+        for key, by_param in values.items():
+            if by_param.keys() != shapes.keys():
+                raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s optimizer holds other parameters "
+                                      f"than the model in {META}")
+            for (idx, name), tensor in by_param.items():
+                if tensor.numel() != shapes[(idx, name)].numel():
+                    raise CheckpointError(f"checkpoint '{folder}': {key} of {idx}.{name} has {tensor.numel()} "
+                                          f"values, the model {shapes[(idx, name)].numel()}")
+                layers[key].setdefault(idx, {}).setdefault(name, tensor.view(shapes[(idx, name)]))
+    return layers, step
+
+
+def _check_has_optimizer(folder: Path, meta: dict) -> None:
+    if meta.get("weights_only") or not meta.get("data_parallel_size") or meta.get("pipe_parallel_size") is None:
+        raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only)")
+
+
+def fp32_master_weights(folder: Path, meta: dict, cfg: Config, wanted: set[int] | None = None) -> Layers | None:
+    """Layer index -> state dict from the optimizer's fp32 master copies, or None when the run was fp32.
+    With `wanted` layers, only the stages holding one of them are read (a pipeline's optimizer files are large)."""
+    if precision(meta.get("ds_config") or {}) == "fp32":
+        return None
+    _check_has_optimizer(folder, meta)
+    files = _zero_files(folder, 0, meta["data_parallel_size"]) if meta["pipe_parallel_size"] == 0 else []
+    if files and _is_zero3(files[0]):
+        return fp32_master_layers(folder)  # DeepSpeed's own consolidation reads ZeRO-3's shards
+    return _read(folder, meta, cfg, (MASTERS,), wanted)[0][MASTERS]
+
+
+def adam_state(folder: Path, meta: dict, cfg: Config,
+               wanted: set[int] | None = None) -> tuple[int, dict[str, Layers]] | None:
+    """(Adam's step count, {moment: layer index -> state dict}) of the stages holding a `wanted` layer,
+    or None where gptx does not read them: ZeRO-3's shards, an optimizer other than Adam or AdamW."""
+    _check_has_optimizer(folder, meta)
+    optimizer = (meta.get("ds_config") or {}).get("optimizer") or {}
+    if str(optimizer.get("type", "")).lower() not in ADAM_TYPES:
+        return None
+    files = _zero_files(folder, 0, meta["data_parallel_size"]) if meta["pipe_parallel_size"] == 0 else []
+    if files and _is_zero3(files[0]):
+        return None
+    moments, step = _read(folder, meta, cfg, MOMENTS, wanted)
+    if step is None:
+        raise CheckpointError(f"checkpoint '{folder}': its optimizer state has no step count")
+    return step, moments
