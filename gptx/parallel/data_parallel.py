@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -249,16 +248,3 @@ def load_layer_states(engine, read_layer) -> None:
 def parameter_count(engine) -> int:
     """Parameters of the whole model (ZeRO-3 keeps only a shard's worth on each rank)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-
-
-def fp32_master_layers(folder: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """Layer index -> fp32 master weights of a no-pipeline ZeRO checkpoint, through DeepSpeed's
-    own consolidation of the optimizer shards (zero_to_fp32)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with contextlib.redirect_stdout(None):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in state.items():
-        _, idx, key = name.split(".", 2)  # layers.<index>.<key>
-        layers.setdefault(int(idx), {})[key] = tensor
-    return layers

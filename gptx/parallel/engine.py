@@ -57,6 +57,7 @@ import torch.distributed as dist
 from gptx.config import Config
 from gptx.errors import GptxError
 from gptx.parallel.data_parallel import build_data_parallel_engine
+from gptx.parallel.optimizer_state import scale_holder
 from gptx.parallel.pipeline import build_pipeline
 from gptx.parallel.zero_bubble import use_zero_bubble
 from gptx.testing import allow_cpu_fp16
@@ -193,16 +194,10 @@ def deepspeed_prints(show: bool):
         raise
 
 
-def _scale_holder(optimizer):
-    """The object whose `cur_scale` is the loss scale: FP16_Optimizer / FP16_UnfusedOptimizer keep
-    it in loss_scale_config, the ZeRO optimizer in loss_scaler (DeepSpeed 0.19)."""
-    return getattr(optimizer, "loss_scale_config", None) or getattr(optimizer, "loss_scaler", None) or optimizer
-
-
 def loss_scale(engine) -> float | None:
     if not engine.fp16_enabled():
         return None
-    scale = getattr(_scale_holder(engine.optimizer), "cur_scale", None)
+    scale = getattr(scale_holder(engine.optimizer), "cur_scale", None)
     return float(scale) if scale is not None else None
 
 
@@ -355,7 +350,7 @@ def _fix_fp16_unscale_and_norm(engine) -> None:
     """
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     opt = engine.optimizer
-    holder = _scale_holder(opt)
+    holder = scale_holder(opt)
     original_step, original_unscale = opt.step, opt.unscale_and_clip_grads
     unfused = isinstance(opt, FP16_UnfusedOptimizer)
     step_state = {"scale": None, "norm": None}

@@ -13,6 +13,25 @@ from typing import Callable
 import torch
 
 ValueOf = Callable[[str], torch.Tensor]  # a parameter's name in engine.module -> its full value
+LOSS_SCALE_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # a dynamic scaler's state
+
+
+def scale_holder(optimizer):
+    """The object whose `cur_scale` is the loss scale: FP16_Optimizer / FP16_UnfusedOptimizer keep
+    it in loss_scale_config, the ZeRO optimizer in loss_scaler (DeepSpeed 0.19)."""
+    return getattr(optimizer, "loss_scale_config", None) or getattr(optimizer, "loss_scaler", None) or optimizer
+
+
+def set_loss_scale(engine, saved: dict) -> bool:
+    """A fp16 engine's dynamic loss scale := `saved` (LOSS_SCALE_KEYS, what each optimizer keeps of them);
+    False where there is none to set (bf16, fp32, a static scale)."""
+    holder = scale_holder(engine.optimizer)
+    if not engine.fp16_enabled() or not getattr(holder, "dynamic_loss_scale", getattr(holder, "dynamic", False)):
+        return False
+    for key, value in saved.items():
+        if hasattr(holder, key):
+            setattr(holder, key, value)
+    return True
 
 
 def refresh_fp32_masters(engine) -> None:

@@ -8,10 +8,13 @@ Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one sta
   `param_slice_mappings` saying where each parameter's fragment lies in it;
 - without ZeRO: the stage's model-states file, whose torch optimizer state is kept per tensor
   (fp32, FP16_UnfusedOptimizer) or per flat group (FP16_Optimizer), in the stage's parameter order;
-- ZeRO-3: DeepSpeed's zero_to_fp32 reads its masters; its moments are not read here.
+- ZeRO-3 (no pipeline only): one file per rank again, but each parameter is cut into equal
+  chunks, one per rank, and a rank's flat groups hold its chunk of every parameter in the order
+  of `param_shapes` (in the ranks' model-states files).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,8 +22,8 @@ import torch
 from gptx.config import Config
 from gptx.errors import CheckpointError
 from gptx.model.gpt import layer_specs
-from gptx.parallel.data_parallel import fp32_master_layers
 from gptx.parallel.ds_config import precision
+from gptx.parallel.optimizer_state import LOSS_SCALE_KEYS
 from gptx.parallel.pipeline import layer_compute_weights, partition
 from gptx.training.checkpoint import META, read_torch_file
 
@@ -96,6 +99,30 @@ def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Va
                   for name, frags in by_name.items()} for key, by_name in pieces.items()}, step
 
 
+def _zero3(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values], int | None]:
+    """The no-pipeline model's values from ZeRO-3's files (one per data-parallel rank), and the step count."""
+    states = [read_torch_file(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    model_states = files[0].parent / files[0].name.replace("optim_states", "model_states").removeprefix("bf16_")
+    shapes = {name: shape for group in read_torch_file(model_states, weights_only=False)["param_shapes"]
+              for name, shape in group.items()}
+    inner = [sd["optimizer_state_dict"]["state"] for sd in states]
+    step = next(iter(inner[0].values()), {}).get("step")
+    values: dict[str, Values] = {}
+    for key in keys:
+        try:
+            flats = [torch.cat(list(sd["fp32_flat_groups"])) if key == MASTERS else
+                     torch.cat([state[g][key] for g in sorted(state)]) for sd, state in zip(states, inner)]
+        except KeyError:
+            raise CheckpointError(f"checkpoint file '{files[0]}': no optimizer state '{key}'") from None
+        values[key], offset = {}, 0
+        for name, shape in shapes.items():
+            chunk = math.ceil(shape.numel() / len(files))  # the last rank's chunk is padded
+            full = torch.cat([flat[offset:offset + chunk] for flat in flats])[:shape.numel()]
+            values[key][param_layer_key(name)] = full.view(shape).clone()
+            offset += chunk
+    return values, step
+
+
 def _flat_groups(states: dict, key: str, where: str) -> tuple[list[torch.Tensor], int | None]:
     """One flat tensor per optimizer group from a stage's model-states file (no ZeRO), and the step count."""
     opt = states.get("optimizer") or {}
@@ -140,8 +167,7 @@ def _zero_files(folder: Path, stage: int, dp: int) -> list[Path]:
 
 
 def _is_zero3(file: Path) -> bool:
-    state = read_torch_file(file, weights_only=False, mmap=True)["optimizer_state_dict"]
-    return "single_partition_of_fp32_groups" not in state  # ZeRO-3 keeps fp32_flat_groups instead
+    return "fp32_flat_groups" in read_torch_file(file, weights_only=False, mmap=True)["optimizer_state_dict"]
 
 
 def _stage_layers(meta: dict, cfg: Config) -> list[range]:
@@ -167,7 +193,7 @@ def _read(folder: Path, meta: dict, cfg: Config, keys: tuple[str, ...],
         shapes = {(idx, key): shape for group in order for idx, key, shape in group}
         files = _zero_files(folder, stage, dp)
         if files:
-            values, stage_step = _partitioned(files, keys)
+            values, stage_step = (_zero3 if _is_zero3(files[0]) else _partitioned)(files, keys)
         else:
             states = read_torch_file(folder / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)
             values, stage_step = {}, None
@@ -198,24 +224,34 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config, wanted: set[int] 
     if precision(meta.get("ds_config") or {}) == "fp32":
         return None
     _check_has_optimizer(folder, meta)
-    files = _zero_files(folder, 0, meta["data_parallel_size"]) if meta["pipe_parallel_size"] == 0 else []
-    if files and _is_zero3(files[0]):
-        return fp32_master_layers(folder)  # DeepSpeed's own consolidation reads ZeRO-3's shards
     return _read(folder, meta, cfg, (MASTERS,), wanted)[0][MASTERS]
 
 
 def adam_state(folder: Path, meta: dict, cfg: Config,
                wanted: set[int] | None = None) -> tuple[int, dict[str, Layers]] | None:
     """(Adam's step count, {moment: layer index -> state dict}) of the stages holding a `wanted` layer,
-    or None where gptx does not read them: ZeRO-3's shards, an optimizer other than Adam or AdamW."""
+    or None for an optimizer other than Adam or AdamW."""
     _check_has_optimizer(folder, meta)
     optimizer = (meta.get("ds_config") or {}).get("optimizer") or {}
     if str(optimizer.get("type", "")).lower() not in ADAM_TYPES:
-        return None
-    files = _zero_files(folder, 0, meta["data_parallel_size"]) if meta["pipe_parallel_size"] == 0 else []
-    if files and _is_zero3(files[0]):
         return None
     moments, step = _read(folder, meta, cfg, MOMENTS, wanted)
     if step is None:
         raise CheckpointError(f"checkpoint '{folder}': its optimizer state has no step count")
     return step, moments
+
+
+def loss_scale_state(folder: Path, meta: dict) -> dict | None:
+    """A fp16 run's dynamic loss scale as its optimizer saved it (LOSS_SCALE_KEYS; the stages keep
+    one scale), or None for bf16 and fp32 runs."""
+    if precision(meta.get("ds_config") or {}) != "fp16":
+        return None
+    _check_has_optimizer(folder, meta)
+    files = _zero_files(folder, 0, meta["data_parallel_size"])
+    if files:  # ZeRO pickles its scaler object
+        scaler = read_torch_file(files[0], weights_only=False, mmap=True)["optimizer_state_dict"].get("loss_scaler")
+        saved = {key: getattr(scaler, key) for key in LOSS_SCALE_KEYS if hasattr(scaler, key)}
+    else:  # FP16_Optimizer and FP16_UnfusedOptimizer keep the values in their state dict
+        opt = read_torch_file(folder / "mp_rank_00_model_states.pt", weights_only=False).get("optimizer") or {}
+        saved = {key: opt[key] for key in LOSS_SCALE_KEYS if key in opt}
+    return saved or None

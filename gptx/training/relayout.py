@@ -4,7 +4,7 @@ bf16 optimizer), which DeepSpeed cannot load (it stops with a ZeRORuntimeExcepti
 
 What carries over exactly: the weights (a 16-bit run's fp32 master weights too), Adam's moments
 and step count, all read per parameter from the optimizer files (gptx.training.optimizer_files),
-the iteration, the data position and the LR schedule. What restarts: the dropout streams, and
+a fp16 run's loss scale, the iteration, the data position and the LR schedule. What restarts: the dropout streams, and
 Adam's moments where gptx does not read them (ZeRO-3's shards, an optimizer other than Adam).
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
 from gptx.parallel.ds_config import precision
-from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters
+from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale
 from gptx.training.checkpoint import read_layer_file
 from gptx.training.consolidate import config_from_meta
-from gptx.training.optimizer_files import ADAM_TYPES, adam_state, fp32_master_weights, param_layer_key
+from gptx.training.optimizer_files import ADAM_TYPES, adam_state, fp32_master_weights, loss_scale_state, param_layer_key
 
 Layers = dict[int, dict[str, torch.Tensor]]
 
@@ -90,3 +90,21 @@ def saved_adam_state(engine, folder: Path, meta: dict, ds_config: dict) -> tuple
     if str((ds_config.get("optimizer") or {}).get("type", "")).lower() not in ADAM_TYPES:
         return None
     return adam_state(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
+
+
+def carry_loss_scale(engine, folder: Path, meta: dict) -> bool:
+    """A fp16 checkpoint's dynamic loss scale into this fp16 run, rather than its initial one (which
+    would cost skipped steps to find the scale again); False where there is none to carry."""
+    saved = loss_scale_state(folder, meta)
+    return saved is not None and set_loss_scale(engine, saved)
+
+
+def what_carries_over(change: str, masters: bool, adam: bool, loss_scale: bool) -> str:
+    """The log line of a resume on another layout."""
+    carried = ["weights (their fp32 master copies too)" if masters else "weights"]
+    carried += ["Adam's moments and step count"] * adam + ["the loss scale"] * loss_scale
+    line = f"{change}: {', '.join(carried)}, iteration, data position and LR schedule carry over exactly"
+    if adam:
+        return line
+    return (f"warning: {line}; the optimizer's state restarts from zero (gptx reads Adam's, and not from "
+            f"ZeRO-3's shards)")

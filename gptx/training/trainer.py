@@ -356,15 +356,10 @@ def resume(engine, plan: Plan) -> tuple[int, int, int]:
         masters = relayout.saved_masters(engine, folder, meta)
         adam = relayout.saved_adam_state(engine, folder, meta, plan.ds_config)
         relayout.load_layers(engine, folder, masters, adam)
+        scale = relayout.carry_loss_scale(engine, folder, meta)
         state = meta
         engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
-        weights = "weights (their fp32 master copies too)" if masters is not None else "weights"
-        if adam is not None:
-            log(f"{change}: {weights}, Adam's moments and step count, iteration, data position and LR schedule "
-                f"carry over exactly")
-        else:
-            log(f"warning: {change}: {weights}, iteration, data position and LR schedule carry over exactly; the "
-                f"optimizer's state restarts from zero (gptx reads Adam's, and not from ZeRO-3's shards)")
+        log(relayout.what_carries_over(change, masters is not None, adam is not None, scale))
     iteration, consumed = state["iteration"], state["consumed_samples"]
     tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
     log(f"resumed from {folder}: iteration {iteration}, {tokens:,} tokens seen")
