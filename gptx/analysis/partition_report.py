@@ -16,8 +16,8 @@ from gptx.model.gpt import layer_specs
 from gptx.parallel.ds_config import BatchLayout, names_fp32, offload_devices
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import zero_stage
-from gptx.parallel.pipeline import (CHECKPOINTABLE_LAYERS, count_layer_params, largest_layer_params, layer_name,
-                                    partition)
+from gptx.parallel.pipeline import (CHECKPOINTABLE_LAYERS, checkpoint_chunks, count_layer_params, largest_layer_params,
+                                    layer_name, partition)
 from gptx.parallel.zero_bubble import bubble_fraction, compute_order
 
 GiB = 1024 ** 3
@@ -228,21 +228,6 @@ def deferred_weight_grad_bytes(model: ModelConfig, tokens: int, act_bytes: int) 
     return tokens * per_token * act_bytes
 
 
-def checkpoint_chunks(names: list[str], interval: int, pipeline: bool) -> list[tuple[list[str], bool]]:
-    """The layers of a stage as activation checkpointing runs them: (their names, recomputed in backward).
-    DeepSpeed's PipelineModule.forward cuts the stage's layers into chunks of `interval` from its first
-    layer and recomputes a chunk only if every layer in it is checkpointable (gptx: blocks only), so a
-    chunk holding an embedding, the final norm or the head is not checkpointed at all. Without a
-    pipeline (gptx/parallel/data_parallel.py) the blocks alone are cut, from the first block."""
-    if pipeline:
-        cuts = [names[i:i + interval] for i in range(0, len(names), interval)]
-        return [(chunk, all(name in CHECKPOINTABLE_LAYERS for name in chunk)) for chunk in cuts]
-    blocks = [i for i, name in enumerate(names) if name == "Block"]
-    first, end = (blocks[0], blocks[-1] + 1) if blocks else (0, 0)
-    return ([(names[:first], False)] + [(names[i:min(i + interval, end)], True) for i in range(first, end, interval)]
-            + [(names[end:], False)])
-
-
 def stage_activations(model: ModelConfig, specs, parts: list[int], stage: int,
                       mem: MemoryModel) -> tuple[int, int, int, int]:
     """(micro-batches in flight, activation bytes one keeps without and with checkpointing, the most
@@ -268,7 +253,9 @@ def stage_activations(model: ModelConfig, specs, parts: list[int], stage: int,
     # freeing each one's activations before it recomputes the one before it, beside its input and
     # its output's gradient.
     ckpt, recompute = stage_input, 0
-    for chunk, recomputed in checkpoint_chunks(names, mem.checkpoint_interval or 1, mem.pipeline):
+    for start, end, recomputed in checkpoint_chunks([name in CHECKPOINTABLE_LAYERS for name in names],
+                                                     mem.checkpoint_interval or 1):
+        chunk = names[start:end]
         if recomputed:
             recompute = max(recompute, ckpt + 2 * btc + chunk_bytes(chunk))
         ckpt += btc if recomputed else chunk_bytes(chunk)

@@ -28,6 +28,19 @@ from gptx.parallel.zero_bubble import WeightGradStore, defer_weight_grads
 CHECKPOINTABLE_LAYERS = ["Block"]
 
 
+def checkpoint_chunks(is_block: list[bool], interval: int) -> list[tuple[int, int, bool]]:
+    """How activation checkpointing runs a stage's layers (or the whole model's): (start, end,
+    recomputed in backward) ranges. The blocks alone are cut into chunks of `interval`, from the
+    first block; the layers before and after them (embeddings, final norm, head) run as they are."""
+    blocks = [i for i, block in enumerate(is_block) if block]
+    if not interval or not blocks:
+        return [(0, len(is_block), False)]
+    first, end = blocks[0], blocks[-1] + 1
+    chunks = [(0, first, False)] + [(i, min(i + interval, end), True) for i in range(first, end, interval)]
+    return [(start, stop, recomputed) for start, stop, recomputed in chunks + [(end, len(is_block), False)]
+            if stop > start]
+
+
 def recompute_in_backward(function, *args):
     # Non-reentrant checkpointing needs no DeepSpeed RNG tracker set-up and works with
     # inputs that do not require grad.
@@ -49,6 +62,21 @@ class GPTPipe(PipelineModule):
         self._compute_weights = compute_weights
         super().__init__(*args, **kwargs)
 
+    def forward(self, forward_input):
+        """DeepSpeed's forward, with activation checkpointing cut as checkpoint_chunks says. DeepSpeed
+        cuts all of a stage's layers from its first one, and runs a chunk that holds an embedding, the
+        final norm or the head without recomputation: the blocks in it kept all their activations."""
+        if not self.activation_checkpoint_interval:
+            return super().forward(forward_input)
+        self.micro_offset += 1  # as DeepSpeed's forward counts micro-batches
+        funcs = self.forward_funcs
+        x = forward_input
+        for start, end, recomputed in checkpoint_chunks([isinstance(f, Block) for f in funcs],
+                                                         self.activation_checkpoint_interval):
+            run = run_layers(funcs[start:end])
+            x = self.activation_checkpoint_func(run, x) if recomputed else run(x)
+        return x
+
     def _count_layer_params(self):
         return count_layer_params(self._layer_specs)
 
@@ -60,6 +88,15 @@ class GPTPipe(PipelineModule):
             print_layout(self._layer_specs, self.parts)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def run_layers(layers):
+    """One function that runs `layers` in order (a chunk to recompute in backward)."""
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+    return run
 
 
 def layer_name(spec: LayerSpec) -> str:

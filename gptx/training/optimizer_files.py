@@ -2,6 +2,7 @@
 them: a 16-bit run's fp32 master weights, Adam's two moments and its step count. Values come
 keyed like the layer files (layer index -> key in its file -> tensor), so any layout can take them.
 
+Files are memory-mapped: what a rank takes from them is copied, the rest is never read.
 Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one stage, 0):
 - ZeRO-1/2 and DeepSpeed's bf16 optimizer: one file per data-parallel rank, each holding a slice
   of every flat group (the masters, and the torch optimizer's state of that slice), with
@@ -78,7 +79,7 @@ def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Va
     parameter's fragment starts in that rank's slice (the optimizer's state has the slice's
     layout, plus padding at its end), which also covers DeepSpeed's alignment padding.
     """
-    states = [read_torch_file(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    states = [read_torch_file(f, weights_only=False, mmap=True)["optimizer_state_dict"] for f in files]
     pieces: dict[str, dict[str, list[tuple[int, torch.Tensor]]]] = {key: {} for key in keys}
     step = None
     for g in range(len(states[0]["single_partition_of_fp32_groups"])):
@@ -101,7 +102,7 @@ def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Va
 
 def _zero3(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values], int | None]:
     """The no-pipeline model's values from ZeRO-3's files (one per data-parallel rank), and the step count."""
-    states = [read_torch_file(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    states = [read_torch_file(f, weights_only=False, mmap=True)["optimizer_state_dict"] for f in files]
     model_states = files[0].parent / files[0].name.replace("optim_states", "model_states").removeprefix("bf16_")
     shapes = {name: shape for group in read_torch_file(model_states, weights_only=False)["param_shapes"]
               for name, shape in group.items()}
@@ -195,7 +196,7 @@ def _read(folder: Path, meta: dict, cfg: Config, keys: tuple[str, ...],
         if files:
             values, stage_step = (_zero3 if _is_zero3(files[0]) else _partitioned)(files, keys)
         else:
-            states = read_torch_file(folder / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)
+            states = read_torch_file(folder / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False, mmap=True)
             values, stage_step = {}, None
             for key in keys:
                 flat, stage_step = _flat_groups(states, key, str(folder))

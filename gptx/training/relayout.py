@@ -4,8 +4,8 @@ bf16 optimizer), which DeepSpeed cannot load (it stops with a ZeRORuntimeExcepti
 
 What carries over exactly: the weights (a 16-bit run's fp32 master weights too), Adam's moments
 and step count, all read per parameter from the optimizer files (gptx.training.optimizer_files),
-a fp16 run's loss scale, the iteration, the data position and the LR schedule. What restarts: the dropout streams, and
-Adam's moments where gptx does not read them (ZeRO-3's shards, an optimizer other than Adam).
+a fp16 run's loss scale, the iteration, the data position and the LR schedule. What restarts:
+the dropout streams, and the state of an optimizer other than Adam or AdamW.
 """
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
 
 
 def saved_adam_state(engine, folder: Path, meta: dict, ds_config: dict) -> tuple[int, dict[str, Layers]] | None:
-    """Adam's step count and moments of the checkpoint's layers this rank holds, or None where gptx
-    does not read them (ZeRO-3, another optimizer in the checkpoint or in this run's `ds_config`)."""
+    """Adam's step count and moments of the checkpoint's layers this rank holds, or None where the
+    checkpoint's optimizer or this run's (`ds_config`) is not Adam or AdamW."""
     if str((ds_config.get("optimizer") or {}).get("type", "")).lower() not in ADAM_TYPES:
         return None
     return adam_state(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
@@ -106,5 +106,4 @@ def what_carries_over(change: str, masters: bool, adam: bool, loss_scale: bool) 
     line = f"{change}: {', '.join(carried)}, iteration, data position and LR schedule carry over exactly"
     if adam:
         return line
-    return (f"warning: {line}; the optimizer's state restarts from zero (gptx reads Adam's, and not from "
-            f"ZeRO-3's shards)")
+    return f"warning: {line}; the optimizer's state restarts from zero (gptx carries Adam's and AdamW's only)"

@@ -1,7 +1,7 @@
 """The partition report's memory model against the bytes a real engine allocates, in this process
 (AllocatedPeak: on a CPU what torch.cuda.max_memory_allocated is on a GPU), where one term of the
 model dominates the run: the unfused loss's logits, fp16's optimizer step without ZeRO, and the
-activations under DeepSpeed's checkpointing."""
+activations under activation checkpointing."""
 import copy
 
 import pytest
@@ -15,9 +15,10 @@ from gptx.testing import CPU_FP16_ENV
 def allocated_and_predicted(model: dict, pipe: int, zero: int, micro: int, accum: int, interval: int = 0,
                             fp16: bool = False, torch_adam: bool = True):
     """Two steps of the engine for this layout on random tokens: (peak allocated bytes, the report's
-    prediction for its one rank, the engine's checkpointing chunks)."""
+    prediction for its one rank, how many times each block ran forward)."""
     from gptx.analysis.benchmark import AllocatedPeak, random_batches
     from gptx.analysis.precision_check import release
+    from gptx.model.layers import Block
     from gptx.parallel.engine import build_engine
     ds = copy.deepcopy(read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json"))
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
@@ -30,13 +31,16 @@ def allocated_and_predicted(model: dict, pipe: int, zero: int, micro: int, accum
     cfg = load_config(None, dict(model, pipe_parallel_size=pipe, activation_checkpoint_interval=interval))
     with AllocatedPeak() as peak:
         engine = build_engine(cfg, ds)
+        blocks = [m for m in engine.module.modules() if isinstance(m, Block)]
+        calls = [0] * len(blocks)
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         batches = random_batches(cfg, micro, seed=0)
         for _ in range(2):
             engine.train_batch(batches)
-    chunks = list(getattr(engine.module, "is_checkpointable_results", []))
     release(engine)
     predicted = predict(cfg, Layout(pipe, zero, False, False, interval), ds, micro, accum, 1)["gpu_bytes"]
-    return peak.bytes, predicted, chunks
+    return peak.bytes, predicted, calls
 
 
 # Logits of 4 x 128 positions over 8,192 columns (4M logits, 16 MiB per 4 bytes) dwarf the rest.
@@ -75,15 +79,12 @@ DEEP = dict(vocab_size=256, seq_len=256, n_layer=6, n_head=4, n_embd=128)
 
 
 @pytest.mark.parametrize("interval", [1, 4])
-def test_checkpointing_is_counted_in_deepspeeds_chunks(dist_world1, interval):
-    """PipelineModule.forward cuts the stage's layers in chunks of `interval` from its first layer and
-    recomputes only the chunks of blocks alone: at 4, [embedding, position, block, block] keeps
-    everything, blocks 2-5 are recomputed, and [final norm, head] is not checkpointed; the peak, while
-    blocks 2-5 are recomputed beside blocks 0-1, is what no checkpointing holds."""
-    from gptx.analysis.partition_report import checkpoint_chunks
-    from gptx.model.gpt import layer_specs
-    from gptx.parallel.pipeline import layer_name
-    measured, predicted, chunks = allocated_and_predicted(DEEP, pipe=1, zero=0, micro=8, accum=2, interval=interval)
-    names = [layer_name(spec) for spec in layer_specs(load_config(None, DEEP).model, seed=0)]
+def test_checkpointing_recomputes_every_block_and_is_counted_so(dist_world1, interval):
+    """gptx's PipelineModule.forward cuts the blocks alone into chunks of `interval`, from the first
+    block: at 4, blocks 0-3 and 4-5, each recomputed in backward, so every block runs forward twice per
+    micro-batch. (DeepSpeed's own forward cuts all of a stage's layers from its first one and runs
+    [embedding, position, block, block] as it is: blocks 0-1 kept everything and ran once.) The peak
+    comes while blocks 0-3 are recomputed beside the chunks' inputs."""
+    measured, predicted, calls = allocated_and_predicted(DEEP, pipe=1, zero=0, micro=8, accum=2, interval=interval)
+    assert calls == [2 * 2 * 2] * DEEP["n_layer"]  # 2 steps x 2 micro-batches x (forward, recomputation)
     assert predicted == pytest.approx(measured, rel=0.08), (measured, predicted)
-    assert [recomputed for _, recomputed in checkpoint_chunks(names, interval, pipeline=True)] == chunks
