@@ -91,6 +91,8 @@ def set_adam_state(engine, step: int, moment_of: dict[str, ValueOf]) -> None:
     value) into the engine's torch optimizer, before its first step and before the weights are
     loaded: each moment is written where the fp32 weights live, whose layout _write_fp32_copies
     knows for every optimizer, and copied from there into the optimizer's state."""
+    if not moment_of:
+        return  # saved before the first step: a new optimizer's state is that
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     tensors = stepped_tensors(engine)
     moments = {}

@@ -71,6 +71,24 @@ def stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int, 
     return [g for g in groups if g]
 
 
+def _base_state(sd: dict) -> dict:
+    """Group index -> the torch optimizer's state of a ZeRO-1/2 or bf16 file's slice: a torch state
+    dict's "state", or with zero_optimization.elastic_checkpoint a list with one state per group."""
+    base = sd.get("base_optimizer_state") or {}
+    return base.get("state", {}) if isinstance(base, dict) else dict(enumerate(base))
+
+
+def _has_stepped(folder: Path, meta: dict) -> bool:
+    """Whether the optimizer has state at all: none before its first step (a checkpoint of iteration 0,
+    or one whose steps fp16 all skipped), which is what a new optimizer starts from."""
+    files = _zero_files(folder, 0, meta["data_parallel_size"])
+    if files:
+        sd = read_torch_file(files[0], weights_only=False, mmap=True)["optimizer_state_dict"]
+        return bool(sd["optimizer_state_dict"].get("state") if "fp32_flat_groups" in sd else _base_state(sd))
+    opt = read_torch_file(folder / "mp_rank_00_model_states.pt", weights_only=False, mmap=True).get("optimizer") or {}
+    return bool(opt.get("optimizer_state_dict", opt).get("state"))
+
+
 def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values], int | None]:
     """A stage's values from its ZeRO-1/2 or bf16 optimizer files (one per data-parallel rank), and
     the optimizer's step count.
@@ -86,7 +104,7 @@ def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Va
         base = 0
         for sd in states:
             part = sd["single_partition_of_fp32_groups"][g]
-            state = sd["base_optimizer_state"]["state"].get(g, {})
+            state = _base_state(sd).get(g, {})
             step = state.get("step", step)
             for key in keys:
                 values = part if key == MASTERS else state.get(key)
@@ -230,12 +248,14 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config, wanted: set[int] 
 
 def adam_state(folder: Path, meta: dict, cfg: Config,
                wanted: set[int] | None = None) -> tuple[int, dict[str, Layers]] | None:
-    """(Adam's step count, {moment: layer index -> state dict}) of the stages holding a `wanted` layer,
-    or None for an optimizer other than Adam or AdamW."""
+    """(Adam's step count, {moment: layer index -> state dict}) of the stages holding a `wanted` layer
+    ((0, {}) before the first step), or None for an optimizer other than Adam or AdamW."""
     _check_has_optimizer(folder, meta)
     optimizer = (meta.get("ds_config") or {}).get("optimizer") or {}
     if str(optimizer.get("type", "")).lower() not in ADAM_TYPES:
         return None
+    if not _has_stepped(folder, meta):
+        return 0, {}
     moments, step = _read(folder, meta, cfg, MOMENTS, wanted)
     if step is None:
         raise CheckpointError(f"checkpoint '{folder}': its optimizer state has no step count")

@@ -173,6 +173,22 @@ def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams
     assert scales(run) == scales(full) == [2.0 ** 8 if name == "fp16" else None] * 6
 
 
+def test_a_checkpoint_of_iteration_0_resumes_on_another_layout_as_a_new_run_there(dist_world1, work, capsys):
+    """Saved before the first step, DeepSpeed's bf16 optimizer holds no state yet: the run resumed
+    without a pipeline trains as a new run without one does."""
+    ds = str(bf16_config(work[0]))
+    start, fresh = work[0] / "iteration_0", work[0] / "iteration_0_fresh"
+    cfg, paths = parse_pretrain_args(args(work, start, 1, 3, "--deepspeed_config", ds))
+    trainer = Trainer(cfg, paths)
+    trainer.setup()
+    trainer.save()
+    trainer.metrics.close()
+    assert run_pretrain(args(work, start, 0, 3, "--load", str(start), "--deepspeed_config", ds)) == 0
+    assert "Adam's moments and step count, iteration" in capsys.readouterr().out
+    assert run_pretrain(args(work, fresh, 0, 3, "--deepspeed_config", ds)) == 0
+    assert train_losses(start) == train_losses(fresh)
+
+
 def test_master_weights_of_a_fp32_run_are_its_weights(one_stage_run):
     a, _ = load_plain_model(one_stage_run)
     b, _ = load_plain_model(one_stage_run, master_weights=True)
