@@ -126,9 +126,10 @@ class Trainer:
                      # Absolute, so that --load alone finds the data from any working directory.
                      "data": str(plan.data.resolve()), "data_sources": as_record(plan.sources),
                      "code_version": checkpoint.code_version()}
-        checkpoint.prepare_run_dir(self.run_dir, json.dumps(self.meta, indent=2) + "\n")
         if plan.resume_tag:
             self.iteration, self.consumed, self.tokens = resume(self.engine, plan)
+        # After the resume: a checkpoint that fails to load leaves the run's config.json as it was.
+        checkpoint.prepare_run_dir(self.run_dir, json.dumps(self.meta, indent=2) + "\n")
         self.first_iteration = self.iteration
         self.log_layout()
         self.open_data()
