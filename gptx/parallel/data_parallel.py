@@ -22,7 +22,7 @@ from gptx.model.fused_loss import FusedLMLoss, hidden_and_head_weight
 from gptx.model.gpt import GPT, layer_specs, lm_loss
 from gptx.model.layers import Block
 from gptx.parallel.ds_config import zero_stage
-from gptx.parallel.pipeline import compile_blocks, recompute_in_backward
+from gptx.parallel.pipeline import compile_blocks, recompute_in_backward, run_layers
 
 
 class SequentialGPT(GPT):
@@ -57,21 +57,13 @@ class SequentialGPT(GPT):
         blocks = fns[2:2 + n]
         if interval and torch.is_grad_enabled():
             for start in range(0, n, interval):
-                x = recompute_in_backward(_run_chunk(blocks[start:start + interval]), x)
+                x = recompute_in_backward(run_layers(blocks[start:start + interval]), x)
         else:
             for fn in blocks:
                 x = fn(x)
         for fn in fns[2 + n:]:
             x = fn(x)
         return x
-
-
-def _run_chunk(fns):
-    def run(x):
-        for fn in fns:
-            x = fn(x)
-        return x
-    return run
 
 
 class DataParallelGrid:
