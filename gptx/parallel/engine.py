@@ -36,6 +36,9 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    the accumulation steps, which `set_train_batch_size` (a batch ramp) changes without moving
    the count: the update falls mid-batch (`_count_micro_batches_from_each_batch_change`;
    tests/unit/training/test_checkpoint.py: a batch ramp without a pipeline).
+10. ZeRO-3's safe_set_full_fp32_param / safe_set_full_optimizer_state cut the last rank's chunk past the
+   end of a parameter the ranks do not divide: a resume onto ZeRO-3 stops there with a RuntimeError
+   (`gptx.parallel.optimizer_state.set_zero3_fp32`; tests/integration/test_checkpoint.py: odd sizes).
 
 DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
 (`gptx.testing.allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.

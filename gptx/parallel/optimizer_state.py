@@ -49,7 +49,9 @@ def _write_fp32_copies(engine, value_of: ValueOf) -> None:
     params = dict(engine.module.named_parameters())
     name_of = {id(p): name for name, p in params.items()}
     optimizer = engine.optimizer
-    if any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params.values()):
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        set_zero3_fp32(params, value_of)
+    elif any(hasattr(p, "_hp_mapping") for p in params.values()):
         from deepspeed.utils import safe_set_full_fp32_param
         for name, p in params.items():
             safe_set_full_fp32_param(p, value_of(name).to(p.device, torch.float32))
@@ -67,6 +69,24 @@ def _write_fp32_copies(engine, value_of: ValueOf) -> None:
                 p.copy_(value_of(name).view_as(p))
     else:
         raise TypeError(f"gptx cannot set the fp32 copies of {type(optimizer).__name__}")
+
+
+def set_zero3_fp32(params: dict[str, torch.Tensor], value_of: ValueOf) -> None:
+    """Each ZeRO-3 parameter's fp32 partition on this rank := its chunk of value_of(its name).
+
+    DeepSpeed defect 10 (gptx/parallel/engine.py): ZeRO-3's set_full_hp_param (safe_set_full_fp32_param)
+    slices the full value without the padding its partitions have, so where the ranks do not divide a
+    parameter's size the last rank's chunk runs past the end and that rank stops with a RuntimeError,
+    leaving the others waiting. gptx pads the value and hands each rank its own chunk.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_local_fp32_param
+    rank, ranks = dist.get_rank(), dist.get_world_size()  # ZeRO-3 runs without a pipeline: all ranks partition
+    for name, p in params.items():
+        chunk = p.ds_tensor.numel()
+        value = value_of(name).reshape(-1).to(torch.float32)
+        padded = torch.nn.functional.pad(value, (0, chunk * ranks - value.numel()))
+        safe_set_local_fp32_param(p, padded[rank * chunk:(rank + 1) * chunk].to(p.ds_tensor.device))
 
 
 def set_fp32_masters(engine, master_of: ValueOf) -> None:

@@ -2,7 +2,8 @@
 them: a 16-bit run's fp32 master weights, Adam's two moments and its step count. Values come
 keyed like the layer files (layer index -> key in its file -> tensor), so any layout can take them.
 
-Files are memory-mapped: what a rank takes from them is copied, the rest is never read.
+Files are memory-mapped; a rank holds the full fp32 values (12 bytes per parameter with both
+moments and the masters) of every parameter of the stages its layers come from while it resumes.
 Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one stage, 0):
 - ZeRO-1/2 and DeepSpeed's bf16 optimizer: one file per data-parallel rank, each holding a slice
   of every flat group (the masters, and the torch optimizer's state of that slice), with
@@ -15,6 +16,7 @@ Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one sta
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -71,6 +73,13 @@ def stage_param_order(cfg: Config, stage_layers: range) -> list[list[tuple[int, 
     return [g for g in groups if g]
 
 
+def _latest_step(states) -> int | None:
+    """The step count of per-tensor states: DeepSpeed's FusedAdam advances only the last tensor's of each
+    group (the one it hands its kernel), torch's Adam all of them."""
+    steps = [int(state["step"]) for state in states if state and state.get("step") is not None]
+    return max(steps) if steps else None
+
+
 def _base_state(sd: dict) -> dict:
     """Group index -> the torch optimizer's state of a ZeRO-1/2 or bf16 file's slice: a torch state
     dict's "state", or with zero_optimization.elastic_checkpoint a list with one state per group."""
@@ -84,9 +93,11 @@ def _has_stepped(folder: Path, meta: dict) -> bool:
     files = _zero_files(folder, 0, meta["data_parallel_size"])
     if files:
         sd = read_torch_file(files[0], weights_only=False, mmap=True)["optimizer_state_dict"]
-        return bool(sd["optimizer_state_dict"].get("state") if "fp32_flat_groups" in sd else _base_state(sd))
-    opt = read_torch_file(folder / "mp_rank_00_model_states.pt", weights_only=False, mmap=True).get("optimizer") or {}
-    return bool(opt.get("optimizer_state_dict", opt).get("state"))
+        state = sd["optimizer_state_dict"].get("state") if "fp32_flat_groups" in sd else _base_state(sd)
+    else:
+        opt = read_torch_file(folder / "mp_rank_00_model_states.pt", weights_only=False, mmap=True).get("optimizer")
+        state = (opt or {}).get("optimizer_state_dict", opt or {}).get("state")
+    return any((state or {}).values())  # elastic checkpoints keep an empty state per group
 
 
 def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values], int | None]:
@@ -105,7 +116,7 @@ def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Va
         for sd in states:
             part = sd["single_partition_of_fp32_groups"][g]
             state = _base_state(sd).get(g, {})
-            step = state.get("step", step)
+            step = _latest_step([state, {"step": step}])
             for key in keys:
                 values = part if key == MASTERS else state.get(key)
                 if values is None:
@@ -125,7 +136,7 @@ def _zero3(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values],
     shapes = {name: shape for group in read_torch_file(model_states, weights_only=False)["param_shapes"]
               for name, shape in group.items()}
     inner = [sd["optimizer_state_dict"]["state"] for sd in states]
-    step = next(iter(inner[0].values()), {}).get("step")
+    step = _latest_step(inner[0].values())
     values: dict[str, Values] = {}
     for key in keys:
         try:
@@ -157,7 +168,7 @@ def _flat_groups(states: dict, key: str, where: str) -> tuple[list[torch.Tensor]
         flat = [torch.cat([state[i][key].reshape(-1) for i in group["params"]]) for group in inner["param_groups"]]
     except (KeyError, TypeError):
         raise CheckpointError(f"checkpoint '{where}': no optimizer state '{key}' for every parameter") from None
-    return flat, next(iter(state.values())).get("step")
+    return flat, _latest_step(state.values())
 
 
 def _in_order(flat: list[torch.Tensor], order: list[list[tuple[int, str, torch.Size]]], where: str) -> Values:
@@ -232,6 +243,16 @@ def _read(folder: Path, meta: dict, cfg: Config, keys: tuple[str, ...],
     return layers, step
 
 
+@contextlib.contextmanager
+def _readable(folder: Path):
+    """Optimizer files of a form gptx does not know (another DeepSpeed, a damaged pickle) as one line."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint '{folder}': its optimizer files are not as gptx reads them "
+                              f"({type(e).__name__}: {e}); resume it on the layout it was saved with") from None
+
+
 def _check_has_optimizer(folder: Path, meta: dict) -> None:
     if meta.get("weights_only") or not meta.get("data_parallel_size") or meta.get("pipe_parallel_size") is None:
         raise CheckpointError(f"checkpoint '{folder}' holds no optimizer state (weights only)")
@@ -243,20 +264,31 @@ def fp32_master_weights(folder: Path, meta: dict, cfg: Config, wanted: set[int] 
     if precision(meta.get("ds_config") or {}) == "fp32":
         return None
     _check_has_optimizer(folder, meta)
-    return _read(folder, meta, cfg, (MASTERS,), wanted)[0][MASTERS]
+    with _readable(folder):
+        return _read(folder, meta, cfg, (MASTERS,), wanted)[0][MASTERS]
+
+
+def adam_amsgrad(ds_config: dict) -> bool | None:
+    """Whether a DeepSpeed JSON's Adam or AdamW keeps amsgrad's maximum, or None for another optimizer."""
+    optimizer = ds_config.get("optimizer") or {}
+    if str(optimizer.get("type", "")).lower() not in ADAM_TYPES:
+        return None
+    return bool((optimizer.get("params") or {}).get("amsgrad"))
 
 
 def adam_state(folder: Path, meta: dict, cfg: Config,
                wanted: set[int] | None = None) -> tuple[int, dict[str, Layers]] | None:
     """(Adam's step count, {moment: layer index -> state dict}) of the stages holding a `wanted` layer
-    ((0, {}) before the first step), or None for an optimizer other than Adam or AdamW."""
+    ((0, {}) before the first step), or None for an optimizer other than Adam or AdamW. With
+    amsgrad, the moments include the largest second moment so far (max_exp_avg_sq)."""
     _check_has_optimizer(folder, meta)
-    optimizer = (meta.get("ds_config") or {}).get("optimizer") or {}
-    if str(optimizer.get("type", "")).lower() not in ADAM_TYPES:
+    amsgrad = adam_amsgrad(meta.get("ds_config") or {})
+    if amsgrad is None:
         return None
-    if not _has_stepped(folder, meta):
-        return 0, {}
-    moments, step = _read(folder, meta, cfg, MOMENTS, wanted)
+    with _readable(folder):
+        if not _has_stepped(folder, meta):
+            return 0, {}
+        moments, step = _read(folder, meta, cfg, MOMENTS + ("max_exp_avg_sq",) * amsgrad, wanted)
     if step is None:
         raise CheckpointError(f"checkpoint '{folder}': its optimizer state has no step count")
     return step, moments
@@ -264,15 +296,22 @@ def adam_state(folder: Path, meta: dict, cfg: Config,
 
 def loss_scale_state(folder: Path, meta: dict) -> dict | None:
     """A fp16 run's dynamic loss scale as its optimizer saved it (LOSS_SCALE_KEYS; the stages keep
-    one scale), or None for bf16 and fp32 runs."""
+    one scale), or None for bf16 and fp32 runs and a static scale (the new run's JSON says its own)."""
     if precision(meta.get("ds_config") or {}) != "fp16":
         return None
     _check_has_optimizer(folder, meta)
+    with _readable(folder):
+        return _saved_loss_scale(folder, meta)
+
+
+def _saved_loss_scale(folder: Path, meta: dict) -> dict | None:
     files = _zero_files(folder, 0, meta["data_parallel_size"])
     if files:  # ZeRO pickles its scaler object
         scaler = read_torch_file(files[0], weights_only=False, mmap=True)["optimizer_state_dict"].get("loss_scaler")
-        saved = {key: getattr(scaler, key) for key in LOSS_SCALE_KEYS if hasattr(scaler, key)}
+        dynamic = getattr(scaler, "dynamic", False)
+        saved = {key: getattr(scaler, key) for key in LOSS_SCALE_KEYS if hasattr(scaler, key)} if dynamic else {}
     else:  # FP16_Optimizer and FP16_UnfusedOptimizer keep the values in their state dict
-        opt = read_torch_file(folder / "mp_rank_00_model_states.pt", weights_only=False).get("optimizer") or {}
-        saved = {key: opt[key] for key in LOSS_SCALE_KEYS if key in opt}
+        opt = read_torch_file(folder / "mp_rank_00_model_states.pt", weights_only=False, mmap=True).get("optimizer")
+        dynamic = (opt or {}).get("dynamic_loss_scale")
+        saved = {key: opt[key] for key in LOSS_SCALE_KEYS if key in opt} if dynamic else {}
     return saved or None

@@ -19,7 +19,8 @@ from gptx.parallel.ds_config import precision
 from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale
 from gptx.training.checkpoint import read_layer_file
 from gptx.training.consolidate import config_from_meta
-from gptx.training.optimizer_files import ADAM_TYPES, adam_state, fp32_master_weights, loss_scale_state, param_layer_key
+from gptx.training.optimizer_files import (adam_amsgrad, adam_state, fp32_master_weights, loss_scale_state,
+                                           param_layer_key)
 
 Layers = dict[int, dict[str, torch.Tensor]]
 
@@ -86,8 +87,8 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
 
 def saved_adam_state(engine, folder: Path, meta: dict, ds_config: dict) -> tuple[int, dict[str, Layers]] | None:
     """Adam's step count and moments of the checkpoint's layers this rank holds, or None where the
-    checkpoint's optimizer or this run's (`ds_config`) is not Adam or AdamW."""
-    if str((ds_config.get("optimizer") or {}).get("type", "")).lower() not in ADAM_TYPES:
+    checkpoint's optimizer or this run's (`ds_config`) is not Adam or AdamW, or amsgrad differs."""
+    if adam_amsgrad(ds_config) is None or adam_amsgrad(ds_config) != adam_amsgrad(meta.get("ds_config") or {}):
         return None
     return adam_state(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
 
@@ -106,4 +107,5 @@ def what_carries_over(change: str, masters: bool, adam: bool, loss_scale: bool) 
     line = f"{change}: {', '.join(carried)}, iteration, data position and LR schedule carry over exactly"
     if adam:
         return line
-    return f"warning: {line}; the optimizer's state restarts from zero (gptx carries Adam's and AdamW's only)"
+    return (f"warning: {line}; the optimizer's state restarts from zero (gptx carries Adam's and AdamW's, "
+            f"with amsgrad the same before and after)")

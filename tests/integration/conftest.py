@@ -26,6 +26,7 @@ PARTITION_METHODS = ("parameters", "compute")
 # test_multinode.py's runs: dropout on, so a resume also needs each node's random streams back.
 MULTINODE_ITERS = 6
 MULTINODE_FLAGS = ("--eval-interval", "0", "--log-interval", "1", "--set", "dropout=0.1")
+ODD = ("--set", "n_embd=33", "--set", "n_head=3")  # norms and biases of 33 values: 2 ranks cut them unevenly
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +94,11 @@ def two_ranks(tmp_path_factory):
              # test_checkpoint.py resumes these on 1 replica (DeepSpeed's ZeRO load refuses the bf16 one)
              sequence_run("bf16_dp2", train_argv(work, "bf16_dp2", 1, 2, 1, "--exit-interval", "3", ds_extra=BF16)),
              sequence_run("fp32_dp2", train_argv(work, "fp32_dp2", 1, 2, 1, "--exit-interval", "3")),
+             # test_checkpoint.py: parameters of 33 values, which 2 ranks do not divide, moved onto ZeRO-3
+             sequence_run("odd_full", train_argv(work, "odd_full", 1, 2, 1, *ODD)),
+             sequence_run("odd_dp2", train_argv(work, "odd_dp2", 1, 2, 1, *ODD, "--exit-interval", "3")),
+             sequence_run("odd_zero3", train_argv(work, "odd_zero3", 0, 2, 1, *ODD, "--load", str(tmp / "odd_dp2"),
+                                                  "--save", str(tmp / "odd_dp2"), ds_extra=ZERO3)),
              sequence_run("offload", train_argv(work, "offload", 2, 2, 4, "--save-interval", "2", "--exit-interval", "3",
                                              ds_extra=OFFLOAD)),
              sequence_run("offload_resume", train_argv(work, "offload", 2, 2, 4, "--load", str(tmp / "offload"),

@@ -121,10 +121,13 @@ def assert_masters_are_deepspeeds_consolidation(run):
 TORCH_ADAMW = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "weight_decay": 0.1}}}  # not fused
 DEEPSPEED_ADAMW = {"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}}  # FusedAdam: FP16_Optimizer
 ZERO = lambda stage: {"zero_optimization": {"stage": stage}}
+AMSGRAD = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "amsgrad": True}}}
 
 
 @pytest.mark.parametrize("name, source, target", [
     ("fp32", (1, {}), (0, {})),  # torch's fused AdamW, state per tensor -> without a pipeline
+    ("fp32", (1, DEEPSPEED_ADAMW), (0, DEEPSPEED_ADAMW)),  # FusedAdam: a step count on each group's last tensor
+    ("fp32", (1, AMSGRAD), (0, AMSGRAD)),  # amsgrad's largest second moment too
     ("bf16", (1, {}), (0, {})),  # the pipeline's bf16 optimizer -> without a pipeline
     ("bf16", (1, {}), (0, ZERO(3))),  # -> ZeRO-3's shards
     ("bf16", (0, ZERO(3)), (1, {})),  # ZeRO-3's shards -> the pipeline's bf16 optimizer
@@ -173,19 +176,23 @@ def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams
     assert scales(run) == scales(full) == [2.0 ** 8 if name == "fp16" else None] * 6
 
 
-def test_a_checkpoint_of_iteration_0_resumes_on_another_layout_as_a_new_run_there(dist_world1, work, capsys):
-    """Saved before the first step, DeepSpeed's bf16 optimizer holds no state yet: the run resumed
-    without a pipeline trains as a new run without one does."""
-    ds = str(bf16_config(work[0]))
-    start, fresh = work[0] / "iteration_0", work[0] / "iteration_0_fresh"
-    cfg, paths = parse_pretrain_args(args(work, start, 1, 3, "--deepspeed_config", ds))
+@pytest.mark.parametrize("source, target", [(1, 0), (0, 1)], ids=["bf16", "elastic-zero1"])
+def test_a_checkpoint_of_iteration_0_resumes_on_another_layout_as_a_new_run_there(dist_world1, work, capsys,
+                                                                                   source, target):
+    """Saved before the first step, the optimizer holds no state yet (DeepSpeed's bf16 optimizer none,
+    ZeRO's elastic_checkpoint an empty one per group): the run resumed on the other layout trains as a
+    new run there does."""
+    ds = str(bf16_config(work[0]) if source else write_ds_config(
+        work[0] / "elastic.json", micro=2, accum=2, zero_optimization={"stage": 1, "elastic_checkpoint": True}))
+    start, fresh = work[0] / f"iteration_0_{source}", work[0] / f"iteration_0_fresh_{source}"
+    cfg, paths = parse_pretrain_args(args(work, start, source, 3, "--deepspeed_config", ds))
     trainer = Trainer(cfg, paths)
     trainer.setup()
     trainer.save()
     trainer.metrics.close()
-    assert run_pretrain(args(work, start, 0, 3, "--load", str(start), "--deepspeed_config", ds)) == 0
+    assert run_pretrain(args(work, start, target, 3, "--load", str(start), "--deepspeed_config", ds)) == 0
     assert "Adam's moments and step count, iteration" in capsys.readouterr().out
-    assert run_pretrain(args(work, fresh, 0, 3, "--deepspeed_config", ds)) == 0
+    assert run_pretrain(args(work, fresh, target, 3, "--deepspeed_config", ds)) == 0
     assert train_losses(start) == train_losses(fresh)
 
 
