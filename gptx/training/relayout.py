@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
-from gptx.parallel.ds_config import precision
+from gptx.parallel.ds_config import precision, zero_stage
 from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale
 from gptx.training.checkpoint import read_layer_file
 from gptx.training.consolidate import config_from_meta
@@ -85,11 +85,21 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
     return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
 
 
-def saved_adam_state(engine, folder: Path, meta: dict, ds_config: dict) -> tuple[int, dict[str, Layers]] | None:
-    """Adam's step count and moments of the checkpoint's layers this rank holds, or None where the
-    checkpoint's optimizer or this run's (`ds_config`) is not Adam or AdamW, or amsgrad differs."""
-    if adam_amsgrad(ds_config) is None or adam_amsgrad(ds_config) != adam_amsgrad(meta.get("ds_config") or {}):
-        return None
+def adam_state_blocker(meta: dict, ds_config: dict) -> str | None:
+    """Why Adam's state cannot carry over from the checkpoint (`meta`) into this run (`ds_config`), or None."""
+    mine, theirs = adam_amsgrad(ds_config), adam_amsgrad(meta.get("ds_config") or {})
+    if mine is None or theirs is None:
+        return "gptx carries Adam's and AdamW's"
+    if mine != theirs:
+        return "amsgrad differs"
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if zero_stage(ds_config) == 3 and (offload.get("device") == "nvme" or offload.get("ratio", 1) < 1):
+        return "this run's ZeRO-3 swaps its optimizer state to NVMe or keeps part of it on the device"
+    return None
+
+
+def saved_adam_state(engine, folder: Path, meta: dict) -> tuple[int, dict[str, Layers]] | None:
+    """Adam's step count and moments of the checkpoint's layers this rank holds (adam_state_blocker first)."""
     return adam_state(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
 
 
@@ -100,12 +110,11 @@ def carry_loss_scale(engine, folder: Path, meta: dict) -> bool:
     return saved is not None and set_loss_scale(engine, saved)
 
 
-def what_carries_over(change: str, masters: bool, adam: bool, loss_scale: bool) -> str:
+def what_carries_over(change: str, masters: bool, adam_blocker: str | None, loss_scale: bool) -> str:
     """The log line of a resume on another layout."""
     carried = ["weights (their fp32 master copies too)" if masters else "weights"]
-    carried += ["Adam's moments and step count"] * adam + ["the loss scale"] * loss_scale
+    carried += ["Adam's moments and step count"] * (adam_blocker is None) + ["the loss scale"] * loss_scale
     line = f"{change}: {', '.join(carried)}, iteration, data position and LR schedule carry over exactly"
-    if adam:
+    if adam_blocker is None:
         return line
-    return (f"warning: {line}; the optimizer's state restarts from zero (gptx carries Adam's and AdamW's, "
-            f"with amsgrad the same before and after)")
+    return f"warning: {line}; the optimizer's state restarts from zero ({adam_blocker})"

@@ -355,12 +355,13 @@ def resume(engine, plan: Plan) -> tuple[int, int, int]:
         state = checkpoint.load(engine, plan.load_dir, plan.resume_tag)
     else:
         masters = relayout.saved_masters(engine, folder, meta)
-        adam = relayout.saved_adam_state(engine, folder, meta, plan.ds_config)
+        blocker = relayout.adam_state_blocker(meta, plan.ds_config)
+        adam = None if blocker else relayout.saved_adam_state(engine, folder, meta)
         relayout.load_layers(engine, folder, masters, adam)
         scale = relayout.carry_loss_scale(engine, folder, meta)
         state = meta
         engine.lr_scheduler.load_state_dict({"steps": state.get("lr_steps", state["iteration"])})
-        log(relayout.what_carries_over(change, masters is not None, adam is not None, scale))
+        log(relayout.what_carries_over(change, masters is not None, blocker, scale))
     iteration, consumed = state["iteration"], state["consumed_samples"]
     tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
     log(f"resumed from {folder}: iteration {iteration}, {tokens:,} tokens seen")
