@@ -2,8 +2,9 @@
 them: a 16-bit run's fp32 master weights, Adam's two moments and its step count. Values come
 keyed like the layer files (layer index -> key in its file -> tensor), so any layout can take them.
 
-Files are memory-mapped; a rank holds the full fp32 values (12 bytes per parameter with both
-moments and the masters) of every parameter of the stages its layers come from while it resumes.
+Files are memory-mapped, and a value is joined from its pieces only when it is read (LazyLayer):
+a rank resuming a large model holds one parameter's full values at a time, not its stages'
+whole optimizer state.
 Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one stage, 0):
 - ZeRO-1/2 and DeepSpeed's bf16 optimizer: one file per data-parallel rank, each holding a slice
   of every flat group (the masters, and the torch optimizer's state of that slice), with
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,8 +36,40 @@ MASTERS = "fp32"  # the key the fp32 master weights are read under, beside the o
 MOMENTS = ("exp_avg", "exp_avg_sq")
 ADAM_TYPES = ("adam", "adamw")
 
-Layers = dict[int, dict[str, torch.Tensor]]
-Values = dict[tuple[int, str], torch.Tensor]  # (layer index, key in its layer file) -> tensor
+Pieces = list[torch.Tensor]  # 1-D views into memory-mapped files: one parameter's values, in order
+Values = dict[tuple[int, str], Pieces]  # (layer index, key in its layer file) -> its pieces
+
+
+class LazyLayer(Mapping):
+    """A layer's values (key in its layer file -> tensor), each joined from its pieces when read."""
+
+    def __init__(self):
+        self.parts: dict[str, tuple[Pieces, torch.Size]] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        pieces, shape = self.parts[key]
+        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return flat[:shape.numel()].view(shape)  # ZeRO-3's last chunk carries padding
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+Layers = dict[int, Mapping[str, torch.Tensor]]
+
+
+def _cut(segments: list[torch.Tensor], start: int, length: int) -> Pieces:
+    """Views of values start .. start + length of 1-D segments laid end to end."""
+    pieces, offset = [], 0
+    for segment in segments:
+        end = offset + segment.numel()
+        if end > start and offset < start + length:
+            pieces.append(segment[max(start, offset) - offset:min(start + length, end) - offset])
+        offset = end
+    return pieces
 
 
 def param_layer_key(name: str) -> tuple[int, str]:
@@ -125,7 +159,7 @@ def _partitioned(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Va
                     pieces[key].setdefault(name, []).append((base + frag.start,
                                                              values[frag.start:frag.start + frag.numel]))
             base += part.numel()
-    return {key: {param_layer_key(name): torch.cat([t for _, t in sorted(frags, key=lambda x: x[0])])
+    return {key: {param_layer_key(name): [t for _, t in sorted(frags, key=lambda x: x[0])]
                   for name, frags in by_name.items()} for key, by_name in pieces.items()}, step
 
 
@@ -139,50 +173,52 @@ def _zero3(files: list[Path], keys: tuple[str, ...]) -> tuple[dict[str, Values],
     step = _latest_step(inner[0].values())
     values: dict[str, Values] = {}
     for key in keys:
-        try:
-            flats = [torch.cat(list(sd["fp32_flat_groups"])) if key == MASTERS else
-                     torch.cat([state[g][key] for g in sorted(state)]) for sd, state in zip(states, inner)]
+        try:  # each rank's sub-groups, laid end to end
+            ranks = [list(sd["fp32_flat_groups"]) if key == MASTERS else [state[g][key] for g in sorted(state)]
+                     for sd, state in zip(states, inner)]
         except KeyError:
             raise CheckpointError(f"checkpoint file '{files[0]}': no optimizer state '{key}'") from None
         values[key], offset = {}, 0
         for name, shape in shapes.items():
             chunk = math.ceil(shape.numel() / len(files))  # the last rank's chunk is padded
-            full = torch.cat([flat[offset:offset + chunk] for flat in flats])[:shape.numel()]
-            values[key][param_layer_key(name)] = full.view(shape).clone()
+            pieces = [piece for segments in ranks for piece in _cut(segments, offset, chunk)]
+            values[key][param_layer_key(name)] = pieces
             offset += chunk
     return values, step
 
 
-def _flat_groups(states: dict, key: str, where: str) -> tuple[list[torch.Tensor], int | None]:
-    """One flat tensor per optimizer group from a stage's model-states file (no ZeRO), and the step count."""
+def _flat_groups(states: dict, key: str, where: str) -> tuple[list[list[torch.Tensor]], int | None]:
+    """Each optimizer group's values as 1-D segments laid end to end, from a stage's model-states
+    file (no ZeRO), and the step count."""
     opt = states.get("optimizer") or {}
     if key == MASTERS:
-        if "fp32_groups_flat" in opt:  # FP16_Optimizer (fused Adam)
-            return list(opt["fp32_groups_flat"]), None
+        if "fp32_groups_flat" in opt:  # FP16_Optimizer (fused Adam): one flat tensor per group
+            return [[flat] for flat in opt["fp32_groups_flat"]], None
         if "fp32_groups" in opt:  # FP16_UnfusedOptimizer: a list of tensors per group
-            return [torch.cat([t.reshape(-1) for t in group]) for group in opt["fp32_groups"]], None
+            return [[t.reshape(-1) for t in group] for group in opt["fp32_groups"]], None
         raise CheckpointError(f"checkpoint '{where}': no fp32 master weights in DeepSpeed's optimizer state")
     inner = opt.get("optimizer_state_dict", opt)  # the 16-bit optimizers wrap the torch optimizer's state
     state = inner.get("state") or {}
     try:
-        flat = [torch.cat([state[i][key].reshape(-1) for i in group["params"]]) for group in inner["param_groups"]]
+        flat = [[state[i][key].reshape(-1) for i in group["params"]] for group in inner["param_groups"]]
     except (KeyError, TypeError):
         raise CheckpointError(f"checkpoint '{where}': no optimizer state '{key}' for every parameter") from None
     return flat, _latest_step(state.values())
 
 
-def _in_order(flat: list[torch.Tensor], order: list[list[tuple[int, str, torch.Size]]], where: str) -> Values:
-    """Flat groups cut into the stage's parameters, in the order DeepSpeed flattened them."""
-    if len(flat) != len(order):
-        raise CheckpointError(f"checkpoint '{where}': {len(flat)} optimizer groups, gptx expects {len(order)}")
+def _in_order(groups: list[list[torch.Tensor]], order: list[list[tuple[int, str, torch.Size]]], where: str) -> Values:
+    """Groups' segments cut into the stage's parameters, in the order DeepSpeed flattened them."""
+    if len(groups) != len(order):
+        raise CheckpointError(f"checkpoint '{where}': {len(groups)} optimizer groups, gptx expects {len(order)}")
     values = {}
-    for group, entries in zip(flat, order):
-        if group.numel() != sum(shape.numel() for _, _, shape in entries):
-            raise CheckpointError(f"checkpoint '{where}': an optimizer group holds {group.numel()} values, "
-                                  f"the stage's parameters {sum(s.numel() for _, _, s in entries)}")
+    for segments, entries in zip(groups, order):
+        held, wanted = sum(t.numel() for t in segments), sum(shape.numel() for _, _, shape in entries)
+        if held != wanted:
+            raise CheckpointError(f"checkpoint '{where}': an optimizer group holds {held} values, the stage's "
+                                  f"parameters {wanted}")
         offset = 0
         for idx, key, shape in entries:
-            values[(idx, key)] = group[offset:offset + shape.numel()].view(shape).clone()
+            values[(idx, key)] = _cut(segments, offset, shape.numel())
             offset += shape.numel()
     return values
 
@@ -235,11 +271,12 @@ def _read(folder: Path, meta: dict, cfg: Config, keys: tuple[str, ...],
             if by_param.keys() != shapes.keys():
                 raise CheckpointError(f"checkpoint '{folder}': stage {stage}'s optimizer holds other parameters "
                                       f"than the model in {META}")
-            for (idx, name), tensor in by_param.items():
-                if tensor.numel() != shapes[(idx, name)].numel():
-                    raise CheckpointError(f"checkpoint '{folder}': {key} of {idx}.{name} has {tensor.numel()} "
-                                          f"values, the model {shapes[(idx, name)].numel()}")
-                layers[key].setdefault(idx, {}).setdefault(name, tensor.view(shapes[(idx, name)]))
+            for (idx, name), pieces in by_param.items():
+                held, shape = sum(t.numel() for t in pieces), shapes[(idx, name)]
+                if held < shape.numel() or (held > shape.numel() and not files):
+                    raise CheckpointError(f"checkpoint '{folder}': {key} of {idx}.{name} has {held} values, the "
+                                          f"model {shape.numel()}")
+                layers[key].setdefault(idx, LazyLayer()).parts.setdefault(name, (pieces, shape))
     return layers, step
 
 
