@@ -49,7 +49,7 @@ class LazyLayer(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         pieces, shape = self.parts[key]
         flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return flat[:shape.numel()].view(shape)  # ZeRO-3's last chunk carries padding
+        return flat[:shape.numel()].reshape(shape)  # ZeRO-3's last chunk carries padding
 
     def __iter__(self):
         return iter(self.parts)
