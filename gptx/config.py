@@ -414,9 +414,9 @@ def validate(cfg: Config) -> None:
     for key in ("eval_iters", "log_interval"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    if t.seed >= 2 ** 62:  # torch seeds are signed 64-bit, and layers and ranks add their index
+    if t.seed >= 2 ** 62:  # with each layer's and rank's index added, it must still fit torch's int64
         raise ConfigError(f"train.seed: must be below 2**62, got {t.seed}")
-    if not 1 <= t.dist_timeout <= 366 * 86400:  # beyond what a collective's deadline can hold
+    if not 1 <= t.dist_timeout <= 366 * 86400:  # a bound, well inside what timedelta holds
         raise ConfigError(f"train.dist_timeout: must be 1 to 31622400 seconds (a year), got {t.dist_timeout}")
     if t.spike_factor != 0 and t.spike_factor <= 1:
         raise ConfigError(f"train.spike_factor: must be 0 (off) or above 1, got {t.spike_factor}")

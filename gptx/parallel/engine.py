@@ -1,4 +1,4 @@
-"""The DeepSpeed engine for this model, and every workaround of a DeepSpeed defect, each named.
+"""The DeepSpeed engine for this model, and the list of DeepSpeed defects gptx works around.
 
 `build_engine()` is the one place a pipeline engine is made. The defects below were found
 in DeepSpeed 0.19.8; each workaround says how it was found and which test fails if it is
@@ -39,6 +39,9 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
 10. ZeRO-3's safe_set_full_fp32_param / safe_set_full_optimizer_state cut the last rank's chunk past the
    end of a parameter the ranks do not divide: a resume onto ZeRO-3 stops there with a RuntimeError
    (`gptx.parallel.optimizer_state.set_zero3_fp32`; tests/integration/test_checkpoint.py: odd sizes).
+11. PipelineModule.forward cuts activation-checkpoint chunks from a stage's first layer and leaves a
+   chunk with an embedding, norm or head unrecomputed, blocks included (`GPTPipe.forward`;
+   tests/unit/analysis/test_partition_report_engine.py: every block recomputed at interval 4).
 
 DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
 (`gptx.testing.allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.

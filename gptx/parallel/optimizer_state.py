@@ -1,5 +1,6 @@
 """What an engine's optimizer keeps beside the model's weights: a 16-bit run's fp32 master copies,
-and Adam's moments and step count, set from outside when a run resumes on another layout.
+Adam's moments (amsgrad's maximum too) and step count, and fp16's loss scale, set from outside when a
+run resumes on another layout.
 
 After weights are written into the model from outside, the optimizer's fp32 copies must follow.
 Refreshing them from the 16-bit weights rounds them; when the checkpoint kept its fp32 masters,
@@ -81,8 +82,9 @@ def set_zero3_fp32(params: dict[str, torch.Tensor], value_of: ValueOf) -> None:
     """
     import torch.distributed as dist
     from deepspeed.utils import safe_set_local_fp32_param
-    rank, ranks = dist.get_rank(), dist.get_world_size()  # ZeRO-3 runs without a pipeline: all ranks partition
     for name, p in params.items():
+        group = getattr(p, "ds_process_group", None)  # the ranks this parameter is cut across (MiCS: a shard group)
+        rank, ranks = dist.get_rank(group=group), dist.get_world_size(group=group)
         chunk = p.ds_tensor.numel()
         value = value_of(name).reshape(-1).to(torch.float32)
         padded = torch.nn.functional.pad(value, (0, chunk * ranks - value.numel()))
@@ -107,8 +109,8 @@ def stepped_tensors(engine) -> list[torch.Tensor]:
 
 
 def set_adam_state(engine, step: int, moment_of: dict[str, ValueOf]) -> None:
-    """Adam's step count and moments (moment_of: "exp_avg" / "exp_avg_sq" -> each parameter's full
-    value) into the engine's torch optimizer, before its first step and before the weights are
+    """Adam's step count and moments (moment_of: "exp_avg", "exp_avg_sq" and with amsgrad "max_exp_avg_sq"
+    -> each parameter's full value) into the engine's torch optimizer, before its first step and before the weights are
     loaded: each moment is written where the fp32 weights live, whose layout _write_fp32_copies
     knows for every optimizer, and copied from there into the optimizer's state."""
     if not moment_of:

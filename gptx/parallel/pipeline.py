@@ -48,7 +48,8 @@ def recompute_in_backward(function, *args):
 
 
 class GPTPipe(PipelineModule):
-    """PipelineModule with allocation-free parameter counting and a 'compute' partition.
+    """PipelineModule with allocation-free parameter counting, a 'compute' partition, and activation
+    checkpointing of blocks alone (forward).
 
     DeepSpeed's 'parameters' partitioning builds every layer of the whole model, one at a
     time, on every rank just to count parameters. Building on the meta device gives the
@@ -65,13 +66,14 @@ class GPTPipe(PipelineModule):
     def forward(self, forward_input):
         """DeepSpeed's forward, with activation checkpointing cut as checkpoint_chunks says. DeepSpeed
         cuts all of a stage's layers from its first one, and runs a chunk that holds an embedding, the
-        final norm or the head without recomputation: the blocks in it kept all their activations."""
+        final norm or the head without recomputation: the blocks in it kept all their activations
+        (defect 11, gptx/parallel/engine.py)."""
         if not self.activation_checkpoint_interval:
             return super().forward(forward_input)
         self.micro_offset += 1  # as DeepSpeed's forward counts micro-batches
         funcs = self.forward_funcs
         x = forward_input
-        for start, end, recomputed in checkpoint_chunks([isinstance(f, Block) for f in funcs],
+        for start, end, recomputed in checkpoint_chunks([type(f).__name__ in CHECKPOINTABLE_LAYERS for f in funcs],
                                                          self.activation_checkpoint_interval):
             run = run_layers(funcs[start:end])
             x = self.activation_checkpoint_func(run, x) if recomputed else run(x)
@@ -196,7 +198,6 @@ def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
         partition_method=t.partition_method,
         activation_checkpoint_interval=t.activation_checkpoint_interval,
         activation_checkpoint_func=recompute_in_backward,
-        checkpointable_layers=CHECKPOINTABLE_LAYERS,
     )
     if t.compile_blocks:
         # ZB-H1's split linear layers run between the graphs (zero_bubble.deferred_linear).

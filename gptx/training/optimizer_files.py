@@ -3,8 +3,8 @@ them: a 16-bit run's fp32 master weights, Adam's two moments and its step count.
 keyed like the layer files (layer index -> key in its file -> tensor), so any layout can take them.
 
 Files are memory-mapped, and a value is joined from its pieces only when it is read (LazyLayer):
-a rank resuming a large model holds one parameter's full values at a time, not its stages'
-whole optimizer state.
+a rank resuming a large model holds one parameter's full values at a time (FP16_Optimizer: one
+group's), not its stages' whole optimizer state.
 Where DeepSpeed keeps them, per pipeline stage (the no-pipeline model is one stage, 0):
 - ZeRO-1/2 and DeepSpeed's bf16 optimizer: one file per data-parallel rank, each holding a slice
   of every flat group (the masters, and the torch optimizer's state of that slice), with

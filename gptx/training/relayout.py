@@ -5,7 +5,7 @@ bf16 optimizer), which DeepSpeed cannot load (it stops with a ZeRORuntimeExcepti
 What carries over exactly: the weights (a 16-bit run's fp32 master weights too), Adam's moments
 and step count, all read per parameter from the optimizer files (gptx.training.optimizer_files),
 a fp16 run's loss scale, the iteration, the data position and the LR schedule. What restarts:
-the dropout streams, and the state of an optimizer other than Adam or AdamW.
+the dropout streams, and the optimizer's state where adam_state_blocker says why.
 """
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ from gptx.parallel.ds_config import precision, zero_stage
 from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale
 from gptx.training.checkpoint import read_layer_file
 from gptx.training.consolidate import config_from_meta
-from gptx.training.optimizer_files import (adam_amsgrad, adam_state, fp32_master_weights, loss_scale_state,
+from gptx.training.optimizer_files import (Layers, adam_amsgrad, adam_state, fp32_master_weights, loss_scale_state,
                                            param_layer_key)
-
-Layers = dict[int, dict[str, torch.Tensor]]
 
 
 def stages(pipe_size: int | None) -> str:

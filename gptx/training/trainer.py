@@ -100,7 +100,8 @@ class Trainer:
     # ---- before the first step
 
     def setup(self) -> None:
-        """Start torch.distributed, build the engine, write the run directory, resume, open the data."""
+        """Start torch.distributed, build the engine, check the run directory, resume, write its
+        config.json, open the data."""
         plan, cfg, t = self.plan, self.cfg, self.cfg.train
         self.threads = configure_host(plan.accelerator, cfg.model, plan.layout.micro_batch, precision(plan.ds_config))
         set_log_level_from_string(self.paths.ds_log_level)
@@ -126,6 +127,7 @@ class Trainer:
                      # Absolute, so that --load alone finds the data from any working directory.
                      "data": str(plan.data.resolve()), "data_sources": as_record(plan.sources),
                      "code_version": checkpoint.code_version()}
+        checkpoint.prepare_run_dir(self.run_dir, None)  # an unwritable --save stops here, before the load
         if plan.resume_tag:
             self.iteration, self.consumed, self.tokens = resume(self.engine, plan)
         # After the resume: a checkpoint that fails to load leaves the run's config.json as it was.

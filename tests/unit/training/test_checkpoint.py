@@ -134,6 +134,7 @@ AMSGRAD = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "amsgra
     ("fp16", (0, ZERO(1)), (1, {})),  # ZeRO-1 -> the pipeline's FP16_UnfusedOptimizer (fused torch AdamW)
     ("fp16", (0, {**TORCH_ADAMW, **ZERO(1)}), (1, TORCH_ADAMW)),  # the same with torch's unfused AdamW
     ("fp16", (1, DEEPSPEED_ADAMW), (0, {**DEEPSPEED_ADAMW, **ZERO(1)})),  # FP16_Optimizer's flat groups -> ZeRO-1
+    ("fp32", (0, {"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}), (1, {})),  # a state per group
 ])
 def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams_state(
         dist_world1, work, monkeypatch, capsys, request, name, source, target):
@@ -152,6 +153,8 @@ def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams
           for end, extra in (("from", source[1]), ("to", {**target_extra, **other_scale}))]
     run, resaved, full = (work[0] / f"{case}{end}" for end in ("", "_resaved", "_full"))
     schedule = ("--lr-decay-iters", "6")
+    # The reference first: a ZeRO-3 engine leaves torch's linear wrapped in the process after it is gone.
+    assert run_pretrain(args(work, full, source_pipe, 6, "--deepspeed_config", str(ds[0]), *schedule)) == 0
     assert run_pretrain(args(work, run, source_pipe, 3, "--deepspeed_config", str(ds[0]), *schedule)) == 0
     resume_and_save_at_once(args(work, resaved, target_pipe, 6, "--load", str(run), "--deepspeed_config", str(ds[1]),
                                  *schedule))
@@ -166,10 +169,9 @@ def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams
             assert_masters_are_deepspeeds_consolidation(zero3_run)
     assert run_pretrain(args(work, run, target_pipe, 6, "--load", str(run), "--deepspeed_config", str(ds[1]),
                              *schedule)) == 0
-    assert run_pretrain(args(work, full, source_pipe, 6, "--deepspeed_config", str(ds[0]), *schedule)) == 0
     resumed, uninterrupted = train_losses(run), train_losses(full)
     assert resumed.keys() == uninterrupted.keys()
-    # Bit-equal on CPU, but ZeRO-3's own sums differ from the other layouts' by up to about 1e-4.
+    # Bit-equal in this session's CPU runs. ZeRO-3's own sums differ from the other layouts' by up to about 1e-4.
     tolerance = 3e-4 if ZERO(3) in (source[1], target_extra) else 1e-6
     assert all(abs(resumed[i] - uninterrupted[i]) <= tolerance for i in resumed), (resumed, uninterrupted)
     scales = lambda path: [r["loss_scale"] for r in read_metrics(path) if "loss" in r]
