@@ -22,7 +22,7 @@ from gptx.model.fused_loss import FusedLMLoss, hidden_and_head_weight
 from gptx.model.gpt import GPT, layer_specs, lm_loss
 from gptx.model.layers import Block
 from gptx.parallel.ds_config import zero_stage
-from gptx.parallel.pipeline import compile_blocks, recompute_in_backward, run_layers
+from gptx.parallel.pipeline import checkpoint_chunks, compile_blocks, recompute_in_backward, run_layers
 
 
 class SequentialGPT(GPT):
@@ -49,20 +49,13 @@ class SequentialGPT(GPT):
         return self._through(self._forward_fns, idx)
 
     def _through(self, fns, idx: torch.Tensor):
-        interval = self.checkpoint_interval
+        """The layers' functions in order, blocks recomputed in backward as the pipeline's are."""
         n = self.cfg.n_layer
+        interval = self.checkpoint_interval if torch.is_grad_enabled() else 0
         x = idx
-        for fn in fns[:2]:
-            x = fn(x)
-        blocks = fns[2:2 + n]
-        if interval and torch.is_grad_enabled():
-            for start in range(0, n, interval):
-                x = recompute_in_backward(run_layers(blocks[start:start + interval]), x)
-        else:
-            for fn in blocks:
-                x = fn(x)
-        for fn in fns[2 + n:]:
-            x = fn(x)
+        for start, end, recomputed in checkpoint_chunks([2 <= i < 2 + n for i in range(len(fns))], interval):
+            run = run_layers(fns[start:end])
+            x = recompute_in_backward(run, x) if recomputed else run(x)
         return x
 
 
