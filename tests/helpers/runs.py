@@ -164,3 +164,16 @@ def sequence_code(folder: Path, name: str) -> int | None:
     """A run's exit code: the largest over the ranks that finished it, or None where none did."""
     codes = [int(p.read_text()) for p in folder.glob(f"{name}.rank*.code")]
     return max(codes) if codes else None
+
+
+def fake_launches(monkeypatch, module, write_outputs) -> list[list[str]]:
+    """`module`'s subprocess.run replaced by a launch that succeeds at once after write_outputs(cmd)
+    has written what the real one would; returns the commands launched, in order."""
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        write_outputs(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    return seen

@@ -2,13 +2,13 @@
 --work that cannot be written."""
 import errno
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import gptx.analysis.strategies as strategies_module
 from gptx.cli.strategies import run_strategies
+from tests.helpers.runs import fake_launches
 
 ONLY = ["--only", "no pipeline, ZeRO-2"]
 
@@ -16,19 +16,14 @@ ONLY = ["--only", "no pipeline, ZeRO-2"]
 @pytest.fixture
 def launches(monkeypatch):
     """Every command launched; each fake launch succeeds and every rank writes its record."""
-    seen = []
-
-    def fake_launch(cmd, **kwargs):
-        seen.append(cmd)
+    def write_ranks(cmd):
         out = Path(cmd[cmd.index("--worker-out") + 1])
         out.mkdir(parents=True, exist_ok=True)
         for rank in range(int(cmd[cmd.index("--num_gpus") + 1])):
             (out / f"rank{rank}.json").write_text(json.dumps({
                 "rank": rank, "device": "cpu", "allocated_bytes": 1 << 30, "rss_growth_bytes": 1 << 29,
                 "seconds_per_iteration": 1.0, "loss": 5.0}))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(strategies_module.subprocess, "run", fake_launch)
-    return seen
+    return fake_launches(monkeypatch, strategies_module, write_ranks)
 
 
 def test_a_reused_work_folder_reads_only_this_launchs_ranks(tmp_path, launches, capsys):

@@ -1,6 +1,5 @@
 """tools/compare_variants.py's comparison, with the launches faked: what it refuses, what it counts."""
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,22 +8,18 @@ import gptx.analysis.variants as variants
 from gptx.cli.compare_variants import run_compare_variants
 from gptx.config import load_config
 from gptx.model.gpt import GPT
+from tests.helpers.runs import fake_launches
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """Every command launched; each fake run writes the metrics a real one would."""
-    seen = []
-
-    def fake_run(cmd, **kwargs):
-        seen.append(cmd)
+    def write_metrics(cmd):
         run_dir = Path(cmd[cmd.index("--save") + 1])
         run_dir.mkdir(parents=True, exist_ok=True)
         records = [{"iter": 1, "loss": 5.0, "tokens": 100, "tokens_per_sec": 10.0}, {"iter": 1, "val_loss": 5.1}]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(variants.subprocess, "run", fake_run)
-    return seen
+    return fake_launches(monkeypatch, variants, write_metrics)
 
 
 @pytest.mark.parametrize("earlier", [("config.json", "metrics.jsonl"), ("metrics.jsonl",), ("latest",),
