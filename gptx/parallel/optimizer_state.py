@@ -110,8 +110,8 @@ def stepped_tensors(engine) -> list[torch.Tensor]:
 
 def set_adam_state(engine, step: int, moment_of: dict[str, ValueOf]) -> None:
     """Adam's step count and moments (moment_of: "exp_avg", "exp_avg_sq" and with amsgrad "max_exp_avg_sq"
-    -> each parameter's full value) into the engine's torch optimizer, before its first step and before the weights are
-    loaded: each moment is written where the fp32 weights live, whose layout _write_fp32_copies
+    -> each parameter's full value) into the engine's torch optimizer, before its first step and before
+    the weights are loaded: each moment is written where the fp32 weights live, whose layout _write_fp32_copies
     knows for every optimizer, and copied from there into the optimizer's state."""
     if not moment_of:
         return  # saved before the first step: a new optimizer's state is that

@@ -83,9 +83,10 @@ DEEP = dict(vocab_size=256, seq_len=256, n_layer=6, n_head=4, n_embd=128)
 def test_checkpointing_recomputes_every_block_and_is_counted_so(dist_world1, interval, pipe, zero):
     """gptx cuts the blocks alone into chunks of `interval`, from the first block, with a pipeline
     (GPTPipe.forward) and without: at 4, blocks 0-3 and 4-5, each recomputed in backward, so every
-    block runs forward twice per micro-batch. (DeepSpeed's own forward cuts all of a stage's layers from its first one and runs
-    [embedding, position, block, block] as it is: blocks 0-1 kept everything and ran once.) The peak
-    comes while blocks 0-3 are recomputed beside the chunks' inputs."""
-    measured, predicted, calls = allocated_and_predicted(DEEP, pipe, zero, micro=8, accum=2, interval=interval)
+    block runs forward twice per micro-batch. (DeepSpeed's own forward cuts all of a stage's layers
+    from its first one and runs [embedding, position, block, block] as it is: blocks 0-1 kept
+    everything and ran once.) The peak comes while blocks 0-3 are recomputed beside the chunks' inputs."""
+    measured, predicted, calls = allocated_and_predicted(DEEP, pipe, zero, micro=8, accum=2,
+                                                         interval=interval)
     assert calls == [2 * 2 * 2] * DEEP["n_layer"]  # 2 steps x 2 micro-batches x (forward, recomputation)
     assert predicted == pytest.approx(measured, rel=0.08), (measured, predicted)
