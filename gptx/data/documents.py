@@ -1,5 +1,6 @@
-"""Documents from text files: .txt (one each), JSON lines (.jsonl, .jsonl.gz, .jsonl.zst: a text
-field per line) and parquet (a text column) files, or directories of them, in a stable order.
+"""Documents from text files: .txt (one each, read in pieces that tokenize as the whole), JSON
+lines (.jsonl, .jsonl.gz, .jsonl.zst: a text field per line) and parquet (a text column) files,
+or directories of them, in a stable order.
 
 Text that is not valid UTF-8 (web corpora hold Latin-1 pages, stray binary files, JSON with
 lone surrogate escapes) is decoded with U+FFFD for each bad byte sequence, counted per file
@@ -255,17 +256,68 @@ def _describe(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def _txt_text(path: Path, report: InputReport) -> str | None:
+class DocumentPiece(str):
+    """Text of a document that goes on in the next item: no end-of-text follows it."""
+
+
+TXT_PIECE_BYTES = 1 << 22
+"""A .txt file is one document, read and tokenized in pieces of at least this many bytes."""
+
+_ASCII_VISIBLE = range(0x21, 0x7F)
+
+
+def _piece_end(data: bytearray, start: int, stop: int) -> int | None:
+    """The last place to end a piece of `data` after a newline at [start, stop) without
+    changing its tokens.
+
+    A newline between two visible ASCII characters (\r\n counts as one) always ends a pre-token
+    of the GPT-2, cl100k and o200k patterns, and no pre-token reaches across it: the newline is a
+    pre-token alone or ends one, and one that starts with a visible character never begins with a
+    newline. BPE merges stay inside pre-tokens, so the pieces' tokens are the whole text's. A cut
+    there never splits a UTF-8 sequence either."""
+    i = data.rfind(b"\n", start, stop)
+    while i >= 2:
+        before = data[i - 2] if data[i - 1] == 0x0D else data[i - 1]
+        if i + 1 < len(data) and data[i + 1] in _ASCII_VISIBLE and before in _ASCII_VISIBLE:
+            return i + 1
+        i = data.rfind(b"\n", start, i)
+    return None
+
+
+def _txt_pieces(path: Path, report: InputReport) -> Iterator[str]:
+    """A .txt file as one document in pieces (DocumentPiece, then a str for its end), so a corpus
+    of one multi-GB file is read and tokenized in parallel, in little memory. A file of one
+    block is one piece."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            if _looks_binary(f.read(BINARY_SNIFF)):
+                report.skip(path, "it looks binary (a NUL byte in its first KiB, in bytes that are not UTF-8), "
+                                  "not text")
+                return
+            f.seek(0)
+            held = bytearray(f.read(TXT_PIECE_BYTES))  # read, not yet given out
+            offset = searched = 0  # where `held` starts in the file; held[:searched] has no place to cut
+            while block := f.read(TXT_PIECE_BYTES):
+                # A piece ends in what was held before this block, so the text after it is never
+                # empty; only bytes not searched yet are, so a file with no place to cut is read once.
+                before = len(held)
+                held += block
+                end = _piece_end(held, searched, before)
+                if end is None:
+                    searched = before
+                    continue
+                yield DocumentPiece(_txt_text(held[:end], path, report, offset))
+                del held[:end]
+                offset, searched = offset + end, before - end
+            yield _txt_text(held, path, report, offset)
     except OSError as e:
         raise DataError(f"input '{path}': cannot read it ({e.strerror})") from None
-    if _looks_binary(data):
-        report.skip(path, "it looks binary (a NUL byte in its first KiB, in bytes that are not UTF-8), not text")
-        return None
+
+
+def _txt_text(data: bytes, path: Path, report: InputReport, offset: int) -> str:
     # Line ends as Path.read_text() gave them before the bytes were decoded here: \r\n and \r
     # become \n, so a file edited on Windows tokenizes as it always has.
-    return _decode(data, path, report).replace("\r\n", "\n").replace("\r", "\n")
+    return _decode(data, path, report, base=offset).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def iter_documents(paths: Iterable[str], text_field: str = "text", report: InputReport | None = None) -> Iterator[str]:
@@ -286,9 +338,7 @@ def iter_documents(paths: Iterable[str], text_field: str = "text", report: Input
             raise DataError(f"input '{path}': no such file or directory")
         kind = _kind(path)
         if kind == ".txt":
-            text = _txt_text(path, report)
-            if text is not None:
-                yield text
+            yield from _txt_pieces(path, report)
         elif kind == ".parquet":
             yield from _parquet_texts(path, text_field, report)
         elif kind is not None:

@@ -73,7 +73,8 @@ def read_mixture(path: str | Path) -> list[Source]:
     for s, quota in zip(sources, quotas([s.weight for s in sources])):
         if quota == 0:
             raise DataError(f"mixture file '{path}': source '{s.path}' has {s.weight:.2g} of the total weight, "
-                            f"less than 1/{2 * PERIOD}: it would never be sampled")
+                            f"which rounds to no sample in every {PERIOD:,}: it would never be sampled; give it at "
+                            f"least 1/{PERIOD:,} of the total")
     return sources
 
 
@@ -111,5 +112,19 @@ def describe(sources: list[Source], seq_len: int, run_samples: int) -> list[dict
 
 
 def as_record(sources: list[Source]) -> list[dict]:
-    return [{"path": str(s.path.resolve()), "weight": s.weight} for s in sources]
+    """What a checkpoint records of its data: each source's directory, share and train tokens (the
+    window order of an epoch follows from their count, so a resume can tell that it changed)."""
+    return [{"path": str(s.path.resolve()), "weight": s.weight, "train_tokens": len(open_tokens(s.path, "train"))}
+            for s in sources]
+
+
+def token_count_changes(saved: list[dict], now: list[dict]) -> list[str]:
+    """One line per source whose train split holds another number of tokens than the checkpoint's
+    run read (prepared again, or appended to): the windows after the resume are not the ones
+    the uninterrupted run would have read."""
+    before = {r["path"]: r.get("train_tokens") for r in saved}
+    return [f"data '{r['path']}': train.bin holds {r['train_tokens']:,} tokens, {before[r['path']]:,} when the "
+            f"checkpoint was saved; the rest of the epoch reads its windows in a new order, so some already "
+            f"trained on come again and some are skipped"
+            for r in now if before.get(r["path"]) not in (None, r["train_tokens"])]
 

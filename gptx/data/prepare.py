@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptx.atomic import atomic_write
+from gptx.data.documents import DocumentPiece
 from gptx.data.tokens import META_FILE, PREPARING, token_dtype
 from gptx.errors import DataError
 
@@ -52,14 +53,19 @@ def _init_worker(encoding) -> None:
 
 
 def _encode(texts: list[str]) -> tuple[bytes, int, int]:
-    """(token bytes with end-of-text after each document, documents, UTF-8 bytes read)."""
+    """(token bytes with end-of-text after each document, documents ended, UTF-8 bytes read).
+
+    A DocumentPiece goes on in the next text: no end-of-text after it."""
     dtype = token_dtype(_encoding.n_vocab)
     eot = _encoding.eot_token
     out = bytearray()
-    for ids in _encoding.encode_ordinary_batch(texts, num_threads=1):
-        ids.append(eot)
+    ended = 0
+    for text, ids in zip(texts, _encoding.encode_ordinary_batch(texts, num_threads=1)):
+        if not isinstance(text, DocumentPiece):
+            ids.append(eot)
+            ended += 1
         out += np.asarray(ids, dtype=dtype).tobytes()
-    return bytes(out), len(texts), sum(len(t.encode("utf-8")) for t in texts)
+    return bytes(out), ended, sum(len(t.encode("utf-8")) for t in texts)
 
 
 def _encoded_in_order(documents: Iterable[str], encoding, workers: int) -> Iterator[tuple[bytes, int, int]]:
@@ -148,7 +154,7 @@ def _write_token_files(documents: Iterable[str], out: Path, encoding, val_fracti
         shutil.rmtree(stale, ignore_errors=True)
     vocab = encoding.n_vocab
     dtype = token_dtype(vocab)
-    n_docs = n_bytes = 0
+    n_docs = n_bytes = top = 0
     with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
         stream_path = Path(tmp) / "all.bin"
         with open(stream_path, "wb") as stream:
@@ -156,25 +162,30 @@ def _write_token_files(documents: Iterable[str], out: Path, encoding, val_fracti
                 stream.write(tokens)
                 n_docs += docs
                 n_bytes += size
+                top = max(top, int(np.frombuffer(tokens, dtype=dtype).max())) if tokens else top
                 if progress:
                     progress.add(docs, size, len(tokens) // dtype.itemsize)
         if progress:
             progress.close()
-        tokens = np.memmap(stream_path, dtype=dtype, mode="r") if stream_path.stat().st_size else np.zeros(0, dtype)
-        n = len(tokens)
+        n = stream_path.stat().st_size // dtype.itemsize
         n_val = max(1, int(round(n * val_fraction))) if n else 0
         if n - n_val < 2 or n_val < 2:
             raise DataError(f"the input holds only {n} tokens: too little to split into train and val")
         meta = {"format": "gptx-tokens-v1", "tokenizer": encoding.name, "vocab_size": vocab,
                 "dtype": dtype.name, "eot_token": encoding.eot_token, "documents": n_docs, "text_bytes": n_bytes,
-                "train_tokens": n - n_val, "val_tokens": n_val}
-        for name, part in (("train", tokens[:n - n_val]), ("val", tokens[n - n_val:])):
-            with open(Path(tmp) / f"{name}.bin", "wb") as f:
-                for start in range(0, len(part), 1 << 24):
-                    f.write(np.ascontiguousarray(part[start:start + (1 << 24)]).tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-        del tokens
+                "train_tokens": n - n_val, "val_tokens": n_val, "max_token": top}
+        # The stream's tail is copied out as val.bin and the stream cut to become train.bin, so the
+        # disk holds the corpus's tokens once, not twice.
+        train_bytes = (n - n_val) * dtype.itemsize
+        with open(stream_path, "r+b") as stream, open(Path(tmp) / "val.bin", "wb") as val:
+            stream.seek(train_bytes)
+            shutil.copyfileobj(stream, val, 1 << 20)
+            val.flush()
+            os.fsync(val.fileno())
+            stream.truncate(train_bytes)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(stream_path, Path(tmp) / "train.bin")
         atomic_write(Path(tmp) / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         # The three files move in one after another: the marker makes the moment in between visible.
         atomic_write(out / PREPARING, b"tools/prepare_data.py is writing this directory\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gptx.config import Config
 from gptx.data.default_corpus import default_data_dir
-from gptx.data.mixture import Source, as_record, check_sources, sources_for
+from gptx.data.mixture import Source, as_record, check_sources, sources_for, token_count_changes
 from gptx.data.tokens import GPT2_VOCAB_SIZE, gpt2_encoding
 from gptx.errors import ConfigError, DataError
 from gptx.parallel.ds_config import (BatchLayout, check_ds_config, default_ds_config_path, offload_devices, precision,
@@ -110,6 +110,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
             changes += _data_change(meta, data, sources)
     elif from_checkpoint and (meta.get("data_sources") or meta.get("data")):
         data, sources = checkpoint_data(meta, where)
+        changes += _data_change(meta, data, sources)
     else:
         data = default_data_dir()
         sources = sources_for(data)
@@ -153,15 +154,16 @@ def _describe_data(data, records: list[dict]) -> str:
 
 
 def _data_change(meta: dict, data: Path, sources: list[Source]) -> list[str]:
-    """The 'changed' line for a --data given again that reads other data than the checkpoint's run."""
+    """The 'changed' lines of a resume's data: other directories or shares than the checkpoint's
+    run read (a --data given again), and splits that have grown or shrunk since."""
     saved, now = meta.get("data_sources"), as_record(sources)
     if saved is None:  # recorded before mixtures: the path as given then
         if meta.get("data") is None or Path(meta["data"]).resolve() == data.resolve():
             return []
         return [f"data {meta['data']} -> {_describe_data(data, now)}"]
-    if saved == now:
-        return []
-    return [f"data {_describe_data(meta.get('data'), saved)} -> {_describe_data(data, now)}"]
+    shares = [[(r["path"], r["weight"]) for r in records] for records in (saved, now)]
+    moved = [f"data {_describe_data(meta.get('data'), saved)} -> {_describe_data(data, now)}"]
+    return (moved if shares[0] != shares[1] else []) + token_count_changes(saved, now)
 
 
 def checkpoint_data(meta: dict, where: str) -> tuple[Path, list[Source]]:

@@ -35,11 +35,15 @@ def test_weights_are_normalised_and_paths_relative_to_the_file(tmp_path):
     ([{"path": "a", "weight": -1}], "weight must be a positive number, got -1"),
     ([{"path": "a", "share": 1}], r"source 1 must be \{path: DIR, weight: NUMBER\}"),
     ([], "expected 'sources:'"),
-    ([{"path": "a", "weight": 1}, {"path": "b", "weight": 1e-6}], "less than 1/20000: it would never be sampled"),
+    ([{"path": "a", "weight": 1}, {"path": "b", "weight": 1e-6}],
+     "1e-06 of the total weight, which rounds to no sample in every 10,000: it would never be sampled"),
+    # Above 1/20,000, yet the largest remainders give its sample to the other small source.
+    ([{"path": "a", "weight": 0.99988}, {"path": "b", "weight": 6e-5}, {"path": "c", "weight": 6e-5}],
+     "source '.*c' has 6e-05 of the total weight, which rounds to no sample in every 10,000"),
 ])
 def test_bad_mixture_files_are_one_line(tmp_path, entries, needle):
-    make_token_dir(tmp_path / "a")
-    make_token_dir(tmp_path / "b")
+    for name in "abc":
+        make_token_dir(tmp_path / name)
     with pytest.raises(DataError, match=needle):
         read_mixture(mixture_file(tmp_path, *entries))
 

@@ -242,7 +242,7 @@ def test_a_damaged_compressed_or_parquet_file_is_one_line_naming_it(tmp_path, ca
     path.write_bytes(whole[:len(whole) // 2])  # a download cut short
     assert run_prepare_data([str(folder), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: ") and f"'{path}'" in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and f"'{path}'" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 
@@ -285,3 +285,58 @@ def test_a_zst_of_many_frames_reads_whole(tmp_path):
     compressor = zstandard.ZstdCompressor()
     path.write_bytes(b"".join(compressor.compress(line.encode()) for line in lines))  # one frame a line
     assert list(iter_documents([str(path)])) == [f"document {i}" for i in range(20000)]
+
+
+# ---- a .txt file is one document, read and tokenized in pieces
+
+TRICKY = ["word", " word", "\n", "\n\n", "\r\n", "\r", " \n", "  ", "'s", "'ll", "é", "日本", "\u00a0", "123",
+          "4567", ".", "!?", "(x)", "\t", "🙂", "<|endoftext|>", "don't", "A", "z\n"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_txt_file_read_in_pieces_tokenizes_as_the_whole_text(tmp_path, enc, monkeypatch, seed):
+    import gptx.data.documents
+    monkeypatch.setattr(gptx.data.documents, "TXT_PIECE_BYTES", 16)  # a cut wherever one is allowed
+    rng = np.random.default_rng(seed)
+    text = "".join(TRICKY[i] for i in rng.integers(0, len(TRICKY), 3000))
+    path = tmp_path / "in.txt"
+    path.write_bytes(text.encode("utf-8"))
+    pieces = list(iter_documents([str(path)]))
+    assert len(pieces) > 50 and "".join(pieces) == path.read_text(encoding="utf-8")
+    meta = write_token_files(iter_documents([str(path)]), tmp_path / "out", enc, 0.1, workers=2)
+    whole = enc.encode_ordinary(path.read_text(encoding="utf-8")) + [enc.eot_token]
+    assert stream_of(tmp_path / "out") == whole
+    assert meta["documents"] == 1 and meta["text_bytes"] == len(path.read_text(encoding="utf-8").encode("utf-8"))
+    assert meta["max_token"] == max(whole)
+
+
+def test_a_large_txt_file_is_never_held_whole(tmp_path, enc, monkeypatch):
+    import tracemalloc
+
+    import gptx.data.documents
+    import gptx.data.prepare
+    monkeypatch.setattr(gptx.data.documents, "TXT_PIECE_BYTES", 1 << 16)
+    monkeypatch.setattr(gptx.data.prepare, "BATCH_CHARS", 1 << 16)
+    path = tmp_path / "big.txt"
+    line = "Once upon a time there was a little fox who liked to read.\n"
+    path.write_text(line * (4_000_000 // len(line)), encoding="utf-8")
+    tracemalloc.start()
+    try:
+        meta = write_token_files(iter_documents([str(path)]), tmp_path / "out", enc, 0.01, workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert meta["text_bytes"] == path.stat().st_size
+    # Read whole, the file's bytes alone are its size (and its tokens as Python ints ten times that).
+    assert peak < path.stat().st_size, peak
+
+
+def test_a_prepared_directory_records_its_largest_token_and_the_launch_trusts_it(tmp_path, enc):
+    out = tmp_path / "out"
+    meta = write_token_files(DOCS * 20, out, enc, 0.2, workers=1)
+    assert meta["max_token"] == max(stream_of(out))
+    check_data(out, 50257, 4)
+    recorded = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**recorded, "max_token": 60000}))
+    with pytest.raises(DataError, match="token id 60000 is outside"):
+        check_data(out, 50257, 4)

@@ -217,3 +217,44 @@ def test_evaluate_checks_a_split_file_against_meta_json(tmp_path):
     (d / "val.bin").write_bytes((d / "val.bin").read_bytes()[:200])
     with pytest.raises(DataError, match="holds 100 tokens where meta.json says 600"):
         load_eval_tokens(d / "val.bin", 256)
+
+
+def test_uint16_tokens_cannot_stand_for_a_vocabulary_over_65536(tmp_path):
+    # uint32 ids (a 128,256-token tokenizer) read as uint16 are halves of ids: every range check passes.
+    d = make_token_dir(tmp_path / "d", vocab_size=256, dtype="uint32")
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 128256, "dtype": "uint16"}))
+    with pytest.raises(DataError, match="'dtype' uint16 cannot hold the ids of a 128256-token vocabulary"):
+        check_data(d, vocab_size=128256, seq_len=32)
+    (d / "meta.json").unlink()  # nanoGPT's layout: read as uint16 GPT-2 tokens
+    with pytest.raises(DataError, match="read as uint16 tokens of a 50257-token vocabulary.*'dtype': 'uint32'"):
+        check_data(d, vocab_size=128256, seq_len=32, allow_smaller_vocabulary=True)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 128256, "dtype": "uint32"}))
+    check_data(d, vocab_size=128256, seq_len=32)
+
+
+def test_a_meta_pkl_over_65536_tokens_is_refused(tmp_path):
+    import pickle
+    d = make_token_dir(tmp_path / "d", vocab_size=256)
+    (d / "meta.json").unlink()
+    (d / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 100_000}))
+    with pytest.raises(DataError, match="cannot be nanoGPT's uint16 tokens"):
+        check_data(d, vocab_size=100_000, seq_len=32)
+
+
+def test_an_epochs_order_is_numpys_permutation_held_in_four_byte_indices():
+    import tracemalloc
+
+    # The order every run so far trained in (and its checkpoints resume in): permutation(n) of (seed, epoch).
+    n = 2_000_000
+    windows = TokenWindows(np.zeros(n * 4 + 1, dtype=np.uint16), 4, micro_batch=1, seed=5)
+    tracemalloc.start()
+    try:
+        first = windows.locate(0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * n  # 8-byte indices would be 8 * n, and permutation() held two arrays of them
+    expected = np.random.default_rng([5, 0]).permutation(n)
+    assert first == (0, expected[0])
+    assert [windows.locate(i)[1] for i in range(0, n, 997)] == expected[::997].tolist()
+    assert windows.locate(n + 3) == (0, np.random.default_rng([5, 1]).permutation(n)[3])

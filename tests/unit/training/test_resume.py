@@ -51,7 +51,7 @@ def test_load_alone_continues_the_run_on_its_model_data_and_deepspeed_json(runs,
     assert changed_lines(out) == ["changed since the checkpoint: train_iters 3 -> 5"]
     assert f"; data {data}" in out and "3 layers, 2 heads, width 48" in out and "1 x 4 micro-batches" in out
     saved = json.loads((tmp / "part" / "iter_0000005" / META).read_text())
-    assert saved["data_sources"] == [{"path": str(data.resolve()), "weight": 1.0}]
+    assert saved["data_sources"] == [{"path": str(data.resolve()), "weight": 1.0, "train_tokens": 20000}]
     assert saved["config"]["model"]["n_layer"] == 3 and saved["ds_config"]["gradient_accumulation_steps"] == 4
 
 
@@ -127,3 +127,19 @@ def test_an_old_checkpoint_resumes_as_before(runs, capsys, monkeypatch):
     assert run_pretrain(["--load", str(run), "--train-iters", "5", "--data", str(data)]) == 0
     assert train_losses(run) == train_losses(tmp / "full")
     assert [r["iter"] for r in read_metrics(run) if "checkpoint" in r] == [3, 5]
+
+
+def test_data_that_grew_since_the_checkpoint_is_said_once(runs, capsys, monkeypatch):
+    tmp, _, _ = runs
+    run = copy_run(runs, "grown_data")
+    grown = make_token_dir(tmp / "grown")  # the run's data, prepared again with more text since
+    old_format(run, monkeypatch, data=str(grown),
+               data_sources=[{"path": str(grown.resolve()), "weight": 1.0, "train_tokens": 20000}])
+    with open(grown / "train.bin", "ab") as f:
+        f.write(bytes(2 * 640))
+    capsys.readouterr()
+    assert run_pretrain(["--load", str(run), "--train-iters", "4"]) == 0
+    assert changed_lines(capsys.readouterr().out)[1:] == [
+        f"changed since the checkpoint: data '{grown.resolve()}': train.bin holds 20,640 tokens, 20,000 when the "
+        f"checkpoint was saved; the rest of the epoch reads its windows in a new order, so some already trained "
+        f"on come again and some are skipped"]
