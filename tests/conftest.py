@@ -39,6 +39,11 @@ def _collect_then_freeze():
     gc.collect()
     gc.freeze()
     yield
+    # A ZeRO-3 engine's zero.Init leaves its own linear in place of torch's for the process
+    # (DeepSpeed: "this will persist unless manually reset"); the next module starts with torch's.
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+    torch.nn.functional.linear = getattr(ZeroInit, "linear_bk", torch.nn.functional.linear)
 
 
 def pytest_collection_modifyitems(config, items):

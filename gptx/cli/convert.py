@@ -36,7 +36,7 @@ def shard_size(text: str) -> int:
         size = float(upper[:len(upper) - len(unit)]) * units.get(unit, 1)
     except ValueError:
         size = 0
-    if size < 1:
+    if not 1 <= size < float("inf"):  # NaN too
         raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 500MB, 2GiB or a byte count")
     return int(size)
 

@@ -36,7 +36,7 @@ def run_sample(argv: list[str] | None = None) -> int:
     def main():
         import json
 
-        from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding
+        from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding, reads_gpt2_bpe
         from gptx.model.generate import generate
         from gptx.training.consolidate import load_plain_model
         args = sample_parser().parse_args(argv)
@@ -49,7 +49,7 @@ def run_sample(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{flag}: must be {expected}, got {value}")
         model, cfg = load_plain_model(args.load, master_weights=args.master_weights)
         model.to(device_for(args.device))
-        gpt2 = cfg.model.vocab_size == GPT2_VOCAB_SIZE
+        gpt2 = reads_gpt2_bpe(cfg.model.vocab_size)  # nanoGPT's 50,304 rows too: only the real 50,257 are sampled
         enc = gpt2_encoding() if gpt2 else None
         if args.prompt_ids is not None:
             try:
@@ -61,14 +61,15 @@ def run_sample(argv: list[str] | None = None) -> int:
         elif enc is not None:
             prompt = enc.encode_ordinary(args.prompt or "") or [GPT2_EOT]
         else:
-            raise ConfigError(f"--prompt needs GPT-2 BPE but this model has {cfg.model.vocab_size} tokens; "
-                              f"use --prompt-ids")
+            raise ConfigError(f"--prompt needs GPT-2 BPE but this model has {cfg.model.vocab_size} tokens "
+                              f"(another tokenizer's); use --prompt-ids")
         bad = [t for t in prompt if not 0 <= t < cfg.model.vocab_size]
         if bad:
             raise ConfigError(f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{cfg.model.vocab_size - 1})")
         ids = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       stop_token=GPT2_EOT if gpt2 else None, use_cache=not args.no_cache)
+                       stop_token=GPT2_EOT if gpt2 else None, use_cache=not args.no_cache,
+                       vocabulary=GPT2_VOCAB_SIZE if gpt2 else None)
         text = enc.decode(ids) if enc is not None else None
         if cfg.model.position_embedding == "learned" and len(ids) > cfg.model.seq_len:
             print(f"note: the output is longer than the model's context ({cfg.model.seq_len} tokens, learned "

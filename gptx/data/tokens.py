@@ -28,6 +28,13 @@ from gptx.errors import DataError
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
+GPT2_PADDED_MAX = 51200
+"""The largest table read as GPT-2 BPE: its 50,257 tokens padded by hand to a multiple of up to
+1,024 (nanoGPT's 50,304). The rows past 50,257 are no token: nothing samples or decodes them."""
+
+
+def reads_gpt2_bpe(vocab_size: int) -> bool:
+    return GPT2_VOCAB_SIZE <= vocab_size <= GPT2_PADDED_MAX
 # tiktoken's r50k_base, which is GPT-2's BPE; openai-whisper ships it byte-identical.
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"

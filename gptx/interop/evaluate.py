@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from gptx.data.documents import InputReport, iter_documents
-from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, open_tokens, read_meta
+from gptx.data.tokens import (GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_encoding, open_tokens, read_meta,
+                              reads_gpt2_bpe)
 from gptx.errors import CheckpointError, DataError
 from gptx.model.gpt import GPT
 from gptx.training.checkpoint import LATEST, META, TAG_PREFIX
@@ -51,7 +52,7 @@ def load_eval_tokens(path: str | Path, vocab_size: int) -> tuple[np.ndarray, int
         return tokens, _byte_count(tokens, meta)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"--data '{path}': expected a .txt, .jsonl or .bin file or a data directory")
-    if vocab_size < GPT2_VOCAB_SIZE:
+    if not reads_gpt2_bpe(vocab_size):
         raise DataError(f"--data '{path}': text is tokenized with GPT-2 BPE ({GPT2_VOCAB_SIZE} tokens), but the "
                         f"model's vocabulary has {vocab_size}; pass token files made with its own tokenizer")
     enc = gpt2_encoding()

@@ -360,13 +360,20 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
     tied = hf.get("tie_word_embeddings", True)
     try:
+        # gptx has one dropout rate (the export writes it to all three); GPT-2's own files agree.
+        rates = {float(hf.get(key, 0.1)) for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
         m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
                         n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied,
-                        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+                        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), dropout=max(rates))
     except KeyError as e:
         raise CheckpointError(f"--from-hf: '{src / 'config.json'}' has no {e.args[0]}") from None
     except (TypeError, ValueError):
-        raise CheckpointError(f"--from-hf: '{src / 'config.json'}': layer_norm_epsilon is not a number") from None
+        raise CheckpointError(f"--from-hf: '{src / 'config.json'}': layer_norm_epsilon, resid_pdrop, embd_pdrop "
+                              f"and attn_pdrop must be numbers") from None
+    if len(rates) > 1:
+        given = ", ".join(f"{hf.get(key, 0.1):g}" for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+        raise CheckpointError(f"--from-hf '{src}': resid_pdrop, embd_pdrop and attn_pdrop differ ({given}); gptx "
+                              f"has one dropout rate: set them equal in config.json")
     L = m.n_layer
     try:
         layers = {0: {"wte.weight": sd["wte.weight"]}, 1: {"wpe.weight": sd["wpe.weight"]},
@@ -381,6 +388,12 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
             layers[3 + L] = {"lm_head.weight": sd["lm_head.weight"]}
     except KeyError as e:
         raise CheckpointError(f"--from-hf '{src}': missing tensor {e.args[0]}") from None
+    used = {f"h.{i}.{name}" for i in range(L) for name in layers[2 + i]} | {"wte.weight", "wpe.weight", "ln_f.weight",
+                                                                             "ln_f.bias", "lm_head.weight"}
+    unused = sorted(k for k in set(sd) - used if not k.endswith(("attn.bias", "attn.masked_bias")))
+    if unused:  # e.g. layers past config.json's n_layer: dropping them would change the model
+        raise CheckpointError(f"--from-hf '{src}': {len(unused)} tensor(s) config.json does not account for, first "
+                              f"{unused[0]}")
     cfg = Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")
     _validate(cfg, src)
     check_shapes(layers, m, src)

@@ -22,7 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding
+from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_encoding, reads_gpt2_bpe
 from gptx.errors import ConfigError
 from gptx.model.generate import generate
 from gptx.training.consolidate import load_plain_model
@@ -43,15 +43,18 @@ class GptxLM(TemplateLM):
     lm-eval's own --batch_size and --device set those."""
 
     def __init__(self, load: str | None = None, master_weights=False, device: str | None = None, batch_size=1,
-                 max_length=None, dtype: str = "float32", **unused):
+                 max_length=None, dtype: str = "float32", max_batch_size=None, **unknown):
         super().__init__()
+        if unknown:  # a misspelt max_length would otherwise evaluate at seq_len without a word
+            raise ConfigError(f"--model_args {', '.join(sorted(unknown))}: not an argument of the gptx model; it takes "
+                              f"load, master_weights, max_length and dtype (and lm-eval's --batch_size, --device)")
         if not load:
             raise ConfigError("--model_args: load=RUN_DIR (a gptx run directory or checkpoint folder) is required")
         if str(dtype) not in DTYPES:
             raise ConfigError(f"--model_args dtype={dtype}: expected one of {', '.join(DTYPES)}")
         model, cfg = load_plain_model(load, master_weights=_flag(master_weights))
         m = cfg.model
-        if m.vocab_size < GPT2_VOCAB_SIZE:
+        if not reads_gpt2_bpe(m.vocab_size):
             raise ConfigError(f"--model_args load={load}: lm-eval passes text, which gptx tokenizes with GPT-2 BPE, "
                               f"but this model's vocabulary has {m.vocab_size} tokens")
         self.window = int(max_length) if max_length not in (None, "", "None") else m.seq_len
@@ -103,7 +106,8 @@ class GptxLM(TemplateLM):
             n = len(cont)
             piece = logp[i, len(inp) - n:len(inp)]  # (n, V): the predictions of the continuation's tokens
             target = torch.tensor(cont, device=piece.device)
-            out.append((float(piece.gather(1, target[:, None]).sum()), bool((piece.argmax(-1) == target).all())))
+            greedy = piece[:, :GPT2_VOCAB_SIZE].argmax(-1)  # rows of a table padded by hand are no token
+            out.append((float(piece.gather(1, target[:, None]).sum()), bool((greedy == target).all())))
         return out
 
     def _batched(self, rows: list[tuple[list[int], list[int]]], desc: str, disable: bool) -> list[tuple[float, bool]]:
@@ -123,6 +127,7 @@ class GptxLM(TemplateLM):
         rows, keys = [], []
         for key, context, continuation in requests:
             keys.append(key)
+            context = context or [GPT2_EOT]  # a context of only spaces encodes to none: predict from end-of-text
             if len(continuation) > self.window:
                 raise ConfigError(f"a continuation of {len(continuation)} tokens does not fit the model's window of "
                                   f"{self.window}; raise max_length (alibi, rotary or none positions)")
@@ -162,14 +167,14 @@ class GptxLM(TemplateLM):
             until = kwargs.pop("until", None) or []
             until = [s for s in ([until] if isinstance(until, str) else until) if s]  # "" would stop at once
             max_new = int(kwargs.pop("max_gen_toks", 256))
-            sample = _flag(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 1.0)) > 0
+            temperature, top_k, top_p = sampling_settings(kwargs)
+            sample = _flag(kwargs.pop("do_sample", False)) and temperature > 0
             prompt = self.tok_encode(context)[-max(1, self.window - max_new):] or [GPT2_EOT]
 
             def stop(ids: list[int], start=len(prompt)) -> bool:
                 return any(s in self.enc.decode(ids[start:]) for s in until)
-            ids = generate(self.model, prompt, max_new, greedy=not sample,
-                           temperature=float(kwargs.get("temperature", 1.0)), top_k=kwargs.get("top_k"),
-                           top_p=kwargs.get("top_p"), seed=1234, stop_token=GPT2_EOT, stop_when=stop)
+            ids = generate(self.model, prompt, max_new, greedy=not sample, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=1234, stop_token=GPT2_EOT, stop_when=stop, vocabulary=GPT2_VOCAB_SIZE)
             new = [t for t in ids[len(prompt):] if t != GPT2_EOT]
             text = self.enc.decode(new)
             for s in until:
@@ -177,3 +182,21 @@ class GptxLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
         return out
+
+
+def sampling_settings(kwargs: dict) -> tuple[float, int | None, float | None]:
+    """A task's temperature, top_k and top_p as generate() takes them: 0 switches top_k off and a
+    top_p of 1 keeps every token, as in Hugging Face's generation config."""
+    try:
+        temperature = float(kwargs.get("temperature", 1.0))
+        top_k = int(kwargs.get("top_k") or 0) or None
+        top_p = float(kwargs["top_p"]) if kwargs.get("top_p") is not None else None
+    except (TypeError, ValueError):
+        raise ConfigError(f"gen_kwargs temperature, top_k, top_p: expected numbers, got {kwargs.get('temperature')!r}, "
+                          f"{kwargs.get('top_k')!r}, {kwargs.get('top_p')!r}") from None
+    for name, value, ok, expected in (("temperature", temperature, temperature >= 0, ">= 0"),
+                                      ("top_k", top_k, top_k is None or top_k >= 1, ">= 0 (0: off)"),
+                                      ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise ConfigError(f"gen_kwargs {name}={value}: must be {expected}")
+    return temperature, top_k, top_p

@@ -11,7 +11,10 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
     """Pick one token from (V,) logits."""
     if greedy or temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # From the largest logit down, so a tiny temperature gives -inf, not inf - inf; rows that are
+    # no token stay -inf at any temperature (-inf / inf would be NaN).
+    logits = torch.where(logits == float("-inf"), logits, (logits - logits.max()) / temperature)
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -28,9 +31,11 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, greedy: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_token: int | None = None, use_cache: bool = True, stop_when=None) -> list[int]:
+             stop_token: int | None = None, use_cache: bool = True, stop_when=None,
+             vocabulary: int | None = None) -> list[int]:
     """The prompt followed by up to max_new_tokens new ids; stops after stop_token, or once
-    `stop_when(ids)` is true (e.g. a stop string in the decoded text).
+    `stop_when(ids)` is true (e.g. a stop string in the decoded text). Only ids below
+    `vocabulary` are picked (a table padded by hand has rows that are no token).
 
     A model with learned positions sees at most its seq_len tokens: past that, each new
     token is predicted from the last seq_len (a sliding window, recomputed without the cache).
@@ -50,7 +55,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, greedy: bool = 
         else:
             context = ids[-limit:] if limit is not None else ids
             logits = model(torch.tensor([context], device=device))[0, -1]
-        token = _next_token(logits.cpu(), greedy, temperature, top_k, top_p, generator)
+        token = _next_token(logits[:vocabulary].cpu(), greedy, temperature, top_k, top_p, generator)
         ids.append(token)
         pending = [token]
         if token == stop_token or (stop_when is not None and stop_when(ids)):

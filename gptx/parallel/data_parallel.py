@@ -137,7 +137,8 @@ def build_data_parallel_engine(cfg: Config, ds_config: dict, schedule, param_gro
     import deepspeed
     stage3 = zero_stage(ds_config) == 3
     # ZeRO-3 partitions each layer as it is built, so no rank ever holds the whole model.
-    init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage3 else contextlib.nullcontext()
+    init = (deepspeed.zero.Init(config_dict_or_path=zero3_init_config(ds_config, cfg.train.compile_blocks))
+            if stage3 else contextlib.nullcontext())
     with init:
         model = SequentialGPT(cfg)
     if stage3:
@@ -158,6 +159,18 @@ def build_data_parallel_engine(cfg: Config, ds_config: dict, schedule, param_gro
     if not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
         _keep_fp32_grad_norm(engine)
     return DataParallelEngine(engine)
+
+
+def zero3_init_config(ds_config: dict, compiled: bool) -> dict:
+    """The JSON zero.Init reads. DeepSpeed defect 12 (gptx/parallel/engine.py): its memory-efficient
+    linear, which zero.Init puts in place of torch.nn.functional.linear for the whole process,
+    trains compiled blocks wrongly under torch 2.11's compiler (another loss from the second step
+    on). Compiled, the blocks keep torch's own linear: the block's parameters are gathered whole
+    for the block's graph (_gather_blocks_whole), so the wrapper would save no memory there."""
+    if not compiled:
+        return ds_config
+    zero = dict(ds_config.get("zero_optimization") or {}, memory_efficient_linear=False)
+    return dict(ds_config, zero_optimization=zero)
 
 
 def _gather_blocks_whole(model: SequentialGPT) -> None:

@@ -20,11 +20,10 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    (`save_checkpoint`; tests/integration/test_reliability.py: kill -9 during a save).
 6. The CPU all-reduce leaves a shared-memory buffer per rank behind every run
    (`release_shared_memory`; tests/unit/parallel/test_engine.py).
-7. PipelineModule broadcasts the tied embedding between the end stages (when it is built
-   and after a load) with autograd on. torch has no autograd kernel for that in-place
-   c10d::broadcast_ and warns, at every rank's first backward, that it "may lead to
-   silently incorrect behavior". The gradients are right (tests/unit/parallel/test_engine.py shows it);
-   gptx runs those broadcasts under no_grad, which keeps the warning off the console
+7. PipelineModule broadcasts the tied embedding between the end stages (built, loaded) with
+   autograd on; torch has no autograd kernel for that in-place c10d::broadcast_ and warns at every
+   rank's first backward that it "may lead to silently incorrect behavior". The gradients are right
+   (tests/unit/parallel/test_engine.py); gptx runs those broadcasts under no_grad, off the console
    (`_tied_weight_sync_without_autograd`; tests/integration/test_train.py: a 2-stage run's output).
 8. The JIT op builder (FusedAdam, the GPU default for "AdamW") cannot parse architecture
    suffixes in TORCH_CUDA_ARCH_LIST ("9.0a", torch's name for sm_90a, as set in the H100
@@ -36,15 +35,16 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    the accumulation steps, which `set_train_batch_size` (a batch ramp) changes without moving
    the count: the update falls mid-batch (`_count_micro_batches_from_each_batch_change`;
    tests/unit/training/test_checkpoint.py: a batch ramp without a pipeline).
-10. ZeRO-3's safe_set_full_fp32_param / safe_set_full_optimizer_state cut the last rank's chunk past the
-   end of a parameter the ranks do not divide: a resume onto ZeRO-3 stops there with a RuntimeError
-   (`gptx.parallel.optimizer_state.set_zero3_fp32`; tests/integration/test_checkpoint.py: odd sizes).
-11. PipelineModule.forward cuts activation-checkpoint chunks from a stage's first layer and leaves a
+10. ZeRO-3's safe_set_full_fp32_param / safe_set_full_optimizer_state cut the last rank's chunk past
+   the end of a parameter the ranks do not divide: a resume onto ZeRO-3 stops with a RuntimeError
+   (`set_zero3_fp32` in gptx/parallel/optimizer_state.py; tests/integration/test_checkpoint.py).
+11. PipelineModule.forward cuts activation-checkpoint chunks from a stage's first layer, leaving any
    chunk with an embedding, norm or head unrecomputed, blocks included (`GPTPipe.forward`;
    tests/unit/analysis/test_partition_report_engine.py: every block recomputed at interval 4).
+12. ZeRO-3's memory-efficient linear (zero.Init's swap for torch's) trains compiled blocks wrongly under
+   torch 2.11, not 2.13 (`zero3_init_config`, data_parallel.py; test_compile.py's ZeRO-3 layout, torch 2.11).
 
-DeepSpeed's CPU accelerator also refuses fp16; `GPTX_CPU_FP16=1` lifts that for tests
-(`gptx.testing.allow_cpu_fp16`). It is a testing aid, not a defect: fp16 on a CPU is slow.
+Not a defect: DeepSpeed's CPU accelerator refuses fp16 (slow there); GPTX_CPU_FP16=1 lifts it for tests.
 """
 from __future__ import annotations
 

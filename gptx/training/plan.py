@@ -12,7 +12,7 @@ from pathlib import Path
 from gptx.config import Config
 from gptx.data.default_corpus import default_data_dir
 from gptx.data.mixture import Source, as_record, check_sources, sources_for, token_count_changes
-from gptx.data.tokens import GPT2_VOCAB_SIZE, gpt2_encoding
+from gptx.data.tokens import gpt2_encoding, reads_gpt2_bpe
 from gptx.errors import ConfigError, DataError
 from gptx.parallel.ds_config import (BatchLayout, check_ds_config, default_ds_config_path, offload_devices, precision,
                                      read_ds_config, zero_stage)
@@ -134,7 +134,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
             log(f"changed since the checkpoint: {line}")
     encoding = None
     if cfg.train.sample_tokens:
-        if cfg.model.vocab_size == GPT2_VOCAB_SIZE:
+        if reads_gpt2_bpe(cfg.model.vocab_size):
             encoding = gpt2_encoding()
         elif cfg.train.sample_prompt:
             raise ConfigError(f"train.sample_prompt is text for GPT-2 BPE, but this model has "

@@ -21,7 +21,7 @@ from deepspeed.utils.logging import set_log_level_from_string
 from gptx import testing
 from gptx.config import Config, describe_model
 from gptx.data.mixture import REPEAT_WARNING, as_record, describe
-from gptx.data.tokens import GPT2_EOT, TokenWindows, open_tokens
+from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, TokenWindows, open_tokens
 from gptx.errors import CheckpointError, TrainingStopped
 from gptx.model.flops import mfu, peak_flops
 from gptx.model.generate import generate
@@ -401,8 +401,8 @@ def sample_text(engine, plan: Plan, iteration: int) -> str | None:
             model.layers[str(idx)].load_state_dict(state)
     enc = plan.encoding
     prompt = (enc.encode_ordinary(cfg.train.sample_prompt) or [GPT2_EOT]) if enc else [0]
-    ids = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40,
-                   seed=cfg.train.seed + iteration, stop_token=GPT2_EOT if enc else None)
+    ids = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=cfg.train.seed + iteration,
+                   stop_token=GPT2_EOT if enc else None, vocabulary=GPT2_VOCAB_SIZE if enc else None)
     return enc.decode(ids) if enc else " ".join(map(str, ids))
 
 

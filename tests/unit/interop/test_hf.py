@@ -77,6 +77,22 @@ def test_pytorch_model_bin_with_mask_buffers_imports(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
 
+def test_a_gpt2_import_keeps_the_dropout_and_refuses_layers_its_config_leaves_out(tmp_path, capsys):
+    model = GPT(ModelConfig(**{**MICRO_MODEL, "dropout": 0.2}), seed=1)
+    save_model(model, tmp_path / "run")
+    run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")])
+    assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "back")]) == 0
+    assert load_plain_model(tmp_path / "back")[1].model.dropout == 0.2
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for edit, needle in (({"n_layer": 1}, "tensor(s) config.json does not account for, first h.1."),
+                         ({"attn_pdrop": 0.0}, "resid_pdrop, embd_pdrop and attn_pdrop differ (0.2, 0.2, 0)")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_cfg, **edit}))
+        assert run_convert(["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_variants_gpt2_cannot_express_are_refused(tmp_path, capsys):
     save_model(GPT(ModelConfig(**{**MICRO_MODEL, "position_embedding": "alibi"}), seed=0), tmp_path / "run")
     assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 2
@@ -426,7 +442,7 @@ def test_a_bf16_checkpoint_exports_as_bf16_shards_that_transformers_loads_with_t
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("size", ["0", "lots", "5TB"])
+@pytest.mark.parametrize("size", ["0", "lots", "5TB", "inf", "nan"])
 def test_a_bad_shard_size_is_one_line(tmp_path, capsys, size):
     assert run_convert(["--load", str(tmp_path), "--to-hf", str(tmp_path / "hf"), "--max-shard-size", size]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -240,3 +240,39 @@ def test_generation_stops_at_stop_strings_and_ignores_empty_ones(setup):
     (text,) = lm.generate_until([SimpleNamespace(args=("Once upon a time", {"until": ["", stop], "max_gen_toks": 12}))],
                                 disable_tqdm=True)
     assert text == free.split(stop)[0]
+
+
+def test_a_table_padded_by_hand_generates_and_scores_only_real_tokens(tmp_path):
+    from gptx.interop.lm_eval_adapter import GptxLM
+    model = GPT(ModelConfig(**{**SHAPE, "vocab_size": 50304}), seed=3)  # nanoGPT's padding, trained on GPT-2 data
+    with torch.no_grad():  # row 50300, no token, outscores every real one at every position
+        model.layers[str(2 + SHAPE["n_layer"])].ln_f.bias.fill_(10.0)
+        model.layers["0"].wte.weight[50300] = 1.0
+    save_weights_only({int(i): layer.state_dict() for i, layer in model.layers.items()}, Config(model=model.cfg),
+                      tmp_path / "run", source="test")
+    lm = GptxLM(load=str(tmp_path / "run"))
+    (text,) = lm.generate_until(requests(("Once upon a time", {"until": ["\n"], "max_gen_toks": 4})),
+                                disable_tqdm=True)
+    with torch.no_grad():
+        logits = model(torch.tensor([gpt2_encoding().encode_ordinary("Once upon a time")]))[0, -1]
+    best_real = int(logits[:50257].argmax())
+    assert text.startswith(gpt2_encoding().decode([best_real]))
+    ((_, greedy),) = lm.loglikelihood(requests(("Once upon a time", gpt2_encoding().decode([best_real]))),
+                                      disable_tqdm=True)
+    assert greedy  # the best real token is greedy decoding's pick, whatever the padding rows hold
+
+
+def test_model_args_and_generation_settings_are_checked_and_a_blank_context_scores(setup):
+    from gptx.interop.lm_eval_adapter import GptxLM
+    _, runs = setup
+    with pytest.raises(ConfigError, match="--model_args max_lenght: not an argument of the gptx model"):
+        GptxLM(load=str(runs["plain"]), max_lenght="64")
+    lm = GptxLM(load=str(runs["plain"]), max_batch_size=8)  # lm-eval's own extra is taken
+    sampled = {"until": ["\n"], "max_gen_toks": 3, "do_sample": True, "temperature": 0.7}
+    (text,) = lm.generate_until(requests(("Once", {**sampled, "top_k": 0})), disable_tqdm=True)  # 0: off
+    with pytest.raises(ConfigError, match=r"gen_kwargs top_p=0.0: must be in \(0, 1\]"):
+        lm.generate_until(requests(("Once", {**sampled, "top_p": 0})), disable_tqdm=True)
+    # " " encodes to no context tokens once lm-eval moves its space into the continuation
+    ((blank, _),) = lm.loglikelihood(requests((" ", "hello world")), disable_tqdm=True)
+    ((empty, _),) = lm.loglikelihood(requests(("", " hello world")), disable_tqdm=True)
+    assert blank == empty and math.isfinite(blank)

@@ -51,3 +51,27 @@ def test_past_the_context_learned_positions_slide_over_the_last_seq_len_tokens(u
         for n in range(30, 40):  # each new token is the argmax given at most the 32 before it
             context = torch.tensor([ids[max(0, n - 32):n]])
             assert ids[n] == int(model(context)[0, -1].argmax()), n
+
+
+def boosted(cfg: ModelConfig, row: int) -> GPT:
+    """A model whose every prediction is `row` by far: the final norm's output leans on a bias that
+    row's (tied) embedding points along."""
+    model = GPT(cfg, seed=0)
+    with torch.no_grad():
+        model.layers[str(2 + cfg.n_layer)].ln_f.bias.fill_(10.0)
+        model.layers["0"].wte.weight[row] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("how", [dict(greedy=True), dict(temperature=1.0, top_k=5), dict(temperature=1e-45),
+                                 dict(temperature=float("inf"), top_p=0.5)])
+def test_rows_past_the_vocabulary_are_never_picked_at_any_temperature(how):
+    model = boosted(ModelConfig(**SMALL), row=96)  # a table padded by hand: 96 is no token
+    assert set(generate(model, [1], 6, greedy=True)[1:]) == {96}
+    ids = generate(model, [1], 6, seed=0, vocabulary=96, **how)[1:]
+    assert len(ids) == 6 and max(ids) < 96
+    if how.get("temperature") == 1e-45:  # all but the largest logit at -inf: greedy, not NaN
+        assert ids == generate(model, [1], 6, greedy=True, vocabulary=96)[1:]
+    # gptx's own padding (-inf columns) stays out at an infinite temperature too
+    padded = GPT(ModelConfig(**SMALL, pad_vocab_to_multiple=64), seed=0)
+    assert max(generate(padded, [1], 6, seed=0, temperature=float("inf"))[1:]) < SMALL["vocab_size"]
