@@ -402,8 +402,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if t.train_iters < 1:
         raise ConfigError(f"train.train_iters: must be at least 1, got {t.train_iters}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if not 0 < t.lr < float("inf"):  # NaN too
+        raise ConfigError(f"train.lr: must be a positive number, got {t.lr}")
     if t.min_lr is not None and not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr: must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
     for key in ("warmup_iters", "eval_interval", "save_interval", "exit_interval", "seed",
@@ -420,8 +420,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dist_timeout: must be 1 to 31622400 seconds (a year), got {t.dist_timeout}")
     if t.spike_factor != 0 and t.spike_factor <= 1:
         raise ConfigError(f"train.spike_factor: must be 0 (off) or above 1, got {t.spike_factor}")
-    if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
-        raise ConfigError(f"train.lr_decay_iters: must be >= 1, got {t.lr_decay_iters}")
+    if t.lr_decay_iters is not None and t.lr_decay_iters <= t.warmup_iters:  # the cosine runs between them
+        raise ConfigError(f"train.lr_decay_iters: must be above train.warmup_iters ({t.warmup_iters}), got "
+                          f"{t.lr_decay_iters}")
     if t.seq_len_warmup:
         SeqLenWarmup.parse(t.seq_len_warmup, m.seq_len)
     if t.rampup_batch_size:

@@ -87,7 +87,8 @@ class NumericsGuard:
                 raise TrainingStopped(
                     f"iteration {iteration}: {self.streak} fp16 steps in a row overflowed at the minimum loss "
                     f"scale {scale:g} and were skipped, so the model is no longer training; use bf16 "
-                    f"(ds_configs/gpu_bf16.json), lower train.lr, or lower min_loss_scale in the DeepSpeed JSON")
+                    f"(ds_configs/gpu_bf16.json), lower train.lr, or lower min_loss_scale (a static loss_scale) in the "
+                    f"DeepSpeed JSON")
             if skipped_now:
                 return None  # an overflowed step's loss says nothing about the trend
         elif not math.isfinite(loss):

@@ -28,9 +28,13 @@ class Metrics:
         self.file = open(self.path, "a", buffering=1)
         if cfg.train.wandb_project:
             import wandb
+
+            # WANDB_MODE, when set, is the user's choice (offline on an air-gapped node, a self-hosted
+            # server's key in .netrc); otherwise online only where a key for wandb.ai is found.
             has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc_text()
+            mode = None if os.environ.get("WANDB_MODE") else "online" if has_key else "offline"
             self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), config=cfg.to_dict(),
-                                    mode="online" if has_key else "offline", name=run_dir.name)
+                                    mode=mode, name=run_dir.name)
 
     def write(self, record: dict) -> None:
         if self.file:

@@ -139,9 +139,9 @@ class Trainer:
         self.peak = peak_flops(plan.accelerator, precision(plan.ds_config))
         self.start_time = time.time()
         self.clock = RunClock(t.train_iters)
-        fp16 = plan.ds_config.get("fp16", {})
-        self.guard = NumericsGuard(cfg, self.engine.fp16_enabled(), fp16.get("min_loss_scale", 1) if fp16 else None,
-                                   self.engine.skipped_steps)
+        fp16 = plan.ds_config.get("fp16", {})  # a static loss_scale never moves: each overflow is at its floor
+        floor = (fp16.get("loss_scale") or fp16.get("min_loss_scale", 1)) if fp16 else None
+        self.guard = NumericsGuard(cfg, self.engine.fp16_enabled(), floor, self.engine.skipped_steps)
         self.space = checkpoint.SpaceWatch()
         self.shape = cfg.model.seq_len  # the sequence length the pipeline's buffers were last used with
 
@@ -355,6 +355,9 @@ def resume(engine, plan: Plan) -> tuple[int, int, int]:
             f"the optimizer starts fresh")
     elif change is None:
         state = checkpoint.load(engine, plan.load_dir, plan.resume_tag)
+        # ZeRO loads the optimizer's saved param groups after the schedule: their lr is the
+        # checkpoint's schedule's, which --override-lr-schedule replaces from the first step.
+        engine.lr_scheduler.load_state_dict(engine.lr_scheduler.state_dict())
     else:
         masters = relayout.saved_masters(engine, folder, meta)
         blocker = relayout.adam_state_blocker(meta, plan.ds_config)

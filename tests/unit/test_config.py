@@ -96,6 +96,10 @@ def test_yaml_base_overrides_and_cli_precedence(tmp_path):
     ("train:\n  seed: 18446744073709551615\n", "train.seed: must be below 2**62"),  # a traceback in torch
     ("train:\n  dist_timeout: 99999999999999\n", "train.dist_timeout: must be 1 to 31622400"),  # in timedelta
     ("train:\n  dist_timeout: 0\n", "train.dist_timeout"),
+    ("train:\n  lr: .nan\n", "train.lr: must be a positive number, got nan"),  # trained to a NaN loss
+    ("train:\n  lr: .inf\n", "train.lr: must be a positive number, got inf"),
+    # The cosine would start at min_lr: the warmup would end in a drop, never at the peak.
+    ("train:\n  warmup_iters: 5\n  lr_decay_iters: 5\n", "train.lr_decay_iters: must be above train.warmup_iters (5)"),
 ])
 def test_bad_yaml_is_rejected_naming_the_field(tmp_path, body, needle):
     f = tmp_path / "bad.yaml"

@@ -148,10 +148,10 @@ def test_every_training_key_is_a_flag_with_its_default_in_the_help(capsys):
             shown = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
             assert f"(default: {shown}" in entry, (flag, entry)
         assert len(entry) > 30, (flag, entry)  # a help text, not just the flag
-    cfg, _ = parse_pretrain_args(["--lr-decay-iters", "7", "--min-lr", "1e-5", "--compile-blocks",
+    cfg, _ = parse_pretrain_args(["--lr-decay-iters", "70", "--min-lr", "1e-5", "--compile-blocks",
                                   "--sample-prompt", "Once"])
     assert (cfg.train.lr_decay_iters, cfg.train.min_lr, cfg.train.compile_blocks, cfg.train.sample_prompt) == \
-        (7, 1e-5, True, "Once")
+        (70, 1e-5, True, "Once")
     assert parse_pretrain_args(["--no-compile-blocks"])[0].train.compile_blocks is False
 
 

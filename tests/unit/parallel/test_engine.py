@@ -286,12 +286,13 @@ def test_benchmark_runs_the_fp16_engine_beside_an_autocast_loop(setup, capsys):
     assert r["engine"]["losses"] == pytest.approx(r["plain"]["losses"], abs=1e-2)
 
 
-def test_the_overflow_streak_stop_fires_in_a_real_fp16_run(setup, capsys):
+@pytest.mark.parametrize("scaling", [dict(initial_scale_power=20, min_loss_scale=2 ** 20, hysteresis=1),
+                                     dict(loss_scale=2 ** 20)])  # dynamic, held at its floor; static
+def test_the_overflow_streak_stop_fires_in_a_real_fp16_run(setup, capsys, scaling):
     tmp = setup[2]
-    run = tmp / "streak"
+    run = tmp / f"streak-{len(scaling)}"
     # Every step overflows at 2^20 on this model, and the scale may not come down.
-    code = fp16_run(setup, run, "fp16-zero0-torch", 8, "--max-skipped-at-min-scale", "3",
-                    initial_scale_power=20, min_loss_scale=2 ** 20, hysteresis=1)
+    code = fp16_run(setup, run, "fp16-zero0-torch", 8, "--max-skipped-at-min-scale", "3", **scaling)
     assert code == 2
     err = capsys.readouterr().err
     assert "iteration 3: 3 fp16 steps in a row overflowed at the minimum loss scale 1.04858e+06" in err

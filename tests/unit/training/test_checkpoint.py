@@ -245,6 +245,21 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_told_which(dist_world
     assert lrs()[5] > lrs()[4]
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_an_overridden_schedule_sets_the_lr_of_the_first_resumed_step(dist_world1, work, tmp_path, zero):
+    from gptx.training.schedule import lr_at
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=2, zero_optimization={"stage": zero})
+    run = tmp_path / "run"
+    flags = lambda iters, *extra: pretrain_args(work[1], work[2], ds, run, 1, iters, "--warmup-iters", "2",
+                                                "--lr-decay-iters", "8", "--eval-interval", "0", *extra)
+    assert run_pretrain(flags(3, "--lr", "1e-3")) == 0
+    assert run_pretrain(flags(5, "--lr", "2e-3", "--load", str(run), "--override-lr-schedule")) == 0
+    lrs = {r["iter"]: r["lr"] for r in read_metrics(run) if "loss" in r}
+    assert lrs[3] == pytest.approx(lr_at(2, 1e-3, 1e-4, 2, 8))
+    # Iteration 4 is optimizer step 3 of the new schedule (ZeRO's optimizer load put the old lr back).
+    assert [lrs[4], lrs[5]] == pytest.approx([lr_at(3, 2e-3, 2e-4, 2, 8), lr_at(4, 2e-3, 2e-4, 2, 8)])
+
+
 def test_evaluate_reports_progress_on_stderr_and_refuses_a_zero_context(work, one_stage_run, capsys):
     assert run_evaluate(["--load", str(one_stage_run), "--data", str(work[1]), "--batch-size", "4", "--json"]) == 0
     captured = capsys.readouterr()

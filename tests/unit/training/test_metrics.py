@@ -1,6 +1,8 @@
 """metrics.py: the console line, the run's time estimate, and a metrics file that cannot be written."""
 import json
 
+import pytest
+
 from gptx.training.metrics import Metrics, RunClock, console_line, duration
 
 
@@ -59,3 +61,17 @@ def test_metrics_lines_are_json_one_per_record(tmp_path):
     metrics.close()
     assert [json.loads(l) for l in metrics.path.read_text().splitlines()] == \
         [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5, "eta_s": None}]
+
+
+def test_wandb_runs_in_the_mode_the_user_set(dist_world1, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from gptx.config import load_config
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: without WANDB_MODE gptx would pick offline
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    metrics = Metrics(tmp_path, load_config(None, {"wandb_project": "gptx-test"}))
+    try:
+        assert metrics.wandb.settings.mode == "disabled"
+    finally:
+        metrics.close()
+    assert not (tmp_path / "wandb").exists()  # an offline run would have written its files there
