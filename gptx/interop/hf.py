@@ -66,6 +66,12 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtyp
     def own_storage(t):  # a row slice of a padded table would take the whole table's bytes with it
         t = t.detach().to(dtype).contiguous()
         return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+    if dtype == torch.float16:  # bf16 and fp32 weights past fp16's range would be written as inf
+        for name, t in tensors.items():
+            largest = float(t.detach().abs().max()) if t.numel() else 0.0
+            if largest > torch.finfo(torch.float16).max:
+                raise CheckpointError(f"--to-hf '{out}': {name} holds {largest:g}, beyond float16's range (65504); "
+                                      f"export with --dtype bfloat16 or float32")
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = shard_names(tensors, itemsize, max_shard_bytes)
     files = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"

@@ -442,6 +442,18 @@ def test_a_bf16_checkpoint_exports_as_bf16_shards_that_transformers_loads_with_t
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
+def test_a_float16_export_of_weights_beyond_its_range_is_one_line_and_writes_nothing(tmp_path, capsys):
+    model = GPT(CFG, seed=1)
+    with torch.no_grad():
+        model.layers["2"].mlp.c_fc.weight[0, 0] = 1e5  # fits bf16 and fp32, not fp16: inf in the export
+    save_model(model, tmp_path / "run")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf"), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --to-hf '{tmp_path / 'hf'}': transformer.h.0.mlp.c_fc.weight holds 100000, beyond "
+                   f"float16's range (65504); export with --dtype bfloat16 or float32"]
+    assert not list((tmp_path / "hf").glob("*.safetensors"))
+
+
 @pytest.mark.parametrize("size", ["0", "lots", "5TB", "inf", "nan"])
 def test_a_bad_shard_size_is_one_line(tmp_path, capsys, size):
     assert run_convert(["--load", str(tmp_path), "--to-hf", str(tmp_path / "hf"), "--max-shard-size", size]) == 2
