@@ -20,6 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 MICRO_MODEL = dict(vocab_size=256, seq_len=32, n_layer=4, n_head=2, n_embd=32)
 
 
+def one_error_line(capsys) -> str:
+    """What a command printed on stderr: one line, `error: ...`, no traceback."""
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return err[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

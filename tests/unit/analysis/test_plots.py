@@ -7,6 +7,7 @@ import pytest
 from gptx.analysis.plots import plot_runs, read_run, smooth
 from gptx.cli.plot_runs import run_plot_runs
 from gptx.errors import ConfigError, DataError
+from tests.helpers.runs import one_error_line
 
 
 def write_run(path, iters, fp16=False, resumed_from=None, resumed_to=None):
@@ -73,13 +74,6 @@ def test_bad_runs_and_a_missing_matplotlib_are_one_line(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[plot\]"'):
         plot_runs([write_run(tmp_path / "ok", 3)], tmp_path / "p.png")
-
-
-def one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
-    return err[0]
 
 
 @pytest.mark.parametrize("line", ["5", '"a note"', "[1, 2]", "null"])

@@ -15,7 +15,7 @@ from gptx.interop.evaluate import load_eval_tokens
 from gptx.model.gpt import layer_specs
 from gptx.parallel.pipeline import layer_compute_weights, partition
 from gptx.training.checkpoint import read_torch_file, write_manifest
-from tests.helpers.runs import mount_tmpfs, pretrain_args, run_files, unmount
+from tests.helpers.runs import mount_tmpfs, one_error_line, pretrain_args, run_files, unmount
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,6 @@ def run(dist_world1, tmp_path_factory):
     run = work[0] / "run"
     assert run_pretrain(pretrain_args(*work[1:], run, 1, 2, "--eval-interval", "0")) == 0
     return run
-
-
-def one_line(capsys, needle):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
 
 def copy_of(run, tmp_path):
@@ -42,12 +37,12 @@ def copy_of(run, tmp_path):
 def test_a_device_the_machine_lacks_is_one_line(run, capsys):
     for device, needle in (("cuda", "this machine has no CUDA GPU"), ("tpu", "not a device torch knows")):
         assert run_sample(["--load", str(run), "--prompt-ids", "1", "--device", device]) == 2
-        one_line(capsys, f"--device '{device}': {needle}")
+        assert f"--device '{device}': {needle}" in one_error_line(capsys)
 
 
 def test_empty_prompt_ids_are_one_line(run, capsys):
     assert run_sample(["--load", str(run), "--prompt-ids", ","]) == 2
-    one_line(capsys, "expected one or more comma-separated integers")
+    assert "expected one or more comma-separated integers" in one_error_line(capsys)
 
 
 def test_a_checkpoint_folder_the_manifest_says_is_incomplete_is_refused_by_the_tools(run, tmp_path, capsys):
@@ -55,7 +50,7 @@ def test_a_checkpoint_folder_the_manifest_says_is_incomplete_is_refused_by_the_t
     layer = folder / "layer_02-model_states.pt"
     layer.write_bytes(layer.read_bytes()[:100])  # a copy that stopped halfway
     assert run_sample(["--load", str(folder), "--prompt-ids", "1"]) == 2
-    one_line(capsys, "an incomplete checkpoint (layer_02-model_states.pt has 100 bytes")
+    assert "an incomplete checkpoint (layer_02-model_states.pt has 100 bytes" in one_error_line(capsys)
 
 
 def test_a_damaged_file_of_the_right_size_is_one_line(run, tmp_path, capsys, dist_world1):
@@ -65,13 +60,13 @@ def test_a_damaged_file_of_the_right_size_is_one_line(run, tmp_path, capsys, dis
         data = file.read_bytes()  # its zip directory at the end overwritten: the manifest's size still matches
         file.write_bytes(data[:-100] + bytes(100))
     assert run_sample(["--load", str(copy), "--prompt-ids", "1"]) == 2
-    one_line(capsys, "layer_02-model_states.pt': a file cannot be read")
+    assert "layer_02-model_states.pt': a file cannot be read" in one_error_line(capsys)
     (folder / "layer_02-model_states.pt").write_bytes((run / folder.name / "layer_02-model_states.pt").read_bytes())
     saved = lambda: {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     before = saved()
     assert run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(copy),
                                      "--override-lr-schedule")) == 2
-    one_line(capsys, "a file cannot be read")
+    assert "a file cannot be read" in one_error_line(capsys)
     # Checkpoints, metrics and the run's config.json as they were (written once the checkpoint has loaded).
     assert saved() == before
     empty = folder / "rng_rank_00000.pt"  # an empty file: torch's EOFError says nothing
@@ -97,20 +92,20 @@ def test_the_tools_read_a_checkpoint_of_a_later_gptx_and_name_its_bad_values(run
     (folder / "gptx.json").write_text(json.dumps(meta))
     write_manifest(folder)
     assert run_sample(["--load", str(copy), "--prompt-ids", "1"]) == 2
-    one_line(capsys, "gptx.json: model.n_layer")
+    assert "gptx.json: model.n_layer" in one_error_line(capsys)
 
 
 def test_convert_to_hf_does_not_write_into_a_run_or_over_a_file(run, tmp_path, capsys):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert run_convert(["--load", str(run), "--to-hf", str(run)]) == 2
-    one_line(capsys, "holds a gptx run or checkpoint")
+    assert "holds a gptx run or checkpoint" in one_error_line(capsys)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     afile = tmp_path / "afile"
     afile.write_text("mine")
     assert run_convert(["--load", str(run), "--to-hf", str(afile)]) == 2
-    one_line(capsys, "exists and is not a directory")
+    assert "exists and is not a directory" in one_error_line(capsys)
     assert run_convert(["--load", str(run), "--to-hf", str(afile / "hf")]) == 2  # the machine refuses the path
-    one_line(capsys, f"'{afile / 'hf'}': Not a directory")
+    assert f"'{afile / 'hf'}': Not a directory" in one_error_line(capsys)
     assert afile.read_text() == "mine"
 
 
@@ -137,7 +132,7 @@ def test_a_type_regex_partition_that_deepspeed_cannot_use_is_one_line(dist_world
     # Training builds DeepSpeed's partition: a regex no layer matches was its RuntimeError.
     argv = pretrain_args(*run_files_of(run), run.parent / "unmatched", 1, 1, "--partition-method", "type:nomatch")
     assert run_pretrain(argv) == 2
-    one_line(capsys, "no layer class matches")
+    assert "no layer class matches" in one_error_line(capsys)
 
 
 def test_prepare_data_on_a_disk_that_fills_is_one_line(tmp_path, capsys):
@@ -149,7 +144,8 @@ def test_prepare_data_on_a_disk_that_fills_is_one_line(tmp_path, capsys):
         text = tmp_path / "big.txt"
         text.write_text(MICRO_TEXT * 4000)
         assert run_prepare_data([str(text), "--out", str(disk / "data"), "--workers", "1"]) == 2
-        one_line(capsys, f"--out '{disk / 'data'}': writing the token files failed (No space left on device)")
+        assert (f"--out '{disk / 'data'}': writing the token files failed (No space left on device)"
+                in one_error_line(capsys))
         assert not (disk / "data").exists()  # made by this call: removed
     finally:
         unmount(disk)
