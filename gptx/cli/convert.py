@@ -14,7 +14,7 @@ def convert_parser() -> argparse.ArgumentParser:
                            "model.safetensors and, for GPT-2's vocabulary, its tokenizer files)")
     p.add_argument("--load", help="gptx run directory or checkpoint folder to export")
     p.add_argument("--to-hf", help="output directory for the Hugging Face model")
-    p.add_argument("--from-hf", help="local Hugging Face GPT-2 directory to import")
+    p.add_argument("--from-hf", help="local Hugging Face GPT-2 or Llama directory to import")
     p.add_argument("--save", help="output gptx run directory (a weights-only checkpoint)")
     p.add_argument("--master-weights", action="store_true",
                    help="take a fp16/bf16 run's weights from the optimizer's fp32 master copies")

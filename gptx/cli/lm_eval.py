@@ -19,5 +19,11 @@ def run_lm_eval(argv: list[str] | None = None) -> int:
         import importlib
         importlib.import_module("gptx.interop.lm_eval_adapter")  # registers --model gptx
         sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-        cli_evaluate()
+        try:
+            cli_evaluate()
+        except ValueError as e:
+            if not str(e).startswith("Tasks not found"):
+                raise
+            raise ConfigError(f"--tasks: {e}; a task of your own needs --include_path DIR (the folder of its "
+                              f"YAML), and `lm_eval ls tasks` lists the built-in ones") from None
     return guarded(main)

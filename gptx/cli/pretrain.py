@@ -88,7 +88,7 @@ def parse_pretrain_args(argv: list[str] | None = None):
         from gptx.training import resume
         from gptx.training.metrics import log
         resume.check_save_dir(args.save, resume.run_dir_of(load))  # before reading another run
-        run_dir, tag, meta = resume.resolve_load(load, warn=log)
+        run_dir, tag, meta = resume.resolve_load(load, warn=log, save=args.save)
         load = str(run_dir)
         cfg = load_config(args.model, overrides, saved=meta.get("config"))
     return cfg, RunPaths(data=args.data, save=args.save, load=load, load_tag=tag,

@@ -26,6 +26,7 @@ from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_mergeable_ranks
 from gptx.errors import CheckpointError, ConfigError
 from gptx.interop.hf_llama import from_llama, is_llama, llama_config_text, llama_differences, to_llama_tensors
 from gptx.model.gpt import GPT
+from gptx.training.checkpoint import META, checkpoint_folders
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 EOT_TEXT = "<|endoftext|>"
@@ -341,6 +342,9 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"--from-hf '{src}': not a directory (expected config.json and model.safetensors)")
+    if (src / META).exists() or (src / "metrics.jsonl").exists() or checkpoint_folders(src):
+        raise CheckpointError(f"--from-hf '{src}': a gptx run or checkpoint, not a Hugging Face directory; "
+                              f"--load {src} --to-hf OUT converts it the other way")
     if not (src / "config.json").exists():
         raise CheckpointError(f"--from-hf '{src}': no config.json")
     hf = {k: v for k, v in _read_json(src / "config.json").items() if v is not None}  # null: HF's "not set"

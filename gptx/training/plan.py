@@ -83,7 +83,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
             load_dir, tag = Path(paths.load), paths.load_tag
             meta = json.loads((load_dir / tag / checkpoint.META).read_text())
         else:
-            load_dir, tag, meta = resume.resolve_load(paths.load, warn=log)
+            load_dir, tag, meta = resume.resolve_load(paths.load, warn=log, save=paths.save)
     where = str(load_dir / tag) if tag else None
     # What the checkpoint's run trained with, unless given again (a weights-only checkpoint is
     # converted weights: a new run, with today's defaults for what it does not hold).

@@ -66,7 +66,7 @@ def run_dir_of(load: str | Path) -> Path:
     return load.parent if is_checkpoint_folder(load) else load
 
 
-def resolve_load(load: str | Path, warn=_to_stderr) -> tuple[Path, str, dict]:
+def resolve_load(load: str | Path, warn=_to_stderr, save: str | Path | None = None) -> tuple[Path, str, dict]:
     """--load as given -> (run directory, checkpoint tag, that checkpoint's gptx.json).
 
     A run directory resumes from its newest complete checkpoint (find_latest). A checkpoint
@@ -83,9 +83,11 @@ def resolve_load(load: str | Path, warn=_to_stderr) -> tuple[Path, str, dict]:
     pointer = run_dir / LATEST
     named = read_latest(run_dir) or ""
     if named[len(TAG_PREFIX):].isdigit() and int(named[len(TAG_PREFIX):]) > int(load.name[len(TAG_PREFIX):]):
+        elsewhere = save is not None and Path(save).resolve() != run_dir.resolve()
+        goes = (f"new checkpoints go to {save}" if elsewhere else f"new checkpoints go to {run_dir} and replace "
+                f"later ones as the run reaches them: pass --save DIR to keep them")
         warn(f"note: resuming from {load.name} as asked, though '{pointer}' names the later {named} (--load "
-             f"{run_dir} resumes from there); new checkpoints go to {run_dir} and replace later ones as the run "
-             f"reaches them: pass --save DIR to keep them")
+             f"{run_dir} resumes from there); {goes}")
     return run_dir, load.name, json.loads((load / META).read_text())
 
 

@@ -442,6 +442,14 @@ def test_a_bf16_checkpoint_exports_as_bf16_shards_that_transformers_loads_with_t
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
+def test_a_gptx_run_given_as_from_hf_is_one_line_pointing_the_other_way(tmp_path, capsys):
+    save_model(GPT(CFG, seed=1), tmp_path / "run")  # has a config.json of its own, with no model_type
+    assert run_convert(["--from-hf", str(tmp_path / "run"), "--save", str(tmp_path / "back")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --from-hf '{tmp_path / 'run'}': a gptx run or checkpoint, not "
+                                               f"a Hugging Face directory; --load {tmp_path / 'run'} --to-hf OUT "
+                                               f"converts it the other way")
+
+
 def test_a_float16_export_of_weights_beyond_its_range_is_one_line_and_writes_nothing(tmp_path, capsys):
     model = GPT(CFG, seed=1)
     with torch.no_grad():

@@ -223,6 +223,11 @@ def test_bad_model_args_are_one_line(setup, capsys, local_tasks_only):
     with pytest.raises(ConfigError, match="load=RUN_DIR"):
         from gptx.interop.lm_eval_adapter import GptxLM
         GptxLM()
+    # A task of one's own without its --include_path: lm-eval's ValueError traceback before.
+    assert run_lm_eval(["--model", "gptx", "--model_args", f"load={runs['plain']}", "--device", "cpu",
+                        "--tasks", "gptx_lastword"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --tasks: Tasks not found: gptx_lastword; a task of your own needs --include_path DIR")
 
 
 def test_generation_stops_at_stop_strings_and_ignores_empty_ones(setup):

@@ -88,7 +88,7 @@ def test_a_checkpoint_folder_resumes_from_itself_and_names_the_later_latest(runs
     assert run_pretrain(["--load", str(run / "iter_0000003"), "--train-iters", "4", "--save", str(branch)]) == 0
     out = capsys.readouterr().out
     assert (f"note: resuming from iter_0000003 as asked, though '{run / 'latest'}' names the later "
-            f"iter_0000005") in out
+            f"iter_0000005 (--load {run} resumes from there); new checkpoints go to {branch}\n") in out
     assert f"resumed from {run / 'iter_0000003'}: iteration 3" in out
     assert train_losses(branch) == {4: train_losses(tmp / "full")[4]}
     assert (run / "latest").read_text() == "iter_0000005"  # the run it came from is untouched
