@@ -133,6 +133,8 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         for line in changes:  # every check passed: what this resume changes, once
             log(f"changed since the checkpoint: {line}")
     encoding = None
+    if cfg.train.sample_tokens and not cfg.train.eval_interval:
+        log("note: train.sample_tokens samples at each evaluation, and train.eval_interval 0 runs none")
     if cfg.train.sample_tokens:
         if reads_gpt2_bpe(cfg.model.vocab_size):
             encoding = gpt2_encoding()

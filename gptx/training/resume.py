@@ -46,7 +46,7 @@ def find_latest(load_dir: str | Path, warn=_to_stderr) -> tuple[str, dict]:
             if folder.name != named:
                 pointed = f"'{LATEST}' names '{named}'" if named else f"there is no '{LATEST}' file"
                 warn(f"warning: {pointed} but {'; '.join(problems) or 'it is not there'}; "
-                     f"resuming from '{folder}', the newest complete checkpoint")
+                     f"using '{folder}', the newest complete checkpoint")
             return folder.name, json.loads((folder / META).read_text())
         problems.append(f"'{folder.name}': {reason}")
     if not candidates:
