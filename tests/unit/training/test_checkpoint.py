@@ -219,7 +219,8 @@ def test_training_prints_a_sample_at_each_evaluation(dist_world1, work, capsys):
     assert train_losses(run) == train_losses(plain)
     assert run_pretrain(args(work, work[0] / "bad_prompt", 1, 4, "--sample-tokens", "5", "--sample-prompt", "hi")) == 2
     assert "train.sample_prompt is text for GPT-2 BPE" in capsys.readouterr().err
-    assert run_pretrain(args(work, work[0] / "no_evaluation", 1, 1, "--sample-tokens", "5", "--eval-interval", "0")) == 0
+    quiet = work[0] / "no_evaluation"
+    assert run_pretrain(args(work, quiet, 1, 1, "--sample-tokens", "5", "--eval-interval", "0")) == 0
     assert "note: train.sample_tokens samples at each evaluation, and train.eval_interval 0 runs none" in \
         capsys.readouterr().out
 
