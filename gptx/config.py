@@ -1,15 +1,15 @@
 """Model and training configuration: presets, YAML files, CLI overrides, validated once.
 
-Precedence is CLI > YAML file > preset named in the file's `base:` > dataclass defaults.
-A YAML file holds model keys at the top level and training keys under `train:`.
-DeepSpeed's own settings (batch sizes, precision, optimizer, ZeRO, clipping) are not
-here: they stay in DeepSpeed's JSON, which `gptx.parallel.ds_config` reads and checks.
-"""
+Precedence is CLI > YAML file > preset named in the file's `base:` > dataclass defaults. A
+YAML file holds model keys at the top level and training keys under `train:`. DeepSpeed's own
+settings (batch sizes, precision, optimizer, ZeRO, clipping) stay in DeepSpeed's JSON, which
+`gptx.parallel.ds_config` reads and checks."""
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
+from difflib import get_close_matches
 from typing import Any
 
 import yaml
@@ -265,8 +265,9 @@ def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], di
                 model[key] = value
             elif key in TRAIN_KEYS:
                 train[key] = value
-            else:
-                raise ConfigError(f"{source}: unknown key '{key}'; model keys are: "
+            else:  # a misspelling gets its nearest key; --set takes training keys bare, a YAML file under train:
+                near = "".join(f" (did you mean '{k}'?)" for k in get_close_matches(key, [*MODEL_KEYS, *TRAIN_KEYS], 1))
+                raise ConfigError(f"{source}: unknown key '{key}'{near}; model keys are: "
                                   + ", ".join(sorted(MODEL_KEYS)) + "; training keys go under 'train:'")
     return model, train
 

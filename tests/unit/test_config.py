@@ -78,7 +78,7 @@ def test_yaml_base_overrides_and_cli_precedence(tmp_path):
 
 
 @pytest.mark.parametrize("body,needle", [
-    ("n_layers: 3\n", "unknown key 'n_layers'"),
+    ("n_layers: 3\n", "unknown key 'n_layers' (did you mean 'n_layer'?); model keys are"),
     ("base: gpt9\n", "unknown model preset 'gpt9'"),
     ("n_embd: 100\nn_head: 3\n", "must be divisible by model.n_head"),
     ("n_layer: two\n", "model.n_layer: expected an integer"),
