@@ -42,14 +42,21 @@ def shard_size(text: str) -> int:
 
 
 def check_export_dir(out: Path) -> None:
-    """Hugging Face files go to a directory of their own: an earlier export may be written over,
-    a gptx run or checkpoint (whose config.json the export would replace) may not."""
+    """Hugging Face files go to a directory of their own: an earlier export may be written over;
+    a gptx run or checkpoint, or any other files (a downloaded model whose config.json and
+    weights the export would replace), may not."""
+    from gptx.interop.hf import EXPORT_MARKER
     from gptx.training.checkpoint import META, checkpoint_folders
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--to-hf '{out}': exists and is not a directory")
     if out.is_dir() and ((out / META).exists() or (out / "metrics.jsonl").exists() or checkpoint_folders(out)):
         raise ConfigError(f"--to-hf '{out}' holds a gptx run or checkpoint; choose another directory for the "
                           f"Hugging Face files (nothing was written)")
+    others = sorted(p.name for p in out.iterdir()) if out.is_dir() and not (out / EXPORT_MARKER).exists() else []
+    if others:
+        raise ConfigError(f"--to-hf '{out}' holds files no gptx export wrote ({others[0]}"
+                          f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); choose a new or empty "
+                          f"directory (nothing was written)")
 
 
 def run_convert(argv: list[str] | None = None) -> int:

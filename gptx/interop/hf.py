@@ -43,6 +43,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 """transformers' save_pretrained default ("5GB")."""
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+EXPORT_MARKER = "gptx_export.json"
+"""Written with every export: a directory holding it may be exported into again, another may not."""
 
 
 def shard_names(tensors: dict[str, torch.Tensor], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
@@ -189,7 +191,7 @@ def to_hf(model, cfg: Config, out: str | Path, dtype: str = "float32",
         config = llama_config_text(m, GPT2_EOT if m.vocab_size == GPT2_VOCAB_SIZE else None, dtype)
     else:
         config = json.dumps(dict(gpt2_config(m), torch_dtype=dtype), indent=2) + "\n"
-    small_files = {"config.json": config.encode()}
+    small_files = {"config.json": config.encode(), EXPORT_MARKER: b'{"written_by": "tools/convert.py --to-hf"}\n'}
     if m.vocab_size == GPT2_VOCAB_SIZE:
         small_files.update(gpt2_tokenizer_files(m.seq_len))
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from gptx.cli.convert import run_convert
 from gptx.cli.pretrain import run_pretrain
 from gptx.config import Config, ModelConfig
 from gptx.data.tokens import TokenWindows, open_tokens
-from gptx.interop.hf import read_safetensors
+from gptx.interop.hf import EXPORT_MARKER, read_safetensors
 from gptx.model.gpt import GPT
 from gptx.training.consolidate import load_plain_model, save_weights_only
 from tests.helpers.runs import (MICRO_MODEL, make_token_dir, precision_ds, read_metrics, write_ds_config,
@@ -189,6 +189,7 @@ def test_another_vocabulary_exports_without_tokenizer_files(tmp_path, capsys):
     save_model(GPT(CFG, seed=1), tmp_path / "run")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "vocab.json").write_text("{}")  # an earlier export's, into the same folder
+    (tmp_path / "hf" / EXPORT_MARKER).write_text("{}")
     assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
     assert "without tokenizer files (its 256-token vocabulary is not GPT-2's" in capsys.readouterr().out
     assert not (tmp_path / "hf" / "vocab.json").exists()
@@ -440,6 +441,21 @@ def test_a_bf16_checkpoint_exports_as_bf16_shards_that_transformers_loads_with_t
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
     assert run_convert(["--load", str(run), "--to-hf", str(out), "--dtype", "float32"]) == 0
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_an_export_into_a_directory_of_other_files_is_refused_and_leaves_them(tmp_path, capsys):
+    save_model(GPT(CFG, seed=1), tmp_path / "run")
+    theirs = tmp_path / "downloaded"  # e.g. the Hugging Face model the run was imported from
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model_type": "gpt2"}')
+    (theirs / "model.safetensors").write_bytes(b"weights")
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(theirs)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --to-hf '{theirs}' holds files no gptx export wrote "
+                                               f"(config.json and 1 more); choose a new or empty directory "
+                                               f"(nothing was written)")
+    assert (theirs / "model.safetensors").read_bytes() == b"weights"
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "ours")]) == 0
+    assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "ours")]) == 0  # its own again
 
 
 def test_a_gptx_run_given_as_from_hf_is_one_line_pointing_the_other_way(tmp_path, capsys):
