@@ -144,6 +144,10 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     ramp = (BatchRamp.parse(cfg.train.rampup_batch_size, layout.global_batch, layout.micro_batch * layout.dp_size)
             if cfg.train.rampup_batch_size else None)
     warmup = SeqLenWarmup.parse(cfg.train.seq_len_warmup, cfg.model.seq_len) if cfg.train.seq_len_warmup else None
+    if warmup and warmup.stages[-1][1] < cfg.model.seq_len:
+        log(f"note: train.seq_len_warmup ends at {warmup.stages[-1][1]} tokens, below model.seq_len "
+            f"{cfg.model.seq_len}: from iteration {warmup.stages[-1][0] + 1} on, every step trains on "
+            f"{warmup.stages[-1][1]}; end it with ITER:{cfg.model.seq_len} to reach the full length")
     return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, load_dir, tuple(changes),
                 encoding, ramp, warmup)
 

@@ -351,6 +351,7 @@ def test_a_sequence_length_warmup_trains_on_the_samples_first_tokens_and_resumes
     assert run_pretrain(args(work, full, 1, 6, *warmup)) == 0
     out = capsys.readouterr().out
     assert "iter      4 | sequence length 16" in out and "iter      6 | sequence length 32" in out
+    assert "note: train.seq_len_warmup ends" not in out  # it ends on model.seq_len
     records = [r for r in read_metrics(full) if "loss" in r]
     assert [r["seq_len"] for r in records] == [8, 8, 8, 16, 16, 32]
     assert [r["tokens"] for r in records] == [4 * n for n in (8, 16, 24, 40, 56, 88)]  # 4 sequences per step
@@ -368,6 +369,10 @@ def test_a_sequence_length_warmup_trains_on_the_samples_first_tokens_and_resumes
     assert run_pretrain(args(work, part, 1, 6, *warmup, "--load", str(part))) == 0
     resumed = [r for r in read_metrics(part) if "loss" in r]
     assert train_losses(part) == train_losses(full) and resumed[-1]["tokens"] == records[-1]["tokens"]
+    capsys.readouterr()
+    assert run_pretrain(args(work, work[0] / "warmup_short", 1, 1, "--seq-len-warmup", "0:8,2:16")) == 0
+    assert ("note: train.seq_len_warmup ends at 16 tokens, below model.seq_len 32: from iteration 3 on, every "
+            "step trains on 16; end it with ITER:32 to reach the full length") in capsys.readouterr().out
 
 
 def test_a_checkpoint_saved_before_its_preset_padded_resumes_with_its_own_table(dist_world1, work, monkeypatch,
