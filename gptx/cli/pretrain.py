@@ -100,7 +100,8 @@ def run_pretrain(argv: list[str] | None = None, as_script: bool = False) -> int:
     """launch/pretrain.py; `as_script`: this process is the script itself (not a test calling in),
     so it may check the launcher's port and, without a launcher, make itself a world of one."""
     def main():
-        from gptx.parallel.launching import check_master_port, single_process_env, under_launcher
+        from gptx.parallel.launching import adopt_mpi_ranks, check_master_port, single_process_env, under_launcher
+        adopt_mpi_ranks()
         launched = under_launcher()
         if as_script:
             # First, before the heavy imports: a taken port stops rank 0 while the other ranks are still
@@ -109,7 +110,7 @@ def run_pretrain(argv: list[str] | None = None, as_script: bool = False) -> int:
             single_process_env()  # `python launch/pretrain.py`: one process, as `deepspeed --num_gpus 1`
         from gptx.training.trainer import pretrain
         cfg, paths = parse_pretrain_args(argv)
-        if "WORLD_SIZE" in os.environ:  # else DeepSpeed discovers the world (MPI): plan_run checks it then
+        if "WORLD_SIZE" in os.environ:  # else DeepSpeed discovers the world (a cluster's variables)
             check_stages_fit(cfg.train.pipe_parallel_size, int(os.environ["WORLD_SIZE"]), launched)
         pretrain(cfg, paths)
     return guarded(main)

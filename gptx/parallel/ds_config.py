@@ -39,8 +39,14 @@ def read_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"--deepspeed_config '{path}': cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:  # a binary file given as the JSON
         raise ConfigError(f"--deepspeed_config '{path}': not UTF-8 text (byte offset {e.start})") from None
+    def no_repeats(pairs):  # json keeps the last of a repeated key: the one edited may be the other
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise ConfigError(f"--deepspeed_config '{path}': key '{twice}' appears twice in one object; keep one")
+        return dict(pairs)
     try:
-        cfg = json.loads(text)
+        cfg = json.loads(text, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config '{path}': not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict):
@@ -136,6 +142,14 @@ SECTIONS = ("fp16", "bf16", "bfloat16", "zero_optimization", "data_types", "opti
 def _check_types(cfg: dict, path) -> None:
     """The sections and values gptx and DeepSpeed read, of the type they read them as: DeepSpeed
     itself stops on another type with an AttributeError or TypeError deep inside its start-up."""
+    from deepspeed.runtime import config as deepspeed_config
+
+    # DeepSpeed's own list of the keys it removed (amp, sparse_gradients, ...), refused even when disabled.
+    refuse_removed = getattr(deepspeed_config, "_reject_removed_config_keys", lambda cfg: None)
+    try:
+        refuse_removed(cfg)
+    except deepspeed_config.DeepSpeedConfigError as e:
+        raise ConfigError(f"{path}: {str(e).split('. See ')[0]}; remove the key") from None
     for key in SECTIONS:
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise ConfigError(f"{path}: '{key}' must be an object ({{...}}), got {cfg[key]!r}")
@@ -143,6 +157,10 @@ def _check_types(cfg: dict, path) -> None:
         enabled = (cfg.get(key) or {}).get("enabled", False)
         if not isinstance(enabled, bool):  # "false" would read as true
             raise ConfigError(f"{path}: {key}.enabled must be true or false, got {enabled!r}")
+    for key in ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"):
+        value = (cfg.get("fp16") or {}).get(key, 0)
+        if not _is_number(value):
+            raise ConfigError(f"{path}: fp16.{key} must be a number, got {value!r}")
     clip = cfg.get("gradient_clipping", 0.0)
     if not _is_number(clip) or clip < 0:
         raise ConfigError(f"{path}: gradient_clipping must be a number >= 0 (0: no clipping), got {clip!r}")
@@ -160,8 +178,23 @@ def _check_types(cfg: dict, path) -> None:
                           f"got {betas!r}")
     for key, low in (("eps", "> 0"), ("weight_decay", ">= 0")):
         value = params.get(key, 1e-8)
-        if not _is_number(value) or value < 0 or (low == "> 0" and value == 0):
+        if not _is_number(value) or not value >= 0 or value == float("inf") or (low == "> 0" and value == 0):
             raise ConfigError(f"{path}: optimizer.params.{key} must be a number {low}, got {value!r}")
+    if "max_grad_norm" in params:
+        raise ConfigError(f"{path}: remove optimizer.params.max_grad_norm; DeepSpeed clips by \"gradient_clipping\"")
+    adam = str(name).lower() in ("adam", "adamw")
+    if adam and params.get("amsgrad") and not params.get("torch_adam"):
+        raise ConfigError(f"{path}: optimizer.params.amsgrad needs \"torch_adam\": true beside it (DeepSpeed's "
+                          f"fused Adam has no AMSGrad)")
+    zero = cfg.get("zero_optimization") or {}
+    if (name is not None and zero.get("stage", 0) and str(name).lower() not in ZERO_OPTIMIZERS
+            and not cfg.get("zero_allow_untested_optimizer")):
+        raise ConfigError(f"{path}: ZeRO runs Adam, AdamW, Adagrad and Lion; for optimizer.type {name!r} add "
+                          f"\"zero_allow_untested_optimizer\": true, or set zero_optimization.stage 0")
+
+
+ZERO_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion")
+"""Optimizers DeepSpeed's ZeRO builds without zero_allow_untested_optimizer (its ZERO_SUPPORTED_OPTIMIZERS)."""
 
 
 def _is_number(value) -> bool:

@@ -77,13 +77,16 @@ def check_master_port() -> None:
     """
     if os.environ.get("RANK") != "0" or "MASTER_PORT" not in os.environ or _agent_store():
         return
-    dist = sys.modules.get("torch.distributed")  # read only if already imported: this check stays light
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return  # this process's group already holds the port; no rendezvous will be opened
     try:
         port = int(os.environ["MASTER_PORT"])
     except ValueError:
         return  # torch names a malformed port itself
+    if not 0 < port < 65536:  # socket.bind raises OverflowError, torch fails deeper still
+        raise GptxError(f"MASTER_PORT {port} is not a port (1-65535): give the launcher --master_port N, "
+                        f"e.g. --master_port {free_port()}")
+    dist = sys.modules.get("torch.distributed")  # read only if already imported: this check stays light
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return  # this process's group already holds the port; no rendezvous will be opened
     if not port_is_free(port):
         raise port_in_use_error(port)
 
@@ -104,6 +107,30 @@ def port_in_use(error: BaseException) -> PortInUse | None:
 # discovers the world itself, though RANK is not set yet.
 WORLD_DISCOVERY_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
                              "AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV", "DLTS_JOB_ID")
+
+
+# (rank, world size, local rank, local size) as each MPI flavour names them.
+MPI_RANK_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH, Intel MPI
+)
+
+
+def adopt_mpi_ranks() -> None:
+    """Under an MPI launcher (deepspeed --launcher openmpi/mvapich/impi), which sets no RANK or
+    WORLD_SIZE: take them from MPI's own variables before anything reads them. DeepSpeed would
+    find the same numbers, but only inside init_distributed, after gptx has planned the batch
+    layout and the threads per rank from a world of one."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    for names in MPI_RANK_VARIABLES:
+        if names[0] in os.environ and names[1] in os.environ:
+            values = [os.environ.get(name) for name in names]
+            for key, value in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"), values):
+                if value is not None:
+                    os.environ[key] = value
+            return
 
 
 def under_launcher() -> bool:

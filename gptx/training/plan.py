@@ -143,13 +143,21 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
                               f"{cfg.model.vocab_size} tokens; leave it empty to sample from token 0")
     ramp = (BatchRamp.parse(cfg.train.rampup_batch_size, layout.global_batch, layout.micro_batch * layout.dp_size)
             if cfg.train.rampup_batch_size else None)
-    warmup = SeqLenWarmup.parse(cfg.train.seq_len_warmup, cfg.model.seq_len) if cfg.train.seq_len_warmup else None
-    if warmup and warmup.stages[-1][1] < cfg.model.seq_len:
-        log(f"note: train.seq_len_warmup ends at {warmup.stages[-1][1]} tokens, below model.seq_len "
-            f"{cfg.model.seq_len}: from iteration {warmup.stages[-1][0] + 1} on, every step trains on "
-            f"{warmup.stages[-1][1]}; end it with ITER:{cfg.model.seq_len} to reach the full length")
+    warmup = _seq_len_warmup(cfg)
     return Plan(cfg, ds_config, ds_path, layout, data, sources, tag, accelerator, meta, load_dir, tuple(changes),
                 encoding, ramp, warmup)
+
+
+def _seq_len_warmup(cfg: Config) -> SeqLenWarmup | None:
+    """The warmup the config asks for; a note when it never reaches model.seq_len."""
+    if not cfg.train.seq_len_warmup:
+        return None
+    warmup = SeqLenWarmup.parse(cfg.train.seq_len_warmup, cfg.model.seq_len)
+    (start, length), full = warmup.stages[-1], cfg.model.seq_len
+    if length < full:
+        log(f"note: train.seq_len_warmup ends at {length} tokens, below model.seq_len {full}: from iteration "
+            f"{start + 1} on, every step trains on {length}; end it with ITER:{full} to reach the full length")
+    return warmup
 
 
 def _describe_data(data, records: list[dict]) -> str:

@@ -68,6 +68,15 @@ def test_bad_ds_configs(cfg, needle):
     (lambda c: c["optimizer"]["params"].update(eps=-1), "eps must be a number > 0"),
     (lambda c: c["optimizer"]["params"].update(betas=0.9), "betas must be two numbers"),
     (lambda c: c["optimizer"]["params"].update(betas=[0.9, 1.5]), "betas must be two numbers"),
+    (lambda c: c["optimizer"]["params"].update(eps=float("nan")), "eps must be a number > 0"),  # JSON's NaN
+    # These five passed gptx's checks and stopped DeepSpeed's start-up with a traceback on every rank.
+    (lambda c: c.update(amp={"enabled": False}), "NVIDIA Apex AMP integration has been removed.*remove the key"),
+    (lambda c: c.update(fp16={"enabled": True, "initial_scale_power": "16"}),
+     "fp16.initial_scale_power must be a number, got '16'"),
+    (lambda c: c["optimizer"]["params"].update(max_grad_norm=1.0), "DeepSpeed clips by \"gradient_clipping\""),
+    (lambda c: c["optimizer"]["params"].update(amsgrad=True, torch_adam=False), "amsgrad needs \"torch_adam\": true"),
+    (lambda c: c.update(optimizer={"type": "SGD", "params": {}}, zero_optimization={"stage": 1}),
+     "ZeRO runs Adam, AdamW, Adagrad and Lion; for optimizer.type 'SGD' add \"zero_allow_untested_optimizer\""),
 ])
 def test_values_of_the_wrong_type_are_one_line_naming_the_key(edit, needle):
     """Each of these stopped DeepSpeed's start-up with a traceback (AttributeError, TypeError,
@@ -91,6 +100,20 @@ def test_malformed_json_names_the_file(tmp_path):
     f.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
     with pytest.raises(ConfigError, match="ds.json.*not valid JSON"):
         read_ds_config(f)
+    # json keeps the last of a repeated key, so the copy a user edited could be ignored.
+    f.write_text('{"gradient_accumulation_steps": 8, "train_micro_batch_size_per_gpu": 4, '
+                 '"gradient_accumulation_steps": 1}')
+    with pytest.raises(ConfigError, match="key 'gradient_accumulation_steps' appears twice in one object"):
+        read_ds_config(f)
+
+
+def test_the_fixes_those_refusals_name_are_accepted():
+    cfg = read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json")
+    cfg["optimizer"]["params"].update(amsgrad=True, torch_adam=True)
+    check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+    cfg.update(optimizer={"type": "SGD", "params": {}}, zero_optimization={"stage": 1},
+               zero_allow_untested_optimizer=True)
+    check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
 
 
 def test_fp16_on_cpu_only_with_the_testing_switch(monkeypatch):

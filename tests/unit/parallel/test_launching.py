@@ -53,3 +53,37 @@ def test_a_process_started_by_mpi_or_slurm_is_not_made_a_world_of_one(monkeypatc
     assert under_launcher() is launched
     single_process_env()
     assert ("WORLD_SIZE" in os.environ) is (not launched)
+
+
+@pytest.mark.parametrize("flavour", [
+    {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},  # deepspeed --launcher openmpi, mpirun
+    {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},  # MPICH, Intel MPI
+    {"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "1",
+     "MV2_COMM_WORLD_LOCAL_SIZE": "2"},
+])
+def test_an_mpi_launchers_ranks_are_known_before_the_run_is_planned(monkeypatch, flavour):
+    # plan_run read WORLD_SIZE (unset under MPI) as 1: it refused 2 stages on 4 ranks, or planned
+    # one replica where there were four, so the replicas read overlapping batches.
+    from gptx.parallel.launching import adopt_mpi_ranks
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in flavour.items():
+        monkeypatch.setenv(name, value)
+    adopt_mpi_ranks()
+    assert [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")] == ["3", "4", "1", "2"]
+    monkeypatch.setenv("RANK", "0")  # a launcher's own RANK and WORLD_SIZE win
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    adopt_mpi_ranks()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "8")
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_master_port_out_of_range_is_one_line(monkeypatch, port):
+    from gptx.errors import GptxError
+    from gptx.parallel.launching import check_master_port
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_PORT", port)  # before: socket.bind's OverflowError traceback
+    with pytest.raises(GptxError, match=f"MASTER_PORT {port} is not a port"):
+        check_master_port()
