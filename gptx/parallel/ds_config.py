@@ -48,7 +48,13 @@ def read_ds_config(path: str | Path) -> dict:
     try:
         cfg = json.loads(text, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--deepspeed_config '{path}': not valid JSON (line {e.lineno}: {e.msg})") from None
+        # DeepSpeed reads its config file with hjson (a JSON superset: comments, trailing commas),
+        # so a file DeepSpeed takes is taken here too (hjson comes with DeepSpeed).
+        import hjson
+        try:
+            cfg = hjson.loads(text, object_pairs_hook=no_repeats)
+        except hjson.HjsonDecodeError:
+            raise ConfigError(f"--deepspeed_config '{path}': not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"--deepspeed_config '{path}': expected a JSON object")
     return cfg

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from gptx.errors import ConfigError
@@ -104,6 +106,18 @@ def test_malformed_json_names_the_file(tmp_path):
     f.write_text('{"gradient_accumulation_steps": 8, "train_micro_batch_size_per_gpu": 4, '
                  '"gradient_accumulation_steps": 1}')
     with pytest.raises(ConfigError, match="key 'gradient_accumulation_steps' appears twice in one object"):
+        read_ds_config(f)
+
+
+def test_comments_and_trailing_commas_read_as_deepspeed_reads_them(tmp_path):
+    # DeepSpeed loads its config file with hjson; gptx refused such a file as "not valid JSON".
+    f = tmp_path / "ds.json"
+    shipped = (DS_CONFIG_DIR / "cpu_fp32.json").read_text()
+    f.write_text("// my settings\n" + shipped.replace('"gradient_clipping"', '/* clip */ "gradient_clipping"')
+                 .rstrip().removesuffix("}") + ",}\n")
+    assert read_ds_config(f) == json.loads(shipped)
+    f.write_text('// a comment\n{"gradient_accumulation_steps": 8, "gradient_accumulation_steps": 1}')
+    with pytest.raises(ConfigError, match="key 'gradient_accumulation_steps' appears twice"):
         read_ds_config(f)
 
 
