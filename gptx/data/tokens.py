@@ -31,10 +31,6 @@ GPT2_EOT = 50256
 GPT2_PADDED_MAX = 51200
 """The largest table read as GPT-2 BPE: its 50,257 tokens padded by hand to a multiple of up to
 1,024 (nanoGPT's 50,304). The rows past 50,257 are no token: nothing samples or decodes them."""
-
-
-def reads_gpt2_bpe(vocab_size: int) -> bool:
-    return GPT2_VOCAB_SIZE <= vocab_size <= GPT2_PADDED_MAX
 # tiktoken's r50k_base, which is GPT-2's BPE; openai-whisper ships it byte-identical.
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -153,6 +149,11 @@ def gpt2_encoding(bpe_file: str | None = None):
 
 # ----------------------------------------------------------------------------------------
 # The embedded corpus (text -> token files is gptx/data/prepare.py)
+
+def reads_gpt2_bpe(vocab_size: int) -> bool:
+    """A model table of GPT-2's tokens, or of those padded by hand (see GPT2_PADDED_MAX)."""
+    return GPT2_VOCAB_SIZE <= vocab_size <= GPT2_PADDED_MAX
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)

@@ -167,8 +167,10 @@ class GptxLM(TemplateLM):
             until = kwargs.pop("until", None) or []
             until = [s for s in ([until] if isinstance(until, str) else until) if s]  # "" would stop at once
             max_new = int(kwargs.pop("max_gen_toks", 256))
-            temperature, top_k, top_p = sampling_settings(kwargs)
-            sample = _flag(kwargs.pop("do_sample", False)) and temperature > 0
+            # Greedy unless do_sample: then, as in Hugging Face, the sampling settings are read (and checked).
+            sample = _flag(kwargs.pop("do_sample", False))
+            temperature, top_k, top_p = sampling_settings(kwargs) if sample else (1.0, None, None)
+            sample = sample and temperature > 0
             prompt = self.tok_encode(context)[-max(1, self.window - max_new):] or [GPT2_EOT]
 
             def stop(ids: list[int], start=len(prompt)) -> bool:

@@ -277,6 +277,10 @@ def test_model_args_and_generation_settings_are_checked_and_a_blank_context_scor
     (text,) = lm.generate_until(requests(("Once", {**sampled, "top_k": 0})), disable_tqdm=True)  # 0: off
     with pytest.raises(ConfigError, match=r"gen_kwargs top_p=0.0: must be in \(0, 1\]"):
         lm.generate_until(requests(("Once", {**sampled, "top_p": 0})), disable_tqdm=True)
+    # Greedy generation reads no sampling setting, as Hugging Face's does not.
+    greedy = {**sampled, "do_sample": False, "top_p": 0}
+    assert lm.generate_until(requests(("Once", greedy)), disable_tqdm=True) == \
+        lm.generate_until(requests(("Once", {**greedy, "top_p": 1.0, "temperature": 5.0})), disable_tqdm=True)
     # " " encodes to no context tokens once lm-eval moves its space into the continuation
     ((blank, _),) = lm.loglikelihood(requests((" ", "hello world")), disable_tqdm=True)
     ((empty, _),) = lm.loglikelihood(requests(("", " hello world")), disable_tqdm=True)
