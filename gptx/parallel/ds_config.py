@@ -224,7 +224,8 @@ def _check_optimizer_sections(cfg: dict, path: str) -> None:
     if "scheduler" in cfg:
         raise ConfigError(f"{path}: remove the 'scheduler' section; gptx runs the warmup + cosine schedule "
                           f"from its training config")
-    if any(k in (cfg.get("pipeline") or {}) for k in ("stages", "partition")):
+    pipeline = cfg.get("pipeline") or {}
+    if pipeline.get("stages", "auto") != "auto" or pipeline.get("partition", "best") != "best":  # DeepSpeed's defaults
         raise ConfigError(f"{path}: pipeline.stages / pipeline.partition are ignored by DeepSpeed; use "
                           f"--pipe-parallel-size and --partition-method instead")
     if not isinstance(optimizer, dict) or not optimizer.get("type"):

@@ -121,6 +121,14 @@ def test_comments_and_trailing_commas_read_as_deepspeed_reads_them(tmp_path):
         read_ds_config(f)
 
 
+def test_deepspeed_own_pipeline_defaults_are_accepted():
+    """A config copied from DeepSpeed's documentation spells out its defaults; they change nothing."""
+    cfg = {"train_micro_batch_size_per_gpu": 1, **ADAMW, "pipeline": {"stages": "auto", "partition": "best"}}
+    assert check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu").micro_batch == 1
+    with pytest.raises(ConfigError, match="ignored by DeepSpeed"):
+        check_ds_config({**cfg, "pipeline": {"partition": "uniform"}}, dp_size=1, pipe_size=2, accelerator_name="cpu")
+
+
 def test_the_fixes_those_refusals_name_are_accepted():
     cfg = read_ds_config(DS_CONFIG_DIR / "cpu_fp32.json")
     cfg["optimizer"]["params"].update(amsgrad=True, torch_adam=True)
