@@ -46,7 +46,7 @@ def check_export_dir(out: Path) -> None:
     a gptx run or checkpoint, or any other files (a downloaded model whose config.json and
     weights the export would replace), may not."""
     from gptx.interop.hf import EXPORT_MARKER
-    from gptx.training.checkpoint import META, checkpoint_folders
+    from gptx.training.checkpoint_files import META, checkpoint_folders
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--to-hf '{out}': exists and is not a directory")
     if out.is_dir() and ((out / META).exists() or (out / "metrics.jsonl").exists() or checkpoint_folders(out)):

@@ -13,7 +13,7 @@ from gptx.data.tokens import (GPT2_EOT, GPT2_VOCAB_SIZE, check_vocabulary, gpt2_
                               reads_gpt2_bpe)
 from gptx.errors import CheckpointError, DataError
 from gptx.model.gpt import GPT
-from gptx.training.checkpoint import LATEST, META, TAG_PREFIX
+from gptx.training.checkpoint_files import LATEST, META, TAG_PREFIX
 
 
 def check_checkpoint_path(path: str | Path) -> None:

@@ -26,7 +26,7 @@ from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_mergeable_ranks
 from gptx.errors import CheckpointError, ConfigError
 from gptx.interop.hf_llama import from_llama, is_llama, llama_config_text, llama_differences, to_llama_tensors
 from gptx.model.gpt import GPT
-from gptx.training.checkpoint import META, checkpoint_folders
+from gptx.training.checkpoint_files import META, checkpoint_folders
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 EOT_TEXT = "<|endoftext|>"

@@ -1,5 +1,6 @@
-"""Save and load around DeepSpeed's checkpoints (gptx.training.resume: which one --load means and
-whether this run may continue it; gptx.training.consolidate: a checkpoint as one plain model).
+"""Save and load around DeepSpeed's checkpoints (gptx.training.checkpoint_files: the folder's files;
+gptx.training.resume: which one --load means and whether this run may continue it;
+gptx.training.consolidate: a checkpoint as one plain model).
 
 A run directory holds one folder per checkpoint (`iter_0000200/`, DeepSpeed's layer and
 optimizer files plus ours) and a `latest` file naming the newest complete one. DeepSpeed
@@ -11,7 +12,9 @@ Ours in each folder: `gptx.json` (resolved config, DeepSpeed JSON, layout, code 
 progress), `rng_rank_XXXXX.pt` (each rank's RNG states, for dropout) and, written last,
 once every rank has finished and the files are flushed, `manifest.json` (every file and
 its size). A folder without a manifest that matches its files is incomplete and is never
-loaded: `--load` falls back to the newest complete one.
+loaded: `--load` falls back to the newest complete one. A run resumed from an earlier
+checkpoint writes the later folders again: the complete one it replaces is kept aside
+(`iter_N.replaced`) until the new one is complete, and put back when the save fails.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,13 +35,12 @@ from gptx.atomic import atomic_write
 from gptx.errors import CheckpointError
 from gptx.parallel.data_parallel import DataParallelEngine, layer_states
 from gptx.parallel.engine import save_checkpoint
+from gptx.training.checkpoint_files import (CHECKPOINT_FORMAT, LATEST, MANIFEST, META, checkpoint_folders, damaged,
+                                            incomplete_reason, layer_file, read_latest, read_torch_file, tag_for,
+                                            torch_bytes, verify_archive, write_manifest)
 
-LATEST = "latest"
-META = "gptx.json"
-MANIFEST = "manifest.json"
-CHECKPOINT_FORMAT = 2
-"""2: folders are complete only with a manifest. Folders without the key predate manifests."""
-TAG_PREFIX = "iter_"
+REPLACED = ".replaced"
+"""The suffix of a complete folder kept aside while the run writes its iteration again."""
 
 
 def code_version() -> str:
@@ -51,10 +54,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
-
-
-def tag_for(iteration: int) -> str:
-    return f"{TAG_PREFIX}{iteration:07d}"
 
 
 def _rng_state() -> dict:
@@ -141,6 +140,7 @@ def save(engine, run_dir: str | Path, iteration: int, progress: dict, meta: dict
             _fsync_tree(folder)
             write_manifest(folder)
             atomic_write(run_dir / LATEST, tag.encode())
+            shutil.rmtree(aside_of(folder), ignore_errors=True)
         except Exception as e:  # noqa: BLE001
             try:
                 (folder / MANIFEST).unlink(missing_ok=True)
@@ -196,9 +196,14 @@ def _agree_or_raise(code: int, unexpected: Exception | None, run_dir: Path, fold
 
 def _failure_line(code: int, run_dir: Path, folder: Path, tag: str, needed: int | None, remove: bool) -> str:
     import errno
-    import shutil
     if remove:  # first: the free space then says what a retry would have
         shutil.rmtree(folder, ignore_errors=True)
+    aside = aside_of(folder)
+    if aside.exists() and not folder.exists():
+        try:
+            aside.rename(folder)  # the complete checkpoint this save was to replace
+        except OSError:
+            pass  # named below
     reason = os.strerror(code)
     if code == errno.ENOSPC:
         free = _free_bytes(run_dir)
@@ -207,6 +212,8 @@ def _failure_line(code: int, run_dir: Path, folder: Path, tag: str, needed: int 
         reason += " (the directory was deleted while the run was writing to it)"
     partial = (f"; the partial folder {folder.name} has no {MANIFEST} and is never loaded"
                if folder.exists() and not (folder / MANIFEST).exists() else "")
+    if aside.exists():
+        partial += f"; the complete {folder.name} it was to replace is kept as {aside.name}"
     try:
         last = (run_dir / LATEST).read_text().strip()
     except OSError:
@@ -221,13 +228,11 @@ def _before_save(run_dir: Path, folder: Path, space: SpaceWatch, estimate: int |
     import errno
     if not run_dir.is_dir():  # DeepSpeed would silently make it again, without config.json and metrics
         return errno.ENOENT, None
+    try:
+        _set_aside(folder)
+    except OSError as e:
+        return e.errno or errno.EIO, None
     free = _free_bytes(run_dir)
-    if folder.exists():  # rewriting a folder (after a fallback): it is incomplete until its new manifest
-        try:
-            (folder / MANIFEST).unlink(missing_ok=True)
-        except OSError as e:
-            return e.errno or errno.EIO, None
-        free += _tree_bytes(folder)
     if space.previous is not None:
         return (errno.ENOSPC if free < space.previous else 0), space.previous
     if estimate and free < estimate and not space.warned:
@@ -235,6 +240,25 @@ def _before_save(run_dir: Path, folder: Path, space: SpaceWatch, estimate: int |
         print(f"warning: checkpoint {folder.name} needs about {estimate:,} bytes (parameters x bytes per "
               f"parameter), {run_dir} has {free:,} free: the save will likely fail", flush=True)
     return 0, estimate
+
+
+def aside_of(folder: Path) -> Path:
+    return folder.with_name(folder.name + REPLACED)
+
+
+def _set_aside(folder: Path) -> None:
+    """Rank 0, before writing a folder that exists: a complete one (a run resumed from an earlier
+    checkpoint reaching this iteration again) is renamed aside until the new one is complete; an
+    incomplete one (a save that stopped halfway) is deleted, with no stale file left to load."""
+    aside = aside_of(folder)
+    if not folder.exists():
+        return
+    if incomplete_reason(folder) is None:
+        if aside.exists():  # left by a save that completed without removing it
+            shutil.rmtree(aside)
+        folder.rename(aside)
+    else:
+        shutil.rmtree(folder)
 
 
 def check_next_fits(run_dir: Path, space: SpaceWatch) -> str | None:
@@ -265,7 +289,6 @@ def _estimate_bytes(engine) -> int:
 
 
 def _free_bytes(path: Path) -> int:
-    import shutil
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -315,105 +338,51 @@ def _write_layer_files_without_pipeline(engine, folder: Path) -> None:
             atomic_write(layer_file(folder, idx), torch_bytes(state))
 
 
-def write_manifest(folder: Path) -> None:
-    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name != MANIFEST}
-    atomic_write(folder / MANIFEST, (json.dumps(files, indent=1) + "\n").encode())
-
-
-def incomplete_reason(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be trusted, or None when it is complete."""
-    manifest = folder / MANIFEST
-    if not manifest.exists():
-        return f"no {MANIFEST} (its writing never finished)"
-    try:
-        files = json.loads(manifest.read_text())
-    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
-        return f"{MANIFEST} cannot be read or is not valid JSON"
-    if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
-        return f"{MANIFEST} is not a list of files and sizes"
-    for name, size in files.items():
-        path = folder / name
-        if not path.exists():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-    return None
-
-
-def read_latest(run_dir: Path) -> str | None:
-    """The folder name `latest` holds, or None when it is missing or unreadable (a damaged disk)."""
-    try:
-        return (run_dir / LATEST).read_text().strip() or None
-    except (OSError, ValueError):
-        return None
-
-
-def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """Checkpoint folders, newest first."""
-    folders = [f for f in run_dir.glob(TAG_PREFIX + "*") if f.is_dir() and f.name[len(TAG_PREFIX):].isdigit()]
-    return sorted(folders, key=lambda f: int(f.name[len(TAG_PREFIX):]), reverse=True)
-
-
-def prune(run_dir: Path, keep: int) -> list[Path]:
+def prune(run_dir: Path, keep: int) -> tuple[list[Path], list[str]]:
     """Rank 0, after `latest` moved: delete all but the newest `keep` complete checkpoints.
+    Returns (the folders removed, a warning for each that could not be: the run goes on).
 
     Incomplete folders older than the newest complete one go too (a crash's leftovers);
     nothing newer than `latest` is touched.
     """
-    import shutil
     newest = read_latest(run_dir)
-    kept, removed = 0, []
+    kept, removed, failed = 0, [], []
     for folder in checkpoint_folders(run_dir):
         if kept == 0 and folder.name != newest:
             continue  # newer than latest: not ours to judge
         if kept < keep and incomplete_reason(folder) is None:
             kept += 1
             continue
-        shutil.rmtree(folder)
+        try:
+            shutil.rmtree(folder)
+        except OSError as e:
+            failed.append(f"warning: could not remove the old checkpoint {folder} ({e.strerror or e}); training "
+                          f"goes on, remove it by hand")
+            continue
         removed.append(folder)
-    return removed
-
-
-def torch_bytes(obj) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, IndexError, pickle.UnpicklingError)
-"""What torch.load raises for a file whose bytes are damaged (its size can still match the manifest)."""
-
-
-def damaged(where: Path, e: Exception) -> CheckpointError:
-    why = (str(e) or type(e).__name__).splitlines()[0][:200]  # an empty file's EOFError has no words
-    return CheckpointError(f"checkpoint '{where}': a file cannot be read ({why}); the disk "
-                           f"or a copy damaged it: --load an earlier checkpoint folder of the run")
-
-
-def read_torch_file(file: Path, weights_only: bool = True, **kwargs):
-    """torch.load on the host, a damaged file as one CheckpointError naming it."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=weights_only, **kwargs)
-    except UNREADABLE as e:
-        raise damaged(file, e) from None
-
-
-def read_layer_file(folder: Path, idx: int) -> dict:
-    """One position's layer file of a checkpoint folder, on the host."""
-    file = layer_file(folder, idx)
-    if not file.exists():
-        raise CheckpointError(f"checkpoint '{folder}': missing {file.name}")
-    return read_torch_file(file)
+    return removed, failed
 
 
 def load(engine, load_dir: str | Path, tag: str) -> dict:
-    """Collective: restore model, optimizer, LR schedule, loss scaler and this rank's RNG."""
+    """Collective: restore model, optimizer, LR schedule, loss scaler and this rank's RNG.
+
+    First the ranks check the folder's archives against their CRC-32s, each rank a share of
+    them. A rank that finds a damaged file prints its own line naming it; every rank stops.
+    """
     folder = Path(load_dir) / tag
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _on_every_rank_or_none(lambda: [verify_archive(f) for f in sorted(folder.glob("*.pt"))[rank::world]], folder)
+    return _on_every_rank_or_none(lambda: _load_this_rank(engine, Path(load_dir), tag), folder)
+
+
+def _load_this_rank(engine, load_dir: Path, tag: str) -> dict:
+    folder = load_dir / tag
     try:
         path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
-    except (EOFError, pickle.UnpicklingError) as e:
+    except FileNotFoundError:
+        raise  # past the manifest's check: a file this layout wants that the checkpoint's does not write
+    except (EOFError, OSError, pickle.UnpicklingError) as e:  # OSError: DeepSpeed's reader of a layer file
         raise damaged(folder, e) from None
     except RuntimeError as e:  # torch.load's own words for a damaged archive; any other error is not the file's
         if "PytorchStreamReader" not in str(e):
@@ -427,7 +396,20 @@ def load(engine, load_dir: str | Path, tag: str) -> dict:
     return client_state
 
 
-def layer_file(folder: Path, idx: int) -> Path:
-    return folder / f"layer_{idx:02d}-model_states.pt"
-
-
+def _on_every_rank_or_none(step, folder: Path):
+    """Collective: step() on every rank. Where it raises a CheckpointError on any rank, every rank
+    stops: those that saw it print their own line (only rank 0 prints otherwise), the others say
+    another rank did, instead of going on into a collective that the failed rank never joins."""
+    error, result = None, None
+    try:
+        result = step()
+    except CheckpointError as e:
+        error = e
+    failed = torch.tensor([int(error is not None)], dtype=torch.int64)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        error.every_rank = True
+        raise error
+    if int(failed.item()):
+        raise CheckpointError(f"checkpoint '{folder}': another rank could not read its part (its line names the file)")
+    return result

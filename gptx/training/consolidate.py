@@ -13,16 +13,17 @@ from gptx.config import Config, load_config
 from gptx.errors import CheckpointError, ConfigError
 from gptx.model.gpt import GPT
 from gptx.parallel.ds_config import precision
-from gptx.training.checkpoint import (CHECKPOINT_FORMAT, LATEST, META, code_version, layer_file, read_layer_file,
-                                      tag_for, torch_bytes, write_manifest)
+from gptx.training.checkpoint import code_version
+from gptx.training.checkpoint_files import (CHECKPOINT_FORMAT, LATEST, META, layer_file, read_layer_file, tag_for,
+                                            torch_bytes, write_manifest)
 from gptx.training.optimizer_files import fp32_master_weights
-from gptx.training.resume import check_complete, find_latest
+from gptx.training.resume import check_complete, find_latest, is_checkpoint_folder
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (its latest complete checkpoint) or a complete checkpoint folder -> the folder."""
     path = Path(path)
-    if (path / META).exists():
+    if is_checkpoint_folder(path):
         check_complete(path)
         return path
     tag, _ = find_latest(path)

@@ -30,7 +30,7 @@ from gptx.model.gpt import layer_specs
 from gptx.parallel.ds_config import precision
 from gptx.parallel.optimizer_state import LOSS_SCALE_KEYS
 from gptx.parallel.pipeline import layer_compute_weights, partition
-from gptx.training.checkpoint import META, read_torch_file
+from gptx.training.checkpoint_files import META, read_torch_file
 
 MASTERS = "fp32"  # the key the fp32 master weights are read under, beside the optimizer's own state keys
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -17,7 +17,7 @@ from gptx.errors import ConfigError, DataError
 from gptx.parallel.ds_config import (BatchLayout, check_ds_config, default_ds_config_path, offload_devices, precision,
                                      read_ds_config, zero_stage)
 from gptx.parallel.host import accelerator_name
-from gptx.training import checkpoint, resume
+from gptx.training import checkpoint_files, resume
 from gptx.training.metrics import log
 from gptx.training.schedule import BatchRamp, SeqLenWarmup
 
@@ -81,7 +81,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         resume.check_save_dir(paths.save, resume.run_dir_of(paths.load))
         if paths.load_tag:  # parse_pretrain_args chose it (and said what it had to)
             load_dir, tag = Path(paths.load), paths.load_tag
-            meta = json.loads((load_dir / tag / checkpoint.META).read_text())
+            meta = json.loads((load_dir / tag / checkpoint_files.META).read_text())
         else:
             load_dir, tag, meta = resume.resolve_load(paths.load, warn=log, save=paths.save)
     where = str(load_dir / tag) if tag else None

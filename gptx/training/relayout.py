@@ -17,7 +17,7 @@ import torch
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
 from gptx.parallel.ds_config import precision, zero_stage
 from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale
-from gptx.training.checkpoint import read_layer_file
+from gptx.training.checkpoint_files import read_layer_file
 from gptx.training.consolidate import config_from_meta
 from gptx.training.optimizer_files import (Layers, adam_amsgrad, adam_state, fp32_master_weights, loss_scale_state,
                                            param_layer_key)
@@ -27,12 +27,21 @@ def stages(pipe_size: int | None) -> str:
     return "no pipeline" if pipe_size == 0 else f"{pipe_size} pipeline stage(s)"
 
 
-def layout_change(meta: dict, folder: Path, pipe_size: int, dp_size: int) -> str | None:
+def optimizer_kind(ds_config: dict) -> str:
+    return f"ZeRO-{zero_stage(ds_config)} in {precision(ds_config)}"
+
+
+def layout_change(meta: dict, folder: Path, pipe_size: int, dp_size: int, ds_config: dict) -> str | None:
     """What differs between the checkpoint's layout and this run's that DeepSpeed cannot load
     across, or None when DeepSpeed's own load restores everything."""
     saved_pp, saved_dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
     if saved_pp != pipe_size:
         return f"the checkpoint has {stages(saved_pp)} and this run {stages(pipe_size)}"
+    saved = meta.get("ds_config")
+    # Each ZeRO stage and precision keeps its optimizer in files of its own; DeepSpeed loads only its
+    # own kind (another stops it with an AttributeError or a missing file).
+    if isinstance(saved, dict) and optimizer_kind(saved) != optimizer_kind(ds_config):
+        return f"the checkpoint's optimizer is {optimizer_kind(saved)} and this run's {optimizer_kind(ds_config)}"
     split = glob.glob(str(folder / "*zero_pp_rank_*_optim_states.pt"))
     if split and saved_dp is not None and saved_dp != dp_size:
         return (f"the checkpoint's optimizer state is split across {saved_dp} data-parallel replicas and this run "

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from gptx.config import Config, ModelConfig, TrainConfig
 from gptx.errors import CheckpointError
-from gptx.training.checkpoint import (LATEST, MANIFEST, META, TAG_PREFIX, checkpoint_folders, incomplete_reason,
-                                      read_latest)
+from gptx.training.checkpoint_files import (LATEST, MANIFEST, META, TAG_PREFIX, checkpoint_folders, incomplete_reason,
+                                            read_latest)
 from gptx.training.schedule import schedule_of
 
 SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup_iters": "--warmup-iters",
@@ -55,9 +55,11 @@ def find_latest(load_dir: str | Path, warn=_to_stderr) -> tuple[str, dict]:
 
 
 def is_checkpoint_folder(path: str | Path) -> bool:
-    """RUN/iter_N (with its gptx.json), as opposed to a run directory."""
+    """RUN/iter_N, or any folder with a gptx.json, as opposed to a run directory (a checkpoint folder
+    that lost its gptx.json is still one: check_complete then names the file)."""
     path = Path(path)
-    return path.name.startswith(TAG_PREFIX) and (path / META).is_file()
+    named = path.name.startswith(TAG_PREFIX) and path.name[len(TAG_PREFIX):].isdigit()
+    return path.is_dir() and (named or (path / META).is_file())
 
 
 def run_dir_of(load: str | Path) -> Path:
@@ -259,7 +261,11 @@ def check_schedule(meta: dict, cfg: Config, where: str, override: bool) -> str |
     if override:
         return f"warning: the learning-rate schedule changes at this resume ({diffs}); --override-lr-schedule"
     why = " (lr_decay_iters defaults to train_iters)" if "decay_iters" in changed and not cfg.train.lr_decay_iters else ""
+    head = f"checkpoint '{where}' was trained on another learning-rate schedule: {diffs}{why}"
+    if "decay_iters" in changed and old["decay_iters"] == old["warmup_iters"]:
+        # No flag keeps it: lr_decay_iters must lie beyond warmup_iters.
+        raise CheckpointError(f"{head}; the checkpoint's run ended within its warmup, so pass --override-lr-schedule "
+                              f"to continue on the new one")
     keep = " ".join(f"{SCHEDULE_FLAGS[k]} {old[k]:g}" for k in changed)
-    raise CheckpointError(f"checkpoint '{where}' was trained on another learning-rate schedule: {diffs}{why}; "
-                          f"pass {keep} to keep the checkpoint's, or --override-lr-schedule to continue on the new "
-                          f"one (the LR jumps at the resume)")
+    raise CheckpointError(f"{head}; pass {keep} to keep the checkpoint's, or --override-lr-schedule to continue on the "
+                          f"new one (the LR jumps at the resume)")

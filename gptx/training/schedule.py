@@ -14,8 +14,11 @@ from gptx.errors import ConfigError
 def schedule_of(train: dict) -> dict:
     """The schedule a training config (as a dict, e.g. from a checkpoint) resolves to, defaults filled in."""
     min_lr = train.get("min_lr")
+    decay = train.get("lr_decay_iters") or train["train_iters"]
+    # A run no longer than its warmup (lr_decay_iters defaults to train_iters) decays nowhere: any
+    # decay_iters up to warmup_iters gives the same LRs (min_lr from the warmup's end), so one value.
     return {"lr": train["lr"], "min_lr": min_lr if min_lr is not None else train["lr"] / 10,
-            "warmup_iters": train["warmup_iters"], "decay_iters": train.get("lr_decay_iters") or train["train_iters"]}
+            "warmup_iters": train["warmup_iters"], "decay_iters": max(decay, train["warmup_iters"])}
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:

@@ -33,6 +33,7 @@ from gptx.parallel.host import configure_host
 from gptx.parallel.launching import port_in_use
 from gptx.parallel.pipeline import stage_param_counts, tied_weight_max_diff
 from gptx.training import checkpoint, relayout
+from gptx.training.checkpoint_files import tag_for
 from gptx.training.guards import NumericsGuard, StopSignal, known_failure
 from gptx.training.metrics import Metrics, RunClock, console_line, duration, log
 from gptx.training.plan import Plan, RunPaths, describe_layout, plan_run
@@ -246,7 +247,7 @@ class Trainer:
             warning = self.guard.check(iteration, record["loss"], self.engine.skipped_steps, record["loss_scale"])
         except TrainingStopped as e:
             self.metrics.close()
-            where = (f"the last good checkpoint is {self.run_dir / checkpoint.tag_for(self.saved_at)}"
+            where = (f"the last good checkpoint is {self.run_dir / tag_for(self.saved_at)}"
                      if self.saved_at else f"the run has no checkpoint newer than {self.plan.load_dir or 'its start'}")
             raise TrainingStopped(f"{e}. Stopped without saving; {where}") from None
         if warning:
@@ -289,8 +290,11 @@ class Trainer:
         if dist.get_rank() != 0:
             return
         if t.keep_checkpoints:
-            for old in checkpoint.prune(self.run_dir, t.keep_checkpoints):
+            removed, failed = checkpoint.prune(self.run_dir, t.keep_checkpoints)
+            for old in removed:
                 log(f"iter {iteration:6d} | removed old checkpoint {old.name}")
+            for warning in failed:
+                log(f"iter {iteration:6d} | {warning}")
         warning = checkpoint.check_next_fits(self.run_dir, self.space)
         if warning:
             log(f"iter {iteration:6d} | {warning}")
@@ -347,7 +351,8 @@ def new_run_dir(cfg: Config) -> Path:
 def resume(engine, plan: Plan) -> tuple[int, int, int]:
     """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed, tokens trained on)."""
     meta, folder = plan.resume_meta, plan.load_dir / plan.resume_tag
-    change = relayout.layout_change(meta, folder, plan.cfg.train.pipe_parallel_size, plan.layout.dp_size)
+    change = relayout.layout_change(meta, folder, plan.cfg.train.pipe_parallel_size, plan.layout.dp_size,
+                                    plan.ds_config)
     if meta.get("weights_only"):
         relayout.load_layers(engine, folder)
         state = meta

@@ -5,13 +5,14 @@ each with its own log and exit code. A run that kills or crashes a rank ends its
 2-rank launches ends with one, and the resumes of the killed runs share the last launch."""
 import json
 import os
+import shutil
 import signal
 import time
 
 import pytest
 
 from gptx.testing import CPU_FP16_ENV
-from gptx.training.checkpoint import MANIFEST
+from gptx.training.checkpoint_files import MANIFEST
 from tests.helpers.faults import faulted_run, run_step
 from tests.helpers.runs import (REPO, launch_sequence, make_token_dir, mount_tmpfs, pretrain_args, run_files,
                                 sequence_code, sequence_run, unmount, write_ds_config, write_model_yaml)
@@ -20,6 +21,7 @@ from tests.integration.test_train import argv as train_argv
 from tests.unit.parallel.test_engine import write_ds
 from tests.unit.training.test_checkpoint import args as checkpoint_args
 from tests.unit.training.test_checkpoint import bf16_config
+from tests.unit.training.test_reliability import ITERS
 from tests.unit.training.test_reliability import args as fault_args
 
 PARTITION_METHODS = ("parameters", "compute")
@@ -124,8 +126,9 @@ def faults(tmp_path_factory, two_ranks):
       fills during a save (where a tmpfs can be mounted) and a kill -9 of rank 1 inside a checkpoint
       write, which ends the launch;
     - kill -9 of the whole process group from outside, runner included;
-    - the resumes of the three and of two_ranks' ZeRO-3 run (test_train.py), then rank 1 raising at
-      iteration 3, which ends that launch.
+    - the resumes of the three and of two_ranks' ZeRO-3 run (test_train.py), a resume of a copy of the
+      uninterrupted run whose rank 1 finds its own file damaged, then rank 1 raising at iteration 3,
+      which ends that launch.
     Returns the folder: runs/NAME holds each run, logs_first/ and logs_resumed/ the sequences' logs,
     and the result of each launch from outside (code and output) is in launches.json."""
     tmp = tmp_path_factory.mktemp("faults_launched")
@@ -158,6 +161,10 @@ def faults(tmp_path_factory, two_ranks):
     resumes = [sequence_run("zero3_resume", train_argv(train_work, "zero3", 0, 2, 2, "--load", str(two_ranks / "zero3"),
                                                     ds_extra=ZERO3))]
     resumes += [run_step(work, name, runs / name, "--load", str(runs / name)) for name in ("sigterm", "kill_in_save", "kill9")]
+    shutil.copytree(runs / "full", runs / "damaged")
+    rng = runs / "damaged" / f"iter_{ITERS:07d}" / "rng_rank_00001.pt"  # read by rank 1 alone
+    rng.write_bytes(rng.read_bytes()[:-100] + bytes(100))  # the same size: the manifest cannot tell
+    resumes.append(run_step(work, "damaged", runs / "damaged", "--load", str(runs / "damaged")))
     resumes.append(run_step(work, "raises", runs / "raises", fault="raise,step,3,1"))
     result = launch_sequence(2, resumes, tmp / "logs_resumed")
     ended = time.time()

@@ -14,7 +14,7 @@ from gptx.errors import CheckpointError, ConfigError, DataError
 from gptx.interop.evaluate import load_eval_tokens
 from gptx.model.gpt import layer_specs
 from gptx.parallel.pipeline import layer_compute_weights, partition
-from gptx.training.checkpoint import read_torch_file, write_manifest
+from gptx.training.checkpoint_files import read_torch_file, write_manifest
 from tests.helpers.runs import mount_tmpfs, one_error_line, pretrain_args, run_files, unmount
 
 
@@ -51,6 +51,11 @@ def test_a_checkpoint_folder_the_manifest_says_is_incomplete_is_refused_by_the_t
     layer.write_bytes(layer.read_bytes()[:100])  # a copy that stopped halfway
     assert run_sample(["--load", str(folder), "--prompt-ids", "1"]) == 2
     assert "an incomplete checkpoint (layer_02-model_states.pt has 100 bytes" in one_error_line(capsys)
+    (folder / "gptx.json").unlink()  # it said "no checkpoint folders (iter_*) to resume from"
+    for command in (lambda: run_sample(["--load", str(folder), "--prompt-ids", "1"]),
+                    lambda: run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(folder)))):
+        assert command() == 2
+        assert f"--load '{folder}': an incomplete checkpoint (gptx.json is missing)" in one_error_line(capsys)
 
 
 def test_a_damaged_file_of_the_right_size_is_one_line(run, tmp_path, capsys, dist_world1):
@@ -61,18 +66,37 @@ def test_a_damaged_file_of_the_right_size_is_one_line(run, tmp_path, capsys, dis
         file.write_bytes(data[:-100] + bytes(100))
     assert run_sample(["--load", str(copy), "--prompt-ids", "1"]) == 2
     assert "layer_02-model_states.pt': a file cannot be read" in one_error_line(capsys)
-    (folder / "layer_02-model_states.pt").write_bytes((run / folder.name / "layer_02-model_states.pt").read_bytes())
     saved = lambda: {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     before = saved()
-    assert run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(copy),
-                                     "--override-lr-schedule")) == 2
-    assert "a file cannot be read" in one_error_line(capsys)
+    damaged = ("layer_02-model_states.pt", "mp_rank_00_model_states.pt")
+    for name in damaged:  # DeepSpeed's reader of a layer file raised an OSError (a traceback)
+        assert run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(copy),
+                                         "--override-lr-schedule")) == 2
+        assert f"{name}': a file cannot be read" in one_error_line(capsys)
+        (folder / name).write_bytes((run / folder.name / name).read_bytes())
     # Checkpoints, metrics and the run's config.json as they were (written once the checkpoint has loaded).
-    assert saved() == before
+    restored = {folder / name: (folder / name).read_bytes() for name in damaged}
+    assert saved() == {**before, **restored}
     empty = folder / "rng_rank_00000.pt"  # an empty file: torch's EOFError says nothing
     empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"rng_rank_00000.pt': a file cannot be read \(EOFError\)"):
+    with pytest.raises(CheckpointError, match=r"rng_rank_00000.pt': a file cannot be read \(not a torch archive"):
         read_torch_file(empty)
+
+
+def test_a_flipped_bit_inside_a_tensor_is_one_line_not_a_run_on_damaged_weights(run, tmp_path, capsys, dist_world1):
+    """torch.load does not check the CRC-32s torch.save writes: the damaged weights loaded, trained
+    on, and the run's retention then deleted the last good checkpoint."""
+    copy, folder = copy_of(run, tmp_path)
+    file = folder / "layer_02-model_states.pt"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x10  # in the middle: tensor bytes, not the zip's structure
+    file.write_bytes(bytes(data))
+    for command in (lambda: run_sample(["--load", str(copy), "--prompt-ids", "1"]),
+                    lambda: run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(copy),
+                                                       "--override-lr-schedule"))):
+        assert command() == 2
+        line = one_error_line(capsys)
+        assert "layer_02-model_states.pt': a file cannot be read (its record" in line and "CRC-32" in line, line
 
 
 def run_files_of(run):

@@ -23,7 +23,7 @@ from gptx.config import load_config
 from gptx.data.tokens import open_tokens
 from gptx.parallel import engine as engine_module
 from gptx.testing import CPU_FP16_ENV
-from gptx.training.checkpoint import layer_file
+from gptx.training.checkpoint_files import layer_file
 from gptx.training.consolidate import load_plain_model, resolve_checkpoint
 from tests.helpers.runs import MICRO_MODEL, make_token_dir, precision_ds, pretrain_args, read_metrics, train_losses
 

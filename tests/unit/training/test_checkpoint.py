@@ -135,6 +135,9 @@ AMSGRAD = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "amsgra
     ("fp16", (0, {**TORCH_ADAMW, **ZERO(1)}), (1, TORCH_ADAMW)),  # the same with torch's unfused AdamW
     ("fp16", (1, DEEPSPEED_ADAMW), (0, {**DEEPSPEED_ADAMW, **ZERO(1)})),  # FP16_Optimizer's flat groups -> ZeRO-1
     ("fp32", (0, {"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}), (1, {})),  # a state per group
+    # The same stages, another ZeRO stage: DeepSpeed's own load stops (an AttributeError; a missing file).
+    ("fp32", (1, ZERO(1)), (1, {})),
+    ("fp32", (1, {}), (1, ZERO(1))),
 ])
 def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams_state(
         dist_world1, work, monkeypatch, capsys, request, name, source, target):
@@ -247,6 +250,19 @@ def test_a_resume_on_another_lr_schedule_is_refused_unless_told_which(dist_world
     assert "warning: the learning-rate schedule changes at this resume (decay_iters 3 (checkpoint) vs 6 (now))" \
         in capsys.readouterr().out
     assert lrs()[5] > lrs()[4]
+
+
+def test_a_run_that_ended_within_its_warmup_extends_on_the_same_schedule(dist_world1, work, capsys):
+    """Every lr_decay_iters up to warmup_iters gives the same LRs: that resume was refused, and the
+    suggested --lr-decay-iters then refused as not beyond warmup_iters."""
+    run = work[0] / "in_warmup"
+    assert run_pretrain(args(work, run, 1, 2, "--warmup-iters", "4")) == 0
+    assert run_pretrain(args(work, run, 1, 3, "--warmup-iters", "4", "--load", str(run))) == 0
+    capsys.readouterr()
+    assert run_pretrain(args(work, run, 1, 6, "--warmup-iters", "4", "--load", str(run))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "decay_iters 4 (checkpoint) vs 6 (now)" in err and "ended within its warmup, so pass " \
+        "--override-lr-schedule" in err and "--lr-decay-iters 4" not in err, err
 
 
 @pytest.mark.parametrize("zero", [0, 1])

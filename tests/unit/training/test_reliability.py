@@ -1,6 +1,8 @@
 """Faults injected into real runs: signals, kill -9, crashes, damaged checkpoints, numerical trouble."""
+import errno
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,10 +10,12 @@ import pytest
 from gptx.cli.pretrain import run_pretrain
 from gptx.config import load_config
 from gptx.errors import TrainingStopped
-from gptx.training.checkpoint import MANIFEST, write_error_code
+from gptx.training.checkpoint import write_error_code
+from gptx.training.checkpoint_files import MANIFEST, incomplete_reason
 from gptx.training.guards import NumericsGuard
 from gptx.training.resume import find_latest
-from tests.helpers.runs import mount_tmpfs, pretrain_args, read_metrics, run_files, train_losses, unmount
+from tests.helpers.runs import (mount_tmpfs, one_error_line, pretrain_args, read_metrics, run_files, train_losses,
+                                unmount)
 
 # --- the numerics guard on its own ---------------------------------------------------------------
 
@@ -114,6 +118,40 @@ def test_a_folder_without_manifest_is_skipped_unless_it_predates_manifests(dist_
     warnings = []
     assert find_latest(run, warn=warnings.append)[0] == "iter_0000002"
     assert "saved by an older gptx" in warnings[0]
+
+
+def test_a_save_that_fails_to_replace_a_later_checkpoint_keeps_it(dist_world1, work, monkeypatch, capsys):
+    """Resumed from iteration 2 into its own run directory, the run writes iteration 4 again: the
+    complete folder it replaces stays until the new one is complete (it was deleted before)."""
+    run = work[0] / "rewrite"
+    assert run_pretrain(args(work, run, 1, 4, "--save-interval", "2")) == 0
+    folder = run / "iter_0000004"
+    files = lambda: {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = files()
+    monkeypatch.setenv("GPTX_FAULT", "delete,save,4,0")
+    assert run_pretrain(args(work, run, 1, 4, "--save-interval", "2", "--load", str(run / "iter_0000002"))) == 2
+    monkeypatch.delenv("GPTX_FAULT")
+    assert f"the last complete checkpoint is {folder} (" in one_error_line(capsys)
+    assert files() == before and (run / "latest").read_text() == folder.name and not list(run.glob("*.replaced"))
+    assert run_pretrain(args(work, run, 1, 4, "--save-interval", "2", "--load", str(run / "iter_0000002"))) == 0
+    assert incomplete_reason(folder) is None and not list(run.glob("*.replaced"))
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_and_the_run_goes_on(dist_world1, work, monkeypatch,
+                                                                                  capsys):
+    run = work[0] / "unremovable"
+    remove = shutil.rmtree
+
+    def refuse(path, *rest, **kwargs):  # what an immutable or foreign-owned file in the folder does
+        if Path(path).name == "iter_0000001":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return remove(path, *rest, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    assert run_pretrain(args(work, run, 1, 3, "--save-interval", "1", "--keep-checkpoints", "1")) == 0
+    out = capsys.readouterr().out
+    assert (f"warning: could not remove the old checkpoint {run / 'iter_0000001'} (Operation not permitted); training "
+            f"goes on, remove it by hand") in out
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000001", "iter_0000003"]
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_world1, work, capsys):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from gptx.cli.pretrain import run_pretrain
-from gptx.training.checkpoint import MANIFEST, META
+from gptx.training.checkpoint_files import MANIFEST, META
 from tests.helpers.runs import make_token_dir, read_metrics, train_losses, write_ds_config, write_model_yaml
 
 # The run's own choices, none of them the defaults a bare --load would otherwise take: a YAML

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gptx.training.schedule import WarmupCosine, lr_at
+from gptx.training.schedule import WarmupCosine, lr_at, schedule_of
 
 
 def test_warmup_cosine_floor():
@@ -77,3 +77,12 @@ def test_a_bad_warmup_is_one_line(text, needle):
     from gptx.training.schedule import SeqLenWarmup
     with pytest.raises(ConfigError, match=needle):
         SeqLenWarmup.parse(text, seq_len=512)
+
+
+def test_decays_that_end_within_the_warmup_are_one_schedule():
+    """Why schedule_of folds them into one: their LRs agree at every step."""
+    train = {"lr": 1.0, "min_lr": 0.1, "warmup_iters": 5, "train_iters": 3}
+    runs = [schedule_of({**train, "lr_decay_iters": d}) for d in (None, 1, 5)]
+    assert runs[0] == runs[1] == runs[2] and runs[0]["decay_iters"] == 5
+    lrs = lambda decay: [lr_at(step, 1.0, 0.1, 5, decay) for step in range(12)]
+    assert lrs(3) == lrs(1) == lrs(5) and lrs(5) != lrs(6)
