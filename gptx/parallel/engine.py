@@ -20,11 +20,10 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    (`save_checkpoint`; tests/integration/test_reliability.py: kill -9 during a save).
 6. The CPU all-reduce leaves a shared-memory buffer per rank behind every run
    (`release_shared_memory`; tests/unit/parallel/test_engine.py).
-7. PipelineModule broadcasts the tied embedding between the end stages (built, loaded) with
-   autograd on; torch has no autograd kernel for that in-place c10d::broadcast_ and warns at every
-   rank's first backward that it "may lead to silently incorrect behavior". The gradients are right
-   (tests/unit/parallel/test_engine.py); gptx runs those broadcasts under no_grad, off the console
-   (`_tied_weight_sync_without_autograd`; tests/integration/test_train.py: a 2-stage run's output).
+7. PipelineModule broadcasts the tied embedding between the end stages (built, loaded) with autograd
+   on; torch has no autograd kernel for that in-place c10d::broadcast_ and warns at every rank's first
+   backward that it "may lead to silently incorrect behavior". The gradients are right (test_engine.py);
+   gptx runs them under no_grad (`_tied_weight_sync_without_autograd`; test_train.py: a 2-stage run's output).
 8. The JIT op builder (FusedAdam, the GPU default for "AdamW") cannot parse architecture
    suffixes in TORCH_CUDA_ARCH_LIST ("9.0a", torch's name for sm_90a, as set in the H100
    image gptx was checked on) and fails with "invalid literal for int() with base 10:
@@ -43,6 +42,9 @@ removed while the defect is still there, so a DeepSpeed upgrade shows which are 
    tests/unit/analysis/test_partition_report_engine.py: every block recomputed at interval 4).
 12. ZeRO-3's memory-efficient linear (zero.Init's swap for torch's) trains compiled blocks wrongly under
    torch 2.11, not 2.13 (`zero3_init_config`, data_parallel.py; test_compile.py's ZeRO-3 layout, torch 2.11).
+13. ZeRO-1 and the unfused fp16 optimizer all-reduce a norm per optimizer group, so a stage without a matrix
+   or a vector waits forever; the bf16 optimizer stops on a stage of the tied head alone. Such layouts are
+   one line (`stage_problem`, pipeline.py; found on 2 CPU ranks; tests/unit/parallel/test_pipeline.py).
 
 Not a defect: DeepSpeed's CPU accelerator refuses fp16 (slow there); GPTX_CPU_FP16=1 lifts it for tests.
 """
@@ -90,7 +92,7 @@ def build_engine(cfg: Config, ds_config: dict, show_deepspeed_prints: bool = Fal
         return _build_data_parallel_engine(cfg, ds_config, show_deepspeed_prints)
     with deepspeed_prints(show_deepspeed_prints):
         with torch.no_grad():  # defect 7: PipelineModule's constructor broadcasts the tied weights
-            model = build_pipeline(cfg)
+            model = build_pipeline(cfg, ds_config=ds_config)
         _tied_weight_sync_without_autograd(model)
         schedule = partial(WarmupCosine, **schedule_of(dataclasses.asdict(cfg.train)))
         with _arch_list_deepspeed_can_parse():
@@ -394,11 +396,10 @@ def save_checkpoint(engine, run_dir: str | Path, tag: str, client_state: dict) -
     finished their files; gptx moves its own pointer after a barrier (gptx/training/checkpoint.py).
 
     Returns this rank's first write error (a full disk, a read-only or vanished directory)
-    instead of raising it. DeepSpeed's save has barriers between its writes: a rank that
-    raised out of the middle of it would leave the others waiting in a barrier it never
-    reaches, and the error would surface on them as a lost peer. Recording the error and
-    letting DeepSpeed go through its barriers keeps the ranks in step, so that gptx can
-    agree on the failure afterwards (gptx/training/checkpoint.py, `save`).
+    instead of raising it. DeepSpeed's save has barriers between its writes: a rank raising
+    out of it would leave the others waiting in a barrier it never reaches (a "lost peer").
+    Recording the error keeps the ranks in step, so that gptx can agree on the failure
+    afterwards (gptx/training/checkpoint.py, `save`).
     """
     writer = getattr(engine, "checkpoint_engine", None)
     errors: list[Exception] = []
@@ -439,10 +440,8 @@ def save_checkpoint(engine, run_dir: str | Path, tag: str, client_state: dict) -
 
 def release_shared_memory(port: str | None = None) -> None:
     """Defect 6: remove the /dev/shm buffers DeepSpeed's CPU all-reduce made for this run.
-
     DeepSpeed 0.19's CPU backend leaves one per rank, named after the master port, behind
-    every run; on a machine that launches many runs they fill shared memory.
-    """
+    every run; on a machine that launches many runs they fill shared memory."""
     port = port or os.environ.get("MASTER_PORT")
     if not port or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return

@@ -12,7 +12,7 @@ import re
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime import utils as ds_utils
 
 from gptx.config import Config
@@ -21,6 +21,7 @@ from gptx.model.flops import layer_flops_per_token
 from gptx.model.fused_loss import FusedLMLoss
 from gptx.model.gpt import layer_specs, lm_loss
 from gptx.model.layers import Block
+from gptx.parallel.ds_config import precision, zero_stage
 from gptx.parallel.zero_bubble import WeightGradStore, defer_weight_grads
 
 # Only blocks are recomputed under activation checkpointing: the embedding's input
@@ -158,9 +159,9 @@ def unique_param_count(cfg) -> int:
 _SPEC_COUNTS: dict = {}
 
 
-def _count_spec(spec: LayerSpec) -> tuple[int, int]:
-    """(parameters, largest parameter) of one spec, built on the meta device; equal specs
-    (every block) are built once."""
+def _count_spec(spec: LayerSpec) -> tuple[int, int, int, int]:
+    """(parameters, largest parameter, matrices, vectors) of one spec, built on the meta device;
+    equal specs (every block) are built once."""
     try:
         key = (spec.typename, spec.module_args, tuple(sorted(spec.module_kwargs.items())))
         hash(key)
@@ -170,11 +171,42 @@ def _count_spec(spec: LayerSpec) -> tuple[int, int]:
         return _SPEC_COUNTS[key]
     with torch.device("meta"):
         module = spec.build()
-    sizes = [p.numel() for p in module.parameters() if p.requires_grad]
-    counts = (sum(sizes), max(sizes, default=0))
+    params = [p for p in module.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    matrices = sum(p.dim() >= 2 for p in params)
+    counts = (sum(sizes), max(sizes, default=0), matrices, len(params) - matrices)
     if key is not None:
         _SPEC_COUNTS[key] = counts
     return counts
+
+
+def stage_problem(specs: list[LayerSpec], parts: list[int], ds_config: dict) -> str | None:
+    """Why DeepSpeed's optimizer cannot step one of these stages (defect 13 in gptx/parallel/engine.py).
+
+    ZeRO-1 (fp32 or fp16) and fp16's unfused optimizer (torch_adam, no ZeRO) all-reduce a gradient
+    norm per optimizer group with parameters: a stage without a matrix or without a vector (gptx's
+    two groups, engine.param_groups) takes part in fewer, and the stages wait on each other forever.
+    DeepSpeed's bf16 optimizer leaves the tied head's copy out of its norm and stops on a stage that
+    holds nothing else. No optimizer steps a stage without parameters.
+    """
+    kind = precision(ds_config)
+    torch_adam = ((ds_config.get("optimizer") or {}).get("params") or {}).get("torch_adam")
+    per_group = (zero_stage(ds_config) >= 1 and kind != "bf16") or (kind == "fp16" and torch_adam
+                                                                    and not zero_stage(ds_config))
+    for stage in range(len(parts) - 1) if len(parts) > 2 else ():
+        layers = specs[parts[stage]:parts[stage + 1]]
+        counts = [_count_spec(spec) for spec in layers]
+        held = f"stage {stage} would hold only {', '.join(layer_name(spec) for spec in layers)}"
+        own = sum(c[0] for spec, c in zip(layers, counts) if stage == 0 or not isinstance(spec, TiedLayerSpec))
+        if not sum(c[0] for c in counts):
+            return f"{held}, which has no parameters for an optimizer to step"
+        if kind == "bf16" and not own:
+            return f"{held}, the tied head, which DeepSpeed's bf16 optimizer leaves out of its norm and stops on"
+        if per_group and not (sum(c[2] for c in counts) and sum(c[3] for c in counts)):
+            return (f"{held}: no {'vector (bias, norm gain)' if sum(c[2] for c in counts) else 'matrix'}, "
+                    f"and DeepSpeed's {'ZeRO' if zero_stage(ds_config) else 'fp16'} optimizer would then wait "
+                    f"forever at the gradient norm")
+    return None
 
 
 def layer_compute_weights(cfg: Config, specs: list[LayerSpec]) -> list[float]:
@@ -182,14 +214,19 @@ def layer_compute_weights(cfg: Config, specs: list[LayerSpec]) -> list[float]:
     return [layer_flops_per_token(spec, cfg.model) for spec in specs]
 
 
-def build_pipeline(cfg: Config, seed: int | None = None) -> GPTPipe:
-    """The PipelineModule for this rank (torch.distributed must be initialized)."""
+def build_pipeline(cfg: Config, seed: int | None = None, ds_config: dict | None = None) -> GPTPipe:
+    """The PipelineModule for this rank (torch.distributed must be initialized); with the run's
+    DeepSpeed JSON, a layout its optimizer cannot step is refused first (stage_problem)."""
     t = cfg.train
     # Fused: the head hands (hidden, weight) to the loss, which DeepSpeed calls on the last stage
     # with the last layer's outputs; those are never sent to another stage.
     specs = layer_specs(cfg.model, t.seed if seed is None else seed, fused_loss=t.fused_loss)
-    if t.partition_method.lower().startswith("type:"):  # one line when no layer matches, not DeepSpeed's RuntimeError
-        partition(specs, t.partition_method, t.pipe_parallel_size, layer_compute_weights(cfg, specs))
+    # Also one line when a type: regex matches no layer, not DeepSpeed's RuntimeError.
+    parts = partition(specs, t.partition_method, t.pipe_parallel_size, layer_compute_weights(cfg, specs))
+    problem = stage_problem(specs, parts, ds_config) if ds_config is not None else None
+    if problem:
+        raise ConfigError(f"--partition-method {t.partition_method} on {t.pipe_parallel_size} stages: {problem}; "
+                          f"use --partition-method type:block, or fewer stages")
     pipe = GPTPipe(
         layers=specs,
         compute_weights=layer_compute_weights(cfg, specs),
