@@ -19,6 +19,7 @@ it is not a measurement. It adds to the same compute for every layout:
 from __future__ import annotations
 
 import copy
+import shlex
 from dataclasses import dataclass
 
 from gptx.analysis.partition_report import GiB, partition_report
@@ -231,7 +232,7 @@ def command_for(model_flags: str, row: dict, cluster: Cluster, ds_path: str = "p
     launcher = (f"deepspeed --num_gpus {cluster.gpus}" if cluster.gpus <= cluster.gpus_per_node
                 else "deepspeed --hostfile hostfile")
     # The interval always: a planned layout without checkpointing must not take one from the model's flags.
-    flags = [model_flags, f"--pipe-parallel-size {layout.pipe}", f"--deepspeed_config {ds_path}",
+    flags = [model_flags, f"--pipe-parallel-size {layout.pipe}", f"--deepspeed_config {shlex.quote(ds_path)}",
              f"--activation-checkpoint-interval {layout.checkpoint}"]
     return f"{launcher} launch/pretrain.py " + " ".join(flags)
 

@@ -25,30 +25,39 @@ def partition_report_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     fit = p.add_argument_group("what fits (--fit): every layout on a cluster, those that fit first, fastest first")
     fit.add_argument("--fit", action="store_true", help="list the layouts that fit instead of reporting one")
-    fit.add_argument("--gpus", type=int, default=8, help="GPUs in all (default 8)")
-    fit.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    fit.add_argument("--host-memory", type=float, default=1024.0, help="GiB of host memory per node (default 1024)")
-    fit.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    fit.add_argument("--gpus", type=int, default=None, help="GPUs in all (default 8)")
+    fit.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default 80)")
+    fit.add_argument("--host-memory", type=float, default=None, help="GiB of host memory per node (default 1024)")
+    fit.add_argument("--gpus-per-node", type=int, default=None, help="default 8")
     fit.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per micro-batch "
                                                                      "(default: the JSON's)")
     fit.add_argument("--accum", type=int, default=None,
                      help="micro-batches per step without a pipeline (a pipeline of p stages runs p times as "
                           "many on p times fewer replicas; default: the JSON's train_batch_size split over each "
                           "layout's replicas, else its gradient_accumulation_steps)")
-    fit.add_argument("--top", type=int, default=12, help="rows to print (default 12)")
+    fit.add_argument("--top", type=int, default=None, help="rows to print (default 12)")
     fit.add_argument("--write-plan", default=None, metavar="FILE",
                      help="write the chosen layout's DeepSpeed JSON to FILE, a new file (an existing one is "
                           "refused), which its printed command names (default: print it; nothing is written)")
     return p
 
 
+FIT_DEFAULTS = {"gpus": 8, "gpu_memory": 80.0, "host_memory": 1024.0, "gpus_per_node": 8, "top": 12,
+                "micro_batch": None, "accum": None, "write_plan": None}
+"""The flags of --fit alone, and their defaults there."""
+
+
 def _run_fit(args, cfg, ds: dict) -> str:
     import json
+    import math
 
     from gptx.analysis.planner import Cluster, command_for, plan_layouts, render_plan
+    for name, default in FIT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     require_at_least(args, 1, "gpus", "gpus_per_node", "top")
     for name in ("gpu_memory", "host_memory"):
-        if getattr(args, name) <= 0:
+        if not 0 < getattr(args, name) < math.inf:  # nan and inf too
             raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number of GiB, "
                               f"got {getattr(args, name)}")
     for flag, value in (("--micro-batch", args.micro_batch), ("--accum", args.accum)):
@@ -62,9 +71,11 @@ def _run_fit(args, cfg, ds: dict) -> str:
                       gpus_per_node=args.gpus_per_node)
     # The micro-batch and accumulation of each layout's replicas come from check_ds_config, as the plain report's.
     rows = plan_layouts(cfg, cluster, ds, args.micro_batch, args.accum)
-    # The model as the user named it, --set overrides included, so the printed command trains it.
+    # The model as the user named it, --set overrides and the partition the predictions used included,
+    # so the printed command trains what was planned.
+    method = [f"--partition-method {shlex.quote(args.partition_method)}"] if args.partition_method else []
     model_flags = " ".join([f"--model {shlex.quote(args.model or cfg.name)}",
-                            *(f"--set {shlex.quote(item)}" for item in args.set)])
+                            *(f"--set {shlex.quote(item)}" for item in args.set), *method])
     best = next((r for r in rows if r["fits"]), None)
     written = None
     if args.write_plan and best is not None:
@@ -173,9 +184,10 @@ def run_partition_report(argv: list[str] | None = None) -> int:
         if args.fit:
             print(_run_fit(args, cfg, ds))
             return
-        if args.write_plan:
-            raise ConfigError("--write-plan: only with --fit (it writes the DeepSpeed JSON of the layout "
-                              "--fit chooses)")
+        given = [name for name in FIT_DEFAULTS if getattr(args, name) is not None]
+        if given:  # silently ignored before: the report's batch is the JSON's
+            raise ConfigError(f"--{given[0].replace('_', '-')}: only with --fit (it plans the layouts of a cluster; "
+                              f"the report of one layout takes its batch from the JSON)")
         layout = check_ds_config(ds, args.data_parallel_size, cfg.train.pipe_parallel_size, "cuda", ds_path)
         report = partition_report(cfg, cfg.train.pipe_parallel_size, cfg.train.partition_method, ds, layout)
         print(json.dumps(report, indent=2) if args.json else render_text(report))

@@ -57,6 +57,7 @@ def read_ds_config(path: str | Path) -> dict:
             raise ConfigError(f"--deepspeed_config '{path}': not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"--deepspeed_config '{path}': expected a JSON object")
+    _check_types(cfg, str(path))  # here too: the planners build layouts from it before check_ds_config
     return cfg
 
 

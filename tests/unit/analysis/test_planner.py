@@ -79,11 +79,45 @@ def test_the_cli_prints_the_chosen_command_and_json(capsys):
 
 @pytest.mark.parametrize("flag,value,needle", [("--gpus", "0", "--gpus: must be >= 1"),
                                                 ("--gpu-memory", "-4", "--gpu-memory: must be a positive"),
-                                                ("--accum", "0", "--accum: must be >= 1, got 0")])
+                                                ("--accum", "0", "--accum: must be >= 1, got 0"),
+                                                # nan fitted nothing and inf everything, with exit 0
+                                                ("--gpu-memory", "nan", "--gpu-memory: must be a positive"),
+                                                ("--host-memory", "inf", "--host-memory: must be a positive")])
 def test_bad_budgets_are_one_line(capsys, flag, value, needle):
     assert run_partition_report(["--fit", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--micro-batch", "1"), ("--gpus", "64"), ("--gpu-memory", "1"),
+                                        ("--top", "3")])
+def test_the_flags_of_fit_are_refused_without_it(capsys, flag, value):
+    """The plain report takes its batch from the JSON: these were silently ignored."""
+    assert run_partition_report(["--model", "gpt2", flag, value]) == 2
+    assert f"error: {flag}: only with --fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, needle", [(lambda ds: ds.update(zero_optimization=[1]), "'zero_optimization' must be"),
+                                          (lambda ds: ds.update(optimizer="AdamW"), "'optimizer' must be an object"),
+                                          (lambda ds: ds["optimizer"].update(params="x"), "optimizer.params must be")])
+def test_fit_reads_a_malformed_json_as_the_report_does(tmp_path, capsys, edit, needle):
+    """An AttributeError traceback in the planner before."""
+    ds = json.loads((DS_CONFIG_DIR / "gpu_fp16.json").read_text())
+    edit(ds)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(ds))
+    assert run_partition_report(["--fit", "--deepspeed_config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_the_command_trains_the_partition_it_was_planned_with_and_quotes_the_plan(tmp_path, capsys):
+    plan = tmp_path / "my plan.json"
+    assert run_partition_report(["--fit", "--model", "gpt2", "--gpus", "2", "--partition-method", "compute",
+                                 "--write-plan", str(plan), "--json"]) == 0
+    words = shlex.split(json.loads(capsys.readouterr().out)[0]["command"])
+    assert words[words.index("--partition-method") + 1] == "compute"
+    assert words[words.index("--deepspeed_config") + 1] == str(plan)
 
 
 def test_fit_splits_the_jsons_train_batch_size_over_each_layouts_replicas(tmp_path, capsys):
