@@ -30,9 +30,11 @@ def configure_host(accelerator: str, model: ModelConfig | None = None, micro_bat
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
-            # Ranks on one CPU share its cores; without this each would start a thread per core.
+            # Ranks on one CPU share its cores; without this each would start a thread per core. The
+            # cores this process may use: a cpuset (Slurm, docker --cpuset-cpus, taskset) holds fewer.
             local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // local))
         if model is not None and largest_activation_bytes(model, micro_batch) > GLIBC_MMAP_CEILING:
             keep_freed_memory()
     return torch.get_num_threads()

@@ -1,5 +1,12 @@
 """When gptx.parallel.host keeps freed host memory in the process (the subprocess check of what it
-keeps is in tests/integration/test_train.py)."""
+keeps is in tests/integration/test_train.py), and how many threads a rank runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.runs import REPO
 
 
 def test_freed_memory_is_kept_only_where_iterations_would_map_tensors_afresh(monkeypatch):
@@ -29,3 +36,15 @@ def test_16_bit_training_on_a_gpu_runs_its_fp32_matmuls_in_tf32_and_fp32_trainin
             assert torch.backends.cuda.matmul.allow_tf32 == tf32, (accelerator, precision)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a choice of 2 or more cores")
+def test_threads_follow_the_cores_the_process_may_use_not_the_machines():
+    """Under a cpuset of one core (taskset, Slurm, docker --cpuset-cpus) a rank started a thread per
+    core of the machine."""
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from gptx.parallel.host import configure_host; print(configure_host('cpu'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip().splitlines()[-1] == "1", done.stdout + done.stderr
