@@ -9,7 +9,7 @@ import os
 import sys
 
 from gptx.errors import ConfigError, GptxError
-from gptx.parallel.launching import single_process_env
+from gptx.parallel.launching import adopt_mpi_ranks, check_world_known, single_process_env
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +70,12 @@ def device_for(name: str | None) -> str:
 def tool_config(args, flags: tuple[str, ...], allow_no_pipeline: bool = False):
     """(Config, world size) for a tool that trains engines itself: one stage per rank by default."""
     from gptx.config import load_config
+    adopt_mpi_ranks()
+    check_world_known()
     single_process_env()
+    if "WORLD_SIZE" not in os.environ:  # a cluster's variables, which DeepSpeed reads only when it starts
+        raise ConfigError("this tool plans its stages from WORLD_SIZE, which nothing set: start it with deepspeed "
+                          "(--num_gpus N, or --hostfile)")
     world = int(os.environ["WORLD_SIZE"])
     overrides = config_overrides(args, flags)
     overrides.setdefault("pipe_parallel_size", world)

@@ -100,8 +100,10 @@ def run_pretrain(argv: list[str] | None = None, as_script: bool = False) -> int:
     """launch/pretrain.py; `as_script`: this process is the script itself (not a test calling in),
     so it may check the launcher's port and, without a launcher, make itself a world of one."""
     def main():
-        from gptx.parallel.launching import adopt_mpi_ranks, check_master_port, single_process_env, under_launcher
+        from gptx.parallel.launching import (adopt_mpi_ranks, check_master_port, check_world_known, single_process_env,
+                                             under_launcher)
         adopt_mpi_ranks()
+        check_world_known()
         launched = under_launcher()
         if as_script:
             # First, before the heavy imports: a taken port stops rank 0 while the other ranks are still

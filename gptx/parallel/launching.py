@@ -142,6 +142,20 @@ def under_launcher() -> bool:
     return tasks.isdigit() and int(tasks) > 1
 
 
+def check_world_known() -> None:
+    """Several Slurm tasks with no RANK or WORLD_SIZE (srun, or a plain `python` inside an allocation
+    of several tasks): DeepSpeed would look for the world through mpi4py and stop with its
+    ModuleNotFoundError (a traceback on every task) where it is not installed."""
+    import importlib.util
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    if ("RANK" in os.environ or any(v in os.environ for v in WORLD_DISCOVERY_VARIABLES) or not tasks.isdigit()
+            or int(tasks) < 2 or importlib.util.find_spec("mpi4py") is not None):
+        return
+    raise GptxError(f"SLURM_NTASKS={tasks}, but nothing set RANK and WORLD_SIZE, and DeepSpeed would find the ranks "
+                    f"through mpi4py, which is not installed: start them with deepspeed (--num_gpus N on one node, "
+                    f"--hostfile for several), or pip install mpi4py to use srun; one process: SLURM_NTASKS=1")
+
+
 def single_process_env() -> None:
     """Outside a launcher: be rank 0 of a world of one, as `deepspeed --num_gpus 1` would make it
     (without these, DeepSpeed looks for MPI to discover the world and fails on mpi4py)."""

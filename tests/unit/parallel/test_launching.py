@@ -87,3 +87,27 @@ def test_a_master_port_out_of_range_is_one_line(monkeypatch, port):
     monkeypatch.setenv("MASTER_PORT", port)  # before: socket.bind's OverflowError traceback
     with pytest.raises(GptxError, match=f"MASTER_PORT {port} is not a port"):
         check_master_port()
+
+
+def test_slurm_tasks_nothing_ranked_are_one_line_from_training_and_the_tools(monkeypatch, capsys):
+    """`srun` without mpi4py, or a plain `python` in an allocation of several tasks: DeepSpeed's
+    ModuleNotFoundError for mpi4py (training) or a KeyError for WORLD_SIZE (the tools), on every task."""
+    import importlib.util
+
+    from gptx.cli.pretrain import run_pretrain
+    from gptx.cli.schedule_bench import run_schedule_bench
+    if importlib.util.find_spec("mpi4py") is not None:
+        pytest.skip("with mpi4py DeepSpeed finds the ranks itself")
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for command in (run_pretrain, run_schedule_bench):
+        assert command(["--train-iters", "1"] if command is run_pretrain else ["--iters", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: SLURM_NTASKS=2, but nothing set RANK and WORLD_SIZE") and "\n" not in err, err
+    # Under a cluster's variables DeepSpeed reads only when it starts, the tools cannot plan their stages.
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("DLTS_JOB_ID", "1")
+    assert run_schedule_bench(["--iters", "1"]) == 2
+    assert "error: this tool plans its stages from WORLD_SIZE, which nothing set" in capsys.readouterr().err
