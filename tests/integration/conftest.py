@@ -127,7 +127,7 @@ def faults(tmp_path_factory, two_ranks):
       write, which ends the launch;
     - kill -9 of the whole process group from outside, runner included;
     - the resumes of the three and of two_ranks' ZeRO-3 run (test_train.py), a resume of a copy of the
-      uninterrupted run whose rank 1 finds its own file damaged, then rank 1 raising at iteration 3,
+      uninterrupted run with a damaged file that rank 1 checks, then rank 1 raising at iteration 3,
       which ends that launch.
     Returns the folder: runs/NAME holds each run, logs_first/ and logs_resumed/ the sequences' logs,
     and the result of each launch from outside (code and output) is in launches.json."""
@@ -162,8 +162,10 @@ def faults(tmp_path_factory, two_ranks):
                                                     ds_extra=ZERO3))]
     resumes += [run_step(work, name, runs / name, "--load", str(runs / name)) for name in ("sigterm", "kill_in_save", "kill9")]
     shutil.copytree(runs / "full", runs / "damaged")
-    rng = runs / "damaged" / f"iter_{ITERS:07d}" / "rng_rank_00001.pt"  # read by rank 1 alone
-    rng.write_bytes(rng.read_bytes()[:-100] + bytes(100))  # the same size: the manifest cannot tell
+    # The second file in name order: rank 1's to check (checkpoint.load gives rank r every r-th of 2).
+    damaged = sorted((runs / "damaged" / f"iter_{ITERS:07d}").glob("*.pt"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:-100] + bytes(100))  # the same size: the manifest cannot tell
+    launches["damaged_file"] = damaged.name
     resumes.append(run_step(work, "damaged", runs / "damaged", "--load", str(runs / "damaged")))
     resumes.append(run_step(work, "raises", runs / "raises", fault="raise,step,3,1"))
     result = launch_sequence(2, resumes, tmp / "logs_resumed")

@@ -33,7 +33,7 @@ def found(faults):
              "raises": dict(code=launches["resumed"]["code"], seconds=launches["resumed"]["raise_seconds"],
                             # rank 1's traceback leaves the run's log as it leaves the rank
                             out=sequence_output(resumed, "raises") + launches["resumed"]["out"])}
-    by_run["damaged"] = dict(out=sequence_output(resumed, "damaged"),
+    by_run["damaged"] = dict(out=sequence_output(resumed, "damaged"), file=launches["damaged_file"],
                              codes=sorted(int(p.read_text()) for p in resumed.glob("damaged.rank*.code")))
     for name in ("sigterm", "kill_in_save", "kill9"):
         out = sequence_output(resumed, name)
@@ -126,12 +126,12 @@ def test_a_disk_that_fills_during_a_save_is_one_line_from_every_rank(found):
     assert "iter_0000002" not in found["full_disk"]["left"] and "latest" not in found["full_disk"]["left"]
 
 
-def test_a_file_only_rank_1_reads_damaged_is_one_line_naming_it_and_every_rank_stops(found):
-    """Rank 1's RNG file, damaged at the same size: rank 1 names it (only rank 0 prints otherwise),
-    rank 0 says another rank failed, instead of going on into a collective rank 1 never joins."""
-    out = found["damaged"]["out"]
+def test_a_damaged_file_rank_1_checks_is_one_line_from_it_and_every_rank_stops(found):
+    """Rank 1 names the file (only rank 0 prints otherwise); rank 0 says another rank failed,
+    instead of going on into a collective that rank 1 never joins."""
+    out, name = found["damaged"]["out"], found["damaged"]["file"]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "Traceback" not in out, out[-3000:]
-    assert any("rng_rank_00001.pt': a file cannot be read" in line for line in errors), errors
+    assert any(f"{name}': a file cannot be read" in line for line in errors), errors
     assert any("another rank could not read its part (its line names the file)" in line for line in errors), errors
     assert found["damaged"]["codes"] == [2, 2]
