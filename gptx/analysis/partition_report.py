@@ -17,7 +17,7 @@ from gptx.parallel.ds_config import BatchLayout, names_fp32, offload_devices
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import zero_stage
 from gptx.parallel.pipeline import (CHECKPOINTABLE_LAYERS, checkpoint_chunks, count_layer_params, largest_layer_params,
-                                    layer_name, partition)
+                                    layer_name, partition, stage_problem)
 from gptx.parallel.zero_bubble import bubble_fraction, compute_order
 
 GiB = 1024 ** 3
@@ -404,4 +404,6 @@ def partition_report(cfg: Config, pipe_size: int, method: str, ds_config: dict, 
         "balance": {"params_max_over_mean": _max_over_mean(stage_params),
                     "compute_max_over_mean": _max_over_mean([st["flops_per_token"] for st in stages])},
         "methods": methods,
+        # What build_pipeline would refuse before training (DeepSpeed defect 13), or None.
+        "engine_refuses": stage_problem(specs, parts, ds_config) if pipe_size > 1 else None,
     }

@@ -29,7 +29,7 @@ from gptx.model.flops import flops_per_token
 from gptx.model.gpt import layer_specs
 from gptx.parallel.ds_config import BatchLayout, check_ds_config
 from gptx.parallel.ds_config import precision as ds_precision
-from gptx.parallel.pipeline import count_layer_params
+from gptx.parallel.pipeline import count_layer_params, layer_compute_weights, partition, stage_problem
 from gptx.parallel.zero_bubble import bubble_fraction
 
 
@@ -200,7 +200,8 @@ def plan_layouts(cfg: Config, cluster: Cluster, base_ds: dict, micro_batch: int 
     """
     precision = ds_precision(base_ds)
     per_node = min(cluster.gpus_per_node, cluster.gpus)
-    layer_params = count_layer_params(layer_specs(cfg.model, seed=0))
+    specs = layer_specs(cfg.model, seed=0)
+    layer_params, flops = count_layer_params(specs), layer_compute_weights(cfg, specs)
     batch = plan_batch(base_ds, cluster.gpus, micro_batch, grad_accum)
     rows, refused = [], []
     for layout in candidate_layouts(cfg, cluster.gpus, precision):
@@ -211,6 +212,9 @@ def plan_layouts(cfg: Config, cluster: Cluster, base_ds: dict, micro_batch: int 
             refused.append(e)
             continue
         micro, accum = split.micro_batch, split.grad_accum
+        parts = partition(specs, cfg.train.partition_method, layout.pipe, flops) if layout.pipe > 1 else []
+        if stage_problem(specs, parts, layout_ds_config(base_ds, layout, micro, accum)):
+            continue  # the engine would refuse it (DeepSpeed defect 13)
         pred = predict(cfg, layout, base_ds, micro, accum, dp, layer_params)
         gpu_gib = pred["gpu_bytes"] / GiB
         host_gib = per_node * (pred["host_bytes_per_rank"] / GiB + cluster.host_reserve_gib)

@@ -104,6 +104,7 @@ def _bar(value: float, biggest: float, width: int = 30) -> str:
 def render_text(r: dict) -> str:
     """The report as text (the command's output without --json)."""
     from gptx.analysis.partition_report import GiB
+    from gptx.parallel.pipeline import SPLIT_BY_BLOCKS
     from gptx.parallel.zero_bubble import bubble_fraction
     layout = (f"{r['pipe_parallel_size']} stage(s) x {r['data_parallel_size']} data-parallel, partition "
               f"'{r['partition_method']}'" if r["pipe_parallel_size"] else
@@ -112,6 +113,8 @@ def render_text(r: dict) -> str:
                       (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if r[key] != "none")
     lines = [f"model {r['model']}: {layout}, {r['precision']}, ZeRO {r['zero_stage']}{offload}, "
              f"micro-batch {r['micro_batch_size']} x {r['micro_batches']} micro-batches of {r['seq_len']} tokens", ""]
+    if r["engine_refuses"]:  # first, where it is seen
+        lines[1:1] = [f"training refuses this layout: {r['engine_refuses']}; {SPLIT_BY_BLOCKS}"]
     for st in r["stages"]:
         lines.append(f"stage={st['stage']} layers={len(st['layers'])}")
         for layer in st["layers"]:

@@ -180,6 +180,10 @@ def _count_spec(spec: LayerSpec) -> tuple[int, int, int, int]:
     return counts
 
 
+SPLIT_BY_BLOCKS = "use --partition-method type:block, or fewer stages"
+"""What a layout stage_problem finds fault with takes instead: the embedding and the head beside blocks."""
+
+
 def stage_problem(specs: list[LayerSpec], parts: list[int], ds_config: dict) -> str | None:
     """Why DeepSpeed's optimizer cannot step one of these stages (defect 13 in gptx/parallel/engine.py).
 
@@ -226,7 +230,7 @@ def build_pipeline(cfg: Config, seed: int | None = None, ds_config: dict | None 
     problem = stage_problem(specs, parts, ds_config) if ds_config is not None else None
     if problem:
         raise ConfigError(f"--partition-method {t.partition_method} on {t.pipe_parallel_size} stages: {problem}; "
-                          f"use --partition-method type:block, or fewer stages")
+                          f"{SPLIT_BY_BLOCKS}")
     pipe = GPTPipe(
         layers=specs,
         compute_weights=layer_compute_weights(cfg, specs),

@@ -9,7 +9,7 @@ from gptx.analysis.partition_report import partition_report
 from gptx.cli.partition_report import run_partition_report
 from gptx.config import ModelConfig, load_config
 from gptx.model.gpt import lm_loss
-from gptx.parallel.ds_config import BatchLayout
+from gptx.parallel.ds_config import DS_CONFIG_DIR, BatchLayout
 from gptx.presets import LLAMA_BLOCK
 from tests.helpers.runs import MICRO_MODEL
 
@@ -285,3 +285,15 @@ def test_zb_h1_keeps_the_untied_heads_logits_gradient_for_each_waiting_w():
     extra = [a["memory_bytes"]["activations"] - b["memory_bytes"]["activations"]
              for a, b in zip(unfused["stages"], fused["stages"])]
     assert extra == [0, per_micro_batch]
+
+
+def test_the_report_names_a_layout_training_refuses(capsys):
+    """gpt2 by parameters on 8 stages in bf16: the tied head alone on the last stage, which training
+    refuses before the engine (DeepSpeed defect 13). The report shows it first, and says nothing for 2."""
+    bf16 = str(DS_CONFIG_DIR / "gpu_bf16.json")
+    assert run_partition_report(["--model", "gpt2", "--pipe-parallel-size", "8", "--deepspeed_config", bf16]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("training refuses this layout: stage 7 would hold only "
+                                                             "TokenEmbedding, the tied head")
+    assert run_partition_report(["--model", "gpt2", "--pipe-parallel-size", "2", "--deepspeed_config", bf16,
+                                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine_refuses"] is None

@@ -8,7 +8,9 @@ import pytest
 from gptx.analysis.planner import Cluster, command_for, plan_layouts
 from gptx.cli.partition_report import run_partition_report
 from gptx.config import load_config, parse_override
+from gptx.model.gpt import layer_specs
 from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+from gptx.parallel.pipeline import layer_compute_weights, partition, stage_problem
 
 MINGPT_45B = {"n_layer": 56, "n_head": 16, "n_embd": 8192, "seq_len": 128, "vocab_size": 65}
 MINGPT_1_7B = {"n_layer": 15, "n_head": 16, "n_embd": 3072, "seq_len": 128, "vocab_size": 65}
@@ -31,6 +33,21 @@ def test_every_proposed_layout_passes_gptxs_own_checks(ds_name, schedule):
         load_config(None, dict(model, pipe_parallel_size=layout.pipe))  # the config check: zb-h1 needs a pipeline
         assert row["data_parallel"] * max(layout.pipe, 1) == 8
     assert any(r["layout"].pipe == 0 for r in rows) == (schedule == "1f1b")
+
+
+def test_no_layout_the_engine_refuses_is_proposed():
+    """gpt2 split by parameters over 8 stages holds the embedding alone on stage 0 and the tied head
+    alone on stage 7, which DeepSpeed's ZeRO-1 and bf16 optimizers cannot step (build_pipeline
+    refuses them): the planner leaves those layouts out."""
+    cfg = load_config("gpt2")
+    specs = layer_specs(cfg.model, seed=0)
+    ds = read_ds_config(DS_CONFIG_DIR / "gpu_bf16.json")
+    rows = plan_layouts(cfg, Cluster(8, 80, 1024), ds, micro_batch=1, grad_accum=1)
+    assert rows and all(r["layout"].pipe != 8 for r in rows)
+    for row in rows:
+        pipe = row["layout"].pipe
+        parts = partition(specs, "parameters", pipe, layer_compute_weights(cfg, specs)) if pipe > 1 else []
+        assert stage_problem(specs, parts, row["ds_config"]) is None, row["layout"]
 
 
 def test_the_command_sets_the_planned_checkpointing_over_the_models_own():
