@@ -363,16 +363,17 @@ def prune(run_dir: Path, keep: int) -> tuple[list[Path], list[str]]:
     return removed, failed
 
 
-def load(engine, load_dir: str | Path, tag: str) -> dict:
-    """Collective: restore model, optimizer, LR schedule, loss scaler and this rank's RNG.
-
-    First the ranks check the folder's archives against their CRC-32s, each rank a share of
-    them. A rank that finds a damaged file prints its own line naming it; every rank stops.
-    """
-    folder = Path(load_dir) / tag
+def verify_folder(folder: Path) -> None:
+    """Collective, before anything of a checkpoint is read: the ranks check its archives against
+    their CRC-32s, each rank a share of them. A rank that finds a damaged file prints its own line
+    naming it; every rank stops."""
     rank, world = dist.get_rank(), dist.get_world_size()
     _on_every_rank_or_none(lambda: [verify_archive(f) for f in sorted(folder.glob("*.pt"))[rank::world]], folder)
-    return _on_every_rank_or_none(lambda: _load_this_rank(engine, Path(load_dir), tag), folder)
+
+
+def load(engine, load_dir: str | Path, tag: str) -> dict:
+    """Collective: restore model, optimizer, LR schedule, loss scaler and this rank's RNG (after verify_folder)."""
+    return _on_every_rank_or_none(lambda: _load_this_rank(engine, Path(load_dir), tag), Path(load_dir) / tag)
 
 
 def _load_this_rank(engine, load_dir: Path, tag: str) -> dict:

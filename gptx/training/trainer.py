@@ -351,6 +351,7 @@ def new_run_dir(cfg: Config) -> Path:
 def resume(engine, plan: Plan) -> tuple[int, int, int]:
     """Collective: load the checkpoint plan_run chose; returns (iteration, samples consumed, tokens trained on)."""
     meta, folder = plan.resume_meta, plan.load_dir / plan.resume_tag
+    checkpoint.verify_folder(folder)  # every way on below reads it
     change = relayout.layout_change(meta, folder, plan.cfg.train.pipe_parallel_size, plan.layout.dp_size,
                                     plan.ds_config)
     if meta.get("weights_only"):

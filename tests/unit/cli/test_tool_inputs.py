@@ -93,6 +93,9 @@ def test_a_flipped_bit_inside_a_tensor_is_one_line_not_a_run_on_damaged_weights(
     file.write_bytes(bytes(data))
     for command in (lambda: run_sample(["--load", str(copy), "--prompt-ids", "1"]),
                     lambda: run_pretrain(pretrain_args(*run_files_of(run), copy, 1, 3, "--load", str(copy),
+                                                       "--override-lr-schedule")),
+                    # another layout: the layer files are read per parameter, not by DeepSpeed
+                    lambda: run_pretrain(pretrain_args(*run_files_of(run), copy, 0, 3, "--load", str(copy),
                                                        "--override-lr-schedule"))):
         assert command() == 2
         line = one_error_line(capsys)
