@@ -236,15 +236,18 @@ class CausalSelfAttention(nn.Module):
                 mask = bias.masked_fill(~allowed, float("-inf"))  # (nh, T, S)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=grouped)
         else:
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+            # Scaled before the product, as the fused path does: a 16-bit q.k can pass 65504 where q.k/sqrt(hd) does not.
+            scores = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, S)
             if prev_scores is not None:
                 scores = scores + prev_scores
             logits = scores if bias is None else scores + bias
             logits = logits.masked_fill(~allowed, float("-inf"))
             if self.topk is not None and self.topk < S:
-                # Keep each query's k largest allowed scores; rows with fewer allowed keys keep all.
-                kth = logits.topk(self.topk, dim=-1).values[..., -1:]  # (B, nh, T, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+                # Keep exactly each query's k largest allowed scores (ties at the k-th broken by topk, not all
+                # kept: equal keys, as repeated tokens give, tie exactly); rows with fewer allowed keys keep all.
+                keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(self.topk, dim=-1).indices,
+                                                                          True)  # (B, nh, T, S)
+                logits = logits.masked_fill(~keep, float("-inf"))
             att = self.attn_drop(F.softmax(logits.float(), dim=-1).to(v.dtype))
             y = att @ v  # (B, nh, T, S) x (B, nh, S, hd) -> (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hd) -> (B, T, C)

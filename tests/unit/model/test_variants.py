@@ -72,6 +72,23 @@ def test_topk_attends_to_at_most_k_earlier_keys():
     assert (nonzero <= 3).all() and (nonzero[..., 3:] == 3).all()
     assert (probs.triu(diagonal=1) == 0).all()  # never a future key
     assert torch.allclose(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    seen.clear()  # equal keys (a repeated token), whose scores tie exactly: still k of them, not every tied one
+    attn(torch.randn(1, 1, 32).expand(2, 16, 32))
+    assert ((seen["p"] > 0).sum(-1)[..., 3:] == 3).all()
+
+
+def test_the_explicit_score_path_stays_finite_in_fp16_where_the_fused_one_does():
+    """q.k of 67,712 overflows fp16 (65,504) before the 1/sqrt(hd) scale brings it to 5,985: the
+    scores were inf and the softmax NaN. Scaled first, as SDPA does, both paths stay finite."""
+    x = torch.zeros(1, 4, 128, dtype=torch.float16)
+    for extra in ({}, {"attention_topk": 64}, {"residual_attention": True}):
+        attn = CausalSelfAttention(ModelConfig(vocab_size=61, seq_len=16, n_layer=1, n_head=1, n_embd=128,
+                                               **extra)).eval()
+        with torch.no_grad():
+            attn.c_attn.weight.zero_()
+            attn.c_attn.bias[:256] = 23.0  # q = k = 23 in each of 128 dimensions
+            y = attn.half()(x)[0]
+        assert torch.isfinite(y).all(), extra
 
 
 def test_rezero_blocks_start_as_the_identity_with_two_gates():
