@@ -236,7 +236,8 @@ class CausalSelfAttention(nn.Module):
                 mask = bias.masked_fill(~allowed, float("-inf"))  # (nh, T, S)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=grouped)
         else:
-            # Scaled before the product, as the fused path does: a 16-bit q.k can pass 65504 where q.k/sqrt(hd) does not.
+            # Scaled before the product, as the fused path does: a 16-bit q.k can pass 65504 where
+            # q.k / sqrt(hd) does not.
             scores = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, S)
             if prev_scores is not None:
                 scores = scores + prev_scores
