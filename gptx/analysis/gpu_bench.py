@@ -44,6 +44,7 @@ from gptx.analysis.references import load_reference
 from gptx.config import Config, load_config
 from gptx.model.flops import flops_per_token, mfu, peak_flops
 from gptx.model.gpt import GPT, lm_loss
+from gptx.parallel import pipeline
 from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config
 from gptx.parallel.ds_config import precision as ds_precision
 from gptx.parallel.ds_config import read_ds_config
@@ -165,7 +166,7 @@ def build_reference_step(cfg: Config, ds: dict, device: torch.device, reference:
     decay = params.get("weight_decay", 0.0)
     groups = [dict(g, weight_decay=g.get("weight_decay", decay)) for g in param_groups(model)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=device.type == "cuda", **adamw)
-    forward = torch.compile(loss_fn) if compile_model else loss_fn
+    forward = torch.compile(loss_fn, backend=pipeline.COMPILE_BACKEND) if compile_model else loss_fn
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds_precision(ds))
     accum, clip = ds["gradient_accumulation_steps"], ds.get("gradient_clipping", 0.0)
     batches = random_batches(cfg, ds["train_micro_batch_size_per_gpu"], seed)

@@ -14,6 +14,7 @@ losses follow gptx's up to their arithmetic (a test checks it) and it compares s
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -79,6 +80,9 @@ def build_nanogpt_style(path: Path, cfg: Config, where: str = "--reference"):
         raise ConfigError(f"{where} {path}: expected 'hf' or the path of a nanoGPT-style model.py")
     spec = importlib.util.spec_from_file_location(f"gptx_reference_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    # Under its name in sys.modules, as an import would leave it: torch.compile imports the module
+    # of the code it traces by name, and stopped with "No module named 'gptx_reference_model'".
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
         config = module.GPTConfig(block_size=m.seq_len, vocab_size=m.padded_vocab_size, n_layer=m.n_layer,

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from gptx.analysis.gpu_bench_report import lever_gains
 from gptx.cli.gpu_bench import run_gpu_bench
@@ -143,3 +144,21 @@ def test_the_peak_is_labelled_by_the_device_it_ran_on(device, cuda, source):
     other = {"fp32 matmul, measured", "bf16 dense, datasheet"} - {source}
     markdown = render_markdown(report)
     assert f"TFLOP/s ({source})" in markdown and other.pop() not in markdown
+
+
+def test_the_compiled_reference_loop_trains_a_nanogpt_style_file(dist_world1, monkeypatch):
+    """The GPU command's reference row: the reference model.py compiled. torch.compile imports the
+    module of the code it traces by name, and the file loaded under a name nothing imported failed
+    ("No module named 'gptx_reference_nanogpt_style_model'"): the row, and gptx's ratio to it, lost."""
+    import math
+
+    from gptx.analysis.gpu_bench import build_reference_step
+    from gptx.config import load_config
+    from gptx.parallel import pipeline
+    from tests.helpers.runs import MICRO_MODEL, REPO
+    monkeypatch.setattr(pipeline, "COMPILE_BACKEND", "eager")  # dynamo's tracing, without inductor's codegen
+    cfg = load_config("tiny", MICRO_MODEL)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}
+    step, _ = build_reference_step(cfg, ds, torch.device("cpu"), str(REPO / "tests/helpers/nanogpt_style_model.py"),
+                                   compile_model=True, seed=0)
+    assert math.isfinite(step()) and math.isfinite(step())
