@@ -122,6 +122,7 @@ class Row:
         self.step = self.owner = None  # owner: the engine or model, kept alive while the row runs
         self.static_bytes = self.transient_bytes = 0
         self.seconds: list[float] = []
+        self.build_s = self.warm_step_s = 0.0  # how long the build took, and its last warm-up iteration
         self.losses: list[float] = []
         self.error: str | None = None
         self.cfg: Config | None = None
@@ -245,7 +246,7 @@ def failure(e: BaseException) -> str:
 
 def build_row(row: Row, plan: BenchPlan, dev: Device, accelerator: str, log) -> None:
     """Build and warm up a row; on running out of memory, halve its micro-batch (twice at most)."""
-    micro_batch = row.micro_batch
+    micro_batch, started = row.micro_batch, time.perf_counter()
     while True:
         before = dev.allocated()
         error = out_of_memory = None
@@ -258,13 +259,16 @@ def build_row(row: Row, plan: BenchPlan, dev: Device, accelerator: str, log) -> 
                 row.step, row.owner = build_reference_step(cfg, ds, dev.device, plan.reference,
                                                            "compile" in plan.levers, plan.seed)
             for _ in range(plan.warmup):
+                t0 = time.perf_counter()
                 row.losses.append(row.step())
-            dev.sync()
+                dev.sync()
+                row.warm_step_s = time.perf_counter() - t0
         except Exception as e:  # one row's failure must not cost the rest of a short lease
             error, out_of_memory = failure(e), dev.out_of_memory(e)
         if error is None:
-            dev.release()
+            gc.collect()  # the allocator keeps its cache: the first timed round does not grow it again
             row.static_bytes = dev.allocated() - before
+            row.build_s = time.perf_counter() - started
             return
         # Outside the except block: its traceback no longer holds the row's tensors.
         drop(row)
@@ -278,6 +282,16 @@ def build_row(row: Row, plan: BenchPlan, dev: Device, accelerator: str, log) -> 
         row.error = error
         log(f"{row.group.model} {row.precision} {row.setting}: {row.error}")
         return
+
+
+def time_to_build(rows: list[Row], row: Row, deadline: float) -> bool:
+    """Whether `row` can still be built and every built row then timed twice (time_rows' least)
+    before the deadline, judged by the longest build so far and each row's warm-up iteration."""
+    built = [r for r in rows if r.step is not None]
+    longest_build = max((r.build_s for r in built), default=0.0)
+    longest_step = max((r.warm_step_s for r in built), default=0.0)
+    two_rounds = 2 * (sum(r.warm_step_s for r in built) + longest_step)
+    return time.perf_counter() + longest_build + two_rounds <= deadline
 
 
 def time_rows(rows: list[Row], iters: int, dev: Device, log, after_round=lambda: None,
@@ -382,8 +396,8 @@ def gpu_bench(plan: BenchPlan, accelerator: str, out_dir: Path, command: str, lo
             report["rows"] = done + [row_record(row, peak, accelerator) for row in rows]
             write_report(report, json_path, md_path)
         for row in rows:
-            if time.perf_counter() > deadline:
-                row.error = f"not built: the {plan.deadline_s:.0f} s deadline had passed"
+            if not time_to_build(rows, row, deadline):
+                row.error = f"not built: it would leave no time before the {plan.deadline_s:.0f} s deadline to time it"
                 continue
             build_row(row, plan, dev, accelerator, log)
             save()

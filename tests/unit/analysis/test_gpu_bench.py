@@ -162,3 +162,18 @@ def test_the_compiled_reference_loop_trains_a_nanogpt_style_file(dist_world1, mo
     step, _ = build_reference_step(cfg, ds, torch.device("cpu"), str(REPO / "tests/helpers/nanogpt_style_model.py"),
                                    compile_model=True, seed=0)
     assert math.isfinite(step()) and math.isfinite(step())
+
+
+def test_a_row_is_built_only_while_it_and_two_timed_rounds_fit_before_the_deadline():
+    """A lease's call is killed at its limit: builds that ran up to the deadline left no time to
+    time any row (every row's tokens/s lost)."""
+    import time
+    from types import SimpleNamespace
+
+    from gptx.analysis.gpu_bench import time_to_build
+    built = [SimpleNamespace(step=object(), build_s=60.0, warm_step_s=1.5) for _ in range(3)]
+    waiting = SimpleNamespace(step=None, build_s=0.0, warm_step_s=0.0)
+    rows, now = built + [waiting], time.perf_counter()
+    # One more build as long as the longest (60 s), then two rounds of four rows of at most 1.5 s (12 s).
+    assert time_to_build(rows, waiting, now + 75) and not time_to_build(rows, waiting, now + 70)
+    assert time_to_build([waiting], waiting, now + 1)  # the first row: nothing known yet
