@@ -227,8 +227,8 @@ class BenchPlan:
     iters: int = 10
     warmup: int = 3
     deadline_s: float = 420.0
-    """No group, row or timing round starts after this many seconds (each built row still gets
-    two timed iterations): a device lease's call is killed at its time limit."""
+    """No group or timing round starts after this many seconds, and no row whose build and two
+    timed rounds would end after it (time_to_build): a device lease's call is killed at its limit."""
     seed: int = 0
 
 
