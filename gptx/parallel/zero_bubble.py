@@ -15,7 +15,8 @@ for the receiver, unlike DeepSpeed's (`use_zero_bubble`). With F, B and W
 of equal length the step takes m(F + B + W) + (p - 1)(F + B - W) for every m >= p, the paper's
 bubble (`step_time` simulates it; tests/unit/parallel/test_zero_bubble.py checks it). Stage s
 holds at most p - s micro-batches' activations, as under 1F1B, plus the inputs and output
-gradients of its linear layers for at most s micro-batches whose W has not run.
+gradients of its linear layers for at most s micro-batches whose W has not run when a backward
+starts (s + 1 just after it, when that micro-batch's other activations are gone).
 """
 from __future__ import annotations
 
