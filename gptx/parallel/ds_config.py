@@ -72,7 +72,13 @@ def _positive_int(cfg: dict, key: str, path) -> int | None:
 
 def names_fp32(value) -> bool:
     """Whether a DeepSpeed JSON dtype is float32, spelled any way DeepSpeed's DtypeEnum reads it."""
-    return str(value).removeprefix("torch.") in ("fp32", "float32", "float")
+    return dtype_name(value) == "fp32"
+
+
+def dtype_name(value) -> str:
+    """A DeepSpeed JSON dtype, spelled any way its DtypeEnum reads it, as gptx names precisions."""
+    name = str(value).removeprefix("torch.")
+    return {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}.get(name, name)
 
 
 def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: str, path="ds_config") -> BatchLayout:
@@ -138,6 +144,12 @@ def check_ds_config(cfg: dict, dp_size: int, pipe_size: int, accelerator_name: s
         # this combination writes optimizer checkpoints it can read back.
         raise ConfigError(f"{path}: bf16 needs \"zero_optimization\": {{\"stage\": 1}} and "
                           f"\"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (see ds_configs/gpu_bf16.json)")
+    accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
+    if accum is not None and stage == 0 and dtype_name(accum) != precision(cfg):
+        # DeepSpeed stops in its optimizer check: "unsupported mix of model_dtype and grad_accum_dtype".
+        raise ConfigError(f"{path}: data_types.grad_accum_dtype {accum!r} with {precision(cfg)} training needs ZeRO "
+                          f"(zero_optimization.stage 1); without it DeepSpeed accumulates in the training precision: "
+                          f"remove the key")
     _check_optimizer_sections(cfg, path)
     return BatchLayout(micro_batch=mb, grad_accum=gas, dp_size=dp_size)
 

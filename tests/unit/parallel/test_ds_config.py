@@ -4,6 +4,7 @@ import pytest
 
 from gptx.errors import ConfigError
 from gptx.parallel.ds_config import DS_CONFIG_DIR, check_ds_config, read_ds_config
+from gptx.testing import CPU_FP16_ENV
 
 
 def test_shipped_configs_are_valid():
@@ -119,6 +120,17 @@ def test_comments_and_trailing_commas_read_as_deepspeed_reads_them(tmp_path):
     f.write_text('// a comment\n{"gradient_accumulation_steps": 8, "gradient_accumulation_steps": 1}')
     with pytest.raises(ConfigError, match="key 'gradient_accumulation_steps' appears twice"):
         read_ds_config(f)
+
+
+@pytest.mark.parametrize("precision, accum", [({"fp16": {"enabled": True}}, "fp32"), ({}, "bf16"), ({}, "half")])
+def test_a_gradient_accumulation_dtype_deepspeed_cannot_mix_without_zero_is_one_line(monkeypatch, precision, accum):
+    """DeepSpeed stopped with NotImplementedError ("unsupported mix of model_dtype ... grad_accum_dtype")."""
+    monkeypatch.setenv(CPU_FP16_ENV, "1")
+    cfg = {"train_micro_batch_size_per_gpu": 1, **ADAMW, **precision, "data_types": {"grad_accum_dtype": accum}}
+    with pytest.raises(ConfigError, match=f"grad_accum_dtype '{accum}' with .* needs ZeRO"):
+        check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
+    same = {"fp16": "float16", "fp32": "float"}["fp16" if precision else "fp32"]  # its own precision, spelled another way
+    check_ds_config({**cfg, "data_types": {"grad_accum_dtype": same}}, dp_size=1, pipe_size=2, accelerator_name="cpu")
 
 
 def test_deepspeed_own_pipeline_defaults_are_accepted():
