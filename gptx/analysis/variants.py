@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gptx.config import load_config, parse_override
 from gptx.errors import CheckpointError, GptxError
-from gptx.parallel.launching import deepspeed_launcher
+from gptx.parallel.launching import deepspeed_launcher, free_port
 from gptx.parallel.pipeline import unique_param_count
 from gptx.training.resume import check_save_dir
 
@@ -69,7 +69,9 @@ def compare(variants: list[str], model: str, iters: int, nprocs: int, out: Path,
         log = out / f"{name}.log"
         log.unlink(missing_ok=True)  # this tool's own log of an earlier failed launch
         sets = [arg for key, value in VARIANTS[name].items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-        cmd = [deepspeed_launcher(), "--num_gpus", str(nprocs),
+        # A free port of its own, as strategies.py takes: beside another run on the launcher's default
+        # 29500 it stopped ("port 29500 is in use"), and its flags go to pretrain, not the launcher.
+        cmd = [deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
                "--module", "gptx.cli.pretrain", "--model", model,
                "--train-iters", str(iters), "--eval-interval", str(iters), "--save", str(run_dir), *sets, *extra]
         result = subprocess.run(cmd, capture_output=True, text=True)

@@ -46,6 +46,9 @@ def test_an_empty_or_failed_launch_directory_is_reused(tmp_path, launches):
     rows = variants.compare(["gpt2"], "tiny", 2, 1, out, [])
     assert [r["variant"] for r in rows] == ["gpt2"] and len(launches) == 1
     assert not (out / "gpt2.log").exists()  # its log described a launch that is not the latest
+    # A free port of its own: on the launcher's default it stopped beside another run on the machine.
+    port = int(launches[0][launches[0].index("--master_port") + 1])
+    assert 1024 <= port < 65536
 
 
 def test_the_table_counts_the_model_the_passed_on_flags_train(tmp_path, launches):
