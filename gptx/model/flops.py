@@ -8,15 +8,19 @@ import torch
 
 from gptx.config import ModelConfig
 
-# Dense peaks in FLOP/s (vendor datasheets): 16-bit tensor cores, and plain fp32 (PyTorch
-# leaves TF32 off for matmuls by default).
-# Dense datasheet peaks. "tf32" applies to fp32 matmuls when torch lets them use TF32
-# (torch.backends.cuda.matmul.allow_tf32); V100 has no TF32.
+# Dense peaks in FLOP/s from the vendor datasheets (half the "with sparsity" figures): 16-bit
+# tensor cores; "tf32" for fp32 matmuls when torch lets them use TF32
+# (torch.backends.cuda.matmul.allow_tf32); plain fp32 otherwise. V100 has no TF32.
+# The PCIe and NVL cards run lower clocks and power than the SXM parts that share their model
+# name, so they come first: the first name found in the device's name wins.
 GPU_PEAKS = {
+    "H100 PCIe": {"16bit": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"16bit": 835e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H200 NVL": {"16bit": 835e12, "tf32": 417.5e12, "fp32": 60e12},
     "GH200": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # Grace Hopper: the H100/H200's GPU
-    "H200": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},
-    "H100": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # SXM; PCIe cards are lower, so MFU reads low there
-    "A100": {"16bit": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "H200": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # SXM
+    "H100": {"16bit": 989e12, "tf32": 494.7e12, "fp32": 67e12},  # SXM
+    "A100": {"16bit": 312e12, "tf32": 156e12, "fp32": 19.5e12},  # PCIe and SXM alike
     "V100": {"16bit": 125e12, "fp32": 15.7e12},
 }
 
@@ -24,8 +28,10 @@ GPU_PEAKS = {
 def gpu_peak(device_name: str, precision: str, tf32: bool) -> float | None:
     """The datasheet peak for a GPU of this name: 16-bit, TF32 for fp32 with TF32 on, else fp32."""
     for key, peaks in GPU_PEAKS.items():
-        # The model as a whole word: "NVIDIA A100-SXM4-80GB" is an A100, "NVIDIA RTX A1000 Laptop GPU" is not.
-        if re.search(rf"(?<![A-Za-z0-9]){key}(?![A-Za-z0-9])", device_name):
+        # The model as a whole word: "NVIDIA A100-SXM4-80GB" is an A100, "NVIDIA RTX A1000 Laptop GPU"
+        # is not; a form factor may follow after a space or a dash, in any case ("H100-PCIE").
+        words = r"[ _-]".join(re.escape(word) for word in key.split())
+        if re.search(rf"(?<![A-Za-z0-9]){words}(?![A-Za-z0-9])", device_name, flags=re.IGNORECASE):
             if precision != "fp32":
                 return peaks["16bit"]
             return peaks.get("tf32", peaks["fp32"]) if tf32 else peaks["fp32"]

@@ -4,6 +4,7 @@ import pytest
 from gptx.model.flops import gpu_peak
 
 A100_BF16, HOPPER_BF16, V100_FP16 = 312e12, 989e12, 125e12  # dense tensor-core peaks, vendor datasheets
+H100_PCIE_BF16, NVL_BF16 = 756e12, 835e12  # the datasheets' 1,513 and 1,671 TFLOP/s "with sparsity", halved
 
 
 @pytest.mark.parametrize("name,peak", [
@@ -11,10 +12,12 @@ A100_BF16, HOPPER_BF16, V100_FP16 = 312e12, 989e12, 125e12  # dense tensor-core 
     ("NVIDIA A100-PCIE-40GB", A100_BF16),
     ("NVIDIA A100 80GB PCIe", A100_BF16),
     ("NVIDIA H100 80GB HBM3", HOPPER_BF16),
-    ("NVIDIA H100 PCIe", HOPPER_BF16),
-    ("NVIDIA H100 NVL", HOPPER_BF16),
+    ("NVIDIA H100", HOPPER_BF16),
+    ("NVIDIA H100 PCIe", H100_PCIE_BF16),  # before: every H100 got the SXM part's 989 TFLOP/s
+    ("NVIDIA H100-PCIE-80GB", H100_PCIE_BF16),
+    ("NVIDIA H100 NVL", NVL_BF16),
     ("NVIDIA H200", HOPPER_BF16),
-    ("NVIDIA H200 NVL", HOPPER_BF16),
+    ("NVIDIA H200 NVL", NVL_BF16),
     ("NVIDIA GH200 480GB", HOPPER_BF16),
     ("Tesla V100-SXM2-16GB", V100_FP16),
 ])
