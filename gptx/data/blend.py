@@ -8,8 +8,12 @@ PERIOD = 10_000
 
 
 def quotas(weights: list[float], period: int = PERIOD) -> list[int]:
-    """Samples of each source per block: shares of `period` rounded by largest remainders."""
-    exact = [w * period for w in weights]
+    """Samples of each source per block: shares of `period` rounded by largest remainders.
+    The weights need not sum to 1 (they are divided by their sum; read_mixture checks them)."""
+    top = max(weights)
+    scaled = [w / top for w in weights]  # first by the largest: a sum of huge weights would overflow
+    total = sum(scaled)
+    exact = [w / total * period for w in scaled]
     counts = [int(x) for x in exact]
     by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
     for i in by_remainder[:period - sum(counts)]:

@@ -64,6 +64,27 @@ def test_quotas_add_up_by_largest_remainders():
     assert sum(quotas([0.1] * 7 + [0.3], 997)) == 997
 
 
+@pytest.mark.parametrize("weights", [[3, 1], [1.0, 1.0], [1e308, 1e308 / 3]])
+def test_weights_that_do_not_sum_to_one_give_the_same_shares(weights):
+    # Before: quotas summed to more than a block ([30000, 10000] for [3, 1]), so every block
+    # skipped samples of each source; 1e308-sized weights overflowed to inf shares of 0.
+    assert sum(quotas(weights)) == 10_000
+    assert quotas(weights) == quotas([w / sum(w / 1e300 for w in weights) / 1e300 for w in weights])
+    windows = TokenWindows([np.arange(33), np.arange(100, 133)], 4, 1, weights=weights)  # 8 windows each
+    per_source = [0, 0]
+    for g in range(20_000):
+        source, index = windows.blend.locate(g)
+        assert index == per_source[source]  # each source's samples in order, none skipped
+        per_source[source] += 1
+
+
+def test_huge_weights_in_a_mixture_file_are_read_as_their_ratio(tmp_path):
+    make_token_dir(tmp_path / "a")
+    make_token_dir(tmp_path / "b")
+    sources = read_mixture(mixture_file(tmp_path, {"path": "a", "weight": 3e307}, {"path": "b", "weight": 1e308}))
+    assert [s.weight for s in sources] == pytest.approx([0.3 / 1.3, 1 / 1.3])
+
+
 def test_the_blend_deals_each_source_its_share_and_its_samples_in_order():
     weights = [0.6, 0.3, 0.1]
     blend = Blend(weights, seed=5)
