@@ -112,7 +112,7 @@ class TrainConfig:
     warmup_iters: int = 20
     """Linear warmup length in optimizer steps."""
     lr_decay_iters: int | None = None
-    """Step at which the cosine reaches min_lr; default train_iters."""
+    """Optimizer steps after which the cosine is at min_lr (the last step is just above it); default train_iters."""
     eval_interval: int = 50
     """Evaluate on the val split every this many iterations (and at the end); 0 disables."""
     eval_iters: int = 4
@@ -150,7 +150,7 @@ class TrainConfig:
     dist_timeout: int = 1800
     """Seconds a collective waits for the other ranks before the run fails (a hung rank)."""
     max_skipped_at_min_scale: int = 10
-    """fp16: stop after this many skipped (overflowed) steps in a row at the minimum loss scale (0: never)."""
+    """Stop after this many skipped steps in a row (fp16: at the minimum loss scale; bf16: non-finite); 0: never."""
     spike_factor: float = 0.0
     """Report a loss spike when a loss exceeds this many times its running mean (0: off)."""
     sample_tokens: int = 0

@@ -60,10 +60,11 @@ class StopSignal:
 
 
 class NumericsGuard:
-    """Watches each step: a non-finite loss (fp32/bf16) stops the run; fp16 overflow skips are
-    counted and a streak of them at the minimum loss scale stops it; loss spikes are reported.
+    """Watches each step: a non-finite loss (fp32/bf16) stops the run, and so does a step
+    applied with a non-finite gradient norm; skipped steps are counted, and a streak of them
+    (fp16: at the minimum loss scale) stops it; loss spikes are reported.
 
-    Every rank sees the same loss and skip count, so every rank decides the same.
+    Every rank sees the same loss, gradient norm and skip count, so every rank decides the same.
     """
 
     def __init__(self, cfg: Config, fp16: bool, min_scale: float | None, skipped_so_far: int = 0):
@@ -75,25 +76,35 @@ class NumericsGuard:
         self.mean = None
         self.seen = 0
 
-    def check(self, iteration: int, loss: float, skipped_total: int, scale: float | None) -> str | None:
+    def check(self, iteration: int, loss: float, skipped_total: int, scale: float | None,
+              grad_norm: float | None = None) -> str | None:
         """Raise TrainingStopped, or return a warning line (a spike) or None."""
         skipped_now = skipped_total > self.skipped_seen
         self.skipped_seen = skipped_total
-        if self.fp16:
-            at_min = scale is not None and self.min_scale is not None and scale <= self.min_scale
-            self.streak = self.streak + 1 if skipped_now and at_min else 0
-            limit = self.t.max_skipped_at_min_scale
-            if limit and self.streak >= limit:
-                raise TrainingStopped(
-                    f"iteration {iteration}: {self.streak} fp16 steps in a row overflowed at the minimum loss "
-                    f"scale {scale:g} and were skipped, so the model is no longer training; use bf16 "
-                    f"(ds_configs/gpu_bf16.json), lower train.lr, or lower min_loss_scale (a static loss_scale) in the "
-                    f"DeepSpeed JSON")
-            if skipped_now:
-                return None  # an overflowed step's loss says nothing about the trend
-        elif not math.isfinite(loss):
+        if not self.fp16 and not math.isfinite(loss):
             raise TrainingStopped(f"iteration {iteration}: the loss is {loss} (non-finite); lower train.lr, "
                                   f"raise train.warmup_iters or check the data")
+        if grad_norm is not None and not math.isfinite(grad_norm) and not skipped_now:
+            # fp32 steps whatever the gradient holds (bf16 and fp16 skip such a step): the weights
+            # this step wrote are not finite, and the next save would keep them.
+            raise TrainingStopped(f"iteration {iteration}: the gradient norm is {grad_norm} and the step was "
+                                  f"applied, so the weights are no longer finite; lower train.lr, raise "
+                                  f"train.warmup_iters or check the data")
+        # bf16 and fp32 have no loss scale to lower: every skip counts towards the streak.
+        at_min = not self.fp16 or (scale is not None and self.min_scale is not None and scale <= self.min_scale)
+        self.streak = self.streak + 1 if skipped_now and at_min else 0
+        limit = self.t.max_skipped_at_min_scale
+        if limit and self.streak >= limit:
+            where = f"overflowed at the minimum loss scale {scale:g}" if self.fp16 else "had non-finite gradients"
+            raise TrainingStopped(
+                f"iteration {iteration}: {self.streak} {'fp16 ' if self.fp16 else ''}steps in a row {where} and "
+                f"were skipped, so the model is "
+                f"no longer training; " + ("use bf16 (ds_configs/gpu_bf16.json), lower train.lr, or lower "
+                                           "min_loss_scale (a static loss_scale) in the DeepSpeed JSON"
+                                           if self.fp16 else "lower train.lr, raise train.warmup_iters or check "
+                                                             "the data"))
+        if skipped_now and self.fp16:
+            return None  # an overflowed step's loss says nothing about the trend
         warning = None
         if self.t.spike_factor and self.seen >= 10 and loss > self.t.spike_factor * self.mean:
             warning = (f"iter {iteration:6d} | warning: loss spike {loss:.4f}, {loss / self.mean:.1f}x its running "
@@ -102,6 +113,7 @@ class NumericsGuard:
             self.mean = loss if self.mean is None else 0.95 * self.mean + 0.05 * loss
             self.seen += 1
         return warning
+
 
 
 def known_failure(error: Exception, rank: int, timeout: int) -> GptxError | None:

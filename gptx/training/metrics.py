@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class Metrics:
         if dist.get_rank() != 0:
             return
         self.path = run_dir / "metrics.jsonl"
+        drop_cut_last_line(self.path)
         self.file = open(self.path, "a", buffering=1)
         if cfg.train.wandb_project:
             import wandb
@@ -39,7 +41,7 @@ class Metrics:
     def write(self, record: dict) -> None:
         if self.file:
             try:
-                self.file.write(json.dumps(record) + "\n")
+                self.file.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
             except OSError as e:
                 # Metrics are a record, not the run: a full or vanished disk stops the file, not training
                 # (the next checkpoint save says in one line whether it can be written).
@@ -61,6 +63,36 @@ class Metrics:
             self.wandb.finish()
 
 
+def finite_or_null(value):
+    """A record as strict JSON: NaN and infinities (a skipped step's grad norm, a diverged loss)
+    become null, which every JSON reader takes; Python's NaN and Infinity tokens are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def drop_cut_last_line(path: Path) -> None:
+    """Remove a last line without its newline (a run killed, or its disk full, mid-write): the
+    next record would be glued onto it, making one line no JSON reader takes."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - (1 << 20))  # a record is far shorter than this
+            f.seek(start)
+            tail = f.read()
+            if not tail or tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or start == 0:
+                f.truncate(start + cut + 1)
+    except FileNotFoundError:
+        return
+
+
 def _netrc_text() -> str:
     try:
         return (Path.home() / ".netrc").read_text()
@@ -74,6 +106,8 @@ def console_line(r: dict) -> str:
         parts.append(f"grad norm {r['grad_norm']:.3f}")
     if r["loss_scale"] is not None:
         parts.append(f"loss scale {r['loss_scale']:.0f} (skipped {r['skipped_steps']})")
+    elif r.get("skipped_steps"):  # bf16 skips a step whose gradients are not finite
+        parts.append(f"skipped {r['skipped_steps']}")
     parts.append(f"{r['tokens_per_sec']:,.0f} tok/s")
     if r["mfu"] is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")

@@ -244,11 +244,16 @@ class Trainer:
                 f"{duration(record['eta_s'])} at the pace since iteration {iteration - self.clock.settle}")
         testing.fault_point("step", iteration)
         try:
-            warning = self.guard.check(iteration, record["loss"], self.engine.skipped_steps, record["loss_scale"])
+            warning = self.guard.check(iteration, record["loss"], self.engine.skipped_steps, record["loss_scale"],
+                                       record["grad_norm"])
         except TrainingStopped as e:
             self.metrics.close()
-            where = (f"the last good checkpoint is {self.run_dir / tag_for(self.saved_at)}"
-                     if self.saved_at else f"the run has no checkpoint newer than {self.plan.load_dir or 'its start'}")
+            newest = self.run_dir / tag_for(self.saved_at) if self.saved_at else None
+            if newest and self.saved_at == iteration - 1:  # resumed, it would meet the same batch the same way
+                where = f"the newest checkpoint, {newest}, holds the weights that led to this: --load an earlier one"
+            else:
+                where = (f"the last good checkpoint is {newest}" if newest
+                         else f"the run has no checkpoint newer than {self.plan.load_dir or 'its start'}")
             raise TrainingStopped(f"{e}. Stopped without saving; {where}") from None
         if warning:
             log(warning)

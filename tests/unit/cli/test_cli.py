@@ -49,6 +49,14 @@ def test_more_stages_than_processes_names_the_launcher(setup, capsys):
                                                              "--pipe-parallel-size 2")
 
 
+def test_wandb_that_cannot_be_imported_is_one_line_before_any_engine(setup, capsys, monkeypatch):
+    tmp, base = setup
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # what an install without it gives
+    fails_with(capsys, base + ["--save", str(tmp / "run"), "--set", "wandb_project=gptx-runs"],
+               "train.wandb_project 'gptx-runs': wandb cannot be imported here; pip install wandb")
+    assert not (tmp / "run").exists()
+
+
 def test_zero2_with_pipeline(setup, capsys):
     tmp, base = setup
     ds = write_ds_config(tmp / "z2.json", micro=2, accum=2, zero_optimization={"stage": 2})

@@ -63,6 +63,34 @@ def test_metrics_lines_are_json_one_per_record(tmp_path):
         [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5, "eta_s": None}]
 
 
+def test_non_finite_values_are_written_as_null_so_every_json_reader_takes_the_line(dist_world1, tmp_path):
+    from gptx.config import load_config
+    metrics = Metrics(tmp_path, load_config(None, {}))
+    # An fp16 step skipped for overflow (inf grad norm), a diverged loss, and a nested record.
+    metrics.write({"iter": 1, "loss": 2.0, "grad_norm": float("inf"), "skipped_steps": 1})
+    metrics.write({"iter": 2, "loss": float("nan"), "val_loss_per_source": {"a": float("-inf"), "b": 1.0}})
+    metrics.close()
+    strict = lambda token: pytest.fail(f"{token} is not JSON")  # noqa: E731
+    assert [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] \
+        == [{"iter": 1, "loss": 2.0, "grad_norm": None, "skipped_steps": 1},
+            {"iter": 2, "loss": None, "val_loss_per_source": {"a": None, "b": 1.0}}]
+
+
+@pytest.mark.parametrize("before,after", [
+    ('{"iter": 1}\n{"iter": 2, "lo', '{"iter": 1}\n'),  # a run killed mid-write
+    ('{"iter": 1, "lo', ''),
+    ('{"iter": 1}\n', '{"iter": 1}\n'),
+    ('', ''),
+])
+def test_a_resume_drops_a_cut_last_line_instead_of_writing_onto_it(dist_world1, tmp_path, before, after):
+    from gptx.config import load_config
+    (tmp_path / "metrics.jsonl").write_text(before)
+    metrics = Metrics(tmp_path, load_config(None, {}))
+    metrics.write({"iter": 3})
+    metrics.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == after + '{"iter": 3}\n'
+
+
 def test_wandb_runs_in_the_mode_the_user_set(dist_world1, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from gptx.config import load_config

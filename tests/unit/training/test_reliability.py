@@ -2,10 +2,12 @@
 import errno
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptx.cli.pretrain import run_pretrain
 from gptx.config import load_config
@@ -28,6 +30,26 @@ def test_non_finite_loss_stops_fp32_and_bf16():
     assert g.check(1, 5.0, 0, None) is None
     with pytest.raises(TrainingStopped, match="iteration 2: the loss is nan"):
         g.check(2, float("nan"), 0, None)
+
+
+def test_a_step_applied_with_a_non_finite_gradient_stops_the_run():
+    g = guard()
+    assert g.check(1, 5.0, 0, None, grad_norm=2.0) is None
+    with pytest.raises(TrainingStopped, match="iteration 2: the gradient norm is nan and the step was applied"):
+        g.check(2, 5.0, 0, None, grad_norm=float("nan"))  # fp32 stepped: the loss was fine, the weights are not
+    skipped = guard()
+    assert skipped.check(1, 5.0, 1, None, grad_norm=float("inf")) is None  # bf16 skipped it: nothing was written
+
+
+def test_bf16_stops_on_a_streak_of_skipped_steps():
+    g = guard(max_skipped_at_min_scale=3)
+    g.check(1, 5.0, 1, None, grad_norm=float("inf"))
+    g.check(2, 5.0, 1, None, grad_norm=1.0)  # a step that went through resets the streak
+    g.check(3, 5.0, 2, None, grad_norm=float("inf"))
+    g.check(4, 5.0, 3, None, grad_norm=float("inf"))
+    with pytest.raises(TrainingStopped, match="iteration 5: 3 steps in a row had non-finite gradients and were "
+                                              "skipped, so the model is no longer training"):
+        g.check(5, 5.0, 4, None, grad_norm=float("inf"))
 
 
 def test_fp16_stops_only_on_a_streak_of_skips_at_the_minimum_scale():
@@ -154,15 +176,52 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_and_the_run_goes_
     assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000001", "iter_0000003"]
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dist_world1, work, capsys):
+def test_non_finite_numbers_stop_the_run_and_keep_the_checkpoints_before_them(dist_world1, work, capsys):
     run = work[0] / "nan"
     assert run_pretrain(args(work, run, 1, 6, "--save-interval", "1", "--lr", "1e30")) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "(non-finite)" in err and "Stopped without saving" in err
+    assert len(err.splitlines()) == 1 and "Stopped without saving" in err
+    stopped = int(re.search(r"iteration (\d+): the (loss|gradient norm) is nan", err).group(1))
     losses = train_losses(run)
-    bad = max(losses)  # the iteration that stopped it: its loss is the first non-finite one
-    assert not math.isfinite(losses[bad]) and all(math.isfinite(losses[i]) for i in range(1, bad))
-    assert (run / "latest").read_text() == f"iter_{bad - 1:07d}" and f"iter_{bad - 1:07d}" in err
+    assert max(losses) == stopped and all(math.isfinite(losses[i]) for i in range(1, stopped))
+    for tag in [p.name for p in run.glob("iter_*")]:  # before: the step that went wrong was saved, weights of nan
+        layers = [torch.load(f, weights_only=True) for f in (run / tag).glob("layer_*")]
+        assert layers and all(torch.isfinite(t).all() for layer in layers for t in layer.values()), tag
+    # The newest checkpoint's weights led to the stop: it is named as such, not as a good one.
+    assert (run / "latest").read_text() == f"iter_{stopped - 1:07d}"
+    assert f"the newest checkpoint, {run / f'iter_{stopped - 1:07d}'}, holds the weights that led to this" in err
+
+
+def test_an_fp32_step_with_a_non_finite_gradient_is_never_saved(dist_world1, work, capsys, monkeypatch):
+    # A backward that overflows while the forward's loss stays finite: fp32 applies the step.
+    import gptx.model.layers
+    import gptx.training.trainer
+
+    class Poison(torch.autograd.Function):
+        poisoned = False
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan") if Poison.poisoned else grad
+    norm_forward, train_step = gptx.model.layers.FinalNorm.forward, gptx.training.trainer.Trainer.train_step
+
+    def step(trainer):
+        Poison.poisoned = trainer.iteration + 1 == 3
+        return train_step(trainer)
+    monkeypatch.setattr(gptx.model.layers.FinalNorm, "forward", lambda self, x: Poison.apply(norm_forward(self, x)))
+    monkeypatch.setattr(gptx.training.trainer.Trainer, "train_step", step)
+    run = work[0] / "nan_grad"
+    assert run_pretrain(args(work, run, 1, 4, "--save-interval", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: iteration 3: the gradient norm is nan and the step was applied, so the weights are no "
+                   f"longer finite; lower train.lr, raise train.warmup_iters or check the data. Stopped without "
+                   f"saving; the newest checkpoint, {run / 'iter_0000002'}, holds the weights that led to this: "
+                   f"--load an earlier one")
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
 
 
 ITERS = 12
