@@ -204,7 +204,7 @@ def read_meta(data_dir: Path) -> dict:
         raise DataError(f"data file '{meta_path}': expected a JSON object")
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise DataError(f"data file '{meta_path}': 'dtype' must be uint16 or uint32, got {meta.get('dtype')!r}")
-    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+    if not isinstance(meta.get("vocab_size"), int) or isinstance(meta["vocab_size"], bool) or meta["vocab_size"] < 1:
         raise DataError(f"data file '{meta_path}': 'vocab_size' must be a positive integer, "
                         f"got {meta.get('vocab_size')!r}")
     if meta["dtype"] == "uint16" and meta["vocab_size"] > 2 ** 16:
@@ -248,6 +248,8 @@ def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
     path = data_dir / f"{split}.bin"
     if not path.exists():
         raise DataError(f"data directory '{data_dir}': missing {split}.bin (prepare it with tools/prepare_data.py)")
+    if not path.is_file():
+        raise DataError(f"data file '{path}': not a file; prepare the data again")
     meta = read_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
     size = path.stat().st_size
@@ -282,6 +284,10 @@ def check_data(data_dir: str | Path, vocab_size: int, seq_len: int, allow_smalle
         if len(tokens) < seq_len + 1:
             raise DataError(f"data file '{data_dir / (split + '.bin')}': {len(tokens)} tokens, fewer than one "
                             f"window of seq_len + 1 = {seq_len + 1}")
+        if meta["dtype"] == "uint16" and meta.get(f"{split}_tokens") is None and looks_like_uint32(tokens):
+            raise DataError(f"data file '{data_dir / (split + '.bin')}': read as uint16 tokens, every second one is "
+                            f"0: it holds uint32 tokens; say so in a meta.json beside it ('dtype': 'uint32' and "
+                            f"the tokenizer's 'vocab_size')")
         # Recorded by tools/prepare_data.py with the counts open_tokens checked: no pass over the corpus at
         # every launch. Files written by hand or by other tools are read to their last token.
         top = meta.get("max_token") if meta.get(f"{split}_tokens") is not None else None
@@ -292,6 +298,13 @@ def check_data(data_dir: str | Path, vocab_size: int, seq_len: int, allow_smalle
         if top >= vocab_size:
             raise DataError(f"data file '{data_dir / (split + '.bin')}': token id {top} is outside the model's "
                             f"vocabulary (model.vocab_size {vocab_size})")
+
+
+def looks_like_uint32(tokens: np.ndarray) -> bool:
+    """uint32 ids below 65,536 read as uint16 are id, 0, id, 0, ...: in range, so no other check
+    sees them. Real uint16 data (0 is GPT-2's "!") never has a thousand zeros at every odd place."""
+    head = np.asarray(tokens[:1 << 16])
+    return len(tokens) % 2 == 0 and len(head) >= 2000 and not head[1::2].any() and head[0::2].any()
 
 
 class TokenWindows:

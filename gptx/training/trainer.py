@@ -20,7 +20,7 @@ from deepspeed.utils.logging import set_log_level_from_string
 
 from gptx import testing
 from gptx.config import Config, describe_model
-from gptx.data.mixture import REPEAT_WARNING, as_record, describe
+from gptx.data.mixture import REPEAT_WARNING, as_record, describe, windows_per_epoch
 from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, TokenWindows, open_tokens
 from gptx.errors import CheckpointError, TrainingStopped
 from gptx.model.flops import mfu, peak_flops
@@ -171,14 +171,21 @@ class Trainer:
                                     weights=[s.weight for s in plan.sources])
         self.metrics = Metrics(self.run_dir, cfg)
         consumed, resuming = self.consumed, plan.resume_tag is not None  # a new run resumes nothing
+        run_samples = plan.ramp.samples_over(t.train_iters) if plan.ramp else t.train_iters * layout.global_batch
+        for source, val in zip(plan.sources, self.val_splits):
+            windows, read = windows_per_epoch(val, cfg.model.seq_len), t.eval_iters * layout.global_batch
+            if t.eval_interval and read > windows:
+                log(f"warning: {source.path}: an evaluation reads {read} samples of val.bin's {windows} windows, so "
+                    f"some count more than once; lower train.eval_iters or hold out more data")
         if len(plan.sources) == 1:
             n = self.windows.n_windows
             unused = len(train_splits[0]) - 1 - n * cfg.model.seq_len
-            log(f"data: {n:,} windows of {cfg.model.seq_len} predictions per epoch, reshuffled each epoch; "
-                f"{unused} token(s) at the end of train.bin fill no window and are not used"
-                + (f"; resuming at sample {consumed:,} (epoch {consumed // n})" if resuming else ""))
+            repeat = f" (warning: repeats {run_samples / n:.1f} times)" if run_samples / n > REPEAT_WARNING else ""
+            log(f"data: {n:,} windows of {cfg.model.seq_len} predictions per epoch, reshuffled each epoch, "
+                f"{run_samples / n:.2f} epochs over the run{repeat}; {unused} token(s) at the end of train.bin fill no "
+                f"window and are not used" + (f"; resuming at sample {consumed:,} (epoch {consumed // n})"
+                                              if resuming else ""))
             return
-        run_samples = plan.ramp.samples_over(t.train_iters) if plan.ramp else t.train_iters * layout.global_batch
         mixture = describe(plan.sources, cfg.model.seq_len, run_samples)
         self.metrics.write({"iter": self.iteration, "data": {"sources": mixture}})
         log(f"data: a mixture of {len(mixture)} sources, shares of the training samples"

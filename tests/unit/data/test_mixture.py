@@ -150,3 +150,18 @@ def test_a_run_on_a_two_source_mixture_logs_shares_epochs_and_val_per_source_and
     assert run_pretrain(args(tmp_path / "part", 8, "--load", str(tmp_path / "part"), "--lr-decay-iters", "6")) == 0
     assert (f"changed since the checkpoint: data {mix.resolve()} (big 0.750, small 0.250) -> {mix} (big 0.500, "
             f"small 0.500)") in capsys.readouterr().out
+
+
+def test_one_source_says_its_epochs_and_warns_of_repeats_in_training_and_in_evaluation(dist_world1, tmp_path, capsys):
+    data = make_token_dir(tmp_path / "one", n_train=200, n_val=100)  # 6 train and 3 val windows of 32
+    model = write_model_yaml(tmp_path / "model.yaml")
+    ds = write_ds_config(tmp_path / "ds.json", micro=2, accum=2)
+    assert run_pretrain(["--model", str(model), "--data", str(data), "--deepspeed_config", str(ds), "--save",
+                         str(tmp_path / "run"), "--pipe-parallel-size", "1", "--train-iters", "8", "--eval-interval",
+                         "8", "--eval-iters", "1"]) == 0
+    out = capsys.readouterr().out
+    # Before, only a mixture's sources were warned of: one source's run repeated its data silently.
+    assert "data: 6 windows of 32 predictions per epoch, reshuffled each epoch, 5.33 epochs over the run (warning: " \
+           "repeats 5.3 times)" in out
+    assert (f"warning: {data}: an evaluation reads 4 samples of val.bin's 3 windows, so some count more than "
+            f"once") in out

@@ -232,6 +232,35 @@ def test_uint16_tokens_cannot_stand_for_a_vocabulary_over_65536(tmp_path):
     check_data(d, vocab_size=128256, seq_len=32)
 
 
+def test_uint32_gpt2_tokens_without_a_meta_json_are_not_read_as_uint16(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 50257, 3000)
+    d = tmp_path / "d"
+    d.mkdir()
+    for split in ("train", "val"):  # before: read as id, 0, id, 0, ..., every check passed
+        ids.astype(np.uint32).tofile(d / f"{split}.bin")
+    with pytest.raises(DataError, match=r"train.bin': read as uint16 tokens, every second one is 0: it holds "
+                                        r"uint32 tokens; say so in a meta.json"):
+        check_data(d, vocab_size=50257, seq_len=32)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 50257, "dtype": "uint32"}))
+    check_data(d, vocab_size=50257, seq_len=32)
+    (d / "meta.json").unlink()  # nanoGPT's own layout, uint16, whatever ids it holds
+    for split in ("train", "val"):
+        ids.astype(np.uint16).tofile(d / f"{split}.bin")
+    check_data(d, vocab_size=50257, seq_len=32)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: (d / "meta.json").write_text('{"vocab_size": true, "dtype": "uint16"}'),
+     "'vocab_size' must be a positive integer, got True"),
+    (lambda d: ((d / "train.bin").unlink(), (d / "train.bin").mkdir()), "train.bin': not a file"),
+])
+def test_a_meta_json_vocabulary_of_true_or_a_split_that_is_a_directory_is_one_line(tmp_path, change, needle):
+    d = make_token_dir(tmp_path / "d", vocab_size=256)
+    change(d)
+    with pytest.raises(DataError, match=needle):
+        check_data(d, vocab_size=256, seq_len=32)
+
+
 def test_a_meta_pkl_over_65536_tokens_is_refused(tmp_path):
     import pickle
     d = make_token_dir(tmp_path / "d", vocab_size=256)
