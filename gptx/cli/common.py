@@ -129,7 +129,7 @@ MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EN
 
 def guarded(main) -> int:
     """Run main(); a user error, or a path the machine refuses, is one line on stderr (from rank 0)
-    and exit code 2."""
+    and exit code 2; Ctrl-C is the line "interrupted" and exit code 130."""
     try:
         try:
             result = main()
@@ -140,6 +140,10 @@ def guarded(main) -> int:
                     errno.EROFS: "choose a writable path", errno.EACCES: "choose a path you may use",
                     errno.EPERM: "choose a path you may use"}.get(e.errno, "check the path")
             raise ConfigError(f"'{e.filename}': {e.strerror}; {hint}") from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops itself at a step's end)
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted", file=sys.stderr, flush=True)
+        return 130  # the shell's code for a command ended by SIGINT
     except GptxError as e:
         if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -19,7 +19,9 @@ def default_corpus_texts() -> list[str]:
 def default_data_dir(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """The embedded corpus, tokenized once with GPT-2 BPE and cached."""
     texts = default_corpus_texts()
-    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:12]
+    # The split rule is part of the name: a cache made before val.bin began at a document's start
+    # would give another val loss for the same run.
+    digest = hashlib.sha256(("\0".join(texts) + "\0split: documents").encode()).hexdigest()[:12]
     out = cache_dir() / f"pydoc-{digest}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:

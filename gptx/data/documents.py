@@ -230,8 +230,10 @@ def _jsonl_texts(path: Path, kind: str, field: str, report: InputReport) -> Iter
                 if lineno == 1 and _looks_binary(raw[:BINARY_SNIFF]):
                     report.skip(path, "it looks binary (a NUL byte in its first KiB), not JSON lines")
                     return
-                line = _decode(raw, path, report, f" line {lineno:,}", offset)
                 offset += len(raw)
+                if lineno == 1:  # a byte-order mark (Windows editors write one) is not part of the JSON
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                line = _decode(raw, path, report, f" line {lineno:,}", offset - len(raw))
                 if not line.strip():
                     continue
                 try:
@@ -296,7 +298,10 @@ def _txt_pieces(path: Path, report: InputReport) -> Iterator[str]:
                 return
             f.seek(0)
             held = bytearray(f.read(TXT_PIECE_BYTES))  # read, not yet given out
-            offset = searched = 0  # where `held` starts in the file; held[:searched] has no place to cut
+            # A byte-order mark says how the file is encoded; it is not text of the document.
+            offset = 3 if held.startswith(codecs.BOM_UTF8) else 0  # where `held` starts in the file
+            del held[:offset]
+            searched = 0  # held[:searched] has no place to cut
             while block := f.read(TXT_PIECE_BYTES):
                 # A piece ends in what was held before this block, so the text after it is never
                 # empty; only bytes not searched yet are, so a file with no place to cut is read once.

@@ -117,11 +117,27 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def document_cut(stream_path: Path, dtype: np.dtype, n: int, cut: int, eot: int, reach: int = 1 << 18) -> int:
+    """Where train.bin ends in a stream of n tokens: after the last end-of-text before token `cut`,
+    so that no document is trained on in part and validated on in part (else after the first one
+    past it; `cut` itself when no end-of-text lies within `reach` tokens either way)."""
+    start = max(0, cut - reach)
+    before = np.fromfile(stream_path, dtype=dtype, count=cut - start, offset=start * dtype.itemsize)
+    ends = np.flatnonzero(before == eot)
+    if len(ends):
+        return start + int(ends[-1]) + 1
+    del before
+    after = np.fromfile(stream_path, dtype=dtype, count=reach, offset=cut * dtype.itemsize)
+    ends = np.flatnonzero(after == eot)
+    return cut + int(ends[0]) + 1 if len(ends) and cut + int(ends[0]) + 1 < n else cut
+
+
 def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, val_fraction: float,
                       workers: int | None = None, progress: Progress | None = None) -> dict:
     """Tokenize documents (end-of-text after each) into train.bin / val.bin / meta.json.
 
-    The stream is written once in order; the last `val_fraction` of it becomes val.bin.
+    The stream is written once in order; about the last `val_fraction` of it becomes val.bin,
+    starting at a document's first token.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction: expected a number between 0 and 1, got {val_fraction}")
@@ -168,9 +184,12 @@ def _write_token_files(documents: Iterable[str], out: Path, encoding, val_fracti
         if progress:
             progress.close()
         n = stream_path.stat().st_size // dtype.itemsize
-        n_val = max(1, int(round(n * val_fraction))) if n else 0
-        if n - n_val < 2 or n_val < 2:
+        n_val = n - document_cut(stream_path, dtype, n, n - max(1, int(round(n * val_fraction))), encoding.eot_token)
+        if n - n_val < 2:
             raise DataError(f"the input holds only {n} tokens: too little to split into train and val")
+        if n_val < 2:
+            raise DataError(f"--val-fraction {val_fraction}: of {n:,} tokens that holds out {n_val}; val.bin needs "
+                            f"at least a window's worth: raise it")
         meta = {"format": "gptx-tokens-v1", "tokenizer": encoding.name, "vocab_size": vocab,
                 "dtype": dtype.name, "eot_token": encoding.eot_token, "documents": n_docs, "text_bytes": n_bytes,
                 "train_tokens": n - n_val, "val_tokens": n_val, "max_token": top}

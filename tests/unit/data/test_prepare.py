@@ -54,7 +54,25 @@ def test_every_format_round_trips_in_order_with_any_number_of_workers(tmp_path, 
     stream = stream_of(tmp_path / "out")
     assert enc.decode(stream) == "".join(d + "<|endoftext|>" for d in DOCS)
     assert meta["documents"] == len(DOCS) and meta["text_bytes"] == sum(len(d.encode()) for d in DOCS)
-    assert len(open_tokens(tmp_path / "out", "val")) == meta["val_tokens"] == round(len(stream) * 0.2)
+    # val.bin holds the documents from the one the 20% cut fell in: no document is in both splits.
+    assert len(open_tokens(tmp_path / "out", "val")) == meta["val_tokens"] == len(enc.encode_ordinary(DOCS[-2])) + 2
+    assert enc.decode(open_tokens(tmp_path / "out", "val").tolist()) == DOCS[-2] + "<|endoftext|>" * 2
+
+
+def test_the_split_falls_between_documents_where_there_is_one_and_a_tiny_val_names_the_fraction(tmp_path, enc):
+    docs = [f"Document number {i} " + "is quite long. " * (i % 7) for i in range(60)]
+    for fraction in (0.05, 0.3, 0.77):
+        out = tmp_path / f"out{fraction}"
+        meta = write_token_files(docs, out, enc, fraction, workers=1)
+        train, val = open_tokens(out, "train"), open_tokens(out, "val")
+        assert train[-1] == enc.eot_token and enc.decode(val.tolist()).startswith("Document number")
+        assert abs(meta["val_tokens"] / (len(train) + len(val)) - fraction) < 0.05  # a document's length off at most
+    whole = "one document with no end in sight " * 200  # nowhere to cut between documents: cut inside it
+    meta = write_token_files([whole], tmp_path / "one", enc, 0.1, workers=1)
+    assert meta["val_tokens"] == round(len(enc.encode_ordinary(whole) + [enc.eot_token]) * 0.1)
+    with pytest.raises(DataError, match="--val-fraction 0.0001: of 44 tokens that holds out 1; val.bin needs at "
+                                        "least a window's worth: raise it"):
+        write_token_files(DOCS, tmp_path / "tiny", enc, 0.0001, workers=1)
 
 
 def test_many_batches_on_two_workers_give_the_one_worker_stream(tmp_path, enc, monkeypatch):
@@ -340,3 +358,25 @@ def test_a_prepared_directory_records_its_largest_token_and_the_launch_trusts_it
     (out / "meta.json").write_text(json.dumps({**recorded, "max_token": 60000}))
     with pytest.raises(DataError, match="token id 60000 is outside"):
         check_data(out, 50257, 4)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    # Windows editors start UTF-8 files with one: before, a .jsonl file's first line was "not valid
+    # JSON" and a .txt document began with U+FEFF's tokens.
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello there")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert list(iter_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])) == ["hello there", "first",
+                                                                                         "second"]
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_output(tmp_path, capsys, monkeypatch):
+    import gptx.data.documents
+
+    def interrupted(*args, **kwargs):
+        yield "a first document"
+        raise KeyboardInterrupt  # what Ctrl-C raises wherever the main thread is
+    monkeypatch.setattr(gptx.data.documents, "iter_documents", interrupted)
+    (tmp_path / "in.txt").write_text("text")
+    assert run_prepare_data([str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"  # before: a KeyboardInterrupt traceback
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,10 @@ def test_default_corpus_is_gpt2_tokens_of_the_python_docs(enc):
     check_data(d, vocab_size=50257, seq_len=1024)
     assert len(train) > 50_000
     assert "the" in enc.decode(train[:2000].tolist())
+    # val.bin starts at a topic's first token: no topic is half trained on, half validated on.
+    from gptx.data.default_corpus import default_corpus_texts
+    val_start = enc.decode(open_tokens(d, "val")[:50].tolist())
+    assert train[-1] == enc.eot_token and any(text.startswith(val_start[:100]) for text in default_corpus_texts())
 
 
 def _global_samples(windows_per_rank, iters, accum):
