@@ -69,6 +69,16 @@ class Plan:
         return self.ramp.size_at(consumed) if self.ramp else self.layout.global_batch
 
 
+def check_wandb(cfg: Config) -> None:
+    """train.wandb_project needs wandb: said before any rank builds an engine."""
+    if cfg.train.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"train.wandb_project {cfg.train.wandb_project!r}: wandb cannot be imported here; "
+                              f"pip install wandb, or leave the key out") from None
+
+
 def plan_run(cfg: Config, paths: RunPaths) -> Plan:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pp = cfg.train.pipe_parallel_size
@@ -132,12 +142,7 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         changes = resume.config_changes(meta, cfg) + changes
         for line in changes:  # every check passed: what this resume changes, once
             log(f"changed since the checkpoint: {line}")
-    if cfg.train.wandb_project:  # before any rank builds an engine
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"train.wandb_project {cfg.train.wandb_project!r}: wandb cannot be imported here; "
-                              f"pip install wandb, or leave the key out") from None
+    check_wandb(cfg)
     encoding = None
     if cfg.train.sample_tokens and not cfg.train.eval_interval:
         log("note: train.sample_tokens samples at each evaluation, and train.eval_interval 0 runs none")
