@@ -6,13 +6,13 @@ transformers' save_pretrained writes them, and read through its memory map once 
 has been checked here (so a damaged file is one line naming it). GPT-2 stores its projections
 as Conv1D, (in, out), where nn.Linear is (out, in): those weights are transposed.
 
-A GPT-2-vocabulary export also gets GPT-2's tokenizer files (vocab.json, merges.txt),
-derived from the offline BPE ranks gptx trains with, so the directory needs no download.
+A GPT-2-vocabulary export also gets GPT-2's tokenizer files (gptx.interop.hf_tokenizer).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -22,21 +22,24 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig, validate
-from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, gpt2_mergeable_ranks
+from gptx.data.tokens import GPT2_EOT, reads_gpt2_bpe
 from gptx.errors import CheckpointError, ConfigError
 from gptx.interop.hf_llama import from_llama, is_llama, llama_config_text, llama_differences, to_llama_tensors
+from gptx.interop.hf_tokenizer import RECORD_KEY, file_hash, gpt2_tokenizer_files, tokenizer_plan
 from gptx.model.gpt import GPT
 from gptx.training.checkpoint_files import META, checkpoint_folders
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-EOT_TEXT = "<|endoftext|>"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # Published files carry integer buffers too (e.g. position ids).
 READ_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                "BOOL": torch.bool}
 INT_KEYS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "hidden_size", "intermediate_size",
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim")
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim",
+            "n_inner")
+BOOL_KEYS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "attention_bias",
+             "mlp_bias")
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -45,6 +48,13 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 EXPORT_MARKER = "gptx_export.json"
 """Written with every export: a directory holding it may be exported into again, another may not."""
+SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+"""The temporary file safetensors writes a file through (Rust's tempfile crate names it so)."""
+
+
+def is_leftover(name: str) -> bool:
+    """A file of an export that was killed: a staged .partial copy, or safetensors' temporary file."""
+    return name.endswith(".partial") or SAFETENSORS_TEMP.fullmatch(name) is not None
 
 
 def shard_names(tensors: dict[str, torch.Tensor], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
@@ -83,6 +93,9 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtyp
              "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
     # Written under .partial names and swapped in only when all are complete, so a failed write
     # (a full disk) leaves a previous export in this directory as it was.
+    for path in out.iterdir():  # a killed export's: nothing else would ever remove them
+        if is_leftover(path.name) and path.is_file():
+            path.unlink()
     written = []
     try:
         for name, data in (small_files or {}).items():
@@ -95,9 +108,11 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtyp
         if len(shards) > 1:
             written.append(out / (INDEX_FILE + ".partial"))
             written[-1].write_text(json.dumps(index, indent=2) + "\n")
-    except (OSError, SafetensorError) as e:
+    except BaseException as e:  # Ctrl-C too: its staged files would stay behind
         for path in written:
             path.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise CheckpointError(f"--to-hf '{out}': could not write the export ({reason}); nothing in it was "
                               f"replaced") from None
@@ -164,42 +179,47 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         bad(str(e))
 
 
-def check_expressible(m: ModelConfig) -> None:
-    # Untied embeddings convert (lm_head.weight); every other difference from GPT-2 does not.
+def check_expressible(m: ModelConfig, any_mlp_width: bool = False) -> None:
+    """Refuse a model that is not GPT-2's architecture. Untied embeddings convert (lm_head.weight), and
+    with `any_mlp_width` another MLP width too (HF's n_inner; nanoGPT's MLP is 4 x n_embd)."""
     differs = [f"{k}: {getattr(m, k)}" for k, v in GPT2_ARCHITECTURE.items()
                if k != "tie_embeddings" and getattr(m, k) != v]
     differs += [f"{key}: {value}" for key, value, gpt2 in (
-        ("n_kv_head", m.kv_heads, m.n_head), ("ffn_hidden_size", m.ffn_hidden, 4 * m.n_embd)) if value != gpt2]
+        ("n_kv_head", m.kv_heads, m.n_head), ("ffn_hidden_size", m.ffn_hidden, 4 * m.n_embd))
+        if value != gpt2 and not (any_mlp_width and key == "ffn_hidden_size")]
     if differs:
         raise ConfigError("Hugging Face cannot express this model as GPT-2 (" + ", ".join(differs)
                           + ") nor as Llama (" + ", ".join(llama_differences(m)) + ")")
 
 
 def to_hf(model, cfg: Config, out: str | Path, dtype: str = "float32",
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[int, list[str]]:
     """Write config.json and the weights (in `dtype`, sharded above `max_shard_bytes`) for transformers'
     LlamaForCausalLM (RMSNorm, SwiGLU and rotary blocks) or GPT2LMHeadModel (GPT-2's architecture);
-    refuse anything else in one line. Returns the number of weight files."""
+    refuse anything else in one line. Returns the number of weight files and the tokenizer files
+    found there that no export wrote (or that were changed since), which are left as they are."""
     m = cfg.model
     out = Path(out)
     if is_llama(m):
         sd = to_llama_tensors({int(name): module.state_dict() for name, module in model.layers.items()}, m)
     else:
-        check_expressible(m)
+        check_expressible(m, any_mlp_width=True)
         sd = gpt2_tensors(model, m)
     if is_llama(m):
-        config = llama_config_text(m, GPT2_EOT if m.vocab_size == GPT2_VOCAB_SIZE else None, dtype)
+        config = llama_config_text(m, GPT2_EOT if reads_gpt2_bpe(m.vocab_size) else None, dtype)
     else:
         config = json.dumps(dict(gpt2_config(m), torch_dtype=dtype), indent=2) + "\n"
-    small_files = {"config.json": config.encode(), EXPORT_MARKER: b'{"written_by": "tools/convert.py --to-hf"}\n'}
-    if m.vocab_size == GPT2_VOCAB_SIZE:
-        small_files.update(gpt2_tokenizer_files(m.seq_len))
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer, stale, kept = tokenizer_plan(out, out / EXPORT_MARKER,
+                                            gpt2_tokenizer_files(m.seq_len) if reads_gpt2_bpe(m.vocab_size) else {})
+    marker = {"written_by": "tools/convert.py --to-hf", RECORD_KEY: {k: file_hash(v) for k, v in tokenizer.items()}}
+    # The marker goes in first: once any file of the export is swapped in, the directory is the export's.
+    small_files = {EXPORT_MARKER: (json.dumps(marker, indent=2) + "\n").encode(), "config.json": config.encode(),
+                   **tokenizer}
     files = write_weights(sd, out, EXPORT_DTYPES[dtype], max_shard_bytes, small_files)
-    if m.vocab_size != GPT2_VOCAB_SIZE:  # an earlier export's GPT-2 tokenizer would be read as this model's
-        for name in TOKENIZER_FILES:
-            (out / name).unlink(missing_ok=True)
-    return files
+    for name in stale:  # an earlier export's GPT-2 tokenizer would be read as this model's
+        (out / name).unlink(missing_ok=True)
+    return files, kept
 
 
 def gpt2_tensors(model, m: ModelConfig, conv1d: bool = True) -> dict[str, torch.Tensor]:
@@ -219,63 +239,15 @@ def gpt2_tensors(model, m: ModelConfig, conv1d: bool = True) -> dict[str, torch.
 
 
 def gpt2_config(m: ModelConfig) -> dict:
-    gpt2_vocab = m.vocab_size == GPT2_VOCAB_SIZE
+    gpt2_vocab = reads_gpt2_bpe(m.vocab_size)
     L = m.n_layer
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
             "n_positions": m.seq_len, "n_ctx": m.seq_len, "n_embd": m.n_embd, "n_layer": L, "n_head": m.n_head,
-            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
+            "n_inner": m.ffn_hidden if m.ffn_hidden != 4 * m.n_embd else None,  # null: HF's 4 x n_embd
+            "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
             "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
             "tie_word_embeddings": m.tie_embeddings, "bos_token_id": GPT2_EOT if gpt2_vocab else None,
             "eos_token_id": GPT2_EOT if gpt2_vocab else None, "torch_dtype": "float32"}
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level alphabet, in which vocab.json and merges.txt spell tokens: printable
-    Latin-1 bytes stand for themselves, the other 68 take the characters from U+0100 on."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
-    alphabet, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            alphabet[b] = chr(b)
-        else:
-            alphabet[b] = chr(256 + shifted)
-            shifted += 1
-    return alphabet
-
-
-def _merged_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The two tokens whose merge made `token`: BPE on its bytes with only the older merges."""
-    newest = ranks[token]
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        pairs = [(ranks.get(a + b, newest), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-        rank, i = min(pairs)
-        if rank >= newest:
-            raise AssertionError(f"BPE rank file: token {token!r} is not a merge of older tokens")
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts[0], parts[1]
-
-
-def gpt2_tokenizer_files(max_length: int) -> dict[str, bytes]:
-    """vocab.json, merges.txt and the tokenizer config transformers' GPT-2 tokenizers read, by file name."""
-    ranks = gpt2_mergeable_ranks()
-    alphabet = _byte_alphabet()
-
-    def spell(token: bytes) -> str:
-        return "".join(alphabet[b] for b in token)
-    vocab = {spell(token): rank for token, rank in ranks.items()}
-    vocab[EOT_TEXT] = GPT2_EOT
-    merges = ["#version: 0.2"]
-    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
-        merges.append(" ".join(spell(part) for part in _merged_pair(token, ranks)))
-    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
-              **special}
-    return {"vocab.json": (json.dumps(vocab, ensure_ascii=False) + "\n").encode("utf-8"),
-            "merges.txt": ("\n".join(merges) + "\n").encode("utf-8"),
-            "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode(),
-            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
 
 
 def check_shapes(layers: dict[int, dict[str, torch.Tensor]], m: ModelConfig, src: Path) -> None:
@@ -339,8 +311,9 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:
-    """A local HF GPT-2 or Llama directory -> per-layer-position state dicts and the gptx Config."""
+def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config, str]:
+    """A local HF GPT-2 or Llama directory -> per-layer-position state dicts (fp32), the gptx Config and
+    the precision its weights were stored in (fp32, bf16 or fp16)."""
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"--from-hf '{src}': not a directory (expected config.json and model.safetensors)")
@@ -355,28 +328,43 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise CheckpointError(f"--from-hf: '{src / 'config.json'}': {key} must be a positive integer, "
                                   f"got {value!r}")
-    if hf.get("model_type") == "llama":
-        layers, cfg = from_llama(src, hf, _read_tensors(src))
-        _validate(cfg, src)
-        check_shapes(layers, cfg.model, src)
-        return layers, cfg
-    if hf.get("model_type") != "gpt2":
+    for key in BOOL_KEYS:  # bool("false") is True: a string would silently read as the opposite
+        if not isinstance(hf.get(key, False), bool):
+            raise CheckpointError(f"--from-hf: '{src / 'config.json'}': {key} must be true or false, "
+                                  f"got {hf[key]!r}")
+    if hf.get("model_type") not in ("gpt2", "llama"):
         raise CheckpointError(f"--from-hf '{src}': model_type is {hf.get('model_type')!r}, expected 'gpt2' or 'llama'")
+    sd = _read_tensors(src)
+    layers, cfg = (from_llama if hf["model_type"] == "llama" else from_gpt2)(src, hf, sd)
+    _validate(cfg, src)
+    check_shapes(layers, cfg.model, src)
+    return layers, cfg, stored_precision(sd)
+
+
+def stored_precision(sd: dict[str, torch.Tensor]) -> str:
+    """fp32, bf16 or fp16: the one floating dtype of a model's weights (fp32 where they mix or are
+    another, which keeps every value); older files' mask and rotary buffers do not count."""
+    found = {t.dtype for k, t in sd.items()
+             if t.is_floating_point() and not k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
+    return PRECISIONS.get(found.pop(), "fp32") if len(found) == 1 else "fp32"
+
+
+def from_gpt2(src: Path, hf: dict, sd: dict[str, torch.Tensor]) -> tuple[dict[int, dict[str, torch.Tensor]], Config]:
+    """A GPT-2 config.json and its tensors -> per-layer-position state dicts and the gptx Config."""
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"--from-hf '{src}': activation {hf['activation_function']} is not GPT-2's tanh GELU")
     for key, gpt2s in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
         if hf.get(key, gpt2s) != gpt2s:  # scores scaled otherwise than by 1/sqrt(head size): other logits
             raise CheckpointError(f"--from-hf '{src}': {key} is {hf[key]!r}; gptx's attention is GPT-2's "
                                   f"({key} {str(gpt2s).lower()})")
-    sd = _read_tensors(src)
     sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()}
     tied = hf.get("tie_word_embeddings", True)
     try:
         # gptx has one dropout rate (the export writes it to all three); GPT-2's own files agree.
         rates = {float(hf.get(key, 0.1)) for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
         m = ModelConfig(vocab_size=hf["vocab_size"], seq_len=hf["n_positions"], n_layer=hf["n_layer"],
-                        n_head=hf["n_head"], n_embd=hf["n_embd"], tie_embeddings=tied,
-                        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), dropout=max(rates))
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], ffn_hidden_size=hf.get("n_inner"),
+                        tie_embeddings=tied, norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), dropout=max(rates))
     except KeyError as e:
         raise CheckpointError(f"--from-hf: '{src / 'config.json'}' has no {e.args[0]}") from None
     except (TypeError, ValueError):
@@ -401,15 +389,16 @@ def from_hf(src: str | Path) -> tuple[dict[int, dict[str, torch.Tensor]], Config
     except KeyError as e:
         raise CheckpointError(f"--from-hf '{src}': missing tensor {e.args[0]}") from None
     used = {f"h.{i}.{name}" for i in range(L) for name in layers[2 + i]} | {"wte.weight", "wpe.weight", "ln_f.weight",
-                                                                             "ln_f.bias", "lm_head.weight"}
+                                                                             "ln_f.bias"}
+    # A tied model's head is the embedding: older .bin saves repeat it under lm_head.weight; another one
+    # would be dropped.
+    if not tied or torch.equal(sd.get("lm_head.weight", sd["wte.weight"]), sd["wte.weight"]):
+        used.add("lm_head.weight")
     unused = sorted(k for k in set(sd) - used if not k.endswith(("attn.bias", "attn.masked_bias")))
     if unused:  # e.g. layers past config.json's n_layer: dropping them would change the model
         raise CheckpointError(f"--from-hf '{src}': {len(unused)} tensor(s) config.json does not account for, first "
                               f"{unused[0]}")
-    cfg = Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")
-    _validate(cfg, src)
-    check_shapes(layers, m, src)
-    return layers, cfg
+    return layers, Config(model=m, train=TrainConfig(), name=f"hf:{src.name}")
 
 
 def _validate(cfg: Config, src: Path) -> None:

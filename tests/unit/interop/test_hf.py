@@ -12,6 +12,7 @@ from gptx.cli.pretrain import run_pretrain
 from gptx.config import Config, ModelConfig
 from gptx.data.tokens import TokenWindows, open_tokens
 from gptx.interop.hf import EXPORT_MARKER, read_safetensors
+from gptx.interop.hf_tokenizer import gpt2_tokenizer_files
 from gptx.model.gpt import GPT
 from gptx.training.consolidate import load_plain_model, save_weights_only
 from tests.helpers.runs import (MICRO_MODEL, make_token_dir, precision_ds, read_metrics, write_ds_config,
@@ -188,7 +189,8 @@ def test_the_export_loads_in_transformers_with_no_download(tmp_path):
 def test_another_vocabulary_exports_without_tokenizer_files(tmp_path, capsys):
     save_model(GPT(CFG, seed=1), tmp_path / "run")
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "vocab.json").write_text("{}")  # an earlier export's, into the same folder
+    # An earlier export's GPT-2 tokenizer, into the same folder, by a gptx whose marker recorded no hashes.
+    (tmp_path / "hf" / "vocab.json").write_bytes(gpt2_tokenizer_files(16)["vocab.json"])
     (tmp_path / "hf" / EXPORT_MARKER).write_text("{}")
     assert run_convert(["--load", str(tmp_path / "run"), "--to-hf", str(tmp_path / "hf")]) == 0
     assert "without tokenizer files (its 256-token vocabulary is not GPT-2's" in capsys.readouterr().out
