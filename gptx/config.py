@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
+from gptx.config_checks import validate
 from gptx.errors import ConfigError
 from gptx.presets import DEFAULT_PRESET, PRESETS
-from gptx.training.schedule import SeqLenWarmup
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,7 @@ def describe_model(m: ModelConfig) -> str:
 
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+TEXT_KEYS = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls) if f.type.startswith("str")}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -228,14 +229,33 @@ def _preset(name: str) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
+class NoRepeatsLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: it keeps the last, which
+    may not be the one edited."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise RepeatedKey(twice)
+        return super().construct_mapping(node, deep)
+
+
+class RepeatedKey(Exception):
+    pass
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=NoRepeatsLoader)
     except OSError as e:
         raise ConfigError(f"model config file '{path}': cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:  # a binary file given as --model
         raise ConfigError(f"model config file '{path}': not UTF-8 text (byte offset {e.start})") from None
+    except RepeatedKey as e:
+        raise ConfigError(f"model config file '{path}': key '{e.args[0]}' appears twice in one mapping; "
+                          f"keep one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -252,11 +272,14 @@ def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], di
     model: dict[str, Any] = {}
     train: dict[str, Any] = {}
     for source, mapping in layers:
+        nested = mapping.get("train") if isinstance(mapping.get("train"), dict) else {}
         for key, value in mapping.items():
+            check_key_name(source, key)
             if key == "train":
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: 'train' must be a mapping of training keys")
                 for tkey, tvalue in value.items():
+                    check_key_name(source, tkey)
                     if tkey not in TRAIN_KEYS:
                         raise ConfigError(f"{source}: unknown training key 'train.{tkey}'; expected one of: "
                                           + ", ".join(sorted(TRAIN_KEYS)))
@@ -264,36 +287,55 @@ def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], di
             elif key in MODEL_KEYS:
                 model[key] = value
             elif key in TRAIN_KEYS:
+                if key in nested:  # which of the two wins would depend on their order in the file
+                    raise ConfigError(f"{source}: '{key}' is set both at the top and under 'train:'; keep one")
                 train[key] = value
             else:  # a misspelling gets its nearest key; --set takes training keys bare, a YAML file under train:
                 near = "".join(f" (did you mean '{k}'?)" for k in get_close_matches(key, [*MODEL_KEYS, *TRAIN_KEYS], 1))
+                where = ("give training keys bare: --set lr=1e-3" if source == "command line"
+                         else "training keys go under 'train:'")
                 raise ConfigError(f"{source}: unknown key '{key}'{near}; model keys are: "
-                                  + ", ".join(sorted(MODEL_KEYS)) + "; training keys go under 'train:'")
+                                  + ", ".join(sorted(MODEL_KEYS)) + f"; {where}")
     return model, train
 
 
+def check_key_name(source: str, key) -> None:
+    if not isinstance(key, str):  # YAML 1.1 reads on/off/yes/no as booleans and bare digits as numbers
+        raise ConfigError(f"{source}: key {key!r} is not a name (YAML reads an unquoted on, off, yes, no or "
+                          f"number so); fix the key or quote it")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """'n_layer=4' -> ('n_layer', 4), values parsed as YAML scalars."""
+    """'n_layer=4' -> ('n_layer', 4), values parsed as YAML scalars; a text key's value as written
+    (a prompt like 'Q: why?' or '# Python' is text, not YAML). 'train.lr' and 'model.n_layer'
+    are their keys."""
     if "=" not in text:
         raise ConfigError(f"--set '{text}': expected KEY=VALUE, e.g. --set n_layer=4")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    section, _, bare = key.partition(".")
+    if bare in {"train": TRAIN_KEYS, "model": MODEL_KEYS}.get(section, ()):
+        key = bare
+    if key in TEXT_KEYS and raw not in ("null", "~"):
+        return key, raw
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def load_config(model: str | None = None, overrides: dict[str, Any] | None = None,
-                saved: dict[str, Any] | None = None) -> Config:
+                saved: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> Config:
     """Resolve a preset name or YAML path plus CLI overrides into a validated Config.
 
     `saved` is a checkpoint's resolved config ({"name", "model", "train"}) on --load: the layer
     under the others, so its keys hold unless `model` (a preset or file given again) or an
     override sets them; without `model` no preset is read at all (the checkpoint's keys are
     already resolved). Keys this version does not know are left out, as check_compatible does.
+    `defaults` is a tool's own default for keys, under every other layer.
     """
-    layers: list[tuple[str, dict[str, Any]]] = []
+    layers: list[tuple[str, dict[str, Any]]] = [("the tool's defaults", defaults)] if defaults else []
     if saved:
         train = {k: v for k, v in (saved.get("train") or {}).items() if k in TRAIN_KEYS}
         layers.append(("checkpoint", {**{k: v for k, v in (saved.get("model") or {}).items() if k in MODEL_KEYS},
@@ -302,12 +344,14 @@ def load_config(model: str | None = None, overrides: dict[str, Any] | None = Non
             model = saved.get("name") or DEFAULT_PRESET
             return _finish(model, layers, overrides)
     model = model or DEFAULT_PRESET
-    if model.endswith((".yaml", ".yml")) or os.path.sep in model or os.path.exists(model):
+    # A preset's name is the preset, even beside a folder of that name (a Hugging Face gpt2/ download).
+    if model.endswith((".yaml", ".yml")) or os.path.sep in model or (model not in PRESETS and os.path.exists(model)):
         data = _read_yaml(model)
         base = data.pop("base", None)
         if base is not None:
-            if not isinstance(base, str):
-                raise ConfigError(f"model config file '{model}': 'base' must be a preset name")
+            if not isinstance(base, str) or base not in PRESETS:
+                raise ConfigError(f"model config file '{model}': base {base!r} is not a preset; 'base' names one "
+                                  f"of: {', '.join(PRESETS)} (a YAML file cannot be a base)")
             layers.append((f"preset '{base}'", _preset(base)))
         layers.append((f"model config file '{model}'", data))
     else:
@@ -365,86 +409,3 @@ def _coerce(name: str, value: Any, type_: str) -> Any:
             return value
         raise ConfigError(f"{name}: expected a string, got {value!r}")
     raise AssertionError(f"unhandled field type {type_}")
-
-
-def validate(cfg: Config) -> None:
-    m, t = cfg.model, cfg.train
-    for key in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "pad_vocab_to_multiple"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"model.{key}: must be a positive integer, got {getattr(m, key)}")
-    if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
-                          f"adjust one of them")
-    choices = {"position_embedding": ("learned", "alibi", "rotary", "none"),
-               "residual": ("sequential", "parallel"), "norm": ("layernorm", "rmsnorm", "rezero"),
-               "mlp": ("gelu", "swiglu")}
-    for key, allowed in choices.items():
-        if getattr(m, key) not in allowed:
-            raise ConfigError(f"model.{key}: expected one of {', '.join(allowed)}, got '{getattr(m, key)}'")
-    if m.macaron and m.residual == "parallel":
-        raise ConfigError("model.macaron needs model.residual: sequential (its half-step feed-forwards sit "
-                          "before and after attention, which a parallel block does not order)")
-    if m.position_embedding == "rotary" and m.head_dim % 2:
-        raise ConfigError(f"model.position_embedding rotary needs an even head size; n_embd / n_head = {m.head_dim}")
-    if m.n_kv_head is not None and (m.n_kv_head < 1 or m.n_head % m.n_kv_head):
-        raise ConfigError(f"model.n_kv_head: must be a positive divisor of model.n_head ({m.n_head}), "
-                          f"got {m.n_kv_head}")
-    if m.ffn_hidden_size is not None and m.ffn_hidden_size < 1:
-        raise ConfigError(f"model.ffn_hidden_size: must be a positive integer or null, got {m.ffn_hidden_size}")
-    if m.ffn_multiple_of < 1:
-        raise ConfigError(f"model.ffn_multiple_of: must be a positive integer, got {m.ffn_multiple_of}")
-    if not 0 < m.norm_eps < 1:
-        raise ConfigError(f"model.norm_eps: must be in (0, 1), got {m.norm_eps}")
-    if m.rope_theta <= 1:
-        raise ConfigError(f"model.rope_theta: must be above 1, got {m.rope_theta}")
-    if m.attention_topk is not None and m.attention_topk < 1:
-        raise ConfigError(f"model.attention_topk: must be a positive integer or null, got {m.attention_topk}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if t.train_iters < 1:
-        raise ConfigError(f"train.train_iters: must be at least 1, got {t.train_iters}")
-    if not 0 < t.lr < float("inf"):  # NaN too
-        raise ConfigError(f"train.lr: must be a positive number, got {t.lr}")
-    if t.min_lr is not None and not 0 <= t.min_lr <= t.lr:
-        raise ConfigError(f"train.min_lr: must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
-    for key in ("warmup_iters", "eval_interval", "save_interval", "exit_interval", "seed",
-                "activation_checkpoint_interval", "sample_tokens", "keep_checkpoints",
-                "max_skipped_at_min_scale", "pipe_parallel_size"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-    for key in ("eval_iters", "log_interval"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    if t.seed >= 2 ** 62:  # with each layer's and rank's index added, it must still fit torch's int64
-        raise ConfigError(f"train.seed: must be below 2**62, got {t.seed}")
-    if not 1 <= t.dist_timeout <= 366 * 86400:  # a bound, well inside what timedelta holds
-        raise ConfigError(f"train.dist_timeout: must be 1 to 31622400 seconds (a year), got {t.dist_timeout}")
-    if t.spike_factor != 0 and t.spike_factor <= 1:
-        raise ConfigError(f"train.spike_factor: must be 0 (off) or above 1, got {t.spike_factor}")
-    if t.lr_decay_iters is not None and t.lr_decay_iters <= t.warmup_iters:  # the cosine runs between them
-        raise ConfigError(f"train.lr_decay_iters: must be above train.warmup_iters ({t.warmup_iters}), got "
-                          f"{t.lr_decay_iters}")
-    if t.seq_len_warmup:
-        SeqLenWarmup.parse(t.seq_len_warmup, m.seq_len)
-    if t.rampup_batch_size:
-        parts = t.rampup_batch_size.replace(",", " ").split()
-        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
-            raise ConfigError(f"train.rampup_batch_size: expected 'START,INCREMENT,SAMPLES' (three positive integers, "
-                              f"in sequences), got {t.rampup_batch_size!r}")
-    method = t.partition_method.lower()
-    if not (method in ("parameters", "uniform", "compute") or (method.startswith("type:") and len(method) > 5)):
-        raise ConfigError(f"train.partition_method: expected parameters, uniform, compute or type:REGEX, "
-                          f"got '{t.partition_method}'")
-    if t.pipeline_schedule not in ("1f1b", "zb-h1"):
-        raise ConfigError(f"train.pipeline_schedule: expected 1f1b or zb-h1, got '{t.pipeline_schedule}'")
-    if t.pipeline_schedule == "zb-h1" and t.pipe_parallel_size == 0:
-        raise ConfigError("train.pipeline_schedule zb-h1 needs the pipeline engine (pipe_parallel_size >= 1)")
-    n_specs = n_pipeline_layers(m)
-    if t.pipe_parallel_size > n_specs:
-        raise ConfigError(f"train.pipe_parallel_size ({t.pipe_parallel_size}) exceeds the {n_specs} pipeline "
-                          f"layers of this model; use at most {n_specs} stages or more layers")
-
-
-def n_pipeline_layers(m: ModelConfig) -> int:
-    """Length of the flat LayerSpec list (see gptx.model.gpt.layer_specs)."""
-    return 2 + m.n_layer + 2  # token emb, position emb, blocks, final norm, head

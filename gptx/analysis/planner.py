@@ -23,7 +23,8 @@ import shlex
 from dataclasses import dataclass
 
 from gptx.analysis.partition_report import GiB, partition_report
-from gptx.config import Config, n_pipeline_layers
+from gptx.config import Config
+from gptx.config_checks import n_pipeline_layers
 from gptx.errors import ConfigError
 from gptx.model.flops import flops_per_token
 from gptx.model.gpt import layer_specs

@@ -77,9 +77,8 @@ def tool_config(args, flags: tuple[str, ...], allow_no_pipeline: bool = False):
         raise ConfigError("this tool plans its stages from WORLD_SIZE, which nothing set: start it with deepspeed "
                           "(--num_gpus N, or --hostfile)")
     world = int(os.environ["WORLD_SIZE"])
-    overrides = config_overrides(args, flags)
-    overrides.setdefault("pipe_parallel_size", world)
-    cfg = load_config(args.model, overrides)
+    # One stage per rank unless the preset, the YAML file or the command line says otherwise.
+    cfg = load_config(args.model, config_overrides(args, flags), defaults={"pipe_parallel_size": world})
     if cfg.train.pipe_parallel_size == 0 and not allow_no_pipeline:
         raise ConfigError("--pipe-parallel-size 0: this tool measures the pipeline engine; give it 1 or more "
                           "stages (the no-pipeline mode trains through launch/pretrain.py)")

@@ -78,6 +78,10 @@ def parse_pretrain_args(argv: list[str] | None = None):
     from gptx.training.plan import RunPaths
 
     args = pretrain_parser().parse_args(argv)
+    if args.deepscale_config:  # DeepSpeed's old name for it, which its own parser still adds
+        if args.deepspeed_config not in (None, args.deepscale_config):
+            raise ConfigError("--deepscale_config is DeepSpeed's old name for --deepspeed_config; give one of them")
+        args.deepspeed_config = args.deepscale_config
     overrides = config_overrides(args, TRAIN_KEYS)  # only what was given: flags default to None, --set to []
     load, tag = args.load, None
     if load is None:

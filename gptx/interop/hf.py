@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig, validate
+from gptx.config import GPT2_ARCHITECTURE, Config, ModelConfig, TrainConfig
+from gptx.config_checks import validate
 from gptx.data.tokens import GPT2_EOT, reads_gpt2_bpe
 from gptx.errors import CheckpointError, ConfigError
 from gptx.interop.hf_llama import from_llama, is_llama, llama_config_text, llama_differences, to_llama_tensors

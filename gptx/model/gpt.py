@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-from gptx.config import ModelConfig, n_pipeline_layers
+from gptx.config import ModelConfig
+from gptx.config_checks import n_pipeline_layers
 from gptx.model.layers import (Block, EmbeddingDropout, FinalNorm, KVCache, LMHead, PositionEmbedding, TokenEmbedding,
                                tied_hidden_and_weight, tied_logits)
 

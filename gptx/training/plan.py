@@ -4,6 +4,7 @@ layer is built. gptx.training.trainer runs the plan.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -69,11 +70,30 @@ class Plan:
         return self.ramp.size_at(consumed) if self.ramp else self.layout.global_batch
 
 
+def batch_change(meta: dict, layout, accelerator: str) -> list[str]:
+    """The global batch, when it is not the checkpoint's: more or fewer ranks resuming a JSON that
+    fixes micro-batch and accumulation change it (a JSON's train_batch_size keeps it)."""
+    saved_dp, saved_json = meta.get("data_parallel_size"), meta.get("ds_config")
+    if not (isinstance(saved_dp, int) and isinstance(saved_json, dict)):
+        return []
+    try:
+        saved = check_ds_config(saved_json, dp_size=saved_dp, pipe_size=meta.get("pipe_parallel_size") or 0,
+                                accelerator_name=accelerator)
+    except ConfigError:  # a JSON this version checks otherwise; the JSON line says it changed
+        return []
+    if saved.global_batch == layout.global_batch:
+        return []
+    return [f"global batch {saved.global_batch} -> {layout.global_batch} sequences (micro-batch "
+            f"{saved.micro_batch} -> {layout.micro_batch}, accumulation {saved.grad_accum} -> {layout.grad_accum}, "
+            f"data-parallel {saved.dp_size} -> {layout.dp_size}); set train_batch_size in the DeepSpeed JSON to keep "
+            f"it"]
+
+
 def check_wandb(cfg: Config) -> None:
     """train.wandb_project needs wandb: said before any rank builds an engine."""
     if cfg.train.wandb_project:
         try:
-            import wandb  # noqa: F401
+            importlib.import_module("wandb")
         except ImportError:
             raise ConfigError(f"train.wandb_project {cfg.train.wandb_project!r}: wandb cannot be imported here; "
                               f"pip install wandb, or leave the key out") from None
@@ -111,6 +131,8 @@ def plan_run(cfg: Config, paths: RunPaths) -> Plan:
         ds_config, ds_where = json.loads(json.dumps(meta["ds_config"])), f"the DeepSpeed JSON in '{where}'"
     layout = check_ds_config(ds_config, dp_size=data_parallel_size(world, pp), pipe_size=pp,
                              accelerator_name=accelerator, path=ds_where)
+    if from_checkpoint:
+        changes += batch_change(meta, layout, accelerator)
     if paths.data:
         data = Path(paths.data)
         if not data.exists():

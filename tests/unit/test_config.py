@@ -79,7 +79,17 @@ def test_yaml_base_overrides_and_cli_precedence(tmp_path):
 
 @pytest.mark.parametrize("body,needle", [
     ("n_layers: 3\n", "unknown key 'n_layers' (did you mean 'n_layer'?); model keys are"),
-    ("base: gpt9\n", "unknown model preset 'gpt9'"),
+    ("base: gpt9\n", "base 'gpt9' is not a preset; 'base' names one of: tiny"),
+    # Before: "unknown model preset 'other.yaml'; expected a YAML file path", which it is.
+    ("base: other.yaml\n", "base 'other.yaml' is not a preset; 'base' names one of: tiny, gpt2, "),
+    # YAML 1.1 reads these keys as true and 12: before, a TypeError traceback from the spelling hint.
+    ("base: tiny\non: 3\n", "key True is not a name (YAML reads an unquoted on, off, yes, no or number so)"),
+    ("train:\n  12: 4\n", "key 12 is not a name"),
+    # Which one won depended on their order, silently.
+    ("n_layer: 2\nn_layer: 6\n", "key 'n_layer' appears twice in one mapping; keep one"),
+    ("lr: 1.0e-3\ntrain:\n  lr: 5.0e-4\n", "'lr' is set both at the top and under 'train:'; keep one"),
+    ("rope_theta: .nan\n", "model.rope_theta: must be above 1, got nan"),  # the loss went nan at iteration 1
+    ("train:\n  spike_factor: .nan\n", "train.spike_factor: must be 0 (off) or above 1, got nan"),
     ("n_embd: 100\nn_head: 3\n", "must be divisible by model.n_head"),
     ("n_layer: two\n", "model.n_layer: expected an integer"),
     ("train:\n  lrr: 1\n", "unknown training key 'train.lrr'"),
@@ -111,8 +121,33 @@ def test_bad_yaml_is_rejected_naming_the_field(tmp_path, body, needle):
 def test_override_parsing():
     assert parse_override("n_layer=4") == ("n_layer", 4)
     assert parse_override("dropout=0.1") == ("dropout", 0.1)
+    assert load_config("tiny", dict([parse_override("train.lr=1e-3")])).train.lr == 1e-3
+    assert parse_override("model.n_layer=4") == ("n_layer", 4)
+    # Text keys keep the text: as YAML these were a mapping, a comment (null) and a boolean.
+    for text in ("Q: What is the capital of France?", "# Python", "def f():", "on"):
+        assert parse_override(f"sample_prompt={text}") == ("sample_prompt", text)
+        assert load_config("tiny", dict([parse_override(f"sample_prompt={text}")])).train.sample_prompt == text
+    assert parse_override("wandb_project=null") == ("wandb_project", None)
+    with pytest.raises(ConfigError, match="unknown key 'max_iters'.*; give training keys bare: --set lr=1e-3"):
+        load_config("tiny", dict([parse_override("max_iters=100")]))
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("n_layer")
+
+
+def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()  # a Hugging Face download saved as gpt2/: before, "cannot read it (Is a directory)"
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    assert load_config("gpt2").model.n_embd == 768
+
+
+def test_a_tools_default_lies_under_the_preset_the_file_and_the_command_line(tmp_path):
+    f = tmp_path / "pp.yaml"
+    f.write_text("base: tiny\ntrain:\n  pipe_parallel_size: 1\n")
+    world = {"pipe_parallel_size": 2}  # one stage per rank, the benchmark tools' default
+    assert load_config(str(f), defaults=world).train.pipe_parallel_size == 1  # before: 2, the file unheard
+    assert load_config(str(f), {"pipe_parallel_size": 0}, defaults=world).train.pipe_parallel_size == 0
+    assert load_config("tiny", defaults=world).train.pipe_parallel_size == 2
 
 
 def test_more_stages_than_layers_is_rejected():

@@ -85,8 +85,7 @@ def test_a_call_killed_while_it_builds_keeps_the_rows_built_so_far(dist_world1, 
             raise KeyboardInterrupt  # as the limit's signal would
         built.append(build_row(row, *args))
     monkeypatch.setattr(gptx.analysis.gpu_bench, "build_row", killed_at_the_third)
-    with pytest.raises(KeyboardInterrupt):
-        run_gpu_bench(["--levers", "pad", "--iters", "1", "--warmup", "1", "--out-dir", str(tmp_path)])
+    assert run_gpu_bench(["--levers", "pad", "--iters", "1", "--warmup", "1", "--out-dir", str(tmp_path)]) == 130
     (json_path,) = tmp_path.glob("*.json")
     rows = json.loads(json_path.read_text())["rows"]
     assert all(r["model"] == "gpt2" and r["tokens_per_sec"] is None for r in rows)  # none timed yet

@@ -57,6 +57,27 @@ def test_wandb_that_cannot_be_imported_is_one_line_before_any_engine(setup, caps
     assert not (tmp / "run").exists()
 
 
+def test_deepspeeds_old_config_flag_is_the_config_flag(setup, capsys, tmp_path):
+    tmp, base = setup
+    # Before: listed in --help by DeepSpeed's parser, accepted and ignored (the default JSON trained).
+    fails_with(capsys, base[:4] + ["--deepscale_config", str(tmp / "missing.json")],
+               f"--deepspeed_config '{tmp / 'missing.json'}': cannot read it")
+    fails_with(capsys, base + ["--deepscale_config", str(tmp / "other.json")],
+               "--deepscale_config is DeepSpeed's old name for --deepspeed_config; give one of them")
+
+
+def test_a_resume_on_more_ranks_says_the_global_batch_changed():
+    from gptx.parallel.ds_config import BatchLayout
+    from gptx.training.plan import batch_change
+    meta = {"data_parallel_size": 1, "pipe_parallel_size": 1,
+            "ds_config": {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+                          "optimizer": {"type": "AdamW"}}}
+    assert batch_change(meta, BatchLayout(4, 4, 2), "cpu") == [
+        "global batch 16 -> 32 sequences (micro-batch 4 -> 4, accumulation 4 -> 4, data-parallel 1 -> 2); set "
+        "train_batch_size in the DeepSpeed JSON to keep it"]
+    assert batch_change(meta, BatchLayout(4, 2, 2), "cpu") == []  # train_batch_size 16 kept it
+
+
 def test_zero2_with_pipeline(setup, capsys):
     tmp, base = setup
     ds = write_ds_config(tmp / "z2.json", micro=2, accum=2, zero_optimization={"stage": 2})
