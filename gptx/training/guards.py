@@ -41,15 +41,21 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         import signal
-        if self.received == signum:
+        if self.received == signum:  # the same signal again: its default action, as if gptx were not there
             signal.signal(signum, self.previous[signum])
             signal.raise_signal(signum)
             return
-        if not self.received:
-            self.received = int(signum)
+        if self.received:
+            # The other one: Ctrl-C sends every rank SIGINT, and DeepSpeed's launcher then sends each a
+            # SIGTERM of its own; taken as a second stop, it would end the rank before its checkpoint.
+            return
+        self.received = int(signum)
+        try:
             # os.write, not print: a handler that prints while the main code prints can raise.
             os.write(2, f"rank {_rank()}: received {self.names.get(signum, signum)}; stopping after this "
                         f"iteration with a checkpoint\n".encode())
+        except OSError:  # Ctrl-C also ends a `| tee` reading the output: the stop and its save still happen
+            pass
 
     def agreed(self, device) -> str | None:
         """Collective: the signal's name if any rank received one."""

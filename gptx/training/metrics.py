@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -14,7 +15,12 @@ from gptx.config import Config
 def log(msg: str) -> None:
     """Console output, from global rank 0 only (before torch.distributed starts too)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
+        try:
+            print(msg, flush=True)
+        except BrokenPipeError:
+            # The reader went away (Ctrl-C also ends a `| tee`): the run goes on to its checkpoint;
+            # what it prints from here on is dropped, also by DeepSpeed and Python at exit.
+            drop_console_output()
 
 
 class Metrics:
@@ -61,6 +67,22 @@ class Metrics:
                 pass  # already said by write, or nothing left to flush that could be written
         if self.wandb:
             self.wandb.finish()
+
+
+def drop_console_output() -> None:
+    """Send stdout to /dev/null, and stderr too when it went to the same pipe (2>&1)."""
+    out = sys.stdout.fileno()
+    fds = [out]
+    try:
+        err = sys.stderr.fileno()
+        same = os.fstat(out)[1:3] == os.fstat(err)[1:3]  # (inode, device)
+        fds += [err] if same and err != out else []
+    except (AttributeError, OSError, ValueError):  # a stderr that is no file
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def finite_or_null(value):

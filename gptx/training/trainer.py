@@ -21,12 +21,10 @@ from deepspeed.utils.logging import set_log_level_from_string
 from gptx import testing
 from gptx.config import Config, describe_model
 from gptx.data.mixture import REPEAT_WARNING, as_record, describe, windows_per_epoch
-from gptx.data.tokens import GPT2_EOT, GPT2_VOCAB_SIZE, TokenWindows, open_tokens
+from gptx.data.tokens import TokenWindows, open_tokens
 from gptx.errors import CheckpointError, TrainingStopped
 from gptx.model.flops import mfu, peak_flops
-from gptx.model.generate import generate
-from gptx.model.gpt import GPT
-from gptx.parallel.data_parallel import DataParallelEngine, layer_states, parameter_count
+from gptx.parallel.data_parallel import DataParallelEngine, parameter_count
 from gptx.parallel.ds_config import precision
 from gptx.parallel.engine import build_engine, check_step, deepspeed_prints, loss_scale, release_shared_memory
 from gptx.parallel.host import configure_host
@@ -34,6 +32,7 @@ from gptx.parallel.launching import port_in_use
 from gptx.parallel.pipeline import stage_param_counts, tied_weight_max_diff
 from gptx.training import checkpoint, relayout
 from gptx.training.checkpoint_files import tag_for
+from gptx.training.evaluation import sample_text, validation_loss
 from gptx.training.guards import NumericsGuard, StopSignal, known_failure
 from gptx.training.metrics import Metrics, RunClock, console_line, duration, log
 from gptx.training.plan import Plan, RunPaths, describe_layout, plan_run
@@ -68,17 +67,18 @@ class Trainer:
                 self.report(record)
                 last = self.iteration == t.train_iters
                 exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
-                if t.eval_interval and (self.iteration % t.eval_interval == 0 or last):
-                    self.evaluate()
-                if last or exiting or (t.save_interval and self.iteration % t.save_interval == 0):
+                signal_name = stop.agreed(self.engine.device)
+                # The checkpoint before the evaluation and sample: they can outlast a scheduler's grace period.
+                if last or exiting or signal_name or (t.save_interval and self.iteration % t.save_interval == 0):
                     self.save()
+                if t.eval_interval and (self.iteration % t.eval_interval == 0 or last) and not signal_name:
+                    signal_name = self.evaluate(stop)  # a signal during it ends it: saved already, or now
+                    if signal_name and self.saved_at != self.iteration:
+                        self.save()
                 if exiting and not last:
                     log(f"exit interval {t.exit_interval} reached at iteration {self.iteration}")
                     break
-                signal_name = stop.agreed(self.engine.device)
                 if signal_name and not last:
-                    if self.saved_at != self.iteration:
-                        self.save()
                     log(f"stopped by {signal_name} at iteration {self.iteration}; --load {self.run_dir} continues "
                         f"from here")
                     break
@@ -268,11 +268,17 @@ class Trainer:
 
     # ---- evaluation and checkpoints
 
-    def evaluate(self) -> None:
-        """Validation loss per source (and their mixture), and a sample when asked for."""
+    def evaluate(self, stop: StopSignal) -> str | None:
+        """Validation loss per source (and their mixture), and a sample when asked for. A stop
+        signal ends it after the batch it arrives in; returns that signal's name."""
         plan, iteration = self.plan, self.iteration
         self.use_length(self.cfg.model.seq_len)  # evaluation is at the full length
-        self.val_loss, per_source = validation_loss(self.engine, self.val_splits, plan, self.dp_rank)
+        losses = validation_loss(self.engine, self.val_splits, plan, self.dp_rank,
+                                 lambda: stop.agreed(self.engine.device))
+        if isinstance(losses, str):
+            log(f"iter {iteration:6d} | evaluation stopped by {losses}")
+            return losses
+        self.val_loss, per_source = losses
         ppl = math.exp(min(self.val_loss, 80))
         record = {"iter": iteration, "val_loss": self.val_loss, "val_ppl": ppl}
         each = ""
@@ -284,10 +290,11 @@ class Trainer:
         self.metrics.write(record)
         log(f"iter {iteration:6d} | val loss {self.val_loss:.4f} | val ppl {ppl:.2f}{each}")
         if self.cfg.train.sample_tokens:
-            text = sample_text(self.engine, plan, iteration)
+            text = sample_text(self.engine, plan, iteration, lambda: bool(stop.received))
             if text is not None:
                 self.metrics.write({"iter": iteration, "sample": text})
                 log(f"iter {iteration:6d} | sample: {text!r}")
+        return None
 
     def save(self) -> None:
         t, iteration = self.cfg.train, self.iteration
@@ -389,55 +396,3 @@ def resume(engine, plan: Plan) -> tuple[int, int, int]:
     tokens = state.get("tokens", consumed * plan.cfg.model.seq_len)
     log(f"resumed from {folder}: iteration {iteration}, {tokens:,} tokens seen")
     return iteration, consumed, tokens
-
-
-def validation_loss(engine, val_splits: list, plan: Plan, dp_rank: int) -> tuple[float, list[float]]:
-    """Token-weighted mean loss over the first eval_iters batches of each source's val split;
-    overall, the sources' losses weighted by their shares of the mixture."""
-    layout, cfg = plan.layout, plan.cfg
-    per_source = []
-    for tokens in val_splits:
-        windows = TokenWindows(tokens, cfg.model.seq_len, layout.micro_batch, dp_rank, layout.dp_size, shuffle=False)
-        # Every micro-batch holds the same number of tokens, so the mean of means is token-weighted.
-        # The JSON's micro-batches per evaluation batch, whatever the ramp has the engine train with.
-        losses = [float(engine.eval_batch(windows, num_micro_batches=layout.grad_accum))
-                  for _ in range(cfg.train.eval_iters)]
-        per_source.append(sum(losses) / len(losses))
-    return sum(s.weight * loss for s, loss in zip(plan.sources, per_source)), per_source
-
-
-def sample_text(engine, plan: Plan, iteration: int) -> str | None:
-    """Collective: gather every stage's layers to rank 0, which generates from the plain model.
-
-    Costs a copy of the weights on rank 0's host, so it is an option for small and medium
-    models. Its own seeded generator leaves the training RNG streams untouched.
-    """
-    gathered = gather_layer_states(engine)
-    if dist.get_rank() != 0:
-        return None
-    cfg = plan.cfg
-    model = GPT(cfg.model, seed=cfg.train.seed)
-    for part in gathered:
-        for idx, state in part.items():
-            model.layers[str(idx)].load_state_dict(state)
-    enc = plan.encoding
-    prompt = (enc.encode_ordinary(cfg.train.sample_prompt) or [GPT2_EOT]) if enc else [0]
-    ids = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=cfg.train.seed + iteration,
-                   stop_token=GPT2_EOT if enc else None, vocabulary=GPT2_VOCAB_SIZE if enc else None)
-    return enc.decode(ids) if enc else " ".join(map(str, ids))
-
-
-def gather_layer_states(engine) -> list[dict] | None:
-    """Collective: at rank 0, a list of {layer index: state dict (fp32, host)} covering every layer."""
-    if isinstance(engine, DataParallelEngine):
-        states = layer_states(engine)
-        return [{i: {k: v.float() for k, v in s.items()} for i, s in states.items()}] if states is not None else None
-    module = engine.module
-    mine = {}
-    if engine.grid.get_data_parallel_rank() == 0:
-        for local, layer in enumerate(module.forward_funcs):
-            if hasattr(layer, "state_dict"):  # the tied head is a function of the embedding
-                mine[local + module._local_start] = {k: v.detach().float().cpu() for k, v in layer.state_dict().items()}
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    return gathered

@@ -103,3 +103,23 @@ def test_wandb_runs_in_the_mode_the_user_set(dist_world1, tmp_path, monkeypatch)
     finally:
         metrics.close()
     assert not (tmp_path / "wandb").exists()  # an offline run would have written its files there
+
+
+def test_a_console_whose_reader_went_away_is_dropped_not_raised(monkeypatch):
+    # Ctrl-C also ends the `| tee log` reading a run's output: before, the next line raised
+    # BrokenPipeError and the run ended without the checkpoint the signal asked for.
+    import os
+    import sys
+
+    from gptx.training.metrics import log
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("RANK", "0")
+    try:
+        log("iter 4 | saved checkpoint")
+        log("stopped by SIGINT at iteration 4")
+        assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)
+    finally:
+        stdout.close()

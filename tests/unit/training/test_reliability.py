@@ -224,6 +224,36 @@ def test_an_fp32_step_with_a_non_finite_gradient_is_never_saved(dist_world1, wor
     assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
 
 
+def test_a_signal_during_a_long_evaluation_ends_it_after_one_batch_and_the_checkpoint_is_kept(
+        dist_world1, work, capsys, monkeypatch):
+    import os
+    import signal
+
+    import gptx.training.trainer
+    evaluate = gptx.training.trainer.validation_loss
+    batches = []
+
+    def signalled_in_the_third_batch(engine, splits, plan, rank, stopped):
+        def poll():
+            batches.append(1)
+            if len(batches) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, mid-evaluation
+            return stopped()
+        return evaluate(engine, splits, plan, rank, poll)
+    monkeypatch.setattr(gptx.training.trainer, "validation_loss", signalled_in_the_third_batch)
+    run = work[0] / "stopped_in_eval"
+    # 10,000 evaluation batches: before, the stop waited for all of them.
+    assert run_pretrain(args(work, run, 1, 6, "--eval-interval", "2", "--eval-iters", "10000",
+                             "--save-interval", "2")) == 0
+    out = capsys.readouterr().out
+    assert len(batches) == 3 and "iter      2 | evaluation stopped by SIGTERM" in out
+    assert f"stopped by SIGTERM at iteration 2; --load {run} continues from here" in out
+    records = read_metrics(run)
+    # Saved before the evaluation began, and no half evaluation recorded.
+    assert [r for r in records if "checkpoint" in r][-1]["iter"] == 2 and not any("val_loss" in r for r in records)
+    assert (run / "latest").read_text() == "iter_0000002"
+
+
 ITERS = 12
 
 
