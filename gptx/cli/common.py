@@ -10,6 +10,7 @@ import sys
 
 from gptx.errors import ConfigError, GptxError
 from gptx.parallel.launching import adopt_mpi_ranks, check_world_known, single_process_env
+from gptx.training.metrics import drop_console_output
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,6 +61,8 @@ def device_for(name: str | None) -> str:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device '{name}': not a device torch knows; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: torch names them, gptx runs on neither
+        raise ConfigError(f"--device '{name}': gptx's tools run on cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device '{name}': this machine has no CUDA GPU torch can use; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -132,7 +135,15 @@ def guarded(main) -> int:
     try:
         try:
             result = main()
+            sys.stdout.flush()  # here, not at exit: a failed write of the output is said like any other
+        except BrokenPipeError:  # the reader of the output went away (| head): nothing to say to anyone
+            drop_console_output()
+            return 0
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:  # the output itself: > a full disk
+                drop_console_output()
+                raise ConfigError(f"writing the output failed ({e.strerror}); free space or write it elsewhere") \
+                    from None
             if e.errno not in MACHINE_ERRNOS or not e.filename:
                 raise
             hint = {errno.ENOSPC: "free space or write elsewhere", errno.EDQUOT: "free space or write elsewhere",

@@ -63,9 +63,10 @@ def run_sample(argv: list[str] | None = None) -> int:
         else:
             raise ConfigError(f"--prompt needs GPT-2 BPE but this model has {cfg.model.vocab_size} tokens "
                               f"(another tokenizer's); use --prompt-ids")
-        bad = [t for t in prompt if not 0 <= t < cfg.model.vocab_size]
+        tokens = GPT2_VOCAB_SIZE if enc is not None else cfg.model.vocab_size  # a padded table's rows are no token
+        bad = [t for t in prompt if not 0 <= t < tokens]
         if bad:
-            raise ConfigError(f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{cfg.model.vocab_size - 1})")
+            raise ConfigError(f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{tokens - 1})")
         ids = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        stop_token=GPT2_EOT if gpt2 else None, use_cache=not args.no_cache,

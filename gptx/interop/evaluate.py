@@ -86,6 +86,10 @@ def _byte_count(tokens: np.ndarray, meta: dict) -> int | None:
     if meta.get("vocab_size") != GPT2_VOCAB_SIZE or not meta.get("tokenizer", "gpt2").startswith("gpt2"):
         return None
     ids = np.asarray(tokens, dtype=np.int64)
+    top = int(ids.max()) if len(ids) else 0
+    if top >= GPT2_VOCAB_SIZE:  # no GPT-2 token: its bytes are unknown (and the model check would refuse it later)
+        raise DataError(f"token id {top} is not a GPT-2 token (0..{GPT2_VOCAB_SIZE - 1}), though meta.json says "
+                        f"GPT-2 BPE: the file is damaged or not what meta.json says; prepare the data again")
     return len(gpt2_encoding().decode_bytes(ids[ids != GPT2_EOT].tolist()))
 
 

@@ -71,6 +71,8 @@ class GptxLM(TemplateLM):
             print(f"gptx: device {device} is not available here; evaluating on the CPU", file=sys.stderr)
             device = "cpu"
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self._device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {device}: gptx models run on cpu, cuda or cuda:N")
         self.model = model.to(self._device, DTYPES[str(dtype)]).eval()
         self.cfg = cfg
         self.enc = gpt2_encoding()
@@ -84,6 +86,10 @@ class GptxLM(TemplateLM):
     @property
     def max_length(self) -> int:
         return self.window
+
+    @property
+    def tokenizer_name(self) -> str:  # what --apply_chat_template asks for first
+        raise ConfigError("--apply_chat_template: gptx models have no chat template; leave the flag out")
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return self.enc.encode(string, allowed_special={"<|endoftext|>"})
@@ -166,9 +172,11 @@ class GptxLM(TemplateLM):
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []
             until = [s for s in ([until] if isinstance(until, str) else until) if s]  # "" would stop at once
-            max_new = int(kwargs.pop("max_gen_toks", 256))
-            # Greedy unless do_sample: then, as in Hugging Face, the sampling settings are read (and checked).
-            sample = _flag(kwargs.pop("do_sample", False))
+            max_new = max_new_tokens(kwargs, self.window)
+            # As lm-eval's own models read a task: do_sample, or when it is not given, a temperature above 0;
+            # then the sampling settings are read (and checked).
+            do_sample = kwargs.pop("do_sample", None)
+            sample = _flag(do_sample) if do_sample is not None else float(kwargs.get("temperature") or 0) > 0
             temperature, top_k, top_p = sampling_settings(kwargs) if sample else (1.0, None, None)
             sample = sample and temperature > 0
             prompt = self.tok_encode(context)[-max(1, self.window - max_new):] or [GPT2_EOT]
@@ -184,6 +192,25 @@ class GptxLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
         return out
+
+
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+"""The names tasks give the new-token budget, first wins (lm-eval's own order)."""
+
+
+def max_new_tokens(kwargs: dict, window: int, default: int = 256) -> int:
+    """A task's new-token budget, below the window the prompt must fit in too (none given: 256, or
+    what the window leaves of it)."""
+    given = [kwargs.pop(key) for key in MAX_TOKEN_KEYS if key in kwargs]
+    given = [value for value in given if value is not None]
+    try:
+        budget = int(given[0]) if given else min(default, window - 1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"gen_kwargs max_gen_toks: expected a whole number, got {given[0]!r}") from None
+    if not 0 < budget < window:
+        raise ConfigError(f"gen_kwargs max_gen_toks {budget}: must be from 1 to {window - 1}, below the model's "
+                          f"{window}-token window that the prompt is read in too")
+    return budget
 
 
 def sampling_settings(kwargs: dict) -> tuple[float, int | None, float | None]:

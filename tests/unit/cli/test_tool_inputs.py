@@ -1,7 +1,9 @@
 """Bad input and damaged files met by the tools that read a run (sample, evaluate, convert) and by
 the data commands: one line on stderr, exit code 2, and nothing already saved written over."""
 import json
+import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -35,9 +37,49 @@ def copy_of(run, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_a_device_the_machine_lacks_is_one_line(run, capsys):
-    for device, needle in (("cuda", "this machine has no CUDA GPU"), ("tpu", "not a device torch knows")):
+    for device, needle in (("cuda", "this machine has no CUDA GPU"), ("tpu", "not a device torch knows"),
+                           ("mps", "gptx's tools run on cpu, cuda or cuda:N"), ("meta", "gptx's tools run on cpu")):
         assert run_sample(["--load", str(run), "--prompt-ids", "1", "--device", device]) == 2
         assert f"--device '{device}': {needle}" in one_error_line(capsys)
+
+
+def test_output_that_cannot_be_written_is_one_line_or_nothing(run, capsys, monkeypatch):
+    # > /dev/full: before, an OSError traceback at the last print (or at exit).
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        assert run_sample(["--load", str(run), "--prompt-ids", "1", "--max-new-tokens", "2"]) == 2
+        monkeypatch.undo()
+    assert one_error_line(capsys) == ("error: writing the output failed (No space left on device); free space or "
+                                      "write it elsewhere")
+    # | head: the reader went away; before, a BrokenPipeError traceback and exit code 1.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert run_sample(["--load", str(run), "--prompt-ids", "1", "--max-new-tokens", "2"]) == 0
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
+def test_ids_of_a_hand_padded_gpt2_table_and_of_damaged_gpt2_data_are_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from gptx.config import Config, ModelConfig, TrainConfig
+    from gptx.model.gpt import GPT
+    from gptx.training.consolidate import save_weights_only
+    m = ModelConfig(vocab_size=50304, seq_len=16, n_layer=1, n_head=2, n_embd=16)  # nanoGPT's padded table
+    model = GPT(m)
+    save_weights_only({int(k): layer.state_dict() for k, layer in model.layers.items()},
+                      Config(model=m, train=TrainConfig()), tmp_path / "padded", source="test")
+    # Before: accepted, then a KeyError traceback from the tokenizer's decode.
+    assert run_sample(["--load", str(tmp_path / "padded"), "--prompt-ids", "50300", "--max-new-tokens", "1"]) == 2
+    assert "--prompt-ids: 50300 is outside the vocabulary (0..50256)" in one_error_line(capsys)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2"}))
+    np.array([464, 2068, 50300, 13], dtype=np.uint16).tofile(data / "val.bin")
+    with pytest.raises(DataError, match="token id 50300 is not a GPT-2 token"):
+        load_eval_tokens(data, 50304)
 
 
 def test_empty_prompt_ids_are_one_line(run, capsys):

@@ -281,6 +281,18 @@ def test_model_args_and_generation_settings_are_checked_and_a_blank_context_scor
     greedy = {**sampled, "do_sample": False, "top_p": 0}
     assert lm.generate_until(requests(("Once", greedy)), disable_tqdm=True) == \
         lm.generate_until(requests(("Once", {**greedy, "top_p": 1.0, "temperature": 5.0})), disable_tqdm=True)
+    # A task's budget under any of its names, and sampling from a temperature without do_sample, as
+    # lm-eval's own models read them: before, max_new_tokens was ignored (256 tokens) and so was a temperature.
+    lengths = [len(gpt2_encoding().encode_ordinary(text)) for text in
+               lm.generate_until(requests(*[("Once", {"until": ["zzz"], key: 3}) for key in
+                                            ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")]),
+                                 disable_tqdm=True)]
+    assert all(n <= 3 for n in lengths), lengths
+    hot = {"until": ["zzz"], "max_new_tokens": 8, "temperature": 50.0}
+    assert lm.generate_until(requests(("Once", hot)), disable_tqdm=True) != \
+        lm.generate_until(requests(("Once", {**hot, "do_sample": False})), disable_tqdm=True)
+    with pytest.raises(ConfigError, match="gen_kwargs max_gen_toks 64: must be from 1 to 31, below the model.s 32-token window"):
+        lm.generate_until(requests(("Once", {"until": [], "max_new_tokens": 64})), disable_tqdm=True)
     # " " encodes to no context tokens once lm-eval moves its space into the continuation
     ((blank, _),) = lm.loglikelihood(requests((" ", "hello world")), disable_tqdm=True)
     ((empty, _),) = lm.loglikelihood(requests(("", " hello world")), disable_tqdm=True)
