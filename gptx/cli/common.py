@@ -155,8 +155,11 @@ def guarded(main) -> int:
             print("interrupted", file=sys.stderr, flush=True)
         return 130  # the shell's code for a command ended by SIGINT
     except GptxError as e:
-        if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
+        rank, local_rank = os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+        if rank == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif local_rank == "0":  # another node's first rank: its paths, disks and ports are its own
+            print(f"error: rank {rank} (the first on its node): {e}", file=sys.stderr, flush=True)
         else:
             # DeepSpeed's launcher ends every rank once one exits non-zero: were this rank to
             # exit first, rank 0 could be ended before it prints the line.

@@ -7,11 +7,12 @@ other ranks (still importing) could reach the other run's rendezvous on that por
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 
-from gptx.errors import GptxError
+from gptx.errors import GptxError, PeerFailure
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,6 +103,19 @@ def port_in_use(error: BaseException) -> PortInUse | None:
         "the master port is in use (another run on this machine?): give the launcher --master_port N")
 
 
+def rendezvous_timeout(error: BaseException, timeout: int) -> PeerFailure | None:
+    """torch's DistStoreError when not every rank came to the rendezvous within the timeout (another
+    node's rank stopped before it, or cannot reach this one) as one line; None for any other error."""
+    found = re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", str(error))
+    if found is None:
+        return None
+    came, world = found.groups()
+    return PeerFailure(f"rank {os.environ.get('RANK', '0')}: {came} of {world} ranks came to the start within "
+                       f"train.dist_timeout = {timeout} s; the others stopped before it (their own output says why) "
+                       f"or cannot reach {os.environ.get('MASTER_ADDR', 'MASTER_ADDR')}:"
+                       f"{os.environ.get('MASTER_PORT', 'MASTER_PORT')}")
+
+
 # Set by MPI launchers (OpenMPI, MPICH/Intel PMI, PMIx, MVAPICH) and by the clusters whose
 # environment DeepSpeed's init_distributed reads (AzureML, SageMaker, DLTS): there DeepSpeed
 # discovers the world itself, though RANK is not set yet.
@@ -144,9 +158,17 @@ def under_launcher() -> bool:
 
 def check_world_known() -> None:
     """Several Slurm tasks with no RANK or WORLD_SIZE (srun, or a plain `python` inside an allocation
-    of several tasks): DeepSpeed would look for the world through mpi4py and stop with its
-    ModuleNotFoundError (a traceback on every task) where it is not installed."""
+    of several tasks), or MPI ranks with no rendezvous address: DeepSpeed would look for them
+    through mpi4py and stop with its ModuleNotFoundError (a traceback on every rank) where it is
+    not installed."""
     import importlib.util
+    mpi = next((names[0] for names in MPI_RANK_VARIABLES if names[0] in os.environ), None)
+    if (mpi and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ)
+            and importlib.util.find_spec("mpi4py") is None):
+        # DeepSpeed's MPI launchers export no rendezvous address: it asks MPI for one, through mpi4py.
+        raise GptxError(f"an MPI launch ({mpi} is set) without MASTER_ADDR and MASTER_PORT: DeepSpeed would find "
+                        f"them through mpi4py, which is not installed; pip install mpi4py, or export MASTER_ADDR "
+                        f"(rank 0's host) and MASTER_PORT to every rank")
     tasks = os.environ.get("SLURM_NTASKS", "")
     if ("RANK" in os.environ or any(v in os.environ for v in WORLD_DISCOVERY_VARIABLES) or not tasks.isdigit()
             or int(tasks) < 2 or importlib.util.find_spec("mpi4py") is not None):

@@ -28,7 +28,7 @@ from gptx.parallel.data_parallel import DataParallelEngine, parameter_count
 from gptx.parallel.ds_config import precision
 from gptx.parallel.engine import build_engine, check_step, deepspeed_prints, loss_scale, release_shared_memory
 from gptx.parallel.host import configure_host
-from gptx.parallel.launching import port_in_use
+from gptx.parallel.launching import port_in_use, rendezvous_timeout
 from gptx.parallel.pipeline import stage_param_counts, tied_weight_max_diff
 from gptx.training import checkpoint, relayout
 from gptx.training.checkpoint_files import tag_for
@@ -60,6 +60,9 @@ class Trainer:
     def run(self) -> Path:
         t = self.cfg.train
         self.setup()
+        if self.iteration >= t.train_iters:
+            log(f"note: the checkpoint is at iteration {self.iteration} and train.train_iters is {t.train_iters}: "
+                f"nothing left to train; give --train-iters N above {self.iteration} to go on")
         stop = StopSignal()
         try:
             while self.iteration < t.train_iters:
@@ -112,7 +115,7 @@ class Trainer:
             try:
                 deepspeed.init_distributed(timeout=timedelta(seconds=t.dist_timeout))
             except Exception as e:
-                failure = port_in_use(e)  # taken after launch/pretrain.py's early check
+                failure = port_in_use(e) or rendezvous_timeout(e, t.dist_timeout)  # after pretrain.py's port check
                 if failure is None:
                     raise
                 raise failure from None
@@ -323,7 +326,7 @@ class Trainer:
     def summarize(self) -> None:
         first, iteration = self.first_iteration, self.iteration
         summary = f"done: {iteration - first} iterations in {time.time() - self.start_time:.1f} s"
-        if first:
+        if first and iteration > first:
             summary += f" (iterations {first + 1}-{iteration})"
         if self.first_loss is not None:
             summary += f"; train loss {self.first_loss:.3f} -> {self.last_loss:.3f}"

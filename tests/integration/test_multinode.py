@@ -40,7 +40,8 @@ def args(work, save, iters, *extra):
 class Nodes:
     """`deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P
     launch/pretrain.py ...` for N = 0 and 1, each its own process group, as on two machines;
-    each node's output goes to its own file. `script` replaces launch/pretrain.py."""
+    each node's output goes to its own file. `script` replaces launch/pretrain.py; `run_args` may
+    also be one list of arguments per node."""
 
     def __init__(self, work, run_args, name, script="launch/pretrain.py"):
         tmp, hostfile = work[0], work[4]
@@ -54,9 +55,10 @@ class Nodes:
             env.pop(key, None)
         self.logs = [tmp / f"{name}.node{n}.log" for n in (0, 1)]
         self.procs = []
+        per_node = run_args if isinstance(run_args[0], list) else [run_args, run_args]
         for n, log in enumerate(self.logs):
             cmd = [launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
-                   "--master_addr", "127.0.0.1", "--master_port", self.port, str(REPO / script), *run_args]
+                   "--master_addr", "127.0.0.1", "--master_port", self.port, str(REPO / script), *per_node[n]]
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env,
                                                    start_new_session=True))
@@ -142,3 +144,22 @@ def test_a_node_that_dies_takes_the_other_down_with_one_line(work, dead):
     assert took < 60
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p in psutil.Process().children(recursive=True))
+
+
+def test_a_node_missing_its_input_says_so_and_the_other_stops_at_its_timeout_in_one_line(work):
+    # Paths are a node's own (a data disk not mounted there): before, node 1 exited without a word
+    # and node 0 waited train.dist_timeout (30 minutes by default) to end in a DistStoreError traceback.
+    run, missing = work[0] / "half_started", work[0] / "not_mounted"
+    node0 = args(work, run, 4, "--dist-timeout", "10")
+    node1 = [str(missing) if a == str(work[1]) else a for a in node0]
+    nodes = Nodes(work, [node0, node1], "half_started")
+    codes = nodes.wait(timeout=120)
+    outputs = [nodes.output(0), nodes.output(1)]
+    assert codes[0] != 0 and codes[1] != 0, outputs
+    assert [line for line in outputs[1].splitlines() if "error:" in line] == [
+        f"error: rank 1 (the first on its node): --data '{missing}': not a directory (train.bin, val.bin, meta.json) "
+        f"or a mixture file (.yaml)"], outputs[1][-3000:]
+    assert [line for line in outputs[0].splitlines() if "error:" in line] == [
+        "error: rank 0: 1 of 2 ranks came to the start within train.dist_timeout = 10 s; the others stopped before "
+        f"it (their own output says why) or cannot reach 127.0.0.1:{nodes.port}"], outputs[0][-3000:]
+    assert "Traceback" not in outputs[0] + outputs[1]

@@ -106,8 +106,18 @@ def test_slurm_tasks_nothing_ranked_are_one_line_from_training_and_the_tools(mon
         assert command(["--train-iters", "1"] if command is run_pretrain else ["--iters", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: SLURM_NTASKS=2, but nothing set RANK and WORLD_SIZE") and "\n" not in err, err
-    # Under a cluster's variables DeepSpeed reads only when it starts, the tools cannot plan their stages.
+    # MPI ranks (deepspeed --launcher openmpi exports no MASTER_ADDR): before, DeepSpeed's traceback for mpi4py.
     monkeypatch.delenv("SLURM_NTASKS")
+    mpi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
+    os.environ.update(mpi)  # os.environ is the test's own copy
+    assert run_pretrain(["--train-iters", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: an MPI launch (OMPI_COMM_WORLD_RANK is set) without MASTER_ADDR and MASTER_PORT: "
+                          "DeepSpeed would find them through mpi4py, which is not installed") and "\n" not in err, err
+    for name in [*mpi, *LAUNCH_ENV]:
+        os.environ.pop(name, None)
+    # Under a cluster's variables DeepSpeed reads only when it starts, the tools cannot plan their stages.
     monkeypatch.setenv("DLTS_JOB_ID", "1")
     assert run_schedule_bench(["--iters", "1"]) == 2
     assert "error: this tool plans its stages from WORLD_SIZE, which nothing set" in capsys.readouterr().err

@@ -111,6 +111,11 @@ def test_keep_checkpoints_and_fall_back_from_a_damaged_one(dist_world1, work, ca
     assert "done: 2 iterations in" in out and "(iterations 5-6)" in out  # this run's, not the total
     redone = [r["loss"] for r in read_metrics(run) if "loss" in r and r["iter"] == 5]
     assert redone == [first[5], first[5]]  # iteration 5 again, from iteration 4's checkpoint: the same loss
+    # Resuming the finished run: said, not "done: 0 iterations (iterations 7-6)".
+    assert run_pretrain(args(work, run, 1, 6, "--load", str(run), "--lr-decay-iters", "5")) == 0
+    out = capsys.readouterr().out
+    assert ("note: the checkpoint is at iteration 6 and train.train_iters is 6: nothing left to train; give "
+            "--train-iters N above 6 to go on") in out and "done: 0 iterations in" in out and "(iterations" not in out
 
 
 def test_damaged_bytes_in_a_manifest_or_in_latest_fall_back_to_the_last_complete_checkpoint(dist_world1, work):
