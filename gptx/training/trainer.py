@@ -297,6 +297,7 @@ class Trainer:
             if text is not None:
                 self.metrics.write({"iter": iteration, "sample": text})
                 log(f"iter {iteration:6d} | sample: {text!r}")
+            return stop.agreed(self.engine.device)  # one that cut the sample short stops the run here
         return None
 
     def save(self) -> None:
