@@ -234,7 +234,9 @@ class NoRepeatsLoader(yaml.SafeLoader):
     may not be the one edited."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        # YAML's merge key (<<: *base) brings keys the mapping may set again: only its own are counted.
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value
+                if key.tag != "tag:yaml.org,2002:merge"]
         twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
         if twice is not None:
             raise RepeatedKey(twice)

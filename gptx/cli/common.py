@@ -131,31 +131,40 @@ MACHINE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EN
 
 def guarded(main) -> int:
     """Run main(); a user error, or a path the machine refuses, is one line on stderr (from rank 0)
-    and exit code 2; Ctrl-C is the line "interrupted" and exit code 130."""
+    and exit code 2; Ctrl-C is the line "interrupted" and exit code 130; the output's reader going
+    away (| head) ends it quietly."""
     try:
         try:
             result = main()
-            sys.stdout.flush()  # here, not at exit: a failed write of the output is said like any other
-        except BrokenPipeError:  # the reader of the output went away (| head): nothing to say to anyone
+        except BrokenPipeError:
+            if not stdout_reader_gone():  # another pipe (a worker process's): not the output's
+                raise
             drop_console_output()
             return 0
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:  # the output itself: > a full disk
-                drop_console_output()
-                raise ConfigError(f"writing the output failed ({e.strerror}); free space or write it elsewhere") \
-                    from None
             if e.errno not in MACHINE_ERRNOS or not e.filename:
                 raise
             hint = {errno.ENOSPC: "free space or write elsewhere", errno.EDQUOT: "free space or write elsewhere",
                     errno.EROFS: "choose a writable path", errno.EACCES: "choose a path you may use",
                     errno.EPERM: "choose a path you may use"}.get(e.errno, "check the path")
             raise ConfigError(f"'{e.filename}': {e.strerror}; {hint}") from None
+        try:
+            sys.stdout.flush()  # here, not at exit: a failed write of the output is said like any other
+        except BrokenPipeError:
+            drop_console_output()
+            return 0
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            drop_console_output(stderr_too=False)  # so that the exit's own flush does not fail again
+            raise ConfigError(f"writing the output failed ({e.strerror}); free space or write it elsewhere") from None
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops itself at a step's end)
         if os.environ.get("RANK", "0") == "0":
             print("interrupted", file=sys.stderr, flush=True)
         return 130  # the shell's code for a command ended by SIGINT
     except GptxError as e:
-        rank, local_rank = os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+        rank = os.environ.get("RANK", "0")
+        local_rank = os.environ.get("LOCAL_RANK", rank)
         if rank == "0" or getattr(e, "every_rank", False):
             print(f"error: {e}", file=sys.stderr, flush=True)
         elif local_rank == "0":  # another node's first rank: its paths, disks and ports are its own
@@ -167,6 +176,17 @@ def guarded(main) -> int:
             time.sleep(3)
         return 2
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its end)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # a stdout that is no file
+        return False
 
 
 def require_at_least(args, minimum: int, *names: str) -> None:

@@ -1,6 +1,8 @@
 """Which source each sample of a mixture comes from (the rule is in gptx/data/mixture.py's docstring)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 PERIOD = 10_000
@@ -10,10 +12,13 @@ PERIOD = 10_000
 def quotas(weights: list[float], period: int = PERIOD) -> list[int]:
     """Samples of each source per block: shares of `period` rounded by largest remainders.
     The weights need not sum to 1 (they are divided by their sum; read_mixture checks them)."""
-    top = max(weights)
-    scaled = [w / top for w in weights]  # first by the largest: a sum of huge weights would overflow
-    total = sum(scaled)
-    exact = [w / total * period for w in scaled]
+    total = sum(weights)
+    if not math.isfinite(total):  # weights like 1e308: by the largest first
+        weights = [w / max(weights) for w in weights]
+        total = sum(weights)
+    # Weights that sum to 1 (a mixture file's) are taken as they are: these quotas decide which
+    # sample is which, and a checkpoint's consumed samples must keep meaning the same ones.
+    exact = [w * period if math.isclose(total, 1.0, rel_tol=1e-12) else w / total * period for w in weights]
     counts = [int(x) for x in exact]
     by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
     for i in by_remainder[:period - sum(counts)]:

@@ -21,7 +21,7 @@ def default_data_dir(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     texts = default_corpus_texts()
     # The split rule is part of the name: a cache made before val.bin began at a document's start
     # would give another val loss for the same run.
-    digest = hashlib.sha256(("\0".join(texts) + "\0split: documents").encode()).hexdigest()[:12]
+    digest = hashlib.sha256(("\0".join(texts) + "\0split: the nearest document boundary").encode()).hexdigest()[:12]
     out = cache_dir() / f"pydoc-{digest}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:

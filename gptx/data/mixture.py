@@ -16,6 +16,7 @@ to build or store, and each source's samples are taken in order without gaps: th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +69,12 @@ def read_mixture(path: str | Path) -> list[Source]:
         if not source_dir.is_dir():
             raise DataError(f"mixture file '{path}': source {n}: '{source_dir}' is not a directory")
         sources.append(Source(source_dir, weight))
-    top = max(s.weight for s in sources)  # first by the largest: a sum of weights like 1e308 would overflow
-    total = sum(s.weight / top for s in sources)
-    sources = [Source(s.path, s.weight / top / total) for s in sources]
+    total = sum(s.weight for s in sources)
+    if not math.isfinite(total):  # weights like 1e308 overflow their sum: by the largest first
+        top = max(s.weight for s in sources)
+        sources = [Source(s.path, s.weight / top) for s in sources]
+        total = sum(s.weight for s in sources)
+    sources = [Source(s.path, s.weight / total) for s in sources]
     for s, quota in zip(sources, quotas([s.weight for s in sources])):
         if quota == 0:
             raise DataError(f"mixture file '{path}': source '{s.path}' has {s.weight:.2g} of the total weight, "

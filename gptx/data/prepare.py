@@ -117,19 +117,17 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def document_cut(stream_path: Path, dtype: np.dtype, n: int, cut: int, eot: int, reach: int = 1 << 18) -> int:
-    """Where train.bin ends in a stream of n tokens: after the last end-of-text before token `cut`,
-    so that no document is trained on in part and validated on in part (else after the first one
-    past it; `cut` itself when no end-of-text lies within `reach` tokens either way)."""
-    start = max(0, cut - reach)
-    before = np.fromfile(stream_path, dtype=dtype, count=cut - start, offset=start * dtype.itemsize)
-    ends = np.flatnonzero(before == eot)
-    if len(ends):
-        return start + int(ends[-1]) + 1
-    del before
-    after = np.fromfile(stream_path, dtype=dtype, count=reach, offset=cut * dtype.itemsize)
-    ends = np.flatnonzero(after == eot)
-    return cut + int(ends[0]) + 1 if len(ends) and cut + int(ends[0]) + 1 < n else cut
+def document_cut(stream_path: Path, dtype: np.dtype, n: int, cut: int, eot: int) -> int:
+    """Where train.bin ends in a stream of n tokens: at the document boundary (just after an
+    end-of-text) nearest to token `cut`, so that no document is trained on in part and validated
+    on in part; `cut` itself when none lies within half the val split's length either way (a
+    document longer than that is cut, rather than val.bin growing or shrinking by most of it)."""
+    reach = max(1, min((n - cut) // 2, 1 << 18))  # and within 256 Ki tokens: read, not held whole
+    start = max(1, cut - reach)
+    near = np.fromfile(stream_path, dtype=dtype, count=min(n - 1, cut + reach) - start,
+                       offset=start * dtype.itemsize)
+    ends = start + 1 + np.flatnonzero(near == eot)  # boundaries, each in [start + 1, n - 1]
+    return int(ends[np.argmin(np.abs(ends - cut))]) if len(ends) else cut
 
 
 def write_token_files(documents: Iterable[str], out_dir: str | Path, encoding, val_fraction: float,

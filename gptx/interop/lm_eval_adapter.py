@@ -176,7 +176,10 @@ class GptxLM(TemplateLM):
             # As lm-eval's own models read a task: do_sample, or when it is not given, a temperature above 0;
             # then the sampling settings are read (and checked).
             do_sample = kwargs.pop("do_sample", None)
-            sample = _flag(do_sample) if do_sample is not None else float(kwargs.get("temperature") or 0) > 0
+            if do_sample is None:
+                sample = "temperature" in kwargs and sampling_settings(kwargs)[0] > 0
+            else:
+                sample = _flag(do_sample)
             temperature, top_k, top_p = sampling_settings(kwargs) if sample else (1.0, None, None)
             sample = sample and temperature > 0
             prompt = self.tok_encode(context)[-max(1, self.window - max_new):] or [GPT2_EOT]
@@ -201,14 +204,17 @@ MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completio
 def max_new_tokens(kwargs: dict, window: int, default: int = 256) -> int:
     """A task's new-token budget, below the window the prompt must fit in too (none given: 256, or
     what the window leaves of it)."""
-    given = [kwargs.pop(key) for key in MAX_TOKEN_KEYS if key in kwargs]
-    given = [value for value in given if value is not None]
+    given = [(key, kwargs.pop(key)) for key in MAX_TOKEN_KEYS if key in kwargs]
+    given = [(key, value) for key, value in given if value is not None]
+    if not given:
+        return min(default, window - 1)
+    key, value = given[0]
     try:
-        budget = int(given[0]) if given else min(default, window - 1)
+        budget = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"gen_kwargs max_gen_toks: expected a whole number, got {given[0]!r}") from None
+        raise ConfigError(f"gen_kwargs {key}: expected a whole number, got {value!r}") from None
     if not 0 < budget < window:
-        raise ConfigError(f"gen_kwargs max_gen_toks {budget}: must be from 1 to {window - 1}, below the model's "
+        raise ConfigError(f"gen_kwargs {key} {budget}: must be from 1 to {window - 1}, below the model's "
                           f"{window}-token window that the prompt is read in too")
     return budget
 

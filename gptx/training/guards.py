@@ -121,7 +121,6 @@ class NumericsGuard:
         return warning
 
 
-
 def known_failure(error: Exception, rank: int, timeout: int) -> GptxError | None:
     """Errors raised inside the engine that have a one-line explanation.
 

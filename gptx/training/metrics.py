@@ -69,14 +69,14 @@ class Metrics:
             self.wandb.finish()
 
 
-def drop_console_output() -> None:
-    """Send stdout to /dev/null, and stderr too when it went to the same pipe (2>&1)."""
+def drop_console_output(stderr_too: bool = True) -> None:
+    """Send stdout to /dev/null, and stderr too when it went to the same pipe or file (2>&1)."""
     out = sys.stdout.fileno()
     fds = [out]
     try:
         err = sys.stderr.fileno()
         same = os.fstat(out)[1:3] == os.fstat(err)[1:3]  # (inode, device)
-        fds += [err] if same and err != out else []
+        fds += [err] if stderr_too and same and err != out else []
     except (AttributeError, OSError, ValueError):  # a stderr that is no file
         pass
     devnull = os.open(os.devnull, os.O_WRONLY)

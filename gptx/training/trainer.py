@@ -1,8 +1,8 @@
 """The training loop: build the engine from a checked plan, train_batch, evaluate, checkpoint.
 
 `Trainer(cfg, paths).run()` is what `launch/pretrain.py` runs on every rank. `run()` reads
-top to bottom: a step, its record, evaluation when due, a checkpoint when due, a stop when
-asked for. Everything the loop needs was validated by gptx.training.plan.plan_run first.
+top to bottom: a step, its record, a checkpoint when due (or when a stop is asked for), then
+evaluation when due (a stop signal cuts it short), and the stop. Everything the loop needs was validated by gptx.training.plan.plan_run first.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Trainer:
         self.paths = paths
         self.iteration = self.consumed = self.tokens = 0
         self.saved_at: int | None = None
-        self.first_loss = self.last_loss = self.val_loss = None
+        self.first_loss = self.last_loss = self.val_loss = self.val_at = None
 
     # ---- the loop
 
@@ -281,7 +281,7 @@ class Trainer:
         if isinstance(losses, str):
             log(f"iter {iteration:6d} | evaluation stopped by {losses}")
             return losses
-        self.val_loss, per_source = losses
+        (self.val_loss, per_source), self.val_at = losses, iteration
         ppl = math.exp(min(self.val_loss, 80))
         record = {"iter": iteration, "val_loss": self.val_loss, "val_ppl": ppl}
         each = ""
@@ -332,7 +332,8 @@ class Trainer:
         if self.first_loss is not None:
             summary += f"; train loss {self.first_loss:.3f} -> {self.last_loss:.3f}"
         if self.val_loss is not None:
-            summary += f"; val loss {self.val_loss:.3f}"
+            summary += f"; val loss {self.val_loss:.3f}" + (f" (iteration {self.val_at})" if self.val_at != iteration
+                                                            else "")
         log(summary)
         log(f"run directory: {self.run_dir.resolve()}"
             + (f" (latest checkpoint: iteration {self.saved_at})" if self.saved_at else ""))

@@ -118,6 +118,13 @@ def test_bad_yaml_is_rejected_naming_the_field(tmp_path, body, needle):
         load_config(str(f))
 
 
+def test_yaml_merge_keys_still_work_beside_the_repeated_key_check(tmp_path):
+    f = tmp_path / "anchors.yaml"
+    f.write_text("base: tiny\ntrain:\n  <<: {lr: 1.0e-3, train_iters: 7}\n  train_iters: 9\n")
+    cfg = load_config(str(f))
+    assert (cfg.train.lr, cfg.train.train_iters) == (1e-3, 9)  # the mapping's own key wins over the merged one
+
+
 def test_override_parsing():
     assert parse_override("n_layer=4") == ("n_layer", 4)
     assert parse_override("dropout=0.1") == ("dropout", 0.1)

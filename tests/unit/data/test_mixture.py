@@ -78,6 +78,11 @@ def test_weights_that_do_not_sum_to_one_give_the_same_shares(weights):
         per_source[source] += 1
 
 
+def test_a_mixture_files_quotas_are_the_ones_earlier_checkpoints_were_trained_with():
+    # A tie broken another way would move every later sample to another source's position on resume.
+    assert quotas([w / 12 for w in (1, 10, 1)]) == [833, 8334, 833]
+
+
 def test_huge_weights_in_a_mixture_file_are_read_as_their_ratio(tmp_path):
     make_token_dir(tmp_path / "a")
     make_token_dir(tmp_path / "b")

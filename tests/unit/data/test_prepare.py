@@ -50,11 +50,11 @@ def write_inputs(folder, kind: str, field: str = "text"):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_format_round_trips_in_order_with_any_number_of_workers(tmp_path, enc, kind, workers):
     folder = write_inputs(tmp_path / "in", kind)
-    meta = write_token_files(iter_documents([str(folder)]), tmp_path / "out", enc, 0.2, workers=workers)
+    meta = write_token_files(iter_documents([str(folder)]), tmp_path / "out", enc, 0.3, workers=workers)
     stream = stream_of(tmp_path / "out")
     assert enc.decode(stream) == "".join(d + "<|endoftext|>" for d in DOCS)
     assert meta["documents"] == len(DOCS) and meta["text_bytes"] == sum(len(d.encode()) for d in DOCS)
-    # val.bin holds the documents from the one the 20% cut fell in: no document is in both splits.
+    # The 30% cut (13 of 44 tokens) moves back one token, to the start of the fourth document.
     assert len(open_tokens(tmp_path / "out", "val")) == meta["val_tokens"] == len(enc.encode_ordinary(DOCS[-2])) + 2
     assert enc.decode(open_tokens(tmp_path / "out", "val").tolist()) == DOCS[-2] + "<|endoftext|>" * 2
 
@@ -70,6 +70,9 @@ def test_the_split_falls_between_documents_where_there_is_one_and_a_tiny_val_nam
     whole = "one document with no end in sight " * 200  # nowhere to cut between documents: cut inside it
     meta = write_token_files([whole], tmp_path / "one", enc, 0.1, workers=1)
     assert meta["val_tokens"] == round(len(enc.encode_ordinary(whole) + [enc.eot_token]) * 0.1)
+    # A preface, then a book: before, the whole book went to val.bin (the boundary before it was the last one).
+    meta = write_token_files(["A short preface.", whole], tmp_path / "book", enc, 0.1, workers=1)
+    assert meta["val_tokens"] == round((meta["train_tokens"] + meta["val_tokens"]) * 0.1)
     with pytest.raises(DataError, match="--val-fraction 0.0001: of 44 tokens that holds out 1; val.bin needs at "
                                         "least a window's worth: raise it"):
         write_token_files(DOCS, tmp_path / "tiny", enc, 0.0001, workers=1)

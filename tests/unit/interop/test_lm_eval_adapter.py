@@ -291,7 +291,8 @@ def test_model_args_and_generation_settings_are_checked_and_a_blank_context_scor
     hot = {"until": ["zzz"], "max_new_tokens": 8, "temperature": 50.0}
     assert lm.generate_until(requests(("Once", hot)), disable_tqdm=True) != \
         lm.generate_until(requests(("Once", {**hot, "do_sample": False})), disable_tqdm=True)
-    with pytest.raises(ConfigError, match="gen_kwargs max_gen_toks 64: must be from 1 to 31, below the model.s 32-token window"):
+    with pytest.raises(ConfigError, match="gen_kwargs max_new_tokens 64: must be from 1 to 31, below the model.s "
+                                          "32-token window"):
         lm.generate_until(requests(("Once", {"until": [], "max_new_tokens": 64})), disable_tqdm=True)
     # " " encodes to no context tokens once lm-eval moves its space into the continuation
     ((blank, _),) = lm.loglikelihood(requests((" ", "hello world")), disable_tqdm=True)
