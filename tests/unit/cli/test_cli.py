@@ -192,10 +192,14 @@ def test_a_wrong_flag_is_one_line_from_rank_0_and_silence_elsewhere(setup, capsy
     tmp, base = setup
     fails_with(capsys, base + argv, needle)
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # rank 0's node
     monkeypatch.setattr("time.sleep", lambda s: None)
     assert run_pretrain(base + argv) == 2
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first rank of another node, whose inputs are its own
+    assert run_pretrain(base + argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: rank 1 (the first on its node): {needle}")
 
 
 def test_a_run_that_saved_no_checkpoint_is_not_written_over_either(setup, capsys):
