@@ -31,12 +31,18 @@ def optimizer_kind(ds_config: dict) -> str:
     return f"ZeRO-{zero_stage(ds_config)} in {precision(ds_config)}"
 
 
-def layout_change(meta: dict, folder: Path, pipe_size: int, dp_size: int, ds_config: dict) -> str | None:
+def layout_change(meta: dict, folder: Path, pipe_size: int, dp_size: int, ds_config: dict,
+                  partition_method: str = "parameters") -> str | None:
     """What differs between the checkpoint's layout and this run's that DeepSpeed cannot load
     across, or None when DeepSpeed's own load restores everything."""
     saved_pp, saved_dp = meta.get("pipe_parallel_size"), meta.get("data_parallel_size")
     if saved_pp != pipe_size:
         return f"the checkpoint has {stages(saved_pp)} and this run {stages(pipe_size)}"
+    saved_method = ((meta.get("config") or {}).get("train") or {}).get("partition_method", "parameters")
+    if pipe_size > 1 and saved_method.lower() != partition_method.lower():
+        # Other layers on each stage: each stage's optimizer file holds another stage's parameters now.
+        return (f"the checkpoint's {stages(saved_pp)} were partitioned by '{saved_method}' and this run's by "
+                f"'{partition_method}'")
     saved = meta.get("ds_config")
     # Each ZeRO stage and precision keeps its optimizer in files of its own; DeepSpeed loads only its
     # own kind (another stops it with an AttributeError or a missing file).
@@ -66,15 +72,22 @@ def load_layers(engine, folder: Path, masters: Layers | None = None,
     if adam is not None:  # first: it passes through the fp32 copies (an fp32 run's weights), which the rest sets
         step, moments = adam
         set_adam_state(engine, step, {key: value_of(layers) for key, layers in moments.items()})
+    fp32_engine = all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+    def layer_state(idx: int) -> dict:
+        state = read_layer_file(folder, idx)
+        if masters is not None and fp32_engine:  # an fp32 run's weights are the 16-bit checkpoint's masters
+            state.update({key: value.float() for key, value in masters.get(idx, {}).items()})
+        return state
     if isinstance(engine, DataParallelEngine):
-        load_layer_states(engine, lambda idx: read_layer_file(folder, idx))
+        load_layer_states(engine, layer_state)
     else:
         module = engine.module
         for local, layer in enumerate(module.forward_funcs):
             if hasattr(layer, "load_state_dict"):  # not the tied head: it is the embedding, synchronised below
-                layer.load_state_dict(read_layer_file(folder, local + module._local_start))
+                layer.load_state_dict(layer_state(local + module._local_start))
         module._synchronize_tied_weights()
-    if masters is None:
+    if masters is None or fp32_engine:
         refresh_fp32_masters(engine)
     else:
         set_fp32_masters(engine, value_of(masters))
@@ -85,10 +98,14 @@ def wanted_layers(engine) -> set[int]:
 
 
 def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
-    """The fp32 master weights of a 16-bit checkpoint's layers this rank holds, or None for an
-    fp32 one (its layer files are the masters)."""
+    """The fp32 master weights of the checkpoint's layers this rank holds: a 16-bit checkpoint's
+    from its optimizer files, an fp32 one's layer files when this run is 16-bit (its copies would
+    otherwise be widened from the rounded weights); None for fp32 into fp32 (the loaded weights are
+    the masters)."""
     if precision(meta.get("ds_config") or {}) == "fp32":
-        return None
+        if all(p.dtype == torch.float32 for p in engine.module.parameters()):
+            return None
+        return {idx: {k: v.float() for k, v in read_layer_file(folder, idx).items()} for idx in wanted_layers(engine)}
     return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))
 
 

@@ -377,7 +377,7 @@ def resume(engine, plan: Plan) -> tuple[int, int, int]:
     meta, folder = plan.resume_meta, plan.load_dir / plan.resume_tag
     checkpoint.verify_folder(folder)  # every way on below reads it
     change = relayout.layout_change(meta, folder, plan.cfg.train.pipe_parallel_size, plan.layout.dp_size,
-                                    plan.ds_config)
+                                    plan.ds_config, plan.cfg.train.partition_method)
     if meta.get("weights_only"):
         relayout.load_layers(engine, folder)
         state = meta

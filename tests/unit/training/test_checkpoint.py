@@ -1,5 +1,6 @@
 """Checkpoints leave the pipeline: the plain model, another stage count, the tools that read them."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +180,35 @@ def test_a_run_resumed_on_another_layout_keeps_its_fp32_master_weights_and_adams
     assert all(abs(resumed[i] - uninterrupted[i]) <= tolerance for i in resumed), (resumed, uninterrupted)
     scales = lambda path: [r["loss_scale"] for r in read_metrics(path) if "loss" in r]
     assert scales(run) == scales(full) == [2.0 ** 8 if name == "fp16" else None] * 6
+
+
+@pytest.mark.parametrize("source, target", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_a_resume_in_another_precision_keeps_the_exact_fp32_weights(dist_world1, work, source, target):
+    """bf16 -> fp32: the fp32 run's weights are the checkpoint's masters (before: its bf16-rounded
+    weights, while the log said the masters carried over); fp32 -> bf16: the bf16 run's masters are
+    the fp32 checkpoint's weights (before: widened back from their bf16 rounding)."""
+    import torch
+    bf16 = {"bf16": {"enabled": True}, **ZERO(1), "data_types": {"grad_accum_dtype": "fp32"}}
+    ds = {end: write_ds_config(work[0] / f"{source}_to_{target}_{end}.json", micro=2, accum=2,
+                               **(bf16 if precision == "bf16" else {}))
+          for end, precision in (("from", source), ("to", target))}
+    run, resaved = work[0] / f"{source}_to_{target}", work[0] / f"{source}_to_{target}_resaved"
+    assert run_pretrain(args(work, run, 1, 3, "--deepspeed_config", str(ds["from"]), "--lr-decay-iters", "6")) == 0
+    resume_and_save_at_once(args(work, resaved, 1, 6, "--load", str(run), "--deepspeed_config", str(ds["to"]),
+                                 "--lr-decay-iters", "6"))
+    saved, _ = load_plain_model(run, master_weights=source == "bf16")
+    loaded, _ = load_plain_model(resaved, master_weights=target == "bf16")
+    for (name, a), (_, b) in zip(saved.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_another_partition_of_the_same_stages_is_a_layout_change():
+    from gptx.training.relayout import layout_change
+    meta = {"pipe_parallel_size": 2, "data_parallel_size": 1, "config": {"train": {"partition_method": "parameters"}}}
+    # Before: DeepSpeed's own load, whose stage files hold other layers now (a ValueError on every rank).
+    assert layout_change(meta, Path("."), 2, 1, {}, "compute") == (
+        "the checkpoint's 2 pipeline stage(s) were partitioned by 'parameters' and this run's by 'compute'")
+    assert layout_change(meta, Path("."), 2, 1, {}, "Parameters") is None
 
 
 @pytest.mark.parametrize("source, target", [(1, 0), (0, 1)], ids=["bf16", "elastic-zero1"])
