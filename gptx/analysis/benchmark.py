@@ -349,7 +349,8 @@ def add_speeds(report: dict, cfg: Config, ds_config: dict, layout: BatchLayout, 
 
     def speed(name: str, devices: int) -> dict:
         times, losses = runs[name]
-        tps = tokens_per_iter * len(times) / sum(times)
+        # From the median iteration, as iteration_s and the engine/plain ratio: one hiccup can double an iteration.
+        tps = tokens_per_iter / statistics.median(times)
         return {"tokens_per_sec": tps, "iteration_s": statistics.median(times),
                 "mfu": mfu(tps, cfg.model, peak, devices), "losses": losses}
 

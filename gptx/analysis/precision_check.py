@@ -190,4 +190,7 @@ def render_gpu_check(report: dict) -> str:
         lines.append(f"{name:12s} {r['final_loss']:10.4f} {r['max_loss_diff']:11.4f} "
                      f"{r['mean_loss_diff_last_quarter']:9.4f} {norm:>9s} {scale:>8s} {r['skipped_steps']:5d} "
                      f"{r['tokens_per_sec']:9,.0f} {mfu_text:>6s}  {memory}")
+    if report["accelerator"] != "cuda":  # the resident set's high-water mark, which no config can reset
+        lines.append("(on a CPU, peak memory is each process's largest resident set so far: it includes the "
+                     "configs above)")
     return "\n".join(lines)

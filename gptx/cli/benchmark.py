@@ -49,8 +49,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
         cfg, world = tool_config(args, ("pipe_parallel_size", "partition_method", "activation_checkpoint_interval",
                                          "compile_blocks"))
         pp = cfg.train.pipe_parallel_size
-        require_at_least(args, 1, "iters")
-        require_at_least(args, 0, "warmup", "breakdown_iters")
+        # A warm-up step first: the engine's peak memory is read after it (with none, before any step).
+        require_at_least(args, 1, "iters", "warmup", "breakdown_iters")
         if (args.plain or args.reference) and world != 1:
             raise ConfigError(f"--{'plain' if args.plain else 'reference'} compares with a single-process loop: "
                               f"run it as one rank (python tools/benchmark.py), not {world}")

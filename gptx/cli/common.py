@@ -116,7 +116,9 @@ def in_process_group(work) -> None:
 
 
 def stdout_for_json(argv):
-    """DeepSpeed prints (and logs) on stdout; with --json, stdout carries only the one JSON object."""
+    """DeepSpeed prints (and logs) on stdout; with --json, this process's stdout carries only the one
+    JSON object. Under the deepspeed launcher its runner and launch.py log on the same stdout, which
+    no rank can quiet: the object is the line that starts with '{'."""
     import contextlib
     quiet = "--json" in (sys.argv[1:] if argv is None else argv)
     return contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()

@@ -25,6 +25,8 @@ def test_engine_and_plain_loop_train_the_same_and_the_report_adds_up(dist_world1
     assert r["global_batch"] == 8 and r["grad_accum"] == 4 and r["pipe_parallel_size"] == 1
     for loop in ("engine", "plain"):
         assert r[loop]["tokens_per_sec"] > 0 and 0 < r[loop]["mfu"] < 1
+        # The same median iteration as iteration_s (before: the mean, so the two disagreed on which loop was faster).
+        assert r[loop]["tokens_per_sec"] * r[loop]["iteration_s"] == pytest.approx(8 * 32)
     assert r["engine_over_plain_time"] == pytest.approx(r["engine"]["iteration_s"] / r["plain"]["iteration_s"])
     assert r["theoretical_bubble"] == 0
     (stage,) = r["stages"]
@@ -35,6 +37,13 @@ def test_engine_and_plain_loop_train_the_same_and_the_report_adds_up(dist_world1
     timed = sum(v for k, v in seconds.items() if k != "other")
     assert 0.5 * stage["iteration_s"] < timed <= stage["iteration_s"]
     assert 0 < stage["memory_growth_bytes"] < stage["memory_bytes"]  # the engine's share, without the libraries
+
+
+@pytest.mark.parametrize("flag", ["--warmup", "--breakdown-iters"])
+def test_no_warm_up_or_no_breakdown_is_one_line(files, capsys, flag):
+    # Before: accepted; the peak memory was read before any step, the breakdown printed "other 0.0 ms (100%)".
+    assert run_benchmark(["--model", str(files[1]), "--deepspeed_config", str(files[2]), flag, "0"]) == 2
+    assert f"{flag}: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_plain_comparison_needs_one_rank(files, capsys, monkeypatch):
