@@ -91,9 +91,14 @@ def set_zero3_fp32(params: dict[str, torch.Tensor], value_of: ValueOf) -> None:
         safe_set_local_fp32_param(p, padded[rank * chunk:(rank + 1) * chunk].to(p.ds_tensor.device))
 
 
+def trains_in_fp32(engine) -> bool:
+    """Whether the model's weights are fp32: then they are the masters (ZeRO keeps a copy of them)."""
+    return all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+
 def set_fp32_masters(engine, master_of: ValueOf) -> None:
     """Each parameter's fp32 master copy := master_of(its name in engine.module), whatever the optimizer."""
-    if all(p.dtype == torch.float32 for p in engine.module.parameters()):
+    if trains_in_fp32(engine):
         refresh_fp32_masters(engine)  # fp32 training: the weights loaded are the masters (ZeRO keeps a copy)
         return
     _write_fp32_copies(engine, master_of)

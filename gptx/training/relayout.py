@@ -16,7 +16,8 @@ import torch
 
 from gptx.parallel.data_parallel import DataParallelEngine, load_layer_states
 from gptx.parallel.ds_config import precision, zero_stage
-from gptx.parallel.optimizer_state import refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale
+from gptx.parallel.optimizer_state import (refresh_fp32_masters, set_adam_state, set_fp32_masters, set_loss_scale,
+                                           trains_in_fp32)
 from gptx.training.checkpoint_files import read_layer_file
 from gptx.training.consolidate import config_from_meta
 from gptx.training.optimizer_files import (Layers, adam_amsgrad, adam_state, fp32_master_weights, loss_scale_state,
@@ -72,7 +73,7 @@ def load_layers(engine, folder: Path, masters: Layers | None = None,
     if adam is not None:  # first: it passes through the fp32 copies (an fp32 run's weights), which the rest sets
         step, moments = adam
         set_adam_state(engine, step, {key: value_of(layers) for key, layers in moments.items()})
-    fp32_engine = all(p.dtype == torch.float32 for p in engine.module.parameters())
+    fp32_engine = trains_in_fp32(engine)
 
     def layer_state(idx: int) -> dict:
         state = read_layer_file(folder, idx)
@@ -103,7 +104,7 @@ def saved_masters(engine, folder: Path, meta: dict) -> Layers | None:
     otherwise be widened from the rounded weights); None for fp32 into fp32 (the loaded weights are
     the masters)."""
     if precision(meta.get("ds_config") or {}) == "fp32":
-        if all(p.dtype == torch.float32 for p in engine.module.parameters()):
+        if trains_in_fp32(engine):
             return None
         return {idx: {k: v.float() for k, v in read_layer_file(folder, idx).items()} for idx in wanted_layers(engine)}
     return fp32_master_weights(folder, meta, config_from_meta(meta, folder), wanted=wanted_layers(engine))

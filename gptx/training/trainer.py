@@ -2,7 +2,8 @@
 
 `Trainer(cfg, paths).run()` is what `launch/pretrain.py` runs on every rank. `run()` reads
 top to bottom: a step, its record, a checkpoint when due (or when a stop is asked for), then
-evaluation when due (a stop signal cuts it short), and the stop. Everything the loop needs was validated by gptx.training.plan.plan_run first.
+evaluation when due (a stop signal cuts it short), and the stop. Everything the loop needs was
+validated by gptx.training.plan.plan_run first.
 """
 from __future__ import annotations
 

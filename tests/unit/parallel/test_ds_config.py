@@ -129,7 +129,8 @@ def test_a_gradient_accumulation_dtype_deepspeed_cannot_mix_without_zero_is_one_
     cfg = {"train_micro_batch_size_per_gpu": 1, **ADAMW, **precision, "data_types": {"grad_accum_dtype": accum}}
     with pytest.raises(ConfigError, match=f"grad_accum_dtype '{accum}' with .* needs ZeRO"):
         check_ds_config(cfg, dp_size=1, pipe_size=2, accelerator_name="cpu")
-    same = {"fp16": "float16", "fp32": "float"}["fp16" if precision else "fp32"]  # its own precision, spelled another way
+    # its own precision, spelled another way
+    same = {"fp16": "float16", "fp32": "float"}["fp16" if precision else "fp32"]
     check_ds_config({**cfg, "data_types": {"grad_accum_dtype": same}}, dp_size=1, pipe_size=2, accelerator_name="cpu")
 
 
